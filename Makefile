@@ -1,0 +1,55 @@
+# Switchyard entry points. `make run` and `make test` set everything up from a clean clone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+MODELS ?= models
+PROTO_SRC := $(wildcard protos/switchyard/v1/*.proto)
+PROTO_OUT := libs/switchyard/v1
+
+.PHONY: all venv proto model tiny-model run test test-fast bench gpu-check clean
+
+all: proto
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Generated protobuf package: git-ignored, rebuilt when a .proto changes.
+$(PROTO_OUT)/__init__.py: $(PROTO_SRC) $(VENV)/.installed
+	rm -rf $(PROTO_OUT)
+	mkdir -p $(PROTO_OUT)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=libs --grpc_python_out=libs --pyi_out=libs $(PROTO_SRC)
+	echo '"""Generated from protos/switchyard/v1 by `make proto`; do not edit."""' > $@
+
+proto: $(PROTO_OUT)/__init__.py
+
+# Real model: SmolLM2-135M-Instruct GGUF -> ONNX fp32 + int4 (cached, idempotent).
+model: proto
+	$(PY) -m switchyard.cli model convert --models-dir $(MODELS)
+
+tiny-model: proto
+	$(PY) -m switchyard.cli model tiny --models-dir $(MODELS)
+
+run: model
+	$(PY) -m switchyard.cli up --models-dir $(MODELS)
+
+test: proto
+	$(PY) -m pytest -ra
+
+# Skips the real-model tests marked slow (CI runs them all through `make test`).
+test-fast: proto
+	$(PY) -m pytest -ra -m "not slow"
+
+bench: model
+	$(PY) bench/stack_overhead.py
+
+gpu-check: model
+	$(PY) bench/gpu_check.py
+
+clean:
+	rm -rf $(PROTO_OUT) build *.egg-info

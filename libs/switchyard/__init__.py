@@ -1,0 +1,1 @@
+"""Switchyard: shared libraries (config, bus, model building, generated contracts)."""

@@ -1,0 +1,1 @@
+"""NATS bus: subjects, the JetStream request queue, the nats-server process, headers."""

@@ -1,0 +1,45 @@
+"""Every NATS subject Switchyard uses, in one place.
+
+    switchyard.req.<replica>          DispatchRequest  JetStream work queue (one consumer per replica)
+    switchyard.reply.<router>.<req>   ReplicaEvent     core NATS, batcher → router
+    switchyard.cancel.<replica>       CancelRequest    core NATS, router → batcher
+    switchyard.load.<model>.<replica> LoadReport       core NATS heartbeats
+"""
+
+from __future__ import annotations
+
+import re
+
+REQUEST_STREAM = "SWITCHYARD_REQUESTS"
+REQUEST_PREFIX = "switchyard.req"
+REPLY_PREFIX = "switchyard.reply"
+CANCEL_PREFIX = "switchyard.cancel"
+LOAD_PREFIX = "switchyard.load"
+LOAD_ALL = f"{LOAD_PREFIX}.>"
+
+_TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def token(name: str) -> str:
+    """A subject token from any name (subject tokens cannot hold '.', '*', '>' or spaces)."""
+    return _TOKEN_UNSAFE.sub("_", name)
+
+
+def request_subject(replica_id: str) -> str:
+    return f"{REQUEST_PREFIX}.{token(replica_id)}"
+
+
+def reply_inbox(router_id: str) -> str:
+    return f"{REPLY_PREFIX}.{token(router_id)}"
+
+
+def reply_subject(router_id: str, request_id: str) -> str:
+    return f"{reply_inbox(router_id)}.{token(request_id)}"
+
+
+def cancel_subject(replica_id: str) -> str:
+    return f"{CANCEL_PREFIX}.{token(replica_id)}"
+
+
+def load_subject(model: str, replica_id: str) -> str:
+    return f"{LOAD_PREFIX}.{token(model)}.{token(replica_id)}"

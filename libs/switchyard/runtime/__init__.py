@@ -1,0 +1,1 @@
+"""Process plumbing shared by the services: logging, signals, gRPC server lifecycle."""

@@ -1,0 +1,180 @@
+"""The local stack: nats-server, N worker+batcher replicas per model, and the router, as
+child processes of one parent. `switchyard up` and the integration tests both use it, so the
+tests exercise exactly what users run. Children die with the parent (PR_SET_PDEATHSIG), and
+stop() terminates every one of them, so Ctrl-C leaves no orphans."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from switchyard.bus.server import NatsServer
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the parent exits (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Service:
+    name: str
+    process: subprocess.Popen[bytes]
+    port_file: Path | None = None
+    port: int = 0
+    log_path: Path | None = None
+
+    def wait_port(self, timeout_s: float) -> int:
+        assert self.port_file is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
+            if self.port_file.exists() and self.port_file.read_text().strip():
+                self.port = int(self.port_file.read_text())
+                return self.port
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.name} did not start in {timeout_s}s; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class StackSpec:
+    """What to run: models with their replica counts, and where."""
+
+    models_dir: Path
+    replicas: dict[str, int]
+    host: str = "127.0.0.1"
+    grpc_port: int = 0
+    nats_port: int = 0
+    worker_threads: int = 0  # 0: share the cores evenly between workers
+    max_batch_size: int = 32
+    balancing: str = "least_loaded"
+    heartbeat_s: float = 0.5
+    log_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalStack:
+    def __init__(self, spec: StackSpec) -> None:
+        self.spec = spec
+        self.nats: NatsServer | None = None
+        self.workers: list[Service] = []
+        self.batchers: list[Service] = []
+        self.router: Service | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="switchyard-stack-")
+        self.run_dir = Path(self._tmp.name)
+        self.log_dir = spec.log_dir or self.run_dir
+
+    @property
+    def router_address(self) -> str:
+        assert self.router is not None
+        return f"{self.spec.host}:{self.router.port}"
+
+    def _spawn(self, name: str, module: str, args: list[str], port_file: bool = True) -> Service:
+        pf = self.run_dir / f"{name}.port" if port_file else None
+        log_path = self.log_dir / f"{name}.log"
+        argv = [sys.executable, "-m", module, *args] + (["--port-file", str(pf)] if pf else [])
+        env = {**os.environ, **self.spec.extra_env}
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                       preexec_fn=_die_with_parent)
+        return Service(name, process, pf, log_path=log_path)
+
+    def start(self, timeout_s: float = 180.0) -> "LocalStack":
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout_s: float) -> None:
+        spec = self.spec
+        self.nats = NatsServer(port=spec.nats_port, host=spec.host).start()
+        total = sum(spec.replicas.values())
+        threads = spec.worker_threads or max(1, (os.cpu_count() or 1) // max(total, 1))
+        for model, count in spec.replicas.items():
+            for i in range(count):
+                self.workers.append(self._spawn(f"worker-{model}-{i}", "services.worker", [
+                    "--model-dir", str(spec.models_dir / model), "--host", spec.host, "--port", "0",
+                    "--threads", str(threads), "--max-sequences", str(spec.max_batch_size)]))
+        for worker in self.workers:
+            worker.wait_port(timeout_s)
+        for worker in self.workers:
+            replica = worker.name.replace("worker-", "", 1)
+            self.batchers.append(self._spawn(f"batcher-{replica}", "services.batcher", [
+                "--worker", f"{spec.host}:{worker.port}", "--nats-url", self.nats.url,
+                "--replica-id", replica, "--max-batch-size", str(spec.max_batch_size),
+                "--heartbeat-s", str(spec.heartbeat_s)], port_file=False))
+        self.router = self._spawn("router", "services.router", [
+            "--nats-url", self.nats.url, "--host", spec.host, "--grpc-port", str(spec.grpc_port),
+            "--models-dir", str(spec.models_dir), "--balancing", spec.balancing])
+        self.router.wait_port(timeout_s)
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Until the router is SERVING and every replica shows up in ListModels."""
+        from switchyard.v1 import generate_pb2, generate_pb2_grpc
+        expected = dict(self.spec.replicas)
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.router_address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            stub = generate_pb2_grpc.GenerationStub(channel)
+            while time.monotonic() < deadline:
+                for svc in self.workers + self.batchers:
+                    if svc.process.poll() is not None:
+                        raise RuntimeError(f"{svc.name} exited with {svc.process.returncode}; see {svc.log_path}")
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=1).models
+                        if {m.name: m.replicas for m in models} == expected:
+                            return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise TimeoutError(f"stack not ready in {timeout_s}s; logs in {self.log_dir}")
+
+    def services(self) -> list[Service]:
+        return [s for s in [self.router, *self.batchers, *self.workers] if s is not None]
+
+    def stop(self) -> None:
+        """Router first (stop taking requests), then batchers (drain), workers, NATS."""
+        for svc in self.services():
+            if svc.process.poll() is None:
+                svc.process.send_signal(signal.SIGTERM)
+        for svc in self.services():
+            svc.stop()
+        if self.nats is not None:
+            self.nats.stop()
+        self._tmp.cleanup() if self.spec.log_dir else None
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,31 @@
+"""Batcher configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from switchyard.config import ConfigError
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    """One batcher per worker: its queue and continuous-batching scheduler."""
+
+    worker: str = field(default="127.0.0.1:50061", metadata={"help": "worker gRPC address"})
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL"})
+    replica_id: str = field(default="", metadata={"help": "replica id (default: model-host-pid)"})
+    max_batch_size: int = field(default=32, metadata={"help": "most sequences in the batch"})
+    token_budget: int = field(default=16384, metadata={"help": "most KV tokens reserved (prompt + max tokens) across the batch"})
+    prefill_chunk: int = field(default=512, metadata={"help": "most prompt tokens processed per step (chunked prefill)"})
+    heartbeat_s: float = field(default=0.5, metadata={"help": "seconds between load reports"})
+    grace_s: float = field(default=10.0, metadata={"help": "seconds to finish running requests on SIGTERM"})
+
+    def validate(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError("max_batch_size must be at least 1")
+        if self.token_budget < 2:
+            raise ConfigError("token_budget must be at least 2")
+        if self.prefill_chunk < 1:
+            raise ConfigError("prefill_chunk must be at least 1")
+        if self.heartbeat_s <= 0:
+            raise ConfigError("heartbeat_s must be positive")

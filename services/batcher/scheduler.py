@@ -1,0 +1,323 @@
+"""Continuous batching at iteration level.
+
+Each loop iteration: admit pulled requests that fit the batch-size cap and token budget,
+then one worker Step that decodes every running sequence and advances prompt chunks
+(chunked prefill within `prefill_chunk` tokens), then publish each request's new tokens as
+one message and retire finished requests at once. Requests are pulled from the replica's
+JetStream consumer only while there is room, so the queue lives in the server (bounded
+memory here, backpressure for the router).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+
+from switchyard.bus import subjects
+from switchyard.bus.queue import pull_subscription
+from switchyard.v1 import bus_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
+
+from .config import BatcherConfig
+
+log = logging.getLogger(__name__)
+FR = generate_pb2
+
+
+@dataclass
+class Active:
+    """A request admitted to this replica."""
+
+    request: bus_pb2.DispatchRequest
+    admitted_at: float
+    prefill_left: int
+    generated: int = 0
+    max_batch: int = 1
+    stop_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + self.request.max_tokens
+
+
+@dataclass
+class Stats:
+    steps: int = 0
+    completed: int = 0
+    max_decode_batch: int = 0  # since the last load report
+
+
+class Scheduler:
+    """Owns the replica's batch; drives the worker; talks NATS."""
+
+    def __init__(self, config: BatcherConfig, replica_id: str, info: worker_pb2.InfoResponse,
+                 nc: Client, js: JetStreamContext, worker: worker_pb2_grpc.WorkerStub) -> None:
+        self.config = config
+        self.replica_id = replica_id
+        self.info = info
+        self.nc = nc
+        self.js = js
+        self.worker = worker
+        self.max_batch = min(config.max_batch_size, info.max_sequences)
+        self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
+        self.active: dict[str, Active] = {}
+        self.cancelled: set[str] = set()
+        self.stats = Stats()
+        self.draining = False
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._psub: JetStreamContext.PullSubscription | None = None
+
+    # ---- accounting ---------------------------------------------------------------------
+    @property
+    def reserved_tokens(self) -> int:
+        return sum(a.reserved_tokens for a in self.active.values())
+
+    @property
+    def room(self) -> int:
+        return max(self.max_batch - len(self.active) - len(self.pending), 0)
+
+    def tokens_in_flight(self) -> int:
+        return sum(len(a.request.prompt_token_ids) + a.generated for a in self.active.values())
+
+    def _update_room(self) -> None:
+        if self.room > 0 and not self.draining:
+            self._room.set()
+        else:
+            self._room.clear()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._psub = await pull_subscription(self.js, self.replica_id, max_ack_pending=self.max_batch)
+        await self.nc.subscribe(subjects.cancel_subject(self.replica_id), cb=self._on_cancel)
+        self._tasks = [asyncio.create_task(self._pull_loop(), name="pull"),
+                       asyncio.create_task(self._step_loop(), name="step"),
+                       asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop pulling, announce draining, finish running requests within grace_s."""
+        self.draining = True
+        self._room.clear()
+        await self._publish_load()
+        deadline = time.monotonic() + grace_s
+        while (self.active or self.pending) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for rid in list(self.active) + [p.request_id for p in self.pending]:
+            await self._send_error(rid, generate_pb2.ERROR_CODE_UNAVAILABLE, "replica stopped")
+
+    # ---- NATS inputs --------------------------------------------------------------------
+    async def _on_cancel(self, msg: object) -> None:
+        cancel = bus_pb2.CancelRequest.FromString(msg.data)  # type: ignore[attr-defined]
+        self.cancelled.add(cancel.request_id)
+        self._wake.set()
+
+    async def _pull_loop(self) -> None:
+        assert self._psub is not None
+        while True:
+            await self._room.wait()
+            try:
+                msgs = await self._psub.fetch(batch=self.room or 1, timeout=1.0)
+            except (NatsTimeout, asyncio.TimeoutError):
+                continue
+            except Exception:  # reconnecting; keep trying
+                log.exception("fetch failed")
+                await asyncio.sleep(0.2)
+                continue
+            for msg in msgs:
+                await msg.ack()
+                try:
+                    self.pending.append(bus_pb2.DispatchRequest.FromString(msg.data))
+                except Exception:
+                    log.warning("dropping undecodable request message on %s", msg.subject)
+            self._update_room()
+            self._wake.set()
+
+    # ---- the iteration loop -------------------------------------------------------------
+    async def _step_loop(self) -> None:
+        while True:
+            try:
+                await self._iteration()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.error("worker call failed: %s", exc.details())
+                await self._fail_all(generate_pb2.ERROR_CODE_UNAVAILABLE, f"worker failed: {exc.details()}")
+                await asyncio.sleep(0.2)
+            except Exception:
+                log.exception("scheduler iteration failed")
+                await self._fail_all(generate_pb2.ERROR_CODE_INTERNAL, "batcher failure")
+                await asyncio.sleep(0.2)
+
+    async def _iteration(self) -> None:
+        await self._retire_cancelled_and_expired()
+        await self._admit()
+        if not self.active:
+            self._wake.clear()
+            if not self.pending and not self.cancelled:
+                await self._wake.wait()
+            return
+        decoding = [a for a in self.active.values() if a.prefill_left == 0]
+        chunks, budget = [], self.config.prefill_chunk
+        for rid, a in self.active.items():
+            if a.prefill_left and budget > 0:
+                n = min(a.prefill_left, budget)
+                chunks.append(worker_pb2.PrefillChunk(sequence_id=rid, max_tokens=n))
+                budget -= n
+        response = await self.worker.Step(worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding)))
+        self.stats.steps += 1
+        batch = response.stats.decode_batch_size
+        self.stats.max_decode_batch = max(self.stats.max_decode_batch, batch)
+        for chunk in chunks:
+            a = self.active.get(chunk.sequence_id)
+            if a is not None:
+                a.prefill_left = response.prefill_remaining.get(chunk.sequence_id, 0)
+        finished: list[tuple[str, int]] = []
+        for tok in response.tokens:
+            a = self.active.get(tok.sequence_id)
+            if a is None:
+                continue
+            a.max_batch = max(a.max_batch, batch if not tok.first else 1)
+            reason = self._finish_reason(a, tok.token_id)
+            if reason != generate_pb2.FINISH_REASON_EOS:
+                await self._publish(a.request, tokens=bus_pb2.TokenStep(
+                    token_ids=[tok.token_id], index=a.generated, batch_size=batch if not tok.first else 1))
+                a.generated += 1
+            if reason:
+                finished.append((tok.sequence_id, reason))
+        for rid, reason in finished:
+            a = self.active[rid]
+            await self._publish(a.request, finished=bus_pb2.Finished(
+                finish_reason=reason, prompt_tokens=len(a.request.prompt_token_ids),
+                completion_tokens=a.generated, max_batch_size=a.max_batch,
+                queue_wait_s=max(a.admitted_at - a.request.dispatched_unix_s, 0.0)))
+            self.stats.completed += 1
+        if finished:
+            await self._remove([rid for rid, _ in finished])
+
+    def _finish_reason(self, a: Active, token_id: int) -> int:
+        if token_id in a.stop_ids:
+            return generate_pb2.FINISH_REASON_EOS
+        if a.generated + 1 >= a.request.max_tokens:
+            return generate_pb2.FINISH_REASON_LENGTH
+        if len(a.request.prompt_token_ids) + a.generated + 1 >= self.info.context_length:
+            return generate_pb2.FINISH_REASON_LENGTH
+        return generate_pb2.FINISH_REASON_UNSPECIFIED
+
+    async def _admit(self) -> None:
+        """Move pulled requests into the batch while the cap and token budget allow."""
+        admitted: list[Active] = []
+        now = time.time()
+        while self.pending and len(self.active) + len(admitted) < self.max_batch:
+            request = self.pending[0]
+            need = len(request.prompt_token_ids) + request.max_tokens
+            held = self.reserved_tokens + sum(a.reserved_tokens for a in admitted)
+            if held and held + need > self.config.token_budget:
+                break  # waits for running requests to finish (a lone request is always admitted)
+            self.pending.pop(0)
+            if request.request_id in self.cancelled:
+                self.cancelled.discard(request.request_id)
+                continue
+            admitted.append(Active(request, now, prefill_left=len(request.prompt_token_ids),
+                                   stop_ids=frozenset(request.stop_token_ids)))
+        if not admitted:
+            return
+        specs = [worker_pb2.SequenceSpec(sequence_id=a.request.request_id,
+                                         prompt_token_ids=a.request.prompt_token_ids,
+                                         sampling=a.request.sampling, seed=a.request.seed) for a in admitted]
+        try:
+            await self.worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=specs))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            # One bad spec fails the call: add one by one so only the bad one is refused.
+            for spec, a in zip(specs, admitted):
+                try:
+                    await self.worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=[spec]))
+                except grpc.aio.AioRpcError as one:
+                    await self._send_error(a.request.request_id, generate_pb2.ERROR_CODE_INVALID_ARGUMENT, one.details())
+                    admitted = [x for x in admitted if x is not a]
+        for a in admitted:
+            self.active[a.request.request_id] = a
+        self._update_room()
+
+    async def _retire_cancelled_and_expired(self) -> None:
+        now = time.time()
+        gone: list[str] = []
+        for rid, a in self.active.items():
+            if rid in self.cancelled:
+                gone.append(rid)
+            elif a.request.deadline_unix_s and now > a.request.deadline_unix_s:
+                await self._send_error(rid, generate_pb2.ERROR_CODE_DEADLINE_EXCEEDED, "deadline exceeded")
+                gone.append(rid)
+        expired = [p for p in self.pending if p.deadline_unix_s and now > p.deadline_unix_s]
+        for p in expired:
+            self.pending.remove(p)
+            await self._send_error(p.request_id, generate_pb2.ERROR_CODE_DEADLINE_EXCEEDED,
+                                   "deadline exceeded while queued")
+        self.cancelled -= set(gone)
+        if gone:
+            await self._remove(gone)
+        # cancels for requests we never saw are kept briefly in case the request is still queued
+        if len(self.cancelled) > 10_000:
+            self.cancelled.clear()
+
+    async def _remove(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.active.pop(rid, None)
+        await self.worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(sequence_ids=request_ids))
+        self._update_room()
+
+    async def _fail_all(self, code: int, message: str) -> None:
+        for rid in list(self.active):
+            await self._send_error(rid, code, message)
+        self.active.clear()
+        self._update_room()
+
+    # ---- NATS outputs -------------------------------------------------------------------
+    async def _publish(self, request: bus_pb2.DispatchRequest, **event: object) -> None:
+        msg = bus_pb2.ReplicaEvent(request_id=request.request_id, replica_id=self.replica_id, **event)  # type: ignore[arg-type]
+        await self.nc.publish(request.reply_subject, msg.SerializeToString())
+
+    async def _send_error(self, request_id: str, code: int, message: str) -> None:
+        a = self.active.get(request_id)
+        request = a.request if a else next((p for p in self.pending if p.request_id == request_id), None)
+        if request is None:
+            return
+        await self._publish(request, error=generate_pb2.Error(code=code, message=message))
+
+    def load_report(self) -> bus_pb2.LoadReport:
+        report = bus_pb2.LoadReport(
+            replica_id=self.replica_id, model=self.info.model, context_length=self.info.context_length,
+            max_output_tokens=self.info.max_output_tokens, queue_depth=len(self.pending),
+            running=len(self.active), tokens_in_flight=self.tokens_in_flight(),
+            max_batch_size=self.max_batch, token_budget=self.config.token_budget, draining=self.draining,
+            sent_unix_s=time.time(), steps=self.stats.steps, max_decode_batch=self.stats.max_decode_batch,
+            completed=self.stats.completed, interval_s=self.config.heartbeat_s)
+        self.stats.max_decode_batch = 0
+        return report
+
+    async def _publish_load(self) -> None:
+        report = self.load_report()
+        if self._psub is not None:
+            try:
+                info = await self._psub.consumer_info()
+                report.queue_depth += info.num_pending
+            except Exception:  # server busy or reconnecting: report what we know
+                pass
+        await self.nc.publish(subjects.load_subject(self.info.model, self.replica_id), report.SerializeToString())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._publish_load()
+            await asyncio.sleep(self.config.heartbeat_s)

@@ -1,0 +1,65 @@
+"""Batcher process: connects NATS and its worker, runs the scheduler, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import uuid
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from switchyard.bus.queue import connect, delete_consumer, ensure_request_stream
+from switchyard.config import load_config
+from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.v1 import worker_pb2, worker_pb2_grpc
+
+from .config import BatcherConfig
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+async def wait_for_serving(channel: grpc.aio.Channel, timeout_s: float = 300.0) -> None:
+    """Block until the worker's health says SERVING (a model load can take a while)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("worker did not become SERVING")
+        await asyncio.sleep(0.1)
+
+
+async def serve(config: BatcherConfig) -> None:
+    stop = stop_event()
+    channel = grpc.aio.insecure_channel(config.worker)
+    await wait_for_serving(channel)
+    worker = worker_pb2_grpc.WorkerStub(channel)
+    info = await worker.Info(worker_pb2.InfoRequest())
+    replica_id = config.replica_id or f"{info.model}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    nc = await connect(config.nats_url, name=f"batcher-{replica_id}")
+    js = nc.jetstream()
+    await ensure_request_stream(js)
+    scheduler = Scheduler(config, replica_id, info, nc, js, worker)
+    await scheduler.start()
+    log.info("batcher %s serving %s via worker %s", replica_id, info.model, config.worker)
+    await stop.wait()
+    log.info("batcher %s draining", replica_id)
+    await scheduler.drain(config.grace_s)
+    await delete_consumer(js, replica_id)
+    await nc.drain()
+    await channel.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging("batcher")
+    asyncio.run(serve(load_config(BatcherConfig, sys.argv[1:] if argv is None else argv)))

@@ -1,0 +1,62 @@
+"""The router's side of the bus: send a request to a replica's queue, receive its events on
+this router's reply inbox (one subscription, demultiplexed by request), send cancels, and
+keep the replica registry fed from heartbeats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from switchyard.bus import subjects
+from switchyard.v1 import bus_pb2
+
+from .registry import ReplicaRegistry
+
+log = logging.getLogger(__name__)
+
+
+class Dispatcher:
+    def __init__(self, nc: Client, js: JetStreamContext, router_id: str, registry: ReplicaRegistry) -> None:
+        self.nc = nc
+        self.js = js
+        self.router_id = router_id
+        self.registry = registry
+        self._streams: dict[str, asyncio.Queue[bus_pb2.ReplicaEvent]] = {}
+
+    async def start(self) -> None:
+        await self.nc.subscribe(f"{subjects.reply_inbox(self.router_id)}.*", cb=self._on_reply)
+        await self.nc.subscribe(subjects.LOAD_ALL, cb=self._on_load)
+
+    async def _on_reply(self, msg: Msg) -> None:
+        queue = self._streams.get(msg.subject.rsplit(".", 1)[-1])
+        if queue is None:
+            return  # request already ended (cancelled, timed out): drop late events
+        queue.put_nowait(bus_pb2.ReplicaEvent.FromString(msg.data))
+
+    async def _on_load(self, msg: Msg) -> None:
+        try:
+            self.registry.observe(bus_pb2.LoadReport.FromString(msg.data))
+        except Exception:
+            log.warning("bad load report on %s", msg.subject)
+
+    def open(self, dispatch_id: str) -> asyncio.Queue[bus_pb2.ReplicaEvent]:
+        queue: asyncio.Queue[bus_pb2.ReplicaEvent] = asyncio.Queue()
+        self._streams[subjects.token(dispatch_id)] = queue
+        return queue
+
+    def close(self, dispatch_id: str) -> None:
+        self._streams.pop(subjects.token(dispatch_id), None)
+
+    def reply_subject(self, dispatch_id: str) -> str:
+        return subjects.reply_subject(self.router_id, dispatch_id)
+
+    async def send(self, replica_id: str, request: bus_pb2.DispatchRequest) -> None:
+        await self.js.publish(subjects.request_subject(replica_id), request.SerializeToString())
+
+    async def cancel(self, replica_id: str, dispatch_id: str) -> None:
+        await self.nc.publish(subjects.cancel_subject(replica_id),
+                              bus_pb2.CancelRequest(request_id=dispatch_id).SerializeToString())

@@ -1,0 +1,278 @@
+"""The request pipeline every front end (gRPC, HTTP) shares: validate, tokenize, pick a
+replica, dispatch over NATS, relay the replica's events as text deltas, enforce stop
+strings and deadlines, and cancel the replica's work when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from switchyard.model.catalog import CHAT_ROLES, IncrementalDetokenizer, ModelCatalog, ModelEntry
+from switchyard.v1 import bus_pb2, generate_pb2
+
+from .balancing import BalancingPolicy
+from .dispatch import Dispatcher
+from .errors import ErrorKind, RequestError, invalid
+from .registry import Replica, ReplicaRegistry
+
+log = logging.getLogger(__name__)
+
+MAX_TEMPERATURE = 2.0
+MAX_REPETITION_PENALTY = 10.0
+MAX_STOP_STRINGS = 16
+
+
+@dataclass
+class GenerationRequest:
+    """A request as the pipeline sees it, whatever front end it came from."""
+
+    model: str
+    text: str | None = None
+    token_ids: list[int] | None = None
+    messages: list[tuple[str, str]] | None = None
+    max_tokens: int = 0
+    sampling: generate_pb2.SamplingParams = field(default_factory=generate_pb2.SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    request_id: str = ""
+    timeout_s: float | None = None  # time left before the client's deadline
+    tenant: str = ""
+
+
+@dataclass
+class TokenDelta:
+    token_ids: list[int]
+    text: str
+    index: int
+
+
+@dataclass
+class Completion:
+    """The end of a successful generation."""
+
+    finish_reason: int
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    end_to_end_s: float
+    queue_wait_s: float
+    replica_id: str
+    model: str
+
+
+Event = TokenDelta | Completion
+
+
+@dataclass
+class PreparedRequest:
+    request: GenerationRequest
+    entry: ModelEntry
+    prompt_ids: list[int]
+
+
+class StopStringMatcher:
+    """Finds stop strings in streamed text and holds back a tail that may begin one, so a
+    stop string never reaches the client, even split across chunks."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, stopped)."""
+        if not self.stops:
+            return text, False
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.held = ""
+            return buf[:min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+class RequestPipeline:
+    def __init__(self, catalog: ModelCatalog, registry: ReplicaRegistry, dispatcher: Dispatcher,
+                 policy: BalancingPolicy) -> None:
+        self.catalog = catalog
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.policy = policy
+
+    # ---- validation ---------------------------------------------------------------------
+    def prepare(self, req: GenerationRequest) -> PreparedRequest:
+        """Validate and tokenize; raises RequestError naming the field to fix."""
+        if not req.model:
+            raise invalid("model", "required; call ListModels for the served models")
+        entry = self.catalog.get(req.model)
+        if entry is None:
+            served = sorted(self.registry.models())
+            raise RequestError(ErrorKind.NOT_FOUND, f"model {req.model!r} not found; served models: {served}",
+                               field="model")
+        given = [x for x in (req.text, req.token_ids, req.messages) if x is not None]
+        if len(given) != 1:
+            raise invalid("input", "set exactly one of text, token_ids or chat messages")
+        manifest = entry.manifest
+        if req.text is not None:
+            if not req.text:
+                raise invalid("prompt", "must not be empty")
+            prompt_ids = entry.encode(req.text)
+        elif req.token_ids is not None:
+            if not req.token_ids:
+                raise invalid("token_ids", "must not be empty")
+            bad = [t for t in req.token_ids if not 0 <= t < manifest.config.vocab_size]
+            if bad:
+                raise invalid("token_ids", f"ids must be in [0, {manifest.config.vocab_size}); got {bad[:5]}")
+            prompt_ids = list(req.token_ids)
+        else:
+            assert req.messages is not None
+            if not req.messages:
+                raise invalid("messages", "must hold at least one message")
+            for i, (role, _content) in enumerate(req.messages):
+                if role not in CHAT_ROLES:
+                    raise invalid(f"messages[{i}].role", f"must be one of {list(CHAT_ROLES)}, got {role!r}")
+            if entry.template is None:
+                raise invalid("messages", f"model {req.model} has no chat template; send a text prompt")
+            prompt_ids = entry.encode(entry.render_chat(req.messages))
+        if not prompt_ids:
+            raise invalid("prompt", "tokenizes to no tokens")
+        limit = manifest.max_output_tokens
+        if not 1 <= req.max_tokens <= limit:
+            raise invalid("max_tokens", f"must be between 1 and {limit}, got {req.max_tokens}")
+        context = manifest.context_length
+        if len(prompt_ids) >= context:
+            raise invalid("prompt", f"has {len(prompt_ids)} tokens, longer than the context of {context}; shorten it")
+        if len(prompt_ids) + req.max_tokens > context:
+            raise invalid("max_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({req.max_tokens}) "
+                          f"exceeds the context of {context}; lower max_tokens to at most {context - len(prompt_ids)}")
+        self._validate_sampling(req.sampling)
+        if len(req.stop) > MAX_STOP_STRINGS:
+            raise invalid("stop", f"at most {MAX_STOP_STRINGS} stop strings")
+        bad = [t for t in req.stop_token_ids if not 0 <= t < manifest.config.vocab_size]
+        if bad:
+            raise invalid("stop_token_ids", f"ids must be in [0, {manifest.config.vocab_size})")
+        if req.timeout_s is not None and req.timeout_s <= 0:
+            raise RequestError(ErrorKind.DEADLINE_EXCEEDED, "deadline already expired")
+        return PreparedRequest(req, entry, prompt_ids)
+
+    @staticmethod
+    def _validate_sampling(s: generate_pb2.SamplingParams) -> None:
+        if not 0.0 <= s.temperature <= MAX_TEMPERATURE or s.temperature != s.temperature:
+            raise invalid("temperature", f"must be between 0 and {MAX_TEMPERATURE}, got {s.temperature}")
+        if s.top_k < 0:
+            raise invalid("top_k", f"must be 0 (off) or positive, got {s.top_k}")
+        if not 0.0 <= s.top_p <= 1.0 or s.top_p != s.top_p:
+            raise invalid("top_p", f"must be between 0 and 1, got {s.top_p}")
+        if not 0.0 <= s.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise invalid("repetition_penalty", f"must be between 0 and {MAX_REPETITION_PENALTY}, "
+                          f"got {s.repetition_penalty}")
+
+    # ---- routing ------------------------------------------------------------------------
+    def pick_replica(self, model: str) -> Replica:
+        replicas = self.registry.live(model)
+        if not replicas:
+            raise RequestError(ErrorKind.UNAVAILABLE, f"no live replica serves {model!r}; retry shortly",
+                               retry_after_s=1.0)
+        return self.policy.choose(replicas)
+
+    # ---- the stream ---------------------------------------------------------------------
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
+        """Yields TokenDeltas then one Completion; raises RequestError on failure."""
+        started = time.monotonic()
+        prepared = self.prepare(req)
+        replica = self.pick_replica(req.model)
+        dispatch_id = uuid.uuid4().hex
+        manifest = prepared.entry.manifest
+        stop_ids = list(req.stop_token_ids) + ([] if req.ignore_eos else list(manifest.eos_token_ids))
+        seed = req.sampling.seed if req.sampling.HasField("seed") else zlib.crc32(dispatch_id.encode())
+        deadline = time.time() + req.timeout_s if req.timeout_s else 0.0
+        message = bus_pb2.DispatchRequest(
+            request_id=dispatch_id, model=req.model, prompt_token_ids=prepared.prompt_ids,
+            max_tokens=req.max_tokens, sampling=req.sampling, seed=seed, stop_token_ids=stop_ids,
+            reply_subject=self.dispatcher.reply_subject(dispatch_id), deadline_unix_s=deadline,
+            dispatched_unix_s=time.time())
+        queue = self.dispatcher.open(dispatch_id)
+        replica.inflight += 1
+        replica.dispatched += 1
+        finished = False
+        try:
+            await self.dispatcher.send(replica.replica_id, message)
+            detok = IncrementalDetokenizer(prepared.entry)
+            stops = StopStringMatcher(req.stop)
+            first_token_at: float | None = None
+            emitted = 0
+            while True:
+                event = await self._next_event(queue, replica, started, req.timeout_s)
+                kind = event.WhichOneof("event")
+                if kind == "tokens":
+                    first_token_at = first_token_at or time.monotonic()
+                    text, stopped = stops.feed(detok.push(event.tokens.token_ids))
+                    yield TokenDelta(list(event.tokens.token_ids), text, event.tokens.index)
+                    emitted += len(event.tokens.token_ids)
+                    if stopped:
+                        yield self._completion(generate_pb2.FINISH_REASON_STOP, prepared, emitted, started,
+                                               first_token_at, 0.0, replica)
+                        return
+                elif kind == "finished":
+                    tail, stopped = stops.feed(detok.flush())
+                    tail += "" if stopped else stops.flush()
+                    if tail:
+                        yield TokenDelta([], tail, emitted)
+                    finished = True
+                    reason = generate_pb2.FINISH_REASON_STOP if stopped else event.finished.finish_reason
+                    yield self._completion(reason, prepared, event.finished.completion_tokens, started,
+                                           first_token_at, event.finished.queue_wait_s, replica)
+                    return
+                else:
+                    finished = True
+                    raise RequestError(ErrorKind.from_stream_code(event.error.code), event.error.message,
+                                       retry_after_s=event.error.retry_after_s)
+        finally:
+            replica.inflight -= 1
+            self.dispatcher.close(dispatch_id)
+            if not finished:
+                # Client gone, deadline hit or stop string: free the sequence on the worker.
+                await asyncio.shield(self.dispatcher.cancel(replica.replica_id, dispatch_id))
+
+    async def _next_event(self, queue: asyncio.Queue[bus_pb2.ReplicaEvent], replica: Replica,
+                          started: float, timeout_s: float | None) -> bus_pb2.ReplicaEvent:
+        while True:
+            wait = 1.0
+            if timeout_s is not None:
+                left = timeout_s - (time.monotonic() - started)
+                if left <= 0:
+                    raise RequestError(ErrorKind.DEADLINE_EXCEEDED,
+                                       f"deadline of {timeout_s:.3f}s exceeded before generation finished")
+                wait = min(wait, left)
+            try:
+                return await asyncio.wait_for(queue.get(), wait)
+            except asyncio.TimeoutError:
+                if not self.registry.is_live(replica.replica_id):
+                    raise RequestError(ErrorKind.UNAVAILABLE,
+                                       f"replica {replica.replica_id} stopped while serving the request",
+                                       retry_after_s=0.5) from None
+
+    @staticmethod
+    def _completion(reason: int, prepared: PreparedRequest, completion_tokens: int, started: float,
+                    first_token_at: float | None, queue_wait_s: float, replica: Replica) -> Completion:
+        now = time.monotonic()
+        return Completion(
+            finish_reason=reason, prompt_tokens=len(prepared.prompt_ids), completion_tokens=completion_tokens,
+            time_to_first_token_s=(first_token_at or now) - started, end_to_end_s=now - started,
+            queue_wait_s=queue_wait_s, replica_id=replica.replica_id, model=prepared.entry.name)

@@ -1,0 +1,31 @@
+"""Worker configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from switchyard.config import ConfigError
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Serves one model folder over gRPC for its batcher."""
+
+    model_dir: Path = field(default=Path("models/tiny-llama"), metadata={"help": "model folder"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=0, metadata={"help": "gRPC port (0 picks a free one)"})
+    max_sequences: int = field(default=64, metadata={"help": "most sequences held at once"})
+    threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0 = all cores)"})
+    provider: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    port_file: Path | None = field(default=None, metadata={"help": "write the bound port here"})
+    grace_s: float = field(default=5.0, metadata={"help": "seconds to finish calls on SIGTERM"})
+
+    def validate(self) -> None:
+        if not (self.model_dir / "switchyard.json").exists():
+            raise ConfigError(f"model_dir {self.model_dir} is not a model folder (no switchyard.json); "
+                              "build one with `switchyard model convert` or `switchyard model tiny`")
+        if self.max_sequences < 1:
+            raise ConfigError("max_sequences must be at least 1")
+        if self.provider not in ("auto", "cpu", "cuda"):
+            raise ConfigError("provider must be auto, cpu or cuda")

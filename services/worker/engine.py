@@ -1,0 +1,304 @@
+"""The inference engine of one replica: ONNX Runtime session, per-sequence KV cache, sampling.
+
+Ragged batching without a per-sequence loop: every running sequence lives in one decode
+batch whose KV tensors are [batch, kv_heads, T, head_dim]. A sequence shorter than T is
+left-padded and its padding masked by `attention_mask`; its rotary positions come from its
+own length, so padding never changes its results. A decode step is one ONNX Runtime call for
+the whole batch, and its `present.*` outputs become the next step's `past_key_values.*`
+inputs as OrtValues (I/O binding), so on CUDA the cache stays on the device and per step
+only token ids go in and only logits come out. Joins and leaves (rare next to steps) rebuild
+the batch tensors on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from switchyard.model.config import MODEL_FILE, ModelManifest
+
+from .sampling import SamplingParams, sample_token
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(Exception):
+    """A request to the engine cannot be carried out (bad id, over capacity, too long)."""
+
+
+@dataclass
+class Sequence:
+    """One generation's state on the worker."""
+
+    sequence_id: str
+    prompt: np.ndarray
+    params: SamplingParams
+    rng: np.random.Generator
+    processed: int = 0  # prompt tokens whose KV is cached
+    private_kv: list[ort.OrtValue] | None = None  # KV while prefilling (before joining the batch)
+    generated: list[int] = field(default_factory=list)
+    seen: set[int] = field(default_factory=set)
+
+    @property
+    def prefill_remaining(self) -> int:
+        return len(self.prompt) - self.processed
+
+    @property
+    def cache_length(self) -> int:
+        """Tokens in the KV cache: the prompt plus every generated token but the last."""
+        return self.processed + max(len(self.generated) - 1, 0)
+
+    def seen_array(self) -> np.ndarray:
+        return np.fromiter(self.seen, dtype=np.int64, count=len(self.seen))
+
+
+@dataclass
+class StepResult:
+    """What one engine step produced."""
+
+    tokens: list[tuple[str, int, bool]]  # (sequence id, token id, is first token)
+    prefill_remaining: dict[str, int]
+    decode_batch_size: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    sample_s: float = 0.0
+
+
+def choose_providers(preference: str = "auto") -> list[str]:
+    """CUDA when available (or asked for), CPU otherwise."""
+    available = ort.get_available_providers()
+    if preference == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if preference == "cuda":
+        raise EngineError(f"CUDAExecutionProvider is not available (have {available})")
+    return ["CPUExecutionProvider"]
+
+
+class Engine:
+    """Owns the ONNX Runtime session and every sequence's KV cache. Not thread-safe: the
+    worker server calls it from one thread."""
+
+    def __init__(self, model_dir: Path, *, max_sequences: int = 32, threads: int = 0,
+                 provider: str = "auto") -> None:
+        self.model_dir = Path(model_dir)
+        self.manifest = ModelManifest.load(self.model_dir)
+        self.config = self.manifest.config
+        self.max_sequences = max_sequences
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(self.model_dir / MODEL_FILE), sess_options=options,
+                                            providers=choose_providers(provider))
+        self.provider = self.session.get_providers()[0]
+        self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
+        n = self.config.num_hidden_layers
+        self._past_names = [f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
+        self._present_names = [f"present.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
+        self._kv_shape = (self.config.num_key_value_heads, self.config.head_dim)
+        self.sequences: dict[str, Sequence] = {}
+        # The decode batch: ids in row order, KV per past name, attention mask [B, T].
+        self._batch_ids: list[str] = []
+        self._batch_kv: list[ort.OrtValue] = []
+        self._batch_mask = np.zeros((0, 0), dtype=np.int64)
+        log.info("engine ready: model=%s provider=%s layers=%d", self.manifest.name, self.provider, n)
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.manifest.context_length
+
+    @property
+    def kv_tokens(self) -> int:
+        return sum(s.cache_length for s in self.sequences.values())
+
+    def add(self, sequence_id: str, prompt: list[int] | np.ndarray, params: SamplingParams,
+            seed: int) -> None:
+        if sequence_id in self.sequences:
+            raise EngineError(f"sequence {sequence_id!r} already exists")
+        if len(self.sequences) >= self.max_sequences:
+            raise EngineError(f"worker holds {self.max_sequences} sequences already")
+        prompt_arr = np.asarray(prompt, dtype=np.int64)
+        if prompt_arr.size == 0:
+            raise EngineError("prompt must have at least one token")
+        if prompt_arr.size >= self.context_length:
+            raise EngineError(f"prompt of {prompt_arr.size} tokens does not fit the context of "
+                              f"{self.context_length}")
+        if prompt_arr.min() < 0 or prompt_arr.max() >= self.config.vocab_size:
+            raise EngineError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        self.sequences[sequence_id] = Sequence(
+            sequence_id, prompt_arr, params, np.random.default_rng(seed), seen=set(prompt_arr.tolist()))
+
+    def remove(self, sequence_ids: list[str]) -> None:
+        gone = [sid for sid in sequence_ids if self.sequences.pop(sid, None) is not None]
+        rows = [i for i, sid in enumerate(self._batch_ids) if sid in set(gone)]
+        if rows:
+            self._drop_rows(rows)
+
+    # ---- one iteration -----------------------------------------------------------------
+    def step(self, prefill: list[tuple[str, int]], decode: bool) -> StepResult:
+        """Run one decode step of the batch, then prompt chunks (sequence id, max tokens or 0
+        for all remaining). Each sequence yields at most one token per step; a sequence whose
+        prompt completes here joins the batch and decodes from the next step on."""
+        result = StepResult(tokens=[], prefill_remaining={})
+        if decode and self._batch_ids:
+            self._decode(result)
+        t0 = time.perf_counter()
+        for sequence_id, max_tokens in prefill:
+            seq = self.sequences.get(sequence_id)
+            if seq is None:
+                raise EngineError(f"unknown sequence {sequence_id!r}")
+            if seq.prefill_remaining == 0:
+                continue
+            n = seq.prefill_remaining if max_tokens <= 0 else min(max_tokens, seq.prefill_remaining)
+            logits = self._prefill_chunk(seq, n)
+            result.prefill_tokens += n
+            if seq.prefill_remaining == 0:
+                t_s = time.perf_counter()
+                token = self._sample(seq, logits[0, -1])
+                result.sample_s += time.perf_counter() - t_s
+                result.tokens.append((seq.sequence_id, token, True))
+                self._join_batch(seq)
+            else:
+                result.prefill_remaining[seq.sequence_id] = seq.prefill_remaining
+        result.prefill_s = time.perf_counter() - t0
+        return result
+
+    def _run(self, feeds: dict[str, np.ndarray], past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self._past_names, past):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])
+
+    def _empty_kv(self, batch: int, length: int) -> list[ort.OrtValue]:
+        zeros = np.zeros((batch, *self._kv_shape[:1], length, self._kv_shape[1]), dtype=np.float32)
+        return [ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0) for _ in self._past_names]
+
+    def _prefill_chunk(self, seq: Sequence, n: int) -> np.ndarray:
+        start = seq.processed
+        ids = seq.prompt[start:start + n][None, :]
+        past = seq.private_kv if seq.private_kv is not None else self._empty_kv(1, 0)
+        feeds = {
+            "input_ids": np.ascontiguousarray(ids),
+            "attention_mask": np.ones((1, start + n), dtype=np.int64),
+            "position_ids": np.arange(start, start + n, dtype=np.int64)[None, :],
+        }
+        logits, seq.private_kv = self._run(feeds, past)
+        seq.processed += n
+        return logits
+
+    def _decode(self, result: StepResult) -> None:
+        """One batched ONNX Runtime call over every sequence in the batch."""
+        t0 = time.perf_counter()
+        seqs = [self.sequences[sid] for sid in self._batch_ids]
+        ids = np.array([[s.generated[-1]] for s in seqs], dtype=np.int64)
+        positions = np.array([[s.cache_length] for s in seqs], dtype=np.int64)
+        mask = np.concatenate([self._batch_mask, np.ones((len(seqs), 1), dtype=np.int64)], axis=1)
+        logits, present = self._run(
+            {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, self._batch_kv)
+        self._batch_kv, self._batch_mask = present, mask
+        result.decode_s = time.perf_counter() - t0
+        result.decode_batch_size = len(seqs)
+        t_s = time.perf_counter()
+        last = logits[:, -1, :]
+        greedy_rows = [i for i, s in enumerate(seqs) if s.params.plain_greedy]
+        picked = dict(zip(greedy_rows, np.argmax(last[greedy_rows], axis=-1).tolist())) if greedy_rows else {}
+        for row, seq in enumerate(seqs):
+            token = picked[row] if row in picked else sample_token(
+                last[row], seq.params, seq.seen_array(), seq.rng)
+            seq.generated.append(token)
+            seq.seen.add(token)
+            result.tokens.append((seq.sequence_id, token, False))
+        result.sample_s += time.perf_counter() - t_s
+
+    def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
+        token = sample_token(logits, seq.params, seq.seen_array(), seq.rng)
+        seq.generated.append(token)
+        seq.seen.add(token)
+        return token
+
+    # ---- batch membership ----------------------------------------------------------------
+    def _host_kv(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self._batch_kv]
+
+    def _set_batch(self, ids: list[str], kv: list[np.ndarray], mask: np.ndarray) -> None:
+        self._batch_ids = ids
+        self._batch_mask = np.ascontiguousarray(mask)
+        self._batch_kv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in kv]
+
+    def _join_batch(self, seq: Sequence) -> None:
+        assert seq.private_kv is not None
+        own = [v.numpy() for v in seq.private_kv]
+        seq.private_kv = None
+        length = own[0].shape[2]
+        if not self._batch_ids:
+            self._set_batch([seq.sequence_id], own, np.ones((1, length), dtype=np.int64))
+            return
+        kv = self._host_kv()
+        width = kv[0].shape[2]
+        target = max(width, length)
+        kv = [_left_pad(a, target) for a in kv]
+        own = [_left_pad(a, target) for a in own]
+        mask = _left_pad_mask(self._batch_mask, target)
+        own_mask = _left_pad_mask(np.ones((1, length), dtype=np.int64), target)
+        self._set_batch(self._batch_ids + [seq.sequence_id],
+                        [np.concatenate([a, b], axis=0) for a, b in zip(kv, own)],
+                        np.concatenate([mask, own_mask], axis=0))
+
+    def _drop_rows(self, rows: list[int]) -> None:
+        keep = [i for i in range(len(self._batch_ids)) if i not in set(rows)]
+        if not keep:
+            self._batch_ids, self._batch_kv = [], []
+            self._batch_mask = np.zeros((0, 0), dtype=np.int64)
+            return
+        mask = self._batch_mask[keep]
+        # Columns that are padding in every remaining row are dropped (compaction).
+        first = int(np.argmax(mask.any(axis=0)))
+        self._set_batch([self._batch_ids[i] for i in keep],
+                        [a[keep][:, :, first:, :] for a in self._host_kv()], mask[:, first:])
+
+    # ---- convenience ---------------------------------------------------------------------
+    def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None,
+                 seed: int = 0, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Run one sequence alone to the end (reference path for tests and benchmarks)."""
+        sid = f"direct-{time.monotonic_ns()}"
+        self.add(sid, prompt, params or SamplingParams(), seed)
+        out: list[int] = []
+        try:
+            result = self.step([(sid, 0)], decode=False)
+            while True:
+                out += [tok for s, tok, _ in result.tokens if s == sid]
+                if len(out) >= max_tokens or (out and out[-1] in stop_ids) or \
+                        self.sequences[sid].cache_length + 1 >= self.context_length:
+                    return out[:max_tokens]
+                result = self.step([], decode=True)
+        finally:
+            self.remove([sid])
+
+
+def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
+    pad = width - a.shape[2]
+    if pad == 0:
+        return a
+    return np.pad(a, ((0, 0), (0, 0), (pad, 0), (0, 0)))
+
+
+def _left_pad_mask(mask: np.ndarray, width: int) -> np.ndarray:
+    pad = width - mask.shape[1]
+    return mask if pad == 0 else np.pad(mask, ((0, 0), (pad, 0)))

@@ -1,0 +1,64 @@
+"""Token sampling: greedy, temperature, top-k, top-p, repetition penalty, per-sequence seeds.
+
+Every sequence owns its random generator, seeded from the request, so its output does not
+depend on which other sequences share its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Domain form of switchyard.v1.SamplingParams (defaults already applied)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that depends on the sequence's history."""
+        return self.greedy and self.repetition_penalty == 1.0
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """CTRL-style penalty: divide positive logits of seen tokens, multiply negative ones."""
+    if penalty == 1.0 or seen.size == 0:
+        return logits
+    out = logits.copy()
+    picked = out[seen]
+    out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def sample_token(logits: np.ndarray, params: SamplingParams, seen: np.ndarray,
+                 rng: np.random.Generator) -> int:
+    """Pick the next token from one row of logits."""
+    logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen,
+                                      params.repetition_penalty)
+    if params.greedy:
+        return int(np.argmax(logits))
+    scaled = logits / params.temperature
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = np.partition(scaled, -params.top_k)[-params.top_k]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    scaled = scaled - np.max(scaled)
+    probs = np.exp(scaled)
+    probs /= probs.sum()
+    if 0.0 < params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
+        mask = np.zeros_like(probs)
+        mask[keep] = probs[keep]
+        probs = mask / mask.sum()
+    return int(rng.choice(probs.shape[-1], p=probs))

@@ -1,0 +1,146 @@
+"""Worker gRPC server: a thin servicer over the Engine, which runs on one dedicated thread so
+health checks and cancellations are answered while a step computes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
+
+from .config import WorkerConfig
+from .engine import Engine, EngineError
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def sampling_from_proto(p: generate_pb2.SamplingParams) -> SamplingParams:
+    """Proto → domain, applying defaults for unset (zero) fields."""
+    return SamplingParams(
+        temperature=max(p.temperature, 0.0),
+        top_k=max(p.top_k, 0),
+        top_p=p.top_p if 0.0 < p.top_p <= 1.0 else 1.0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty > 0 else 1.0,
+    )
+
+
+class EngineUnavailable(Exception):
+    """The model is still loading or failed to load."""
+
+
+def _needs_engine(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Maps EngineUnavailable to gRPC UNAVAILABLE."""
+    async def wrapper(self: "WorkerServicer", request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except EngineUnavailable:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is not loaded")
+    wrapper.__name__ = method.__name__
+    return wrapper
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Registered before the model loads (so health answers during a slow load); calls get
+    UNAVAILABLE until `engine` is set."""
+
+    def __init__(self, executor: ThreadPoolExecutor, engine: Engine | None = None) -> None:
+        self.engine = engine
+        self._executor = executor
+
+    @property
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise EngineUnavailable
+        return self.engine
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @_needs_engine
+    async def Info(self, request: worker_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
+        e = self._engine
+        return worker_pb2.InfoResponse(
+            model=e.manifest.name, context_length=e.context_length, max_sequences=e.max_sequences,
+            vocab_size=e.config.vocab_size, eos_token_ids=list(e.manifest.eos_token_ids),
+            max_output_tokens=e.manifest.max_output_tokens,
+            execution_provider=e.provider, active_sequences=len(e.sequences), kv_tokens=e.kv_tokens)
+
+    @_needs_engine
+    async def AddSequences(self, request: worker_pb2.AddSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.AddSequencesResponse:
+        def add() -> int:
+            for spec in request.sequences:
+                self._engine.add(spec.sequence_id, list(spec.prompt_token_ids),
+                                 sampling_from_proto(spec.sampling), spec.seed)
+            return len(self._engine.sequences)
+        try:
+            active = await self._call(add)
+        except EngineError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return worker_pb2.AddSequencesResponse(active_sequences=active)
+
+    @_needs_engine
+    async def Step(self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StepResponse:
+        chunks = [(c.sequence_id, c.max_tokens) for c in request.prefill]
+        try:
+            result = await self._call(self._engine.step, chunks, request.decode)
+        except EngineError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return worker_pb2.StepResponse(
+            tokens=[worker_pb2.SequenceToken(sequence_id=s, token_id=t, first=f) for s, t, f in result.tokens],
+            prefill_remaining=result.prefill_remaining,
+            stats=worker_pb2.StepStats(decode_batch_size=result.decode_batch_size,
+                                       prefill_tokens=result.prefill_tokens, prefill_s=result.prefill_s,
+                                       decode_s=result.decode_s, sample_s=result.sample_s))
+
+    @_needs_engine
+    async def RemoveSequences(self, request: worker_pb2.RemoveSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.RemoveSequencesResponse:
+        await self._call(self._engine.remove, list(request.sequence_ids))
+        return worker_pb2.RemoveSequencesResponse(active_sequences=len(self._engine.sequences))
+
+
+async def serve(config: WorkerConfig) -> None:
+    stop = stop_event()
+    server = grpc.aio.server()
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+    servicer = WorkerServicer(executor)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    await server.start()
+    try:
+        engine = await asyncio.get_running_loop().run_in_executor(
+            executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
+                                     threads=config.threads, provider=config.provider))
+    except Exception:
+        log.exception("model %s cannot run; health stays NOT_SERVING", config.model_dir)
+        await stop.wait()
+        await server.stop(config.grace_s)
+        return
+    servicer.engine = engine
+    for name in ("", worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.port_file:
+        config.port_file.write_text(str(port))
+    log.info("worker serving %s on %s:%d (%s)", engine.manifest.name, config.host, port, engine.provider)
+    await stop.wait()
+    log.info("worker stopping")
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(config.grace_s)
+    executor.shutdown(wait=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from switchyard.config import load_config
+    import sys
+    setup_logging("worker")
+    asyncio.run(serve(load_config(WorkerConfig, sys.argv[1:] if argv is None else argv)))
