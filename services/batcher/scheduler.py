@@ -89,7 +89,9 @@ class Scheduler:
         return sum(len(a.request.prompt_token_ids) + a.generated for a in self.active.values())
 
     def _update_room(self) -> None:
-        if self.room > 0 and not self.draining:
+        if self.draining:
+            return
+        if self.room > 0:
             self._room.set()
         else:
             self._room.clear()
@@ -105,14 +107,17 @@ class Scheduler:
     async def drain(self, grace_s: float) -> None:
         """Stop pulling, announce draining, finish running requests within grace_s."""
         self.draining = True
-        self._room.clear()
+        self._room.set()  # wakes the pull loop so it sees `draining` and exits
         await self._publish_load()
         deadline = time.monotonic() + grace_s
         while (self.active or self.pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # nats-py's fetch may swallow a cancel; the loops also exit on `draining`.
+        await asyncio.wait(self._tasks, timeout=2.0)
+        if self._psub is not None:
+            await self._psub.unsubscribe()  # an open pull request would hold nc.drain()
         for rid in list(self.active) + [p.request_id for p in self.pending]:
             await self._send_error(rid, generate_pb2.ERROR_CODE_UNAVAILABLE, "replica stopped")
 
@@ -124,8 +129,10 @@ class Scheduler:
 
     async def _pull_loop(self) -> None:
         assert self._psub is not None
-        while True:
+        while not self.draining:
             await self._room.wait()
+            if self.draining:
+                return
             try:
                 msgs = await self._psub.fetch(batch=self.room or 1, timeout=1.0)
             except (NatsTimeout, asyncio.TimeoutError):

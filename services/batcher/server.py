@@ -57,6 +57,7 @@ async def serve(config: BatcherConfig) -> None:
     await scheduler.drain(config.grace_s)
     await delete_consumer(js, replica_id)
     await nc.drain()
+    log.info("batcher %s stopped", replica_id)
     await channel.close()
 
 

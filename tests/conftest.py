@@ -1,0 +1,62 @@
+"""Shared fixtures: real nats-server, real service processes, real model folders.
+
+Integration fixtures start the same LocalStack that `switchyard up` runs, on free ports,
+and wait on health before yielding."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from switchyard.bus.server import NatsServer
+from switchyard.model.tiny import build_tiny_model
+from switchyard.runtime.stack import LocalStack, StackSpec
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    models = tmp_path_factory.mktemp("models")
+    build_tiny_model(models, name=TINY, seed=0)
+    return models
+
+
+@pytest.fixture(scope="session")
+def real_models_dir() -> Path:
+    """The real SmolLM2 models, converted once per machine into the same folder `make run`
+    uses (override with SWITCHYARD_TEST_MODELS_DIR)."""
+    from switchyard.model.convert import convert_gguf
+    models = Path(os.environ.get("SWITCHYARD_TEST_MODELS_DIR", REPO / "models"))
+    convert_gguf(models)
+    return models
+
+
+@pytest.fixture
+def nats_server() -> Iterator[NatsServer]:
+    with NatsServer() as server:
+        yield server
+
+
+def start_stack(models_dir: Path, replicas: dict[str, int], tmp: Path, **kw: object) -> LocalStack:
+    spec = StackSpec(models_dir=models_dir, replicas=replicas, heartbeat_s=0.2, log_dir=tmp, **kw)  # type: ignore[arg-type]
+    return LocalStack(spec).start()
+
+
+@pytest.fixture(scope="session")
+def tiny_stack(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """Two tiny-model replicas behind a router; shared by the tests that do not break it."""
+    stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path_factory.mktemp("tiny-stack-logs"))
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def channel(tiny_stack: LocalStack) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(tiny_stack.router_address) as ch:
+        yield ch

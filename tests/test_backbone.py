@@ -1,0 +1,198 @@
+"""The streaming backbone end to end on real processes: router → NATS → batcher → worker."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+
+from services.worker.engine import Engine
+from switchyard.bus import subjects
+from switchyard.runtime.stack import LocalStack
+from switchyard.v1 import bus_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from conftest import TINY, start_stack
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = ["hello world", "the quick brown fox", "one two three four five six", "zebra", "naïve café 日本",
+           "continuous batching", "x y z", "serving large language models"]
+
+
+def request(prompt: str, max_tokens: int = 16, **kw: object) -> generate_pb2.GenerateRequest:
+    return generate_pb2.GenerateRequest(model=TINY, text=prompt, max_tokens=max_tokens,
+                                        stop=generate_pb2.StopConditions(ignore_eos=True), **kw)  # type: ignore[arg-type]
+
+
+def stream(channel: grpc.Channel, req: generate_pb2.GenerateRequest) -> tuple[list[int], str, generate_pb2.FinalSummary]:
+    ids: list[int] = []
+    text = ""
+    final = None
+    for event in generate_pb2_grpc.GenerationStub(channel).Generate(req, timeout=60):
+        if event.HasField("tokens"):
+            ids += event.tokens.token_ids
+            text += event.tokens.text
+        else:
+            final = event.final
+    assert final is not None, "stream ended without a final summary"
+    return ids, text, final
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models_dir: Path) -> Engine:
+    return Engine(tiny_models_dir / TINY, max_sequences=8)
+
+
+def direct(engine: Engine, prompt: str, max_tokens: int) -> list[int]:
+    entry_ids = engine_tokenize(engine, prompt)
+    return engine.generate(entry_ids, max_tokens)
+
+
+def engine_tokenize(engine: Engine, prompt: str) -> list[int]:
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(engine.model_dir / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids
+
+
+def test_greedy_stream_equals_worker_direct_output(channel: grpc.Channel, engine: Engine) -> None:
+    for prompt in PROMPTS[:4]:
+        ids, text, final = stream(channel, request(prompt, max_tokens=24))
+        assert ids == direct(engine, prompt, 24)
+        assert final.finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        assert final.usage.completion_tokens == 24
+        assert final.usage.prompt_tokens == len(engine_tokenize(engine, prompt))
+        assert text == engine_decode(engine, ids)
+
+
+def engine_decode(engine: Engine, ids: list[int]) -> str:
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(engine.model_dir / "tokenizer.json")).decode(ids, skip_special_tokens=True)
+
+
+def test_eight_concurrent_requests_complete_and_share_decode_steps(tiny_stack: LocalStack, channel: grpc.Channel,
+                                                                   engine: Engine) -> None:
+    assert tiny_stack.nats is not None
+    batches: list[int] = []
+
+    async def watch(stop: threading.Event) -> None:
+        nc = await nats.connect(tiny_stack.nats.url)  # type: ignore[union-attr]
+        async def on_load(msg: nats.aio.msg.Msg) -> None:
+            batches.append(bus_pb2.LoadReport.FromString(msg.data).max_decode_batch)
+        await nc.subscribe(subjects.LOAD_ALL, cb=on_load)
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # one more heartbeat after the burst
+        await nc.close()
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=lambda: asyncio.run(watch(stop)))
+    watcher.start()
+    time.sleep(0.3)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda p: stream(channel, request(p, max_tokens=48)), PROMPTS))
+    stop.set()
+    watcher.join()
+    for prompt, (ids, _text, final) in zip(PROMPTS, results):
+        assert final.usage.completion_tokens == 48
+        assert ids == direct(engine, prompt, 48), f"batched output differs for {prompt!r}"
+    assert max(batches) > 1, f"no decode step ran more than one sequence: {batches}"
+
+
+def test_request_joining_mid_generation_changes_no_results(channel: grpc.Channel, engine: Engine) -> None:
+    long_prompt, late_prompt = PROMPTS[1], PROMPTS[2]
+    stub = generate_pb2_grpc.GenerationStub(channel)
+    first = stub.Generate(request(long_prompt, max_tokens=200), timeout=60)
+    long_ids: list[int] = []
+    late: list[int] = []
+    for event in first:
+        if event.HasField("tokens"):
+            long_ids += event.tokens.token_ids
+            if len(long_ids) == 5:  # the long request is mid-generation: the late one joins now
+                late_result = {}
+                t = threading.Thread(target=lambda: late_result.update(r=stream(channel, request(late_prompt, 30))))
+                t.start()
+    t.join()
+    late = late_result["r"][0]
+    assert long_ids == direct(engine, long_prompt, 200)
+    assert late == direct(engine, late_prompt, 30)
+
+
+def worker_active(stack: LocalStack) -> int:
+    total = 0
+    for w in stack.workers:
+        with grpc.insecure_channel(f"127.0.0.1:{w.port}") as ch:
+            total += worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=5).active_sequences
+    return total
+
+
+def test_cancelled_stream_frees_its_sequence_on_the_worker(tiny_stack: LocalStack, channel: grpc.Channel) -> None:
+    call = generate_pb2_grpc.GenerationStub(channel).Generate(request(PROMPTS[0], max_tokens=250), timeout=60)
+    seen = 0
+    for event in call:
+        seen += 1
+        if seen == 3:
+            assert worker_active(tiny_stack) == 1
+            call.cancel()
+            break
+    deadline = time.monotonic() + 5
+    while worker_active(tiny_stack) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker_active(tiny_stack) == 0
+
+
+@pytest.mark.parametrize("req, code, field", [
+    (generate_pb2.GenerateRequest(model=TINY, text="", max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (generate_pb2.GenerateRequest(model=TINY, text="word " * 2000, max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (generate_pb2.GenerateRequest(model="no-such-model", text="hi", max_tokens=4), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+    (generate_pb2.GenerateRequest(model=TINY, max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "input"),
+    (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=4,
+                                  sampling=generate_pb2.SamplingParams(temperature=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+])
+def test_bad_requests_get_clear_errors_and_the_stack_keeps_serving(channel: grpc.Channel, req: generate_pb2.GenerateRequest,
+                                                                    code: grpc.StatusCode, field: str) -> None:
+    stub = generate_pb2_grpc.GenerationStub(channel)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Generate(req, timeout=10))
+    assert err.value.code() == code
+    assert field in err.value.details()
+    ids, _, final = stream(channel, request("still serving", max_tokens=4))
+    assert len(ids) == 4 and final.finish_reason == generate_pb2.FINISH_REASON_LENGTH
+
+
+def test_list_models_reports_the_live_replicas(channel: grpc.Channel) -> None:
+    models = generate_pb2_grpc.GenerationStub(channel).ListModels(generate_pb2.ListModelsRequest(), timeout=5).models
+    assert [(m.name, m.replicas, m.context_length, m.chat) for m in models] == [(TINY, 2, 512, True)]
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_both_replicas_serve_and_a_stopped_batcher_leaves_the_registry(tiny_models_dir: Path, tmp_path: Path,
+                                                                       how: str) -> None:
+    stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path)
+    try:
+        with grpc.insecure_channel(stack.router_address) as ch:
+            served = {stream(ch, request(p, max_tokens=4))[2].replica_id for p in PROMPTS[:6]}
+            assert served == {f"{TINY}-0", f"{TINY}-1"}
+            victim = stack.batchers[0]
+            (victim.process.terminate if how == "sigterm" else victim.process.kill)()
+            victim.process.wait(timeout=15)
+            stub = generate_pb2_grpc.GenerationStub(ch)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=5).models
+                if models and models[0].replicas == 1:
+                    break
+                time.sleep(0.05)
+            assert models[0].replicas == 1
+            after = {stream(ch, request(p, max_tokens=4))[2].replica_id for p in PROMPTS[:6]}
+            assert after == {f"{TINY}-1"}
+    finally:
+        stack.stop()
