@@ -7,7 +7,9 @@ MODELS ?= models
 PROTO_SRC := $(wildcard protos/switchyard/v1/*.proto)
 PROTO_OUT := libs/switchyard/v1
 
-.PHONY: all venv proto model tiny-model run test test-fast bench gpu-check clean
+BENCH_VENV ?= .venv-bench
+
+.PHONY: all venv proto model tiny-model run test test-fast bench bench-deps bench-model gpu-check clean
 
 all: proto
 
@@ -47,6 +49,19 @@ test-fast: proto
 
 bench: model
 	$(PY) bench/stack_overhead.py
+
+# Reference engines for the model benchmark, in their own virtualenv (llama-cpp-python
+# compiles for ~15 minutes; onnxruntime-genai brings its own onnxruntime). Not part of `make test`.
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --upgrade pip
+	$(BENCH_VENV)/bin/pip install numpy llama-cpp-python onnxruntime-genai
+	touch $@
+
+bench-deps: $(BENCH_VENV)/.installed
+
+bench-model: model bench-deps
+	$(PY) bench/model_throughput.py --reference-python $(BENCH_VENV)/bin/python
 
 gpu-check: model
 	$(PY) bench/gpu_check.py

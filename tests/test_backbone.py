@@ -196,3 +196,17 @@ def test_both_replicas_serve_and_a_stopped_batcher_leaves_the_registry(tiny_mode
             assert after == {f"{TINY}-1"}
     finally:
         stack.stop()
+
+
+def test_cancel_arriving_after_the_request_finished_does_not_stall_the_replica(channel: grpc.Channel) -> None:
+    """A client that walks away from a short stream sends a cancel for a request the
+    batcher has already retired; the replica must keep heartbeating and serving."""
+    stub = generate_pb2_grpc.GenerationStub(channel)
+    for _ in range(3):
+        call = stub.Generate(request("short", max_tokens=2), timeout=10)
+        next(iter(call))
+        call.cancel()
+    time.sleep(1.0)  # > heartbeat_misses × heartbeat_s: a stalled batcher would be dropped
+    models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=5).models
+    assert models[0].replicas == 2
+    assert len(stream(channel, request("after the cancels", max_tokens=8))[0]) == 8

@@ -27,7 +27,7 @@ from switchyard.v1 import bus_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
 from .config import BatcherConfig
 
 log = logging.getLogger(__name__)
-FR = generate_pb2
+CANCEL_MEMORY_S = 120.0
 
 
 @dataclass
@@ -67,7 +67,10 @@ class Scheduler:
         self.max_batch = min(config.max_batch_size, info.max_sequences)
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}
-        self.cancelled: set[str] = set()
+        self.to_add: list[Active] = []  # admitted, registered on the worker with the next Step
+        # Cancels by request id, with arrival time: a cancel may overtake its request (still
+        # queued in JetStream), so unknown ids are kept for CANCEL_MEMORY_S.
+        self.cancelled: dict[str, float] = {}
         self.stats = Stats()
         self.draining = False
         self._wake = asyncio.Event()
@@ -124,7 +127,7 @@ class Scheduler:
     # ---- NATS inputs --------------------------------------------------------------------
     async def _on_cancel(self, msg: object) -> None:
         cancel = bus_pb2.CancelRequest.FromString(msg.data)  # type: ignore[attr-defined]
-        self.cancelled.add(cancel.request_id)
+        self.cancelled[cancel.request_id] = time.monotonic()
         self._wake.set()
 
     async def _pull_loop(self) -> None:
@@ -134,7 +137,9 @@ class Scheduler:
             if self.draining:
                 return
             try:
-                msgs = await self._psub.fetch(batch=self.room or 1, timeout=1.0)
+                # batch=1: nats-py holds a multi-message fetch open until the batch fills or
+                # the request expires, which would delay the first request by up to `timeout`.
+                msgs = await self._psub.fetch(batch=1, timeout=1.0)
             except (NatsTimeout, asyncio.TimeoutError):
                 continue
             except Exception:  # reconnecting; keep trying
@@ -171,7 +176,7 @@ class Scheduler:
         await self._admit()
         if not self.active:
             self._wake.clear()
-            if not self.pending and not self.cancelled:
+            if not self.pending:
                 await self._wake.wait()
             return
         decoding = [a for a in self.active.values() if a.prefill_left == 0]
@@ -181,7 +186,15 @@ class Scheduler:
                 n = min(a.prefill_left, budget)
                 chunks.append(worker_pb2.PrefillChunk(sequence_id=rid, max_tokens=n))
                 budget -= n
-        response = await self.worker.Step(worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding)))
+        adds = [_spec(a.request) for a in self.to_add]
+        try:
+            response = await self.worker.Step(worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=adds))
+        except grpc.aio.AioRpcError as exc:
+            if not adds or exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            await self._add_one_by_one()
+            return
+        self.to_add.clear()
         self.stats.steps += 1
         batch = response.stats.decode_batch_size
         self.stats.max_decode_batch = max(self.stats.max_decode_batch, batch)
@@ -232,31 +245,27 @@ class Scheduler:
             if held and held + need > self.config.token_budget:
                 break  # waits for running requests to finish (a lone request is always admitted)
             self.pending.pop(0)
-            if request.request_id in self.cancelled:
-                self.cancelled.discard(request.request_id)
+            if self.cancelled.pop(request.request_id, None) is not None:
                 continue
             admitted.append(Active(request, now, prefill_left=len(request.prompt_token_ids),
                                    stop_ids=frozenset(request.stop_token_ids)))
-        if not admitted:
-            return
-        specs = [worker_pb2.SequenceSpec(sequence_id=a.request.request_id,
-                                         prompt_token_ids=a.request.prompt_token_ids,
-                                         sampling=a.request.sampling, seed=a.request.seed) for a in admitted]
-        try:
-            await self.worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=specs))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            # One bad spec fails the call: add one by one so only the bad one is refused.
-            for spec, a in zip(specs, admitted):
-                try:
-                    await self.worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=[spec]))
-                except grpc.aio.AioRpcError as one:
-                    await self._send_error(a.request.request_id, generate_pb2.ERROR_CODE_INVALID_ARGUMENT, one.details())
-                    admitted = [x for x in admitted if x is not a]
         for a in admitted:
             self.active[a.request.request_id] = a
+            self.to_add.append(a)
         self._update_room()
+
+    async def _add_one_by_one(self) -> None:
+        """A Step whose adds were refused: register them singly so only a bad one fails."""
+        for a in self.to_add:
+            spec = _spec(a.request)
+            try:
+                await self.worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=[spec]))
+            except grpc.aio.AioRpcError as one:
+                if one.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                await self._send_error(a.request.request_id, generate_pb2.ERROR_CODE_INVALID_ARGUMENT, one.details())
+                self.active.pop(a.request.request_id, None)
+        self.to_add.clear()
 
     async def _retire_cancelled_and_expired(self) -> None:
         now = time.time()
@@ -272,16 +281,18 @@ class Scheduler:
             self.pending.remove(p)
             await self._send_error(p.request_id, generate_pb2.ERROR_CODE_DEADLINE_EXCEEDED,
                                    "deadline exceeded while queued")
-        self.cancelled -= set(gone)
+        for rid in gone:
+            self.cancelled.pop(rid, None)
         if gone:
             await self._remove(gone)
-        # cancels for requests we never saw are kept briefly in case the request is still queued
-        if len(self.cancelled) > 10_000:
-            self.cancelled.clear()
+        stale = time.monotonic() - CANCEL_MEMORY_S
+        for rid in [rid for rid, at in self.cancelled.items() if at < stale]:
+            del self.cancelled[rid]
 
     async def _remove(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self.active.pop(rid, None)
+        self.to_add = [a for a in self.to_add if a.request.request_id in self.active]
         await self.worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(sequence_ids=request_ids))
         self._update_room()
 
@@ -289,6 +300,7 @@ class Scheduler:
         for rid in list(self.active):
             await self._send_error(rid, code, message)
         self.active.clear()
+        self.to_add.clear()
         self._update_room()
 
     # ---- NATS outputs -------------------------------------------------------------------
@@ -328,3 +340,8 @@ class Scheduler:
         while True:
             await self._publish_load()
             await asyncio.sleep(self.config.heartbeat_s)
+
+
+def _spec(request: bus_pb2.DispatchRequest) -> worker_pb2.SequenceSpec:
+    return worker_pb2.SequenceSpec(sequence_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+                                   sampling=request.sampling, seed=request.seed)

@@ -217,14 +217,24 @@ class RequestPipeline:
             stops = StopStringMatcher(req.stop)
             first_token_at: float | None = None
             emitted = 0
+            held: bus_pb2.ReplicaEvent | None = None
             while True:
-                event = await self._next_event(queue, replica, started, req.timeout_s)
+                event, held = held or await self._next_event(queue, replica, started, req.timeout_s), None
                 kind = event.WhichOneof("event")
                 if kind == "tokens":
                     first_token_at = first_token_at or time.monotonic()
-                    text, stopped = stops.feed(detok.push(event.tokens.token_ids))
-                    yield TokenDelta(list(event.tokens.token_ids), text, event.tokens.index)
-                    emitted += len(event.tokens.token_ids)
+                    ids = list(event.tokens.token_ids)
+                    # Coalesce steps that queued up while the client was being written to: under
+                    # load the router sends fewer, larger chunks instead of falling behind.
+                    while not queue.empty():
+                        held = queue.get_nowait()
+                        if held.WhichOneof("event") != "tokens":
+                            break
+                        ids += held.tokens.token_ids
+                        held = None
+                    text, stopped = stops.feed(detok.push(ids))
+                    yield TokenDelta(ids, text, event.tokens.index)
+                    emitted += len(ids)
                     if stopped:
                         yield self._completion(generate_pb2.FINISH_REASON_STOP, prepared, emitted, started,
                                                first_token_at, 0.0, replica)

@@ -97,6 +97,9 @@ class Engine:
         if threads > 0:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # Spinning ORT threads burn the cores that the batcher, router and NATS share with us
+        # between steps; measured on 2 cores it doubled the stack's p90 step latency.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.model_dir / MODEL_FILE), sess_options=options,
                                             providers=choose_providers(provider))
         self.provider = self.session.get_providers()[0]

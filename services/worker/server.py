@@ -73,15 +73,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             max_output_tokens=e.manifest.max_output_tokens,
             execution_provider=e.provider, active_sequences=len(e.sequences), kv_tokens=e.kv_tokens)
 
+    def _add(self, specs: Any) -> int:
+        for spec in specs:
+            self._engine.add(spec.sequence_id, list(spec.prompt_token_ids),
+                             sampling_from_proto(spec.sampling), spec.seed)
+        return len(self._engine.sequences)
+
     @_needs_engine
     async def AddSequences(self, request: worker_pb2.AddSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.AddSequencesResponse:
-        def add() -> int:
-            for spec in request.sequences:
-                self._engine.add(spec.sequence_id, list(spec.prompt_token_ids),
-                                 sampling_from_proto(spec.sampling), spec.seed)
-            return len(self._engine.sequences)
         try:
-            active = await self._call(add)
+            active = await self._call(self._add, request.sequences)
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return worker_pb2.AddSequencesResponse(active_sequences=active)
@@ -89,8 +90,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     @_needs_engine
     async def Step(self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StepResponse:
         chunks = [(c.sequence_id, c.max_tokens) for c in request.prefill]
+
+        def step() -> Any:
+            self._add(request.add)
+            return self._engine.step(chunks, request.decode)
         try:
-            result = await self._call(self._engine.step, chunks, request.decode)
+            result = await self._call(step)
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return worker_pb2.StepResponse(

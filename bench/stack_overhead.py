@@ -1,0 +1,138 @@
+"""Stack overhead: the tiny model through router → NATS → batcher → worker vs the same model
+called in-process, measured in one run.
+
+Reports added time to first token (p50/p99) at concurrency 1 and 32, and the tokens/s the
+stack carries at concurrency 32 next to the in-process engine's own rate.
+
+    .venv/bin/python bench/stack_overhead.py [--requests 200] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from services.worker.engine import Engine
+from services.worker.sampling import SamplingParams
+from switchyard.model.tiny import build_tiny_model
+from switchyard.runtime.stack import LocalStack, StackSpec
+from switchyard.v1 import generate_pb2, generate_pb2_grpc
+
+console = Console()
+MODEL = "tiny-llama"
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def inprocess(engine: Engine, prompt: list[int], concurrency: int, rounds: int, max_tokens: int) -> tuple[list[float], float]:
+    """TTFTs and tokens/s of the engine driven directly (same scheduling as the batcher:
+    prefill joins, then batched decode steps)."""
+    ttfts: list[float] = []
+    tokens = 0
+    t_all = time.perf_counter()
+    for r in range(rounds):
+        ids = [f"r{r}-{i}" for i in range(concurrency)]
+        start = time.perf_counter()
+        for sid in ids:
+            engine.add(sid, prompt, SamplingParams(), 0)
+        result = engine.step([(sid, 0) for sid in ids], decode=False)
+        now = time.perf_counter()
+        ttfts += [now - start] * len(result.tokens)
+        produced = {sid: 1 for sid in ids}
+        while min(produced.values()) < max_tokens:
+            result = engine.step([], decode=True)
+            for sid, _, _ in result.tokens:
+                produced[sid] += 1
+        tokens += sum(produced.values())
+        engine.remove(ids)
+    return ttfts, tokens / (time.perf_counter() - t_all)
+
+
+async def through_stack(address: str, prompt: str, concurrency: int, requests: int, max_tokens: int,
+                        progress: Progress, label: str) -> tuple[list[float], float]:
+    task = progress.add_task(label, total=requests)
+    ttfts: list[float] = []
+    tokens = 0
+    per_worker = requests // concurrency
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+        req = generate_pb2.GenerateRequest(model=MODEL, text=prompt, max_tokens=max_tokens,
+                                           stop=generate_pb2.StopConditions(ignore_eos=True))
+
+        async def client() -> None:
+            nonlocal tokens
+            for _ in range(per_worker):
+                start = time.perf_counter()
+                first = None
+                async for event in stub.Generate(req):
+                    if event.HasField("tokens"):
+                        first = first or time.perf_counter()
+                        tokens += len(event.tokens.token_ids)
+                assert first is not None
+                ttfts.append(first - start)
+                progress.advance(task)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return ttfts, tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    args = parser.parse_args()
+    models = Path(tempfile.mkdtemp(prefix="bench-models-"))
+    build_tiny_model(models, name=MODEL)
+    prompt = "serving large language models at scale " * 4
+    engine = Engine(models / MODEL, max_sequences=64, threads=1)
+    prompt_ids = engine_prompt(models, prompt)
+    rows = []
+    spec = StackSpec(models_dir=models, replicas={MODEL: 1}, max_batch_size=64, worker_threads=1,
+                     log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-")))
+    with LocalStack(spec) as stack, Progress(console=console, transient=True) as progress:
+        # warm up both paths
+        inprocess(engine, prompt_ids, 1, 3, 4)
+        asyncio.run(through_stack(stack.router_address, prompt, 1, 5, 4, progress, "warm-up"))
+        for c in args.concurrency:
+            base_ttft, base_tps = inprocess(engine, prompt_ids, c, max(args.requests // c, 1), args.max_tokens)
+            ttft, tps = asyncio.run(through_stack(stack.router_address, prompt, c, args.requests,
+                                                  args.max_tokens, progress, f"stack c={c}"))
+            rows.append((c, base_ttft, ttft, base_tps, tps))
+    table = Table(title=f"Stack overhead, tiny model, {args.max_tokens} tokens/request "
+                        f"({platform.node()}, {os.cpu_count()} cores)")
+    for col in ("concurrency", "in-process TTFT p50/p99 ms", "stack TTFT p50/p99 ms",
+                "added TTFT p50 ms", "added TTFT p99 ms", "in-process tok/s", "stack tok/s", "stack/in-process"):
+        table.add_column(col, justify="right")
+    for c, base_ttft, ttft, base_tps, tps in rows:
+        table.add_row(str(c), f"{pct(base_ttft, 50)*1e3:.2f} / {pct(base_ttft, 99)*1e3:.2f}",
+                      f"{pct(ttft, 50)*1e3:.2f} / {pct(ttft, 99)*1e3:.2f}",
+                      f"{(pct(ttft, 50) - pct(base_ttft, 50))*1e3:.2f}",
+                      f"{(pct(ttft, 99) - pct(base_ttft, 99))*1e3:.2f}",
+                      f"{base_tps:,.0f}", f"{tps:,.0f}", f"{tps / base_tps:.2f}×")
+    console.print(table)
+
+
+def engine_prompt(models: Path, prompt: str) -> list[int]:
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(models / MODEL / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""ONNX llama builder (fp32 / int4), int4 quantizer, tiny model folder.
+
+Ground truth is tests/reference_llama.py, an independent float64 numpy forward pass.
+Tolerances: fp32 graph vs reference max |Δlogit| ≤ 1e-4 (observed ~1e-6 on logits of size ~0.5);
+int4 graph vs reference on the dequantized weights ≤ 1e-3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from onnx import TensorProto, helper, numpy_helper
+
+from switchyard.model.config import MANIFEST_FILE, LlamaConfig, ModelManifest
+from switchyard.model.folder import load_manifest
+from switchyard.model.onnx_builder import build_llama_onnx
+from switchyard.model.quantize import dequantize_int4_blockwise, quantize_int4_blockwise
+from switchyard.model.tiny import (
+    SPECIAL_TOKENS,
+    TINY_CONFIG,
+    build_tiny_model,
+    byte_tokenizer,
+    random_weights,
+    tiny_manifest,
+)
+
+try:
+    from reference_llama import reference_logits
+except ImportError:  # tests/ imported as a package
+    from tests.reference_llama import reference_logits
+
+pytestmark = pytest.mark.unit
+
+CFG = TINY_CONFIG
+FP32_TOL = 1e-4
+INT4_TOL = 1e-3
+PROMPTS = [
+    [5],
+    [17, 300, 42, 7],
+    [1, 64, 65, 66, 200, 201, 383, 0, 2, 99, 100, 101, 150, 151, 152, 153, 154],
+]
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+# --------------------------------------------------------------------------------------------
+# helpers / fixtures
+# --------------------------------------------------------------------------------------------
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _empty_past(batch: int, cfg: LlamaConfig = CFG) -> dict[str, np.ndarray]:
+    shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
+    return {f"past_key_values.{i}.{kind}": np.zeros(shape, np.float32)
+            for i in range(cfg.num_hidden_layers) for kind in ("key", "value")}
+
+
+def _step(sess: ort.InferenceSession, ids, past: dict[str, np.ndarray], attention_mask=None,
+          position_ids=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One graph call; returns (logits [B, V], next past built from the presents)."""
+    ids = np.atleast_2d(np.asarray(ids, dtype=np.int64))
+    batch, seq = ids.shape
+    n_past = next(iter(past.values())).shape[2]
+    if attention_mask is None:
+        attention_mask = np.ones((batch, n_past + seq), np.int64)
+    if position_ids is None:
+        position_ids = np.tile(np.arange(n_past, n_past + seq), (batch, 1))
+    feeds = {"input_ids": ids, "attention_mask": np.asarray(attention_mask, np.int64),
+             "position_ids": np.asarray(position_ids, np.int64), **past}
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, feeds)))
+    logits = out.pop("logits")
+    assert logits.shape == (batch, 1, CFG.vocab_size)
+    nxt = {name.replace("present.", "past_key_values."): v for name, v in out.items()}
+    return logits[:, 0], nxt
+
+
+def _dequantized(weights: dict[str, np.ndarray], block_size: int = 32) -> dict[str, np.ndarray]:
+    """The weights an int4 graph effectively computes with (lm_head from the tied embedding)."""
+    def rt(w_out_in: np.ndarray) -> np.ndarray:
+        k = w_out_in.shape[1]
+        return dequantize_int4_blockwise(*quantize_int4_blockwise(w_out_in.T, block_size), k).T
+
+    out = dict(weights)
+    for i in range(CFG.num_hidden_layers):
+        for proj in PROJECTIONS:
+            name = f"model.layers.{i}.{proj}.weight"
+            out[name] = rt(weights[name])
+    out["lm_head.weight"] = rt(weights["model.embed_tokens.weight"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def weights() -> dict[str, np.ndarray]:
+    return random_weights(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fp32(tmp_path_factory: pytest.TempPathFactory, weights) -> ort.InferenceSession:
+    return _session(build_llama_onnx(CFG, weights, tmp_path_factory.mktemp("fp32")))
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory: pytest.TempPathFactory, weights) -> ort.InferenceSession:
+    return _session(build_llama_onnx(CFG, weights, tmp_path_factory.mktemp("int4"), variant="int4"))
+
+
+# --------------------------------------------------------------------------------------------
+# (a) fp32 graph vs numpy reference
+# --------------------------------------------------------------------------------------------
+
+
+def test_graph_files_and_external_data(tmp_path: Path, weights) -> None:
+    calls: list[tuple[str, int, int]] = []
+    path = build_llama_onnx(CFG, weights, tmp_path, progress=lambda *a: calls.append(a))
+    assert path == tmp_path / "model.onnx"
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert (tmp_path / "model.onnx.data").stat().st_size > 4 * CFG.vocab_size * CFG.hidden_size
+    assert path.stat().st_size < 200_000
+    assert [i.name for i in model.graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    onnx.checker.check_model(str(path))
+    assert ("layers", CFG.num_hidden_layers, CFG.num_hidden_layers) in calls
+    assert calls[-1] == ("save", 1, 1)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: f"len{len(p)}")
+def test_fp32_prefill_matches_reference(fp32, weights, prompt) -> None:
+    logits, past = _step(fp32, prompt, _empty_past(1))
+    ref = reference_logits(CFG, weights, prompt)[-1]
+    np.testing.assert_allclose(logits[0], ref, rtol=0, atol=FP32_TOL)
+    assert past["past_key_values.0.key"].shape == (1, CFG.num_key_value_heads, len(prompt), CFG.head_dim)
+
+
+def test_greedy_outputs_vary_across_prompts(weights) -> None:
+    """The tiny model is not degenerate: greedy continuations differ and do not just repeat."""
+    continuations = []
+    for prompt in ([10, 11, 12], [200, 3], [77, 78, 79, 80, 81]):
+        ids = list(prompt)
+        for _ in range(8):
+            ids.append(int(np.argmax(reference_logits(CFG, weights, ids)[-1])))
+        continuations.append(tuple(ids[len(prompt):]))
+    assert len(set(continuations)) == len(continuations)
+    assert all(len(set(c)) >= 3 for c in continuations), continuations
+
+
+# --------------------------------------------------------------------------------------------
+# (b) incremental decoding with past KV
+# --------------------------------------------------------------------------------------------
+
+
+def test_incremental_decode_matches_full_recompute(fp32, weights) -> None:
+    ids = [17, 300, 42, 7, 8]
+    logits, past = _step(fp32, ids, _empty_past(1))
+    for step in range(6):
+        ref = reference_logits(CFG, weights, ids)[-1]
+        np.testing.assert_allclose(logits[0], ref, rtol=0, atol=FP32_TOL, err_msg=f"step {step}")
+        if step == 5:
+            break
+        ids.append(int(np.argmax(ref)))
+        logits, past = _step(fp32, [ids[-1]], past)
+        assert past["past_key_values.1.value"].shape[2] == len(ids)
+
+
+def test_chunked_prefill_with_past(fp32, weights) -> None:
+    """seq > 1 with past > 0: query s sees keys t <= past + s."""
+    ids = [5, 6, 7, 8, 9, 10, 11]
+    _, past = _step(fp32, ids[:4], _empty_past(1))
+    logits, past = _step(fp32, ids[4:], past)
+    np.testing.assert_allclose(logits[0], reference_logits(CFG, weights, ids)[-1], rtol=0, atol=FP32_TOL)
+    # the presents of the chunked run equal those of a one-shot prefill
+    _, full = _step(fp32, ids, _empty_past(1))
+    for name, v in full.items():
+        np.testing.assert_allclose(past[name], v, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# (c) ragged batches
+# --------------------------------------------------------------------------------------------
+
+
+def test_left_padded_batch_prefill_and_decode(fp32, weights) -> None:
+    a, b = [17, 300, 42, 7, 8, 9], [100, 101, 102]
+    pad = len(a) - len(b)
+    ids = np.array([a, [0] * pad + b])
+    mask = np.array([[1] * len(a), [0] * pad + [1] * len(b)])
+    pos = np.array([list(range(len(a))), [0] * pad + list(range(len(b)))])
+    logits, past = _step(fp32, ids, _empty_past(2), mask, pos)
+    assert np.isfinite(logits).all()
+    seqs = [list(a), list(b)]
+    for step in range(4):
+        for row, seq in enumerate(seqs):
+            solo, _ = _step(fp32, seq, _empty_past(1))
+            np.testing.assert_allclose(logits[row], solo[0], rtol=0, atol=FP32_TOL, err_msg=f"{step} {row}")
+            np.testing.assert_allclose(logits[row], reference_logits(CFG, weights, seq)[-1],
+                                       rtol=0, atol=FP32_TOL)
+        nxt = [int(np.argmax(logits[r])) for r in range(2)]
+        for seq, t in zip(seqs, nxt):
+            seq.append(t)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        pos = np.array([[len(seqs[0]) - 1], [len(seqs[1]) - 1]])
+        logits, past = _step(fp32, np.array(nxt)[:, None], past, mask, pos)
+
+
+def test_middle_padding_in_kv_is_ignored(fp32, weights) -> None:
+    """Each sequence's KV sits at arbitrary slots with garbage in between (attention_mask 0)."""
+    rng = np.random.default_rng(5)
+    a, b = [3, 4, 5, 6, 7, 8, 9, 10], [200, 201, 202]
+    _, past_a = _step(fp32, a, _empty_past(1))
+    _, past_b = _step(fp32, b, _empty_past(1))
+    n_past = len(a)
+    b_slots = [0, 1, 5]  # b's three keys; slots 2-4 and 6-7 are padding
+    mask = np.zeros((2, n_past + 1), np.int64)
+    mask[0] = 1
+    mask[1, b_slots] = 1
+    mask[1, -1] = 1
+    past = {}
+    for name, va in past_a.items():
+        vb = (100 * rng.standard_normal(va.shape)).astype(np.float32)  # loud garbage
+        vb[0][:, b_slots] = past_b[name][0]
+        past[name] = np.concatenate([va, vb], axis=0)
+    new = np.array([[50], [51]])
+    logits, present = _step(fp32, new, past, mask, [[len(a)], [len(b)]])
+
+    solo_a, _ = _step(fp32, [50], past_a)
+    solo_b, _ = _step(fp32, [51], past_b)
+    np.testing.assert_allclose(logits[0], solo_a[0], rtol=0, atol=FP32_TOL)
+    np.testing.assert_allclose(logits[1], solo_b[0], rtol=0, atol=FP32_TOL)
+    np.testing.assert_allclose(logits[1], reference_logits(CFG, weights, b + [51])[-1], rtol=0, atol=FP32_TOL)
+    for name, v in present.items():  # present = concat(past, new) along the sequence axis
+        np.testing.assert_array_equal(v[:, :, :n_past], past[name])
+
+
+# --------------------------------------------------------------------------------------------
+# (d) int4
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k,n,block", [(64, 24, 32), (100, 17, 32), (80, 8, 16), (576, 40, 64)])
+def test_quantize_roundtrip_error_bounded(k, n, block) -> None:
+    rng = np.random.default_rng(k + n)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[:, 0] = 0.0  # an all-zero column stays exactly zero
+    packed, scales, zp = quantize_int4_blockwise(w, block)
+    k_blocks = -(-k // block)
+    assert packed.dtype == np.uint8 and packed.shape == (n, k_blocks, block // 2)
+    assert scales.dtype == np.float32 and scales.shape == (n, k_blocks)
+    assert zp.dtype == np.uint8 and zp.shape == (n, (k_blocks + 1) // 2)
+    deq = dequantize_int4_blockwise(packed, scales, zp, k)
+    assert deq.shape == (k, n)
+    # error ≤ half a quantization step (+ float slack) in every block
+    step = np.repeat(scales.T, block, axis=0)[:k]  # [K, N]
+    assert np.all(np.abs(deq - w) <= 0.5 * step * (1 + 1e-5) + 1e-7)
+    np.testing.assert_array_equal(deq[:, 0], 0.0)
+    # dequantized weights are fixed points of the quantizer
+    again = dequantize_int4_blockwise(*quantize_int4_blockwise(deq, block), k)
+    np.testing.assert_allclose(again, deq, rtol=0, atol=1e-6)
+
+
+def test_nibble_order_low_nibble_is_even_element() -> None:
+    # one column, one block of 16: values 0..15 map to q = 0..15 (scale 1, zero point 0)
+    w = np.arange(16, dtype=np.float32)[:, None]
+    packed, scales, zp = quantize_int4_blockwise(w, 16)
+    assert scales[0, 0] == 1.0 and zp[0, 0] == 0
+    assert packed[0, 0, 0] == 0x10 and packed[0, 0, 1] == 0x32  # (0,1) and (2,3)
+
+
+@pytest.mark.parametrize("k,n,block", [(96, 40, 32), (100, 33, 32), (80, 24, 16), (64, 8, 64)])
+def test_matmulnbits_node_matches_numpy(k, n, block) -> None:
+    rng = np.random.default_rng(k * n)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    packed, scales, zp = quantize_int4_blockwise(w, block)
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales", "zp"], ["Y"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=block)
+    graph = helper.make_graph(
+        [node], "nbits",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["m", k])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["m", n])],
+        [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "scales"),
+         numpy_helper.from_array(zp, "zp")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    y = sess.run(None, {"A": a})[0]
+    ref = a.astype(np.float64) @ dequantize_int4_blockwise(packed, scales, zp, k).astype(np.float64)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_int4_graph_matches_reference_on_dequantized_weights(int4, weights) -> None:
+    deq = _dequantized(weights)
+    for prompt in PROMPTS:
+        logits, _ = _step(int4, prompt, _empty_past(1))
+        np.testing.assert_allclose(logits[0], reference_logits(CFG, deq, prompt)[-1], rtol=0, atol=INT4_TOL)
+    # and with past KV
+    ids = [17, 300, 42]
+    _, past = _step(int4, ids, _empty_past(1))
+    logits, _ = _step(int4, [9], past)
+    np.testing.assert_allclose(logits[0], reference_logits(CFG, deq, ids + [9])[-1], rtol=0, atol=INT4_TOL)
+    # quantization changed something, but not everything
+    fp = reference_logits(CFG, weights, ids + [9])[-1]
+    assert 1e-4 < np.abs(logits[0] - fp).max() < 0.5 * np.abs(fp).max()
+
+
+# --------------------------------------------------------------------------------------------
+# (e) tokenizer and model folder
+# --------------------------------------------------------------------------------------------
+
+
+def test_byte_tokenizer() -> None:
+    tok = byte_tokenizer(CFG.vocab_size)
+    assert tok.get_vocab_size() == CFG.vocab_size
+    for i, s in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(s) == i
+    for text in ["héllo 日本", "The quick brown fox.", "emoji 🦊 and tabs\tand\nnewlines", ""]:
+        ids = tok.encode(text).ids
+        assert all(0 <= t < CFG.vocab_size for t in ids)
+        assert tok.decode(ids) == text
+    assert len(tok.encode("the quick brown fox").ids) < len("the quick brown fox")  # merges exist
+    assert byte_tokenizer(CFG.vocab_size).get_vocab() == tok.get_vocab()  # deterministic
+    special = tok.encode("<|im_start|>user\nhi<|im_end|>").ids
+    assert special[0] == 1 and special[-1] == 2
+
+
+def test_tiny_model_folder(tmp_path: Path, weights) -> None:
+    folder = build_tiny_model(tmp_path, name="tiny", seed=0)
+    assert folder == tmp_path / "tiny"
+    names = {p.name for p in folder.iterdir()}
+    assert names == {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json",
+                     "tokenizer_config.json", MANIFEST_FILE}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+    manifest = load_manifest(folder)
+    assert manifest == tiny_manifest("tiny", 0)
+    assert manifest.config == CFG and manifest.variant == "fp32"
+    assert manifest.eos_token_ids == (2, 0) and manifest.bos_token_id == 1
+
+    genai = json.loads((folder / "genai_config.json").read_text())
+    m = genai["model"]
+    assert m["type"] == "llama"
+    assert m["context_length"] == 512 and m["vocab_size"] == CFG.vocab_size
+    assert m["bos_token_id"] == 1 and m["eos_token_id"] == [2, 0] and m["pad_token_id"] == 2
+    d = m["decoder"]
+    assert d["filename"] == "model.onnx"
+    assert (d["head_size"], d["hidden_size"], d["num_attention_heads"], d["num_hidden_layers"],
+            d["num_key_value_heads"]) == (16, 64, 4, 2, 2)
+    assert d["inputs"] == {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids",
+                           "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"}
+    assert d["outputs"] == {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"}
+    assert genai["search"]["max_length"] == 512 and genai["search"]["do_sample"] is False
+
+    tcfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tcfg["bos_token"] == "<|im_start|>" and tcfg["eos_token"] == "<|im_end|>"
+    assert tcfg["chat_template"] == manifest.chat_template
+
+    tok = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert tok.decode(tok.encode("héllo 日本").ids) == "héllo 日本"
+
+    # the chat template renders ChatML (same Jinja settings as the catalog)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    text = env.from_string(manifest.chat_template).render(
+        messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+    # the folder's graph is the tiny model
+    ids = tok.encode(text).ids
+    logits, _ = _step(_session(folder / "model.onnx"), ids, _empty_past(1))
+    np.testing.assert_allclose(logits[0], reference_logits(CFG, weights, ids)[-1], rtol=0, atol=FP32_TOL)
+
+    # idempotent: a second call rewrites nothing
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    os.utime(folder / MANIFEST_FILE, ns=(1, 1))  # make any rewrite visible regardless of clock
+    stamps[MANIFEST_FILE] = 1
+    assert build_tiny_model(tmp_path, name="tiny", seed=0) == folder
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+
+
+def test_tiny_int4_folder_and_incomplete_folder_rebuilt(tmp_path: Path) -> None:
+    stale = tmp_path / "tiny-int4"
+    stale.mkdir()
+    (stale / "model.onnx").write_text("half-written")  # no manifest: incomplete
+    folder = build_tiny_model(tmp_path, name="tiny-int4", variant="int4")
+    manifest = ModelManifest.load(folder)
+    assert manifest.variant == "int4"
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 7 * CFG.num_hidden_layers + 1
+    assert "MatMul" in ops  # attention score/context matmuls stay float
+    logits, _ = _step(_session(folder / "model.onnx"), [1, 2, 3], _empty_past(1))
+    assert np.isfinite(logits).all()
