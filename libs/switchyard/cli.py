@@ -20,6 +20,21 @@ console = Console(stderr=True)
 FP32 = "smollm2-135m-instruct"
 INT4 = "smollm2-135m-instruct-int4"
 DEFAULT_SERVE = f"{INT4}=2,{FP32}=1"
+DEV_KEY_FILE = Path("runs/dev-key")
+
+
+def dev_tenant(run_dir: Path) -> tuple[Path, str]:
+    """A development tenant whose key persists in runs/dev-key (git-ignored), so the key
+    that `make run` prints keeps working across restarts."""
+    from services.router.tenants import new_key, write_tenant
+    key_file, tenants = run_dir / "dev-key", run_dir / "tenants.toml"
+    if not key_file.exists() or not tenants.exists():
+        key = new_key()
+        tenants.unlink(missing_ok=True)
+        write_tenant(tenants, "dev", key, requests_per_minute=6000, tokens_per_minute=2_000_000)
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+    return tenants, key_file.read_text().strip()
 
 
 def parse_serve(spec: str) -> dict[str, int]:
@@ -40,6 +55,8 @@ def up(
     replicas: Optional[int] = typer.Option(None, help="replica count for every model in --serve"),
     host: str = typer.Option("127.0.0.1", help="address every service listens on"),
     grpc_port: int = typer.Option(50051, help="router gRPC port"),
+    http_port: int = typer.Option(8000, help="router OpenAI-compatible HTTP port (-1 disables)"),
+    tenants_file: Optional[Path] = typer.Option(None, help="tenants TOML (default: a dev tenant in runs/)"),
     nats_port: int = typer.Option(4222, help="nats-server port"),
     max_batch_size: int = typer.Option(32, help="batch-size cap per replica"),
     balancing: str = typer.Option("least_loaded", help="least_loaded or round_robin"),
@@ -57,8 +74,12 @@ def up(
                       "(or `switchyard model convert` / `switchyard model tiny`)")
         raise typer.Exit(2)
     log_dir.mkdir(parents=True, exist_ok=True)
-    spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, grpc_port=grpc_port,
-                     nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir)
+    dev_key = None
+    if tenants_file is None:
+        tenants_file, dev_key = dev_tenant(log_dir.parent)
+    spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, grpc_port=grpc_port, http_port=http_port,
+                     nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
+                     tenants_file=tenants_file, api_key=dev_key)
     stack = LocalStack(spec)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -67,11 +88,18 @@ def up(
     try:
         assert stack.nats is not None
         console.print(f"[green]Switchyard is up[/green]  gRPC [bold]{stack.router_address}[/bold]  "
+                      f"HTTP (OpenAI API) [bold]{stack.http_url if http_port >= 0 else 'off'}/v1[/bold]  "
                       f"NATS {stack.nats.url}  logs {log_dir}/")
+        if dev_key:
+            console.print(f"  development API key: [bold]{dev_key}[/bold]  (export SWITCHYARD_API_KEY={dev_key})")
         for name, count in wanted.items():
             console.print(f"  model [bold]{name}[/bold] × {count} replica(s)")
         console.print(f"  try: switchyard generate --address {stack.router_address} "
                       f"--model {next(iter(wanted))} 'What is the capital of France?'")
+        if http_port >= 0:
+            console.print(f"   or: curl {stack.http_url}/v1/chat/completions -H 'Authorization: Bearer {dev_key or '<key>'}' "
+                          f"-H 'Content-Type: application/json' -d '{{\"model\": \"{next(iter(wanted))}\", "
+                          f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}], \"stream\": true}}'")
         console.print("Ctrl-C stops every process.")
         while not stopping.wait(0.5):
             dead = [s.name for s in stack.services() if s.process.poll() is not None]
@@ -99,6 +127,7 @@ def generate(
     chat: bool = typer.Option(True, help="wrap the prompt as a user chat message"),
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     timeout: Optional[float] = typer.Option(None, help="deadline in seconds"),
+    api_key: Optional[str] = typer.Option(None, envvar="SWITCHYARD_API_KEY", help="API key (default: runs/dev-key)"),
 ) -> None:
     """Stream a completion from a running stack to stdout."""
     import grpc
@@ -114,8 +143,10 @@ def generate(
         request.text = prompt
     with grpc.insecure_channel(address) as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
+        key = api_key or (DEV_KEY_FILE.read_text().strip() if DEV_KEY_FILE.exists() else None)
+        metadata = (("authorization", f"Bearer {key}"),) if key else ()
         try:
-            for event in stub.Generate(request, timeout=timeout):
+            for event in stub.Generate(request, timeout=timeout, metadata=metadata):
                 if event.HasField("tokens"):
                     sys.stdout.write(event.tokens.text)
                     sys.stdout.flush()

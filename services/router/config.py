@@ -21,7 +21,14 @@ class RouterConfig:
     balancing: str = field(default="least_loaded", metadata={"help": "replica choice: least_loaded or round_robin"})
     heartbeat_misses: float = field(default=3.0, metadata={"help": "drop a replica after this many missed heartbeats"})
     router_id: str = field(default="", metadata={"help": "router id on the bus (default: random)"})
-    port_file: Path | None = field(default=None, metadata={"help": "write the bound gRPC port here"})
+    http_port: int = field(default=8000, metadata={"help": "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)"})
+    tenants_file: Path | None = field(default=None, metadata={"help": "TOML file of tenants and hashed API keys (unset: no auth)"})
+    queue_limit: int = field(default=64, metadata={"help": "requests a model may queue beyond its replicas' batch capacity"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest HTTP request body"})
+    request_timeout_s: float = field(default=600.0, metadata={"help": "HTTP request timeout (a lower x-request-timeout header wins)"})
+    write_timeout_s: float = field(default=30.0, metadata={"help": "cut off a client that has not read its stream for this long"})
+    max_buffered_events: int = field(default=256, metadata={"help": "events buffered per stream before a non-reading client is cut off"})
+    port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON {grpc, http}"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds to finish streams on SIGTERM"})
 
     def validate(self) -> None:
@@ -29,3 +36,9 @@ class RouterConfig:
             raise ConfigError(f"balancing must be one of {sorted(POLICIES)}")
         if self.heartbeat_misses < 1:
             raise ConfigError("heartbeat_misses must be at least 1")
+        if self.tenants_file is not None and not self.tenants_file.exists():
+            raise ConfigError(f"tenants_file {self.tenants_file} does not exist")
+        if self.queue_limit < 0 or self.max_buffered_events < 1 or self.max_body_bytes < 1024:
+            raise ConfigError("queue_limit ≥ 0, max_buffered_events ≥ 1 and max_body_bytes ≥ 1024 are required")
+        if self.request_timeout_s <= 0 or self.write_timeout_s <= 0:
+            raise ConfigError("timeouts must be positive")

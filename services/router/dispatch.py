@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from switchyard.bus import subjects
-from switchyard.v1 import bus_pb2
+from switchyard.v1 import bus_pb2, generate_pb2
 
 from .registry import ReplicaRegistry
 
@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    def __init__(self, nc: Client, js: JetStreamContext, router_id: str, registry: ReplicaRegistry) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, router_id: str, registry: ReplicaRegistry,
+                 max_buffered_events: int = 256) -> None:
         self.nc = nc
+        self.max_buffered_events = max_buffered_events
         self.js = js
         self.router_id = router_id
         self.registry = registry
@@ -32,10 +34,24 @@ class Dispatcher:
         await self.nc.subscribe(subjects.LOAD_ALL, cb=self._on_load)
 
     async def _on_reply(self, msg: Msg) -> None:
-        queue = self._streams.get(msg.subject.rsplit(".", 1)[-1])
+        key = msg.subject.rsplit(".", 1)[-1]
+        queue = self._streams.get(key)
         if queue is None:
             return  # request already ended (cancelled, timed out): drop late events
-        queue.put_nowait(bus_pb2.ReplicaEvent.FromString(msg.data))
+        event = bus_pb2.ReplicaEvent.FromString(msg.data)
+        if queue.qsize() < self.max_buffered_events:
+            queue.put_nowait(event)
+            return
+        # The client is not reading: stop buffering (memory stays bounded), free the
+        # sequence on the replica now, and end the stream with an error.
+        del self._streams[key]
+        log.warning("request %s: client stopped reading; cut off after %d buffered events",
+                    event.request_id, self.max_buffered_events)
+        await self.cancel(event.replica_id, event.request_id)
+        queue.put_nowait(bus_pb2.ReplicaEvent(request_id=event.request_id, replica_id=event.replica_id,
+                                              error=generate_pb2.Error(
+                                                  code=generate_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
+                                                  message="client stopped reading the stream; cut off")))
 
     async def _on_load(self, msg: Msg) -> None:
         try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from typing import AsyncIterator
 
 import grpc
 
@@ -11,6 +11,16 @@ from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
 from .errors import RequestError
 from .pipeline import Completion, GenerationRequest, RequestPipeline, TokenDelta
+
+
+def api_key_from_metadata(context: grpc.aio.ServicerContext) -> str | None:
+    """`authorization: Bearer <key>` (or `x-api-key: <key>`) from the call's metadata."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and value.lower().startswith("bearer "):
+            return value[7:].strip()
+        if key == "x-api-key":
+            return value.strip()
+    return None
 
 
 def request_from_proto(msg: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationRequest:
@@ -43,25 +53,44 @@ async def abort_with(context: grpc.aio.ServicerContext, error: RequestError) -> 
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
-    def __init__(self, pipeline: RequestPipeline) -> None:
+    def __init__(self, pipeline: RequestPipeline, write_timeout_s: float = 30.0) -> None:
         self._pipeline = pipeline
+        self._write_timeout_s = write_timeout_s
 
-    async def Generate(self, request: generate_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    def _request(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationRequest:
         req = request_from_proto(request, context)
+        req.tenant = self._pipeline.authenticate(api_key_from_metadata(context))
+        return req
+
+    async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         try:
-            async for event in self._pipeline.generate(req):
-                if isinstance(event, TokenDelta):
-                    yield generate_pb2.GenerateResponse(request_id=req.request_id, tokens=generate_pb2.TokenChunk(
-                        token_ids=event.token_ids, text=event.text, index=event.index))
-                else:
-                    yield generate_pb2.GenerateResponse(request_id=req.request_id, final=summary_to_proto(event))
+            req = self._request(request, context)
+            events = self._pipeline.generate(req)
+            try:
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        reply = generate_pb2.GenerateResponse(request_id=req.request_id, tokens=generate_pb2.TokenChunk(
+                            token_ids=event.token_ids, text=event.text, index=event.index))
+                    else:
+                        reply = generate_pb2.GenerateResponse(request_id=req.request_id, final=summary_to_proto(event))
+                    # A client that stops reading blocks this write once HTTP/2 flow control
+                    # fills; cut it off instead of holding its sequence forever.
+                    await asyncio.wait_for(context.write(reply), self._write_timeout_s)
+            except asyncio.TimeoutError:
+                await events.aclose()
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"client did not read the stream for {self._write_timeout_s:.0f}s; cut off")
+            finally:
+                await events.aclose()
         except RequestError as error:
             await abort_with(context, error)
 
     async def Complete(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generate_pb2.CompleteResponse:
-        req = request_from_proto(request, context)
+        try:
+            req = self._request(request, context)
+        except RequestError as error:
+            await abort_with(context, error)
         text: list[str] = []
         ids: list[int] = []
         try:
@@ -78,6 +107,10 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
     async def ListModels(self, request: generate_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> generate_pb2.ListModelsResponse:
+        try:
+            self._pipeline.authenticate(api_key_from_metadata(context))
+        except RequestError as error:
+            await abort_with(context, error)
         out = []
         for name, replicas in sorted(self._pipeline.registry.models().items()):
             entry = self._pipeline.catalog.get(name)

@@ -18,7 +18,9 @@ from switchyard.v1 import bus_pb2, generate_pb2
 from .balancing import BalancingPolicy
 from .dispatch import Dispatcher
 from .errors import ErrorKind, RequestError, invalid
+from .limits import AdmissionControl, RateLimiter
 from .registry import Replica, ReplicaRegistry
+from .tenants import Tenant, TenantDirectory
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +37,14 @@ class GenerationRequest:
     text: str | None = None
     token_ids: list[int] | None = None
     messages: list[tuple[str, str]] | None = None
-    max_tokens: int = 0
+    max_tokens: int | None = 0  # None: as many as the context allows, up to the model's limit
     sampling: generate_pb2.SamplingParams = field(default_factory=generate_pb2.SamplingParams)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     request_id: str = ""
     timeout_s: float | None = None  # time left before the client's deadline
-    tenant: str = ""
+    tenant: Tenant | None = None  # set by the front end after authenticate()
 
 
 @dataclass
@@ -74,6 +76,7 @@ class PreparedRequest:
     request: GenerationRequest
     entry: ModelEntry
     prompt_ids: list[int]
+    max_tokens: int
 
 
 class StopStringMatcher:
@@ -108,12 +111,27 @@ class StopStringMatcher:
 
 
 class RequestPipeline:
+    """Auth → validation and tokenization → rate limits → admission → replica choice →
+    dispatch → relay. Front ends only convert their wire format to and from it."""
+
     def __init__(self, catalog: ModelCatalog, registry: ReplicaRegistry, dispatcher: Dispatcher,
-                 policy: BalancingPolicy) -> None:
+                 policy: BalancingPolicy, tenants: TenantDirectory | None = None,
+                 limiter: RateLimiter | None = None, admission: AdmissionControl | None = None) -> None:
         self.catalog = catalog
         self.registry = registry
         self.dispatcher = dispatcher
         self.policy = policy
+        self.tenants = tenants or TenantDirectory.disabled()
+        self.limiter = limiter or RateLimiter()
+        self.admission = admission or AdmissionControl(queue_limit=256)
+
+    def authenticate(self, key: str | None) -> Tenant:
+        tenant = self.tenants.authenticate(key)
+        if tenant is None:
+            raise RequestError(ErrorKind.UNAUTHENTICATED,
+                               "missing API key" if not key else "invalid API key",
+                               field="authorization")
+        return tenant
 
     # ---- validation ---------------------------------------------------------------------
     def prepare(self, req: GenerationRequest) -> PreparedRequest:
@@ -153,13 +171,14 @@ class RequestPipeline:
         if not prompt_ids:
             raise invalid("prompt", "tokenizes to no tokens")
         limit = manifest.max_output_tokens
-        if not 1 <= req.max_tokens <= limit:
-            raise invalid("max_tokens", f"must be between 1 and {limit}, got {req.max_tokens}")
         context = manifest.context_length
         if len(prompt_ids) >= context:
             raise invalid("prompt", f"has {len(prompt_ids)} tokens, longer than the context of {context}; shorten it")
-        if len(prompt_ids) + req.max_tokens > context:
-            raise invalid("max_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({req.max_tokens}) "
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(limit, context - len(prompt_ids))
+        if not 1 <= max_tokens <= limit:
+            raise invalid("max_tokens", f"must be between 1 and {limit}, got {max_tokens}")
+        if len(prompt_ids) + max_tokens > context:
+            raise invalid("max_tokens", f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
                           f"exceeds the context of {context}; lower max_tokens to at most {context - len(prompt_ids)}")
         self._validate_sampling(req.sampling)
         if len(req.stop) > MAX_STOP_STRINGS:
@@ -169,7 +188,7 @@ class RequestPipeline:
             raise invalid("stop_token_ids", f"ids must be in [0, {manifest.config.vocab_size})")
         if req.timeout_s is not None and req.timeout_s <= 0:
             raise RequestError(ErrorKind.DEADLINE_EXCEEDED, "deadline already expired")
-        return PreparedRequest(req, entry, prompt_ids)
+        return PreparedRequest(req, entry, prompt_ids, max_tokens)
 
     @staticmethod
     def _validate_sampling(s: generate_pb2.SamplingParams) -> None:
@@ -195,8 +214,27 @@ class RequestPipeline:
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         """Yields TokenDeltas then one Completion; raises RequestError on failure."""
         started = time.monotonic()
+        tenant = req.tenant or self.authenticate(None)
         prepared = self.prepare(req)
         replica = self.pick_replica(req.model)
+        reservation = self.limiter.reserve(tenant, len(prepared.prompt_ids) + prepared.max_tokens)
+        try:
+            self.admission.enter(req.model, sum(r.report.max_batch_size for r in self.registry.live(req.model)))
+        except RequestError:
+            self.limiter.settle(reservation, 0)
+            raise
+        used = [len(prepared.prompt_ids)]
+        try:
+            async for event in self._relay(req, prepared, replica, started):
+                if isinstance(event, TokenDelta):
+                    used[0] += len(event.token_ids)
+                yield event
+        finally:
+            self.admission.leave(req.model)
+            self.limiter.settle(reservation, used[0])
+
+    async def _relay(self, req: GenerationRequest, prepared: PreparedRequest, replica: Replica,
+                     started: float) -> AsyncIterator[Event]:
         dispatch_id = uuid.uuid4().hex
         manifest = prepared.entry.manifest
         stop_ids = list(req.stop_token_ids) + ([] if req.ignore_eos else list(manifest.eos_token_ids))
@@ -204,7 +242,7 @@ class RequestPipeline:
         deadline = time.time() + req.timeout_s if req.timeout_s else 0.0
         message = bus_pb2.DispatchRequest(
             request_id=dispatch_id, model=req.model, prompt_token_ids=prepared.prompt_ids,
-            max_tokens=req.max_tokens, sampling=req.sampling, seed=seed, stop_token_ids=stop_ids,
+            max_tokens=prepared.max_tokens, sampling=req.sampling, seed=seed, stop_token_ids=stop_ids,
             reply_subject=self.dispatcher.reply_subject(dispatch_id), deadline_unix_s=deadline,
             dispatched_unix_s=time.time())
         queue = self.dispatcher.open(dispatch_id)

@@ -1,13 +1,17 @@
-"""Router process: gRPC API over the request pipeline; registry fed from NATS."""
+"""Router process: gRPC and OpenAI-compatible HTTP front ends over one request pipeline;
+the replica registry is fed from NATS heartbeats."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import socket
 import sys
 import uuid
 
 import grpc
+import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,11 +25,40 @@ from .balancing import make_policy
 from .config import RouterConfig
 from .dispatch import Dispatcher
 from .grpc_api import GenerationServicer
+from .http_api import create_http_app
+from .limits import AdmissionControl, RateLimiter
 from .pipeline import RequestPipeline
 from .registry import ReplicaRegistry
+from .tenants import TenantDirectory
 
 log = logging.getLogger(__name__)
 GENERATION_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class HttpFrontEnd:
+    """uvicorn serving the HTTP app inside the router's event loop (signals stay ours)."""
+
+    def __init__(self, app: object, host: str, port: int) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        # Server.serve() would install its own signal handlers over ours; _serve() is the
+        # same without them (stable across uvicorn releases).
+        self._task = asyncio.create_task(self.server._serve(sockets=[self.sock]))
+        while not self.server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        if self._task is not None:
+            await self._task
 
 
 async def serve(config: RouterConfig) -> None:
@@ -35,25 +68,37 @@ async def serve(config: RouterConfig) -> None:
     js = nc.jetstream()
     await ensure_request_stream(js)
     registry = ReplicaRegistry(misses=config.heartbeat_misses)
-    dispatcher = Dispatcher(nc, js, router_id, registry)
+    dispatcher = Dispatcher(nc, js, router_id, registry, max_buffered_events=config.max_buffered_events)
     await dispatcher.start()
-    pipeline = RequestPipeline(ModelCatalog(config.models_dir), registry, dispatcher, make_policy(config.balancing))
+    tenants = TenantDirectory.load(config.tenants_file) if config.tenants_file else TenantDirectory.disabled()
+    pipeline = RequestPipeline(ModelCatalog(config.models_dir), registry, dispatcher, make_policy(config.balancing),
+                               tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit))
 
     server = grpc.aio.server()
-    generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(pipeline), server)
+    generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(pipeline, config.write_timeout_s), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
     await server.start()
+    http = None
+    if config.http_port >= 0:
+        http = HttpFrontEnd(create_http_app(pipeline, max_body_bytes=config.max_body_bytes,
+                                            request_timeout_s=config.request_timeout_s,
+                                            write_timeout_s=config.write_timeout_s), config.host, config.http_port)
+        await http.start()
     for name in ("", GENERATION_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.port_file:
-        config.port_file.write_text(str(port))
-    log.info("router %s: gRPC on %s:%d, balancing %s", router_id, config.host, port, config.balancing)
+        config.port_file.write_text(json.dumps({"grpc": grpc_port, "http": http.port if http else None}))
+    log.info("router %s: gRPC %s:%d, HTTP %s, balancing %s, auth %s", router_id, config.host, grpc_port,
+             f"{config.host}:{http.port}" if http else "off", config.balancing,
+             "on" if tenants.required else "off")
     await stop.wait()
     log.info("router stopping")
     await health_servicer.enter_graceful_shutdown()
+    if http is not None:
+        await http.stop()
     await server.stop(config.grace_s)
     await nc.drain()
 

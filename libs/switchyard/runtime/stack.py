@@ -6,6 +6,7 @@ stop() terminates every one of them, so Ctrl-C leaves no orphans."""
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ class Service:
     process: subprocess.Popen[bytes]
     port_file: Path | None = None
     port: int = 0
+    http_port: int | None = None
     log_path: Path | None = None
 
     def wait_port(self, timeout_s: float) -> int:
@@ -46,8 +48,13 @@ class Service:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
-            if self.port_file.exists() and self.port_file.read_text().strip():
-                self.port = int(self.port_file.read_text())
+            text = self.port_file.read_text().strip() if self.port_file.exists() else ""
+            if text:
+                ports = json.loads(text)
+                if isinstance(ports, dict):  # the router writes {"grpc": …, "http": …}
+                    self.port, self.http_port = ports["grpc"], ports.get("http")
+                else:
+                    self.port = int(ports)
                 return self.port
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} did not start in {timeout_s}s; see {self.log_path}")
@@ -70,7 +77,11 @@ class StackSpec:
     replicas: dict[str, int]
     host: str = "127.0.0.1"
     grpc_port: int = 0
+    http_port: int = 0  # -1 disables the HTTP API
     nats_port: int = 0
+    tenants_file: Path | None = None
+    api_key: str | None = None  # a key of tenants_file, used to check readiness
+    router_args: tuple[str, ...] = ()
     worker_threads: int = 0  # 0: share the cores evenly between workers
     max_batch_size: int = 32
     balancing: str = "least_loaded"
@@ -94,6 +105,14 @@ class LocalStack:
     def router_address(self) -> str:
         assert self.router is not None
         return f"{self.spec.host}:{self.router.port}"
+
+    @property
+    def http_url(self) -> str:
+        assert self.router is not None and self.router.http_port
+        return f"http://{self.spec.host}:{self.router.http_port}"
+
+    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.spec.api_key}"),) if self.spec.api_key else ()
 
     def _spawn(self, name: str, module: str, args: list[str], port_file: bool = True) -> Service:
         pf = self.run_dir / f"{name}.port" if port_file else None
@@ -131,9 +150,12 @@ class LocalStack:
                 "--worker", f"{spec.host}:{worker.port}", "--nats-url", self.nats.url,
                 "--replica-id", replica, "--max-batch-size", str(spec.max_batch_size),
                 "--heartbeat-s", str(spec.heartbeat_s)], port_file=False))
-        self.router = self._spawn("router", "services.router", [
-            "--nats-url", self.nats.url, "--host", spec.host, "--grpc-port", str(spec.grpc_port),
-            "--models-dir", str(spec.models_dir), "--balancing", spec.balancing])
+        router_args = ["--nats-url", self.nats.url, "--host", spec.host, "--grpc-port", str(spec.grpc_port),
+                       "--http-port", str(spec.http_port), "--models-dir", str(spec.models_dir),
+                       "--balancing", spec.balancing, "--heartbeat-misses", "3", *spec.router_args]
+        if spec.tenants_file:
+            router_args += ["--tenants-file", str(spec.tenants_file)]
+        self.router = self._spawn("router", "services.router", router_args)
         self.router.wait_port(timeout_s)
         self.wait_ready(timeout_s)
 
@@ -151,7 +173,8 @@ class LocalStack:
                         raise RuntimeError(f"{svc.name} exited with {svc.process.returncode}; see {svc.log_path}")
                 try:
                     if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=1).models
+                        models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=1,
+                                                 metadata=self.auth_metadata()).models
                         if {m.name: m.replicas for m in models} == expected:
                             return
                 except grpc.RpcError:

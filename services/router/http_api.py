@@ -1,0 +1,295 @@
+"""OpenAI-compatible HTTP front end (FastAPI): /v1/models, /v1/completions,
+/v1/chat/completions (streamed as server-sent events or whole), and /health.
+
+Bodies are parsed here (size cap, UTF-8, JSON, then pydantic) so every bad input gets an
+OpenAI-style error body naming the field; everything after parsing is the shared pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.types import Receive, Scope, Send
+
+from switchyard.v1 import generate_pb2
+
+from .errors import ErrorKind, RequestError, invalid
+from .pipeline import Completion, GenerationRequest, RequestPipeline, TokenDelta
+
+FINISH = {generate_pb2.FINISH_REASON_EOS: "stop", generate_pb2.FINISH_REASON_STOP: "stop",
+          generate_pb2.FINISH_REASON_LENGTH: "length", generate_pb2.FINISH_REASON_CANCELLED: "stop"}
+ERROR_TYPES = {ErrorKind.INVALID_ARGUMENT: "invalid_request_error", ErrorKind.NOT_FOUND: "not_found_error",
+               ErrorKind.UNAUTHENTICATED: "authentication_error", ErrorKind.RESOURCE_EXHAUSTED: "rate_limit_error",
+               ErrorKind.UNAVAILABLE: "service_unavailable", ErrorKind.DEADLINE_EXCEEDED: "timeout_error"}
+TIMEOUT_HEADER = "x-request-timeout"  # seconds; lowers the server's default request timeout
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields shared by both endpoints; unknown fields are rejected so typos are caught."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(1.0)
+    top_p: float = Field(1.0)
+    top_k: int = 0  # extension
+    repetition_penalty: float = 1.0  # extension
+    ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens even past EOS
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Any = None
+
+
+class CompletionBody(_Common):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+
+
+class ChatMessageBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | None = None
+
+
+class ChatBody(_Common):
+    messages: list[ChatMessageBody]
+    max_completion_tokens: int | None = None
+
+
+def error_response(error: RequestError) -> JSONResponse:
+    headers = {}
+    if error.retry_after_s:
+        headers["Retry-After"] = str(max(1, int(error.retry_after_s + 0.999)))
+    body = {"error": {"message": error.message, "type": ERROR_TYPES.get(error.kind, "server_error"),
+                      "param": error.field, "code": error.kind.name.lower()}}
+    return JSONResponse(body, status_code=error.kind.http_status, headers=headers)
+
+
+def _unsupported(body: _Common) -> None:
+    if body.n != 1:
+        raise invalid("n", "only n=1 is supported")
+    if body.logprobs not in (None, False, 0):
+        raise invalid("logprobs", "logprobs are not supported")
+    if body.presence_penalty or body.frequency_penalty:
+        raise invalid("presence_penalty", "presence/frequency penalties are not supported; use repetition_penalty")
+    if body.seed is not None and body.seed < 0:
+        raise invalid("seed", "must be a non-negative integer")
+
+
+def to_request(body: CompletionBody | ChatBody, timeout_s: float | None) -> GenerationRequest:
+    _unsupported(body)
+    sampling = generate_pb2.SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                           repetition_penalty=body.repetition_penalty)
+    if body.seed is not None:
+        sampling.seed = body.seed
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    req = GenerationRequest(model=body.model, sampling=sampling, stop=stop, timeout_s=timeout_s,
+                            request_id=uuid.uuid4().hex, ignore_eos=body.ignore_eos)
+    if isinstance(body, ChatBody):
+        req.max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        req.messages = [(m.role, m.content or "") for m in body.messages]
+    else:
+        if isinstance(body.prompt, list):
+            if len(body.prompt) != 1:
+                raise invalid("prompt", "send one prompt per request")
+            req.text = body.prompt[0]
+        else:
+            req.text = body.prompt
+        req.max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
+        if body.echo or body.suffix:
+            raise invalid("echo", "echo and suffix are not supported")
+    if req.max_tokens is not None and req.max_tokens <= 0:
+        raise invalid("max_tokens", f"must be at least 1, got {req.max_tokens}")
+    return req
+
+
+class SSEResponse(Response):
+    """Streams events as server-sent events. Each send has a timeout, so a client that stops
+    reading (TCP window full) is cut off and its generation cancelled, not held forever."""
+
+    def __init__(self, events: AsyncIterator[dict[str, Any]], write_timeout_s: float) -> None:
+        super().__init__(status_code=200, media_type="text/event-stream")
+        self.events = events
+        self.write_timeout_s = write_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+        try:
+            async for payload in self.events:
+                data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+                await asyncio.wait_for(send({"type": "http.response.body", "body": data, "more_body": True}),
+                                       self.write_timeout_s)
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        except (asyncio.TimeoutError, OSError):
+            pass  # client gone or not reading; closing the generator cancels the replica's work
+        finally:
+            await self.events.aclose()
+
+
+def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
+                    request_timeout_s: float = 600.0, write_timeout_s: float = 30.0) -> FastAPI:
+    app = FastAPI(title="Switchyard", docs_url=None, redoc_url=None)
+
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
+        size = int(request.headers.get("content-length") or 0)
+        if size > max_body_bytes:
+            raise RequestError(ErrorKind.INVALID_ARGUMENT, f"body of {size} bytes exceeds {max_body_bytes}; "
+                               "send a shorter prompt", field="body")
+        raw = b""
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > max_body_bytes:
+                raise RequestError(ErrorKind.INVALID_ARGUMENT, f"body exceeds {max_body_bytes} bytes", field="body")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise invalid("body", f"is not valid UTF-8 (byte {exc.start})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise invalid("body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise invalid(where, first["msg"]) from None
+
+    def timeout_for(request: Request) -> float:
+        header = request.headers.get(TIMEOUT_HEADER)
+        if header is None:
+            return request_timeout_s
+        try:
+            return min(float(header), request_timeout_s)
+        except ValueError:
+            raise invalid(TIMEOUT_HEADER, f"must be a number of seconds, got {header!r}") from None
+
+    def tenant_of(request: Request) -> Any:
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else (request.headers.get("x-api-key") or None)
+        return pipeline.authenticate(key)
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        models = pipeline.registry.models()
+        ok = any(models.values())
+        return JSONResponse({"status": "ok" if ok else "no replica can serve",
+                             "models": {m: len(r) for m, r in models.items()}}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> JSONResponse:
+        tenant_of(request)
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "switchyard",
+                 "replicas": len(reps), "context_length": reps[0].report.context_length}
+                for name, reps in sorted(pipeline.registry.models().items())]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def run(request: Request, body_model: type[CompletionBody] | type[ChatBody], chat: bool) -> Any:
+        tenant = tenant_of(request)
+        body = await parse(request, body_model)
+        req = to_request(body, timeout_for(request))
+        req.tenant = tenant
+        rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        events = pipeline.generate(req)
+        if not body.stream:
+            parts: list[str] = []
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    parts.append(event.text)
+                else:
+                    choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(event.finish_reason, "stop"),
+                                              "logprobs": None}
+                    if chat:
+                        choice["message"] = {"role": "assistant", "content": "".join(parts)}
+                    else:
+                        choice["text"] = "".join(parts)
+                    return JSONResponse({"id": rid, "object": obj, "created": created, "model": event.model,
+                                         "choices": [choice], "usage": usage(event)})
+            raise RequestError(ErrorKind.INTERNAL, "generation ended without a result")
+        # Streamed: pull the first event before answering 200, so validation, limits and
+        # routing errors still come back as proper HTTP errors.
+        first = await anext(events)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return SSEResponse(sse_chunks(first, events, rid, created, req.model, chat, include_usage), write_timeout_s)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await run(request, CompletionBody, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await run(request, ChatBody, chat=True)
+
+    return app
+
+
+def usage(c: Completion) -> dict[str, int]:
+    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+            "total_tokens": c.prompt_tokens + c.completion_tokens}
+
+
+async def sse_chunks(first: TokenDelta | Completion, rest: AsyncIterator[TokenDelta | Completion], rid: str,
+                     created: int, model: str, chat: bool, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
+                {"content": text} if text is not None else {})
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+        if include_usage:
+            out["usage"] = None
+        return out
+
+    try:
+        if chat:
+            yield chunk(None, None, role=True)
+
+        async def all_events() -> AsyncIterator[TokenDelta | Completion]:
+            yield first
+            async for e in rest:
+                yield e
+
+        async for event in all_events():
+            if isinstance(event, TokenDelta):
+                if event.text:
+                    yield chunk(event.text, None)
+            else:
+                yield chunk(None, FINISH.get(event.finish_reason, "stop"))
+                if include_usage:
+                    yield {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
+                           "usage": usage(event)}
+    except RequestError as error:
+        # Headers are gone already: report the failure in the stream, OpenAI style.
+        yield {"error": {"message": error.message, "type": ERROR_TYPES.get(error.kind, "server_error"),
+                         "code": error.kind.name.lower()}}
+    finally:
+        await rest.aclose()

@@ -1,0 +1,87 @@
+"""API keys → tenants, from a TOML file. Keys are stored and compared only as SHA-256
+digests, so the file holds no secret and a key never reaches a log.
+
+    [tenants.acme]
+    key_sha256 = ["<hex digest>", ...]   # `switchyard tenants add acme` prints a new key
+    requests_per_minute = 600
+    tokens_per_minute = 200000           # prompt + max_tokens reserved, settled to actual use
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+KEY_PREFIX = "sy-"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    requests_per_minute: float
+    tokens_per_minute: float
+
+
+ANONYMOUS = Tenant("anonymous", float("inf"), float("inf"))
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+class TenantDirectory:
+    """Resolves API keys to tenants. With no file, authentication is off (every caller is
+    the anonymous tenant, unlimited) — for tests and single-user set-ups only."""
+
+    def __init__(self, tenants: dict[str, Tenant], digests: dict[str, str], required: bool) -> None:
+        self.tenants = tenants
+        self._digests = digests  # digest → tenant name
+        self.required = required
+
+    @classmethod
+    def disabled(cls) -> "TenantDirectory":
+        return cls({}, {}, required=False)
+
+    @classmethod
+    def load(cls, path: Path) -> "TenantDirectory":
+        data = tomllib.loads(Path(path).read_text())
+        tenants: dict[str, Tenant] = {}
+        digests: dict[str, str] = {}
+        for name, entry in data.get("tenants", {}).items():
+            tenants[name] = Tenant(name, float(entry.get("requests_per_minute", 600)),
+                                   float(entry.get("tokens_per_minute", 1_000_000)))
+            keys = entry.get("key_sha256", [])
+            for digest in [keys] if isinstance(keys, str) else keys:
+                if len(digest) != 64:
+                    raise ValueError(f"tenant {name}: key_sha256 entries must be 64 hex digits")
+                digests[digest.lower()] = name
+        return cls(tenants, digests, required=True)
+
+    def authenticate(self, key: str | None) -> Tenant | None:
+        """The tenant owning `key`; None when the key is missing or unknown."""
+        if not self.required:
+            return ANONYMOUS
+        if not key:
+            return None
+        digest = hash_key(key)
+        for known, name in self._digests.items():
+            if hmac.compare_digest(known, digest):
+                return self.tenants[name]
+        return None
+
+
+def write_tenant(path: Path, name: str, key: str, requests_per_minute: int = 600,
+                 tokens_per_minute: int = 200_000) -> None:
+    """Append a tenant with one key (stored hashed) to a tenants file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(f'\n[tenants.{name}]\nkey_sha256 = ["{hash_key(key)}"]\n'
+                f"requests_per_minute = {requests_per_minute}\ntokens_per_minute = {tokens_per_minute}\n")

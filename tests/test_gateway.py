@@ -1,0 +1,285 @@
+"""Gateway for real clients: OpenAI-compatible HTTP/SSE, tenants, rate limits, validation,
+deadlines and bounded buffering — on a real router, real stack, official clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import httpx
+import nats
+import openai
+import pytest
+
+from services.router.dispatch import Dispatcher
+from services.router.http_api import SSEResponse
+from services.router.registry import ReplicaRegistry
+from services.router.tenants import write_tenant
+from switchyard.bus import subjects
+from switchyard.bus.server import NatsServer
+from switchyard.runtime.stack import LocalStack
+from switchyard.v1 import bus_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+from conftest import TINY, start_stack
+
+ALPHA_KEY = "sy-test-alpha-key"  # small token budget
+BETA_KEY = "sy-test-beta-key"
+ALPHA_TPM = 400
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    tmp = tmp_path_factory.mktemp("gateway")
+    tenants = tmp / "tenants.toml"
+    write_tenant(tenants, "alpha", ALPHA_KEY, requests_per_minute=1000, tokens_per_minute=ALPHA_TPM)
+    write_tenant(tenants, "beta", BETA_KEY, requests_per_minute=1000, tokens_per_minute=1_000_000)
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp, tenants_file=tenants, api_key=BETA_KEY)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def client(gateway: LocalStack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.http_url}/v1", api_key=BETA_KEY, max_retries=0)
+
+
+def grpc_complete(stack: LocalStack, messages: list[tuple[str, str]], max_tokens: int) -> generate_pb2.CompleteResponse:
+    req = generate_pb2.GenerateRequest(model=TINY, max_tokens=max_tokens)
+    for role, content in messages:
+        req.chat.messages.add(role=role, content=content)
+    with grpc.insecure_channel(stack.router_address) as ch:
+        return generate_pb2_grpc.GenerationStub(ch).Complete(req, timeout=30, metadata=stack.auth_metadata())
+
+
+@pytest.mark.integration
+def test_openai_sdk_streams_and_completes_chat(gateway: LocalStack, client: openai.OpenAI) -> None:
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    expected = grpc_complete(gateway, [(m["role"], m["content"]) for m in messages], 20)
+
+    whole = client.chat.completions.create(model=TINY, messages=messages, max_tokens=20, temperature=0)  # type: ignore[arg-type]
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected.text
+    assert whole.usage is not None
+    assert whole.usage.completion_tokens == expected.summary.usage.completion_tokens
+    assert whole.usage.prompt_tokens == expected.summary.usage.prompt_tokens
+    assert whole.choices[0].finish_reason == ("length" if expected.summary.finish_reason ==
+                                              generate_pb2.FINISH_REASON_LENGTH else "stop")
+
+    stream = client.chat.completions.create(model=TINY, messages=messages, max_tokens=20, temperature=0,  # type: ignore[arg-type]
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == whole.usage.total_tokens
+
+
+@pytest.mark.integration
+def test_openai_sdk_text_completion_and_model_list(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [TINY]
+    done = client.completions.create(model=TINY, prompt="the quick brown fox", max_tokens=7, temperature=0,
+                                     extra_body={"repetition_penalty": 1.0})
+    assert done.object == "text_completion"
+    assert done.usage is not None and 1 <= done.usage.completion_tokens <= 7
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=TINY, prompt="the quick brown fox", max_tokens=7, temperature=0, stream=True))
+    assert streamed == done.choices[0].text
+
+
+@pytest.mark.integration
+def test_sse_wire_format_on_raw_http(gateway: LocalStack) -> None:
+    body = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{gateway.http_url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {BETA_KEY}"}) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e[6:]) for e in events[:-1]]
+    assert {p["object"] for p in payloads} == {"chat.completion.chunk"}
+    assert len({p["id"] for p in payloads}) == 1 and payloads[0]["id"].startswith("chatcmpl-")
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.integration
+def test_missing_or_bad_key_is_rejected_on_http_and_grpc(gateway: LocalStack) -> None:
+    body = {"model": TINY, "prompt": "hi", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer sy-wrong"}):
+        resp = httpx.post(f"{gateway.http_url}/v1/completions", json=body, headers=headers, timeout=10)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["type"] == "authentication_error"
+    bad = openai.OpenAI(base_url=f"{gateway.http_url}/v1", api_key="sy-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    req = generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=2)
+    with grpc.insecure_channel(gateway.router_address) as ch:
+        stub = generate_pb2_grpc.GenerationStub(ch)
+        for metadata in ((), (("authorization", "Bearer sy-wrong"),)):
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(req, timeout=10, metadata=metadata))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.integration
+def test_tenant_over_its_token_budget_gets_429_while_another_keeps_going(gateway: LocalStack) -> None:
+    alpha = openai.OpenAI(base_url=f"{gateway.http_url}/v1", api_key=ALPHA_KEY, max_retries=0)
+    beta = openai.OpenAI(base_url=f"{gateway.http_url}/v1", api_key=BETA_KEY, max_retries=0)
+    # Each request reserves prompt + max_tokens = ~3 + 150 of alpha's 400 tokens per minute.
+    rejected = None
+    for _ in range(4):
+        try:
+            alpha.completions.create(model=TINY, prompt="hi", max_tokens=150, temperature=0,
+                                     extra_body={"ignore_eos": True})
+        except openai.RateLimitError as exc:
+            rejected = exc
+            break
+    assert rejected is not None, "alpha was never limited"
+    assert rejected.status_code == 429
+    assert int(rejected.response.headers["retry-after"]) >= 1
+    assert "tokens-per-minute" in rejected.message
+    for _ in range(3):  # beta is unaffected
+        assert beta.completions.create(model=TINY, prompt="hi", max_tokens=20, temperature=0).usage is not None
+
+
+INVALID = [
+    ({"model": TINY, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": TINY, "prompt": "hi", "max_tokens": 100_000}, 400, "max_tokens"),
+    ({"model": TINY, "prompt": "word " * 3000, "max_tokens": 4}, 400, "prompt"),
+    ({"model": TINY, "prompt": "hi", "temperature": 5}, 400, "temperature"),
+    ({"model": TINY, "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ({"model": TINY, "prompt": "hi", "top_k": -1}, 400, "top_k"),
+    ({"model": TINY, "prompt": "hi", "n": 3}, 400, "n"),
+    ({"model": TINY, "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
+    ({"prompt": "hi"}, 400, "model"),
+    ({"model": "no-such-model", "prompt": "hi"}, 404, "model"),
+    ({"model": TINY, "prompt": ""}, 400, "prompt"),
+    ({"model": TINY, "prompt": "hi", "stop": ["s"] * 40}, 400, "stop"),
+    ({"model": TINY, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ({"model": TINY, "messages": []}, 400, "messages"),
+    ({"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -2}, 400, "max_tokens"),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("body, status, field", INVALID)
+def test_invalid_requests_get_the_right_code_and_name_the_field(gateway: LocalStack, body: dict, status: int,
+                                                                field: str) -> None:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    resp = httpx.post(f"{gateway.http_url}{path}", json=body, timeout=10, headers={"Authorization": f"Bearer {BETA_KEY}"})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert field in error["message"] or field == error["param"], error
+    assert error["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("content, field", [
+    (b'{"model": "tiny-llama", "prompt": "hi"', "JSON"),
+    (b'{"model": "tiny-llama", "prompt": "\xff\xfe"}', "UTF-8"),
+    (b'{"model": "tiny-llama", "prompt": "' + b"a" * (2 << 20) + b'"}', "bytes"),
+])
+def test_malformed_bodies_are_rejected_and_the_gateway_keeps_serving(gateway: LocalStack, content: bytes,
+                                                                     field: str) -> None:
+    auth = {"Authorization": f"Bearer {BETA_KEY}", "Content-Type": "application/json"}
+    resp = httpx.post(f"{gateway.http_url}/v1/completions", content=content, headers=auth, timeout=10)
+    assert resp.status_code == 400
+    assert field in resp.json()["error"]["message"]
+    ok = httpx.post(f"{gateway.http_url}/v1/completions", json={"model": TINY, "prompt": "hi", "max_tokens": 3},
+                    headers=auth, timeout=10)
+    assert ok.status_code == 200
+
+
+def worker_active(stack: LocalStack) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{stack.workers[0].port}") as ch:
+        return worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=5).active_sequences
+
+
+def wait_idle(stack: LocalStack, timeout_s: float = 5.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while worker_active(stack) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return worker_active(stack)
+
+
+@pytest.mark.integration
+def test_deadline_shorter_than_generation_ends_with_deadline_exceeded_and_frees_the_slot(gateway: LocalStack) -> None:
+    req = generate_pb2.GenerateRequest(model=TINY, text="a long one", max_tokens=250,
+                                       stop=generate_pb2.StopConditions(ignore_eos=True))
+    with grpc.insecure_channel(gateway.router_address) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            list(generate_pb2_grpc.GenerationStub(ch).Generate(req, timeout=0.15, metadata=gateway.auth_metadata()))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_idle(gateway) == 0
+    resp = httpx.post(f"{gateway.http_url}/v1/completions", timeout=10,
+                      json={"model": TINY, "prompt": "a long one", "max_tokens": 250, "ignore_eos": True},
+                      headers={"Authorization": f"Bearer {BETA_KEY}", "x-request-timeout": "0.1"})
+    assert resp.status_code == 504 and resp.json()["error"]["code"] == "deadline_exceeded"
+    assert wait_idle(gateway) == 0
+
+
+@pytest.mark.integration
+def test_health_endpoint_reflects_live_replicas(gateway: LocalStack) -> None:
+    resp = httpx.get(f"{gateway.http_url}/health", timeout=5)
+    assert resp.status_code == 200 and resp.json()["models"] == {TINY: 1}
+
+
+@pytest.mark.integration
+async def test_replies_for_a_client_that_stops_reading_are_bounded_and_its_sequence_cancelled() -> None:
+    """Events arrive on real NATS for a stream whose consumer never reads: the router keeps
+    at most `max_buffered_events`, asks the replica to cancel, and ends the stream."""
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        cancels: list[str] = []
+
+        async def on_cancel(msg: nats.aio.msg.Msg) -> None:
+            cancels.append(bus_pb2.CancelRequest.FromString(msg.data).request_id)
+        await nc.subscribe(subjects.cancel_subject("replica-a"), cb=on_cancel)
+        dispatcher = Dispatcher(nc, nc.jetstream(), "router-t", ReplicaRegistry(), max_buffered_events=8)
+        await dispatcher.start()
+        queue = dispatcher.open("req-1")
+        for i in range(50):
+            event = bus_pb2.ReplicaEvent(request_id="req-1", replica_id="replica-a",
+                                         tokens=bus_pb2.TokenStep(token_ids=[i], index=i))
+            await nc.publish(dispatcher.reply_subject("req-1"), event.SerializeToString())
+        await nc.flush()
+        await asyncio.sleep(0.3)
+        assert queue.qsize() == 9  # 8 buffered + the cut-off error
+        events = [queue.get_nowait() for _ in range(9)]
+        assert events[-1].error.code == generate_pb2.ERROR_CODE_RESOURCE_EXHAUSTED
+        assert cancels == ["req-1"]
+        await nc.close()
+
+
+@pytest.mark.unit
+async def test_sse_response_cuts_off_a_client_that_does_not_read() -> None:
+    closed = asyncio.Event()
+
+    async def endless():  # type: ignore[no-untyped-def]
+        try:
+            while True:
+                yield {"choices": []}
+        finally:
+            closed.set()
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:  # a client whose socket never drains after 3 writes
+        sent.append(message)
+        if len(sent) > 3:
+            await asyncio.sleep(3600)
+
+    started = time.monotonic()
+    await SSEResponse(endless(), write_timeout_s=0.2)({"type": "http"}, None, send)  # type: ignore[arg-type]
+    assert closed.is_set() and time.monotonic() - started < 2
+    assert len(sent) == 4
