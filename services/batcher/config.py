@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from switchyard.config import ConfigError
 
@@ -17,7 +18,10 @@ class BatcherConfig:
     max_batch_size: int = field(default=32, metadata={"help": "most sequences in the batch"})
     token_budget: int = field(default=16384, metadata={"help": "most KV tokens reserved (prompt + max tokens) across the batch"})
     prefill_chunk: int = field(default=512, metadata={"help": "most prompt tokens processed per step (chunked prefill)"})
+    port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON"})
     heartbeat_s: float = field(default=0.5, metadata={"help": "seconds between load reports"})
+    metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
     grace_s: float = field(default=10.0, metadata={"help": "seconds to finish running requests on SIGTERM"})
 
     def validate(self) -> None:

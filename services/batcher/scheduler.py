@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from nats.aio.client import Client
+from opentelemetry.trace import Span
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
@@ -24,6 +25,7 @@ from switchyard.bus import subjects
 from switchyard.bus.queue import pull_subscription
 from switchyard.v1 import bus_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
 
+from . import telemetry as tm
 from .config import BatcherConfig
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class Active:
     generated: int = 0
     max_batch: int = 1
     stop_ids: frozenset[int] = field(default_factory=frozenset)
+    span: Span | None = None  # batcher.request, when tracing
+    traceparent: str = ""  # context the worker parents its spans on
 
     @property
     def reserved_tokens(self) -> int:
@@ -68,6 +72,8 @@ class Scheduler:
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}
         self.to_add: list[Active] = []  # admitted, registered on the worker with the next Step
+        self.headers: dict[str, dict[str, str]] = {}  # NATS headers (trace context) of pulled requests
+        self._labels = (replica_id, info.model)
         # Cancels by request id, with arrival time: a cancel may overtake its request (still
         # queued in JetStream), so unknown ids are kept for CANCEL_MEMORY_S.
         self.cancelled: dict[str, float] = {}
@@ -149,9 +155,13 @@ class Scheduler:
             for msg in msgs:
                 await msg.ack()
                 try:
-                    self.pending.append(bus_pb2.DispatchRequest.FromString(msg.data))
+                    request = bus_pb2.DispatchRequest.FromString(msg.data)
                 except Exception:
                     log.warning("dropping undecodable request message on %s", msg.subject)
+                    continue
+                self.pending.append(request)
+                if msg.headers:
+                    self.headers[request.request_id] = msg.headers
             self._update_room()
             self._wake.set()
 
@@ -186,7 +196,7 @@ class Scheduler:
                 n = min(a.prefill_left, budget)
                 chunks.append(worker_pb2.PrefillChunk(sequence_id=rid, max_tokens=n))
                 budget -= n
-        adds = [_spec(a.request) for a in self.to_add]
+        adds = [_spec(a) for a in self.to_add]
         try:
             response = await self.worker.Step(worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=adds))
         except grpc.aio.AioRpcError as exc:
@@ -198,6 +208,8 @@ class Scheduler:
         self.stats.steps += 1
         batch = response.stats.decode_batch_size
         self.stats.max_decode_batch = max(self.stats.max_decode_batch, batch)
+        if batch:
+            tm.BATCH_SIZE.labels(*self._labels).observe(batch)
         for chunk in chunks:
             a = self.active.get(chunk.sequence_id)
             if a is not None:
@@ -213,6 +225,7 @@ class Scheduler:
                 await self._publish(a.request, tokens=bus_pb2.TokenStep(
                     token_ids=[tok.token_id], index=a.generated, batch_size=batch if not tok.first else 1))
                 a.generated += 1
+                tm.GENERATED.labels(*self._labels).inc()
             if reason:
                 finished.append((tok.sequence_id, reason))
         for rid, reason in finished:
@@ -222,6 +235,10 @@ class Scheduler:
                 completion_tokens=a.generated, max_batch_size=a.max_batch,
                 queue_wait_s=max(a.admitted_at - a.request.dispatched_unix_s, 0.0)))
             self.stats.completed += 1
+            tm.FINISHED.labels(*self._labels, generate_pb2.FinishReason.Name(reason)).inc()
+            if a.span is not None:
+                a.span.set_attribute("switchyard.output_tokens", a.generated)
+                a.span.set_attribute("switchyard.batch_size", a.max_batch)
         if finished:
             await self._remove([rid for rid, _ in finished])
 
@@ -245,10 +262,18 @@ class Scheduler:
             if held and held + need > self.config.token_budget:
                 break  # waits for running requests to finish (a lone request is always admitted)
             self.pending.pop(0)
+            headers = self.headers.pop(request.request_id, None)
             if self.cancelled.pop(request.request_id, None) is not None:
                 continue
-            admitted.append(Active(request, now, prefill_left=len(request.prompt_token_ids),
-                                   stop_ids=frozenset(request.stop_token_ids)))
+            active = Active(request, now, prefill_left=len(request.prompt_token_ids),
+                            stop_ids=frozenset(request.stop_token_ids))
+            wait = max(now - request.dispatched_unix_s, 0.0)
+            tm.QUEUE_WAIT.labels(*self._labels).observe(wait)
+            active.span, active.traceparent = tm.start_request_spans(
+                headers, int(request.dispatched_unix_s * 1e9), int(now * 1e9),
+                {"switchyard.replica": self.replica_id, "switchyard.model": self.info.model,
+                 "switchyard.prompt_tokens": len(request.prompt_token_ids), "switchyard.queue_wait_s": wait})
+            admitted.append(active)
         for a in admitted:
             self.active[a.request.request_id] = a
             self.to_add.append(a)
@@ -257,7 +282,7 @@ class Scheduler:
     async def _add_one_by_one(self) -> None:
         """A Step whose adds were refused: register them singly so only a bad one fails."""
         for a in self.to_add:
-            spec = _spec(a.request)
+            spec = _spec(a)
             try:
                 await self.worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=[spec]))
             except grpc.aio.AioRpcError as one:
@@ -291,7 +316,9 @@ class Scheduler:
 
     async def _remove(self, request_ids: list[str]) -> None:
         for rid in request_ids:
-            self.active.pop(rid, None)
+            a = self.active.pop(rid, None)
+            if a is not None and a.span is not None:
+                a.span.end()
         self.to_add = [a for a in self.to_add if a.request.request_id in self.active]
         await self.worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(sequence_ids=request_ids))
         self._update_room()
@@ -328,12 +355,15 @@ class Scheduler:
 
     async def _publish_load(self) -> None:
         report = self.load_report()
+        tm.RUNNING.labels(*self._labels).set(report.running)
+        tm.TOKENS_IN_FLIGHT.labels(*self._labels).set(report.tokens_in_flight)
         if self._psub is not None:
             try:
                 info = await self._psub.consumer_info()
                 report.queue_depth += info.num_pending
             except Exception:  # server busy or reconnecting: report what we know
                 pass
+        tm.QUEUE_DEPTH.labels(*self._labels).set(report.queue_depth)
         await self.nc.publish(subjects.load_subject(self.info.model, self.replica_id), report.SerializeToString())
 
     async def _heartbeat_loop(self) -> None:
@@ -342,6 +372,7 @@ class Scheduler:
             await asyncio.sleep(self.config.heartbeat_s)
 
 
-def _spec(request: bus_pb2.DispatchRequest) -> worker_pb2.SequenceSpec:
-    return worker_pb2.SequenceSpec(sequence_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-                                   sampling=request.sampling, seed=request.seed)
+def _spec(a: Active) -> worker_pb2.SequenceSpec:
+    r = a.request
+    return worker_pb2.SequenceSpec(sequence_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
+                                   sampling=r.sampling, seed=r.seed, traceparent=a.traceparent)

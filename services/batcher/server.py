@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -15,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchyard.bus.queue import connect, delete_consumer, ensure_request_stream
 from switchyard.config import load_config
 from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.telemetry.metrics import serve_metrics
+from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
 from switchyard.v1 import worker_pb2, worker_pb2_grpc
 
 from .config import BatcherConfig
@@ -39,8 +42,12 @@ async def wait_for_serving(channel: grpc.aio.Channel, timeout_s: float = 300.0) 
         await asyncio.sleep(0.1)
 
 
-async def serve(config: BatcherConfig) -> None:
-    stop = stop_event()
+async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or until `stop` is set, when given — tests run services
+    in-process that way), then drain."""
+    stop = stop or stop_event()
+    setup_tracing("switchyard-batcher")
+    metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
     channel = grpc.aio.insecure_channel(config.worker)
     await wait_for_serving(channel)
     worker = worker_pb2_grpc.WorkerStub(channel)
@@ -51,12 +58,15 @@ async def serve(config: BatcherConfig) -> None:
     await ensure_request_stream(js)
     scheduler = Scheduler(config, replica_id, info, nc, js, worker)
     await scheduler.start()
+    if config.port_file:
+        config.port_file.write_text(json.dumps({"metrics": metrics_port}))
     log.info("batcher %s serving %s via worker %s", replica_id, info.model, config.worker)
     await stop.wait()
     log.info("batcher %s draining", replica_id)
     await scheduler.drain(config.grace_s)
     await delete_consumer(js, replica_id)
     await nc.drain()
+    shutdown_tracing()
     log.info("batcher %s stopped", replica_id)
     await channel.close()
 

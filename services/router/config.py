@@ -28,7 +28,10 @@ class RouterConfig:
     request_timeout_s: float = field(default=600.0, metadata={"help": "HTTP request timeout (a lower x-request-timeout header wins)"})
     write_timeout_s: float = field(default=30.0, metadata={"help": "cut off a client that has not read its stream for this long"})
     max_buffered_events: int = field(default=256, metadata={"help": "events buffered per stream before a non-reading client is cut off"})
+    records_dir: Path | None = field(default=None, metadata={"help": "run folder for per-request records (requests.jsonl) read by `switchyard report`"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON {grpc, http}"})
+    metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds to finish streams on SIGTERM"})
 
     def validate(self) -> None:

@@ -11,7 +11,10 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from opentelemetry.context import Context
+
 from switchyard.bus import subjects
+from switchyard.telemetry.tracing import inject_context
 from switchyard.v1 import bus_pb2, generate_pb2
 
 from .registry import ReplicaRegistry
@@ -70,8 +73,11 @@ class Dispatcher:
     def reply_subject(self, dispatch_id: str) -> str:
         return subjects.reply_subject(self.router_id, dispatch_id)
 
-    async def send(self, replica_id: str, request: bus_pb2.DispatchRequest) -> None:
-        await self.js.publish(subjects.request_subject(replica_id), request.SerializeToString())
+    async def send(self, replica_id: str, request: bus_pb2.DispatchRequest, ctx: Context | None = None) -> None:
+        """Publish to the replica's queue; the trace context rides in the NATS headers."""
+        headers = inject_context({}, ctx) if ctx is not None else None
+        await self.js.publish(subjects.request_subject(replica_id), request.SerializeToString(),
+                              headers=headers or None)
 
     async def cancel(self, replica_id: str, dispatch_id: str) -> None:
         await self.nc.publish(subjects.cancel_subject(replica_id),

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.types import Receive, Scope, Send
 
+from switchyard.telemetry.asgi_context import TraceContextMiddleware
 from switchyard.v1 import generate_pb2
 
 from .errors import ErrorKind, RequestError, invalid
@@ -102,7 +103,8 @@ def to_request(body: CompletionBody | ChatBody, timeout_s: float | None) -> Gene
         sampling.seed = body.seed
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     req = GenerationRequest(model=body.model, sampling=sampling, stop=stop, timeout_s=timeout_s,
-                            request_id=uuid.uuid4().hex, ignore_eos=body.ignore_eos)
+                            request_id=uuid.uuid4().hex, ignore_eos=body.ignore_eos,
+                            request_type="chat" if isinstance(body, ChatBody) else "completion")
     if isinstance(body, ChatBody):
         req.max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         req.messages = [(m.role, m.content or "") for m in body.messages]
@@ -148,6 +150,7 @@ class SSEResponse(Response):
 def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
                     request_timeout_s: float = 600.0, write_timeout_s: float = 30.0) -> FastAPI:
     app = FastAPI(title="Switchyard", docs_url=None, redoc_url=None)
+    app.add_middleware(TraceContextMiddleware)
 
     async def parse(request: Request, model: type[BaseModel]) -> Any:
         size = int(request.headers.get("content-length") or 0)

@@ -19,6 +19,7 @@ from .balancing import BalancingPolicy
 from .dispatch import Dispatcher
 from .errors import ErrorKind, RequestError, invalid
 from .limits import AdmissionControl, RateLimiter
+from .observe import Observation, RequestObserver
 from .registry import Replica, ReplicaRegistry
 from .tenants import Tenant, TenantDirectory
 
@@ -45,6 +46,7 @@ class GenerationRequest:
     request_id: str = ""
     timeout_s: float | None = None  # time left before the client's deadline
     tenant: Tenant | None = None  # set by the front end after authenticate()
+    request_type: str = "grpc"  # front end and shape: grpc, chat, completion
 
 
 @dataclass
@@ -66,6 +68,8 @@ class Completion:
     queue_wait_s: float
     replica_id: str
     model: str
+    max_batch_size: int = 0
+    cached_prompt_tokens: int = 0
 
 
 Event = TokenDelta | Completion
@@ -116,7 +120,8 @@ class RequestPipeline:
 
     def __init__(self, catalog: ModelCatalog, registry: ReplicaRegistry, dispatcher: Dispatcher,
                  policy: BalancingPolicy, tenants: TenantDirectory | None = None,
-                 limiter: RateLimiter | None = None, admission: AdmissionControl | None = None) -> None:
+                 limiter: RateLimiter | None = None, admission: AdmissionControl | None = None,
+                 observer: RequestObserver | None = None) -> None:
         self.catalog = catalog
         self.registry = registry
         self.dispatcher = dispatcher
@@ -124,6 +129,7 @@ class RequestPipeline:
         self.tenants = tenants or TenantDirectory.disabled()
         self.limiter = limiter or RateLimiter()
         self.admission = admission or AdmissionControl(queue_limit=256)
+        self.observer = observer or RequestObserver()
 
     def authenticate(self, key: str | None) -> Tenant:
         tenant = self.tenants.authenticate(key)
@@ -213,28 +219,53 @@ class RequestPipeline:
     # ---- the stream ---------------------------------------------------------------------
     async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
         """Yields TokenDeltas then one Completion; raises RequestError on failure."""
-        started = time.monotonic()
         tenant = req.tenant or self.authenticate(None)
-        prepared = self.prepare(req)
-        replica = self.pick_replica(req.model)
-        reservation = self.limiter.reserve(tenant, len(prepared.prompt_ids) + prepared.max_tokens)
+        obs = self.observer.begin(req.model, tenant.name, req.request_type, req.request_id)
+        code, message, done = "INTERNAL", "", None
+        prepared: PreparedRequest | None = None
         try:
-            self.admission.enter(req.model, sum(r.report.max_batch_size for r in self.registry.live(req.model)))
-        except RequestError:
-            self.limiter.settle(reservation, 0)
+            prepare_span = self.observer.prepare_span(obs)
+            try:
+                prepared = self.prepare(req)
+                replica = self.pick_replica(req.model)
+                reservation = self.limiter.reserve(tenant, len(prepared.prompt_ids) + prepared.max_tokens)
+                try:
+                    self.admission.enter(req.model, sum(r.report.max_batch_size for r in self.registry.live(req.model)))
+                except RequestError:
+                    self.limiter.settle(reservation, 0)
+                    raise
+            finally:
+                if prepare_span is not None:
+                    prepare_span.end()
+            try:
+                async for event in self._relay(req, prepared, replica, obs):
+                    if isinstance(event, TokenDelta):
+                        if event.token_ids:
+                            obs.on_tokens(len(event.token_ids))
+                    else:
+                        done = event
+                    yield event
+                code = "OK" if done is not None else "CANCELLED"
+            finally:
+                self.admission.leave(req.model)
+                self.limiter.settle(reservation, len(prepared.prompt_ids) + obs.completion_tokens)
+        except RequestError as error:
+            code, message = error.kind.name, error.message
             raise
-        used = [len(prepared.prompt_ids)]
-        try:
-            async for event in self._relay(req, prepared, replica, started):
-                if isinstance(event, TokenDelta):
-                    used[0] += len(event.token_ids)
-                yield event
+        except (GeneratorExit, asyncio.CancelledError):
+            code = "CANCELLED"
+            raise
         finally:
-            self.admission.leave(req.model)
-            self.limiter.settle(reservation, used[0])
+            obs.finish(code=code, message=message, replica_id=done.replica_id if done else "",
+                       prompt_tokens=len(prepared.prompt_ids) if prepared else 0,
+                       finish_reason=done.finish_reason if done else 0,
+                       queue_wait_s=done.queue_wait_s if done else 0.0,
+                       batch_size=done.max_batch_size if done else 0,
+                       cached_prompt_tokens=done.cached_prompt_tokens if done else 0)
 
     async def _relay(self, req: GenerationRequest, prepared: PreparedRequest, replica: Replica,
-                     started: float) -> AsyncIterator[Event]:
+                     obs: Observation) -> AsyncIterator[Event]:
+        started = obs.started
         dispatch_id = uuid.uuid4().hex
         manifest = prepared.entry.manifest
         stop_ids = list(req.stop_token_ids) + ([] if req.ignore_eos else list(manifest.eos_token_ids))
@@ -250,7 +281,7 @@ class RequestPipeline:
         replica.dispatched += 1
         finished = False
         try:
-            await self.dispatcher.send(replica.replica_id, message)
+            await self.dispatcher.send(replica.replica_id, message, obs.context())
             detok = IncrementalDetokenizer(prepared.entry)
             stops = StopStringMatcher(req.stop)
             first_token_at: float | None = None
@@ -285,7 +316,8 @@ class RequestPipeline:
                     finished = True
                     reason = generate_pb2.FINISH_REASON_STOP if stopped else event.finished.finish_reason
                     yield self._completion(reason, prepared, event.finished.completion_tokens, started,
-                                           first_token_at, event.finished.queue_wait_s, replica)
+                                           first_token_at, event.finished.queue_wait_s, replica,
+                                           event.finished.max_batch_size, event.finished.cached_prompt_tokens)
                     return
                 else:
                     finished = True
@@ -318,9 +350,10 @@ class RequestPipeline:
 
     @staticmethod
     def _completion(reason: int, prepared: PreparedRequest, completion_tokens: int, started: float,
-                    first_token_at: float | None, queue_wait_s: float, replica: Replica) -> Completion:
+                    first_token_at: float | None, queue_wait_s: float, replica: Replica,
+                    max_batch_size: int = 0, cached_prompt_tokens: int = 0) -> Completion:
         now = time.monotonic()
-        return Completion(
+        return Completion(max_batch_size=max_batch_size, cached_prompt_tokens=cached_prompt_tokens,
             finish_reason=reason, prompt_tokens=len(prepared.prompt_ids), completion_tokens=completion_tokens,
             time_to_first_token_s=(first_token_at or now) - started, end_to_end_s=now - started,
             queue_wait_s=queue_wait_s, replica_id=replica.replica_id, model=prepared.entry.name)

@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from switchyard.reporting.records import ReplicaUsage
 from switchyard.v1 import bus_pb2
 
 log = logging.getLogger(__name__)
@@ -35,9 +36,13 @@ class Replica:
 class ReplicaRegistry:
     misses: float = 3.0
     replicas: dict[str, Replica] = field(default_factory=dict)
+    # Every replica ever seen: (model, first seen, last seen) in unix seconds, for cost reports.
+    lifetimes: dict[str, tuple[str, float, float]] = field(default_factory=dict)
 
     def observe(self, report: bus_pb2.LoadReport, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        first = self.lifetimes.get(report.replica_id, (report.model, report.sent_unix_s, 0.0))[1]
+        self.lifetimes[report.replica_id] = (report.model, first, report.sent_unix_s)
         replica = self.replicas.get(report.replica_id)
         if replica is None:
             log.info("replica %s (%s) joined", report.replica_id, report.model)
@@ -67,6 +72,10 @@ class ReplicaRegistry:
             if not r.draining:
                 out.setdefault(r.model, []).append(r)
         return out
+
+    def usage(self) -> list[ReplicaUsage]:
+        return [ReplicaUsage(replica_id=rid, model=model, start_unix_s=start, end_unix_s=end)
+                for rid, (model, start, end) in self.lifetimes.items()]
 
     def is_live(self, replica_id: str) -> bool:
         self.expire()

@@ -18,7 +18,11 @@ from grpc_reflection.v1alpha import reflection
 from switchyard.bus.queue import connect, ensure_request_stream
 from switchyard.config import load_config
 from switchyard.model.catalog import ModelCatalog
+from switchyard.reporting.records import RecordWriter
 from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.telemetry.grpc_context import TraceContextInterceptor
+from switchyard.telemetry.metrics import serve_metrics
+from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
 from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
 from .balancing import make_policy
@@ -29,6 +33,7 @@ from .http_api import create_http_app
 from .limits import AdmissionControl, RateLimiter
 from .pipeline import RequestPipeline
 from .registry import ReplicaRegistry
+from .observe import RequestObserver
 from .tenants import TenantDirectory
 
 log = logging.getLogger(__name__)
@@ -61,8 +66,13 @@ class HttpFrontEnd:
             await self._task
 
 
-async def serve(config: RouterConfig) -> None:
-    stop = stop_event()
+async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or until `stop` is set, when given — tests run services
+    in-process that way), then drain."""
+    stop = stop or stop_event()
+    setup_tracing("switchyard-router")
+    metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
+    writer = RecordWriter(config.records_dir) if config.records_dir else None
     router_id = config.router_id or f"router-{uuid.uuid4().hex[:8]}"
     nc = await connect(config.nats_url, name=router_id)
     js = nc.jetstream()
@@ -72,9 +82,10 @@ async def serve(config: RouterConfig) -> None:
     await dispatcher.start()
     tenants = TenantDirectory.load(config.tenants_file) if config.tenants_file else TenantDirectory.disabled()
     pipeline = RequestPipeline(ModelCatalog(config.models_dir), registry, dispatcher, make_policy(config.balancing),
-                               tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit))
+                               tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit),
+                               observer=RequestObserver(writer))
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
     generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(pipeline, config.write_timeout_s), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -90,7 +101,8 @@ async def serve(config: RouterConfig) -> None:
     for name in ("", GENERATION_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.port_file:
-        config.port_file.write_text(json.dumps({"grpc": grpc_port, "http": http.port if http else None}))
+        config.port_file.write_text(json.dumps({"grpc": grpc_port, "http": http.port if http else None,
+                                                "metrics": metrics_port}))
     log.info("router %s: gRPC %s:%d, HTTP %s, balancing %s, auth %s", router_id, config.host, grpc_port,
              f"{config.host}:{http.port}" if http else "off", config.balancing,
              "on" if tenants.required else "off")
@@ -101,6 +113,11 @@ async def serve(config: RouterConfig) -> None:
         await http.stop()
     await server.stop(config.grace_s)
     await nc.drain()
+    if writer is not None:
+        for usage in registry.usage():
+            writer.write_replica(usage)
+        writer.close()
+    shutdown_tracing()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,6 +19,8 @@ class WorkerConfig:
     threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0 = all cores)"})
     provider: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound port here"})
+    metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds to finish calls on SIGTERM"})
 
     def validate(self) -> None:

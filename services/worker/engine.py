@@ -43,6 +43,12 @@ class Sequence:
     private_kv: list[ort.OrtValue] | None = None  # KV while prefilling (before joining the batch)
     generated: list[int] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
+    traceparent: str = ""
+    # Timings for the worker's per-request spans (time.time_ns()).
+    prefill_started_ns: int = 0
+    first_token_ns: int = 0
+    decode_steps: int = 0
+    max_batch: int = 0
 
     @property
     def prefill_remaining(self) -> int:
@@ -125,7 +131,7 @@ class Engine:
         return sum(s.cache_length for s in self.sequences.values())
 
     def add(self, sequence_id: str, prompt: list[int] | np.ndarray, params: SamplingParams,
-            seed: int) -> None:
+            seed: int, traceparent: str = "") -> None:
         if sequence_id in self.sequences:
             raise EngineError(f"sequence {sequence_id!r} already exists")
         if len(self.sequences) >= self.max_sequences:
@@ -139,13 +145,17 @@ class Engine:
         if prompt_arr.min() < 0 or prompt_arr.max() >= self.config.vocab_size:
             raise EngineError(f"prompt token ids must be in [0, {self.config.vocab_size})")
         self.sequences[sequence_id] = Sequence(
-            sequence_id, prompt_arr, params, np.random.default_rng(seed), seen=set(prompt_arr.tolist()))
+            sequence_id, prompt_arr, params, np.random.default_rng(seed), seen=set(prompt_arr.tolist()),
+            traceparent=traceparent)
 
-    def remove(self, sequence_ids: list[str]) -> None:
-        gone = [sid for sid in sequence_ids if self.sequences.pop(sid, None) is not None]
-        rows = [i for i, sid in enumerate(self._batch_ids) if sid in set(gone)]
+    def remove(self, sequence_ids: list[str]) -> list[Sequence]:
+        """Free sequences (unknown ids are ignored); returns the removed ones."""
+        gone = [seq for sid in sequence_ids if (seq := self.sequences.pop(sid, None)) is not None]
+        ids = {seq.sequence_id for seq in gone}
+        rows = [i for i, sid in enumerate(self._batch_ids) if sid in ids]
         if rows:
             self._drop_rows(rows)
+        return gone
 
     # ---- one iteration -----------------------------------------------------------------
     def step(self, prefill: list[tuple[str, int]], decode: bool) -> StepResult:
@@ -163,11 +173,13 @@ class Engine:
             if seq.prefill_remaining == 0:
                 continue
             n = seq.prefill_remaining if max_tokens <= 0 else min(max_tokens, seq.prefill_remaining)
+            seq.prefill_started_ns = seq.prefill_started_ns or time.time_ns()
             logits = self._prefill_chunk(seq, n)
             result.prefill_tokens += n
             if seq.prefill_remaining == 0:
                 t_s = time.perf_counter()
                 token = self._sample(seq, logits[0, -1])
+                seq.first_token_ns = time.time_ns()
                 result.sample_s += time.perf_counter() - t_s
                 result.tokens.append((seq.sequence_id, token, True))
                 self._join_batch(seq)
@@ -227,6 +239,8 @@ class Engine:
                 last[row], seq.params, seq.seen_array(), seq.rng)
             seq.generated.append(token)
             seq.seen.add(token)
+            seq.decode_steps += 1
+            seq.max_batch = max(seq.max_batch, len(seqs))
             result.tokens.append((seq.sequence_id, token, False))
         result.sample_s += time.perf_counter() - t_s
 

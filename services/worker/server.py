@@ -4,6 +4,7 @@ health checks and cancellations are answered while a step computes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
@@ -12,11 +13,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.telemetry.metrics import serve_metrics
+from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
 from switchyard.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 
 from .config import WorkerConfig
 from .engine import Engine, EngineError
 from .sampling import SamplingParams
+from .telemetry import record_sequence_spans, record_step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,7 +80,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _add(self, specs: Any) -> int:
         for spec in specs:
             self._engine.add(spec.sequence_id, list(spec.prompt_token_ids),
-                             sampling_from_proto(spec.sampling), spec.seed)
+                             sampling_from_proto(spec.sampling), spec.seed, spec.traceparent)
         return len(self._engine.sequences)
 
     @_needs_engine
@@ -98,6 +102,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             result = await self._call(step)
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        e = self._engine
+        record_step(e.manifest.name, result.prefill_s, result.decode_s, result.decode_batch_size, e.kv_tokens,
+                    len(e.sequences), e.max_sequences * e.context_length)
         return worker_pb2.StepResponse(
             tokens=[worker_pb2.SequenceToken(sequence_id=s, token_id=t, first=f) for s, t, f in result.tokens],
             prefill_remaining=result.prefill_remaining,
@@ -107,12 +114,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @_needs_engine
     async def RemoveSequences(self, request: worker_pb2.RemoveSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.RemoveSequencesResponse:
-        await self._call(self._engine.remove, list(request.sequence_ids))
+        removed = await self._call(self._engine.remove, list(request.sequence_ids))
+        record_sequence_spans(removed, self._engine.manifest.name)
         return worker_pb2.RemoveSequencesResponse(active_sequences=len(self._engine.sequences))
 
 
-async def serve(config: WorkerConfig) -> None:
-    stop = stop_event()
+async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or until `stop` is set, when given — tests run services
+    in-process that way), then drain."""
+    stop = stop or stop_event()
+    setup_tracing("switchyard-worker")
+    metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
     server = grpc.aio.server()
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -135,13 +147,14 @@ async def serve(config: WorkerConfig) -> None:
     for name in ("", worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.port_file:
-        config.port_file.write_text(str(port))
+        config.port_file.write_text(json.dumps({"grpc": port, "metrics": metrics_port}))
     log.info("worker serving %s on %s:%d (%s)", engine.manifest.name, config.host, port, engine.provider)
     await stop.wait()
     log.info("worker stopping")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     executor.shutdown(wait=False)
+    shutdown_tracing()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,6 +40,7 @@ class Service:
     port_file: Path | None = None
     port: int = 0
     http_port: int | None = None
+    metrics_port: int | None = None
     log_path: Path | None = None
 
     def wait_port(self, timeout_s: float) -> int:
@@ -51,10 +52,7 @@ class Service:
             text = self.port_file.read_text().strip() if self.port_file.exists() else ""
             if text:
                 ports = json.loads(text)
-                if isinstance(ports, dict):  # the router writes {"grpc": …, "http": …}
-                    self.port, self.http_port = ports["grpc"], ports.get("http")
-                else:
-                    self.port = int(ports)
+                self.port, self.http_port, self.metrics_port = ports.get("grpc") or 0, ports.get("http"), ports.get("metrics")
                 return self.port
             time.sleep(0.05)
         raise TimeoutError(f"{self.name} did not start in {timeout_s}s; see {self.log_path}")
@@ -82,6 +80,7 @@ class StackSpec:
     tenants_file: Path | None = None
     api_key: str | None = None  # a key of tenants_file, used to check readiness
     router_args: tuple[str, ...] = ()
+    metrics: bool = True
     worker_threads: int = 0  # 0: share the cores evenly between workers
     max_batch_size: int = 32
     balancing: str = "least_loaded"
@@ -114,6 +113,10 @@ class LocalStack:
     def auth_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.spec.api_key}"),) if self.spec.api_key else ()
 
+    def _metrics_args(self) -> list[str]:
+        """Every service serves /metrics on a free port (listed in its port file)."""
+        return ["--metrics-port", "0", "--metrics-host", self.spec.host] if self.spec.metrics else []
+
     def _spawn(self, name: str, module: str, args: list[str], port_file: bool = True) -> Service:
         pf = self.run_dir / f"{name}.port" if port_file else None
         log_path = self.log_dir / f"{name}.log"
@@ -141,7 +144,7 @@ class LocalStack:
             for i in range(count):
                 self.workers.append(self._spawn(f"worker-{model}-{i}", "services.worker", [
                     "--model-dir", str(spec.models_dir / model), "--host", spec.host, "--port", "0",
-                    "--threads", str(threads), "--max-sequences", str(spec.max_batch_size)]))
+                    "--threads", str(threads), "--max-sequences", str(spec.max_batch_size), *self._metrics_args()]))
         for worker in self.workers:
             worker.wait_port(timeout_s)
         for worker in self.workers:
@@ -149,14 +152,16 @@ class LocalStack:
             self.batchers.append(self._spawn(f"batcher-{replica}", "services.batcher", [
                 "--worker", f"{spec.host}:{worker.port}", "--nats-url", self.nats.url,
                 "--replica-id", replica, "--max-batch-size", str(spec.max_batch_size),
-                "--heartbeat-s", str(spec.heartbeat_s)], port_file=False))
+                "--heartbeat-s", str(spec.heartbeat_s), *self._metrics_args()]))
         router_args = ["--nats-url", self.nats.url, "--host", spec.host, "--grpc-port", str(spec.grpc_port),
                        "--http-port", str(spec.http_port), "--models-dir", str(spec.models_dir),
-                       "--balancing", spec.balancing, "--heartbeat-misses", "3", *spec.router_args]
+                       "--balancing", spec.balancing, "--heartbeat-misses", "3", *self._metrics_args(),
+                       *spec.router_args]
         if spec.tenants_file:
             router_args += ["--tenants-file", str(spec.tenants_file)]
         self.router = self._spawn("router", "services.router", router_args)
-        self.router.wait_port(timeout_s)
+        for svc in [*self.batchers, self.router]:
+            svc.wait_port(timeout_s)
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
