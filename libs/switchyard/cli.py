@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -61,6 +62,9 @@ def up(
     max_batch_size: int = typer.Option(32, help="batch-size cap per replica"),
     balancing: str = typer.Option("least_loaded", help="least_loaded or round_robin"),
     log_dir: Path = typer.Option(Path("runs/logs"), help="where service logs go"),
+    run_dir: Optional[Path] = typer.Option(None, help="run folder for request records and spans "
+                                           "(default runs/<timestamp>); read it with `switchyard report`"),
+    trace_file: bool = typer.Option(False, help="also write every span to RUN_DIR/spans.jsonl (tail attribution)"),
 ) -> None:
     """Run the local stack in the foreground: nats-server, replicas, router. Ctrl-C stops all."""
     from switchyard.runtime.stack import LocalStack, StackSpec
@@ -77,9 +81,12 @@ def up(
     dev_key = None
     if tenants_file is None:
         tenants_file, dev_key = dev_tenant(log_dir.parent)
+    run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {"SWITCHYARD_SPANS_FILE": str(run_dir.resolve() / "spans.jsonl")} if trace_file else {}
     spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, grpc_port=grpc_port, http_port=http_port,
                      nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
-                     tenants_file=tenants_file, api_key=dev_key)
+                     tenants_file=tenants_file, api_key=dev_key, records_dir=run_dir, extra_env=env)
     stack = LocalStack(spec)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -92,6 +99,8 @@ def up(
                       f"NATS {stack.nats.url}  logs {log_dir}/")
         if dev_key:
             console.print(f"  development API key: [bold]{dev_key}[/bold]  (export SWITCHYARD_API_KEY={dev_key})")
+        console.print(f"  metrics: " + "  ".join(f"{s.name} :{s.metrics_port}" for s in stack.services() if s.metrics_port))
+        console.print(f"  request records in {run_dir}/ — `switchyard report {run_dir}` after a run")
         for name, count in wanted.items():
             console.print(f"  model [bold]{name}[/bold] × {count} replica(s)")
         console.print(f"  try: switchyard generate --address {stack.router_address} "
@@ -189,6 +198,14 @@ def model_tiny(models_dir: Path = typer.Option(Path("models"), help="where model
     """Write the tiny llama-shaped test model from seeded random weights."""
     from switchyard.model.tiny import build_tiny_model
     console.print(f"model ready: {build_tiny_model(models_dir, seed=seed)}")
+
+
+def _report_command():  # type: ignore[no-untyped-def]
+    from switchyard.reporting.cli import report_command
+    return report_command
+
+
+app.command("report", help="Latency percentiles, cost and tail attribution of a run folder.")(_report_command())
 
 
 def _service(module: str):  # type: ignore[no-untyped-def]

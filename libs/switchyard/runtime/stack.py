@@ -81,6 +81,7 @@ class StackSpec:
     api_key: str | None = None  # a key of tenants_file, used to check readiness
     router_args: tuple[str, ...] = ()
     metrics: bool = True
+    records_dir: Path | None = None  # router writes requests.jsonl here (for `switchyard report`)
     worker_threads: int = 0  # 0: share the cores evenly between workers
     max_batch_size: int = 32
     balancing: str = "least_loaded"
@@ -159,6 +160,8 @@ class LocalStack:
                        *spec.router_args]
         if spec.tenants_file:
             router_args += ["--tenants-file", str(spec.tenants_file)]
+        if spec.records_dir:
+            router_args += ["--records-dir", str(spec.records_dir)]
         self.router = self._spawn("router", "services.router", router_args)
         for svc in [*self.batchers, self.router]:
             svc.wait_port(timeout_s)
