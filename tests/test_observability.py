@@ -214,3 +214,28 @@ def test_errors_are_counted_by_code(tiny_stack: LocalStack, channel: grpc.Channe
             generate_pb2.GenerateRequest(model=TINY, text="", max_tokens=5), timeout=30))
     after = sample(scrape(router.metrics_port), "switchyard_requests", "_total", code="INVALID_ARGUMENT")
     assert after - before == 1
+
+
+def test_report_reads_a_real_run_records_spans_and_replica_time(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """The router's records, every service's spans and the replica lifetimes of a real run
+    feed `switchyard report`: percentiles, cost and tail attribution come out of it."""
+    from switchyard.reporting import report
+    run = tmp_path / "run"
+    spec = StackSpec(models_dir=tiny_models_dir, replicas={TINY: 2}, heartbeat_s=0.2, log_dir=tmp_path,
+                     records_dir=run, extra_env={"SWITCHYARD_SPANS_FILE": str(run / "spans.jsonl"),
+                                                 "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    n = 12
+    with LocalStack(spec) as stack, grpc.insecure_channel(stack.router_address) as ch:
+        stub = generate_pb2_grpc.GenerationStub(ch)
+        for i in range(n):
+            list(stub.Generate(generate_pb2.GenerateRequest(model=TINY, text=f"report {i}", max_tokens=8,
+                                                            stop=generate_pb2.StopConditions(ignore_eos=True)),
+                               timeout=30))
+        time.sleep(0.5)  # let the batch span processors flush before the stack stops
+    result = report(run)
+    assert result.requests == n and result.percentiles.ok == n
+    ttft = result.percentiles.overall["ttft"]
+    assert ttft.count == n and 0 < ttft.p50 <= ttft.p99
+    assert result.cost.total > 0 and set(result.cost.replica_seconds) == {f"{TINY}-0", f"{TINY}-1"}
+    assert result.tail is not None and result.tail.traces == n
+    assert result.latency_png.stat().st_size > 0 and result.report_md.exists()
