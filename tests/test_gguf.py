@@ -365,6 +365,33 @@ def test_convert_interrupted_leaves_no_half_folder(tmp_path: Path, fake_convert)
 
 
 @pytest.mark.unit
+def test_convert_rebuilds_folders_of_another_format_version(tmp_path: Path, fake_convert) -> None:
+    import dataclasses
+
+    from switchyard.model.config import ModelManifest
+
+    convert_mod, calls = fake_convert
+    models, gguf = tmp_path / "models", tmp_path / "x.gguf"
+    fp32, int4 = convert_mod.convert_gguf(models, gguf_path=gguf)
+    assert ModelManifest.load(int4).extra["format_version"] == convert_mod.FORMAT_VERSION
+    assert "int4_accuracy_level" in ModelManifest.load(int4).extra
+    assert "int4_accuracy_level" not in ModelManifest.load(fp32).extra
+    old = ModelManifest.load(int4)
+    dataclasses.replace(old, extra={**old.extra, "format_version": convert_mod.FORMAT_VERSION - 1}).save(int4)
+    (int4 / "stale-marker").write_text("x")
+    assert convert_mod.convert_gguf(models, gguf_path=gguf) == [fp32, int4]
+    assert calls["read"] == 2 and [m.variant for _, m in calls["write"]] == ["fp32", "int4", "int4"]
+    assert not (int4 / "stale-marker").exists()
+    assert ModelManifest.load(int4).extra["format_version"] == convert_mod.FORMAT_VERSION
+    assert sorted(p.name for p in models.iterdir()) == sorted([fp32.name, int4.name])
+    # a manifest without the field (written before format versions existed) is stale too
+    (fp32 / "switchyard.json").write_text((fp32 / "switchyard.json").read_text().replace(
+        '"format_version"', '"old_format_version"'))
+    convert_mod.convert_gguf(models, gguf_path=gguf)
+    assert [m.variant for _, m in calls["write"]][3:] == ["fp32"]
+
+
+@pytest.mark.unit
 def test_convert_rejects_unknown_variant(tmp_path: Path, fake_convert) -> None:
     convert_mod, calls = fake_convert
     with pytest.raises(ValueError):

