@@ -89,7 +89,8 @@ def up(
                      tenants_file=tenants_file, api_key=dev_key, records_dir=run_dir, extra_env=env)
     stack = LocalStack(spec)
     stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    for sig in (signal.SIGINT, signal.SIGTERM):  # explicit: a shell may start us with SIGINT ignored
+        signal.signal(sig, lambda *_: stopping.set())
     with console.status("starting nats-server, workers, batchers and the router…"):
         stack.start()
     try:
@@ -111,7 +112,7 @@ def up(
                           f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}], \"stream\": true}}'")
         console.print("Ctrl-C stops every process.")
         while not stopping.wait(0.5):
-            dead = [s.name for s in stack.services() if s.process.poll() is not None]
+            dead = stack.exited()
             if dead:
                 console.print(f"[red]{dead} exited; stopping the stack (logs in {log_dir})[/red]")
                 break

@@ -4,6 +4,7 @@ stack and the test fixtures: a free port and a temporary store unless told other
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,8 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+
+from switchyard.runtime.children import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class NatsServer:
     """Runs nats-server with JetStream until stopped (also a context manager)."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", store_dir: Path | None = None,
-                 monitor_port: int | None = None) -> None:
+                 monitor_port: int | None = None, log_path: Path | None = None) -> None:
+        self.log_path = log_path
         self.host = host
         self.port = port or free_port(host)
         self.monitor_port = monitor_port
@@ -67,7 +71,10 @@ class NatsServer:
         return argv
 
     def start(self) -> "NatsServer":
-        self.process = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its log goes to a file (or nowhere): an unread pipe would fill up and stall the server.
+        with open(self.log_path or os.devnull, "ab") as log_file:
+            self.process = subprocess.Popen(self.argv(), stdout=log_file, stderr=subprocess.STDOUT,
+                                            preexec_fn=die_with_parent)
         try:
             wait_for_port(self.host, self.port)
         except TimeoutError:

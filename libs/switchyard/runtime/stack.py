@@ -5,7 +5,6 @@ stop() terminates every one of them, so Ctrl-C leaves no orphans."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -21,16 +20,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchyard.bus.server import NatsServer
+from switchyard.runtime.children import die_with_parent
 
 log = logging.getLogger(__name__)
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the parent exits (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 @dataclass
@@ -125,7 +117,7 @@ class LocalStack:
         env = {**os.environ, **self.spec.extra_env}
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                       preexec_fn=_die_with_parent)
+                                       preexec_fn=die_with_parent)
         return Service(name, process, pf, log_path=log_path)
 
     def start(self, timeout_s: float = 180.0) -> "LocalStack":
@@ -138,7 +130,7 @@ class LocalStack:
 
     def _start(self, timeout_s: float) -> None:
         spec = self.spec
-        self.nats = NatsServer(port=spec.nats_port, host=spec.host).start()
+        self.nats = NatsServer(port=spec.nats_port, host=spec.host, log_path=self.log_dir / "nats.log").start()
         total = sum(spec.replicas.values())
         threads = spec.worker_threads or max(1, (os.cpu_count() or 1) // max(total, 1))
         for model, count in spec.replicas.items():
@@ -192,6 +184,13 @@ class LocalStack:
 
     def services(self) -> list[Service]:
         return [s for s in [self.router, *self.batchers, *self.workers] if s is not None]
+
+    def exited(self) -> list[str]:
+        """Names of the stack's processes that are no longer running."""
+        dead = [s.name for s in self.services() if s.process.poll() is not None]
+        if self.nats is not None and self.nats.process is not None and self.nats.process.poll() is not None:
+            dead.append("nats-server")
+        return dead
 
     def stop(self) -> None:
         """Router first (stop taking requests), then batchers (drain), workers, NATS."""
