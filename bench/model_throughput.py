@@ -261,7 +261,8 @@ def bench_ours(models_dir: Path, variants: list[str], prompts: list[list[int]], 
     for variant in variants:
         folder = models_dir / MODEL_NAMES[variant]
         task = progress.add_task(f"switchyard {variant}: load", total=None)
-        engine = Engine(folder, threads=args.threads, max_sequences=max(args.concurrency), provider="cpu")
+        engine = Engine(folder, threads=args.threads, max_sequences=max(args.concurrency), provider="cpu",
+                        spin=args.spin)
         engine.generate(prompts[0][:32], 8)  # warm-up: thread pool, allocator arenas
         progress.remove_task(task)
         for n in args.concurrency:
@@ -469,6 +470,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every engine")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--spin", action="store_true", help="let our engine's ORT threads spin, as llama.cpp's "
+                    "and genai's do (a worker with its own cores; the stack default is off)")
     ap.add_argument("--new-tokens", type=int, default=128, help="tokens generated per stream")
     ap.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step (the batcher's default)")
     ap.add_argument("--variants", default="fp32,int4")

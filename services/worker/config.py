@@ -18,6 +18,8 @@ class WorkerConfig:
     max_sequences: int = field(default=64, metadata={"help": "most sequences held at once"})
     threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0 = all cores)"})
     provider: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    spin: bool = field(default=False, metadata={"help": "let ONNX Runtime threads spin between steps "
+                                                "(faster when the worker has cores to itself)"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound port here"})
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})

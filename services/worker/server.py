@@ -137,7 +137,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     try:
         engine = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
-                                     threads=config.threads, provider=config.provider))
+                                     threads=config.threads, provider=config.provider, spin=config.spin))
     except Exception:
         log.exception("model %s cannot run; health stays NOT_SERVING", config.model_dir)
         await stop.wait()
