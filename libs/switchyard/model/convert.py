@@ -30,7 +30,9 @@ ProgressFn = Callable[[str, int, int], None]
 
 FP32_MODEL_NAME = "smollm2-135m-instruct"
 INT4_MODEL_NAME = "smollm2-135m-instruct-int4"
-MODEL_NAMES = {"fp32": FP32_MODEL_NAME, "int4": INT4_MODEL_NAME}
+INT4_FAST_MODEL_NAME = "smollm2-135m-instruct-int4-fast"
+MODEL_NAMES = {"fp32": FP32_MODEL_NAME, "int4": INT4_MODEL_NAME, "int4-fast": INT4_FAST_MODEL_NAME}
+DEFAULT_VARIANTS = ("fp32", "int4")
 
 MAX_CONTEXT_LENGTH = 2048
 MAX_OUTPUT_TOKENS = 1024
@@ -44,6 +46,10 @@ FORMAT_VERSION = 2
 # bench/int4_agreement.py. 4 (int8 activations, ~1.4x faster batch-1 decode on CPU) kept only 44%
 # of continuations identical (98% first tokens), so it is not the default.
 INT4_ACCURACY_LEVEL = 0
+# Per int4 variant: (MatMulNBits accuracy_level, lm_head bits). "int4-fast" (opt-in:
+# `switchyard model convert --variant int4-fast`) computes with int8 activations — the
+# arithmetic llama.cpp's Q4_1 kernels use — and keeps the GGUF's Q8_0 lm_head as 8-bit blocks.
+INT4_SETTINGS = {"int4": (INT4_ACCURACY_LEVEL, 8 if INT4_ACCURACY_LEVEL == 4 else 32), "int4-fast": (4, 8)}
 
 
 def model_name(variant: str) -> str:
@@ -80,7 +86,7 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelMa
     return ModelManifest(
         name=model_name(variant),
         config=cfg,
-        variant=variant,
+        variant="int4" if variant in INT4_SETTINGS else variant,
         context_length=min(cfg.max_position_embeddings, MAX_CONTEXT_LENGTH),
         max_output_tokens=MAX_OUTPUT_TOKENS,
         bos_token_id=model.bos_token_id,
@@ -93,8 +99,8 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelMa
             "gguf_quant_types": meta.get("quant_types"),
             "tokenizer_pre": meta.get("tokenizer_pre"),
             "trained_context_length": cfg.max_position_embeddings,
-            **({"int4_accuracy_level": INT4_ACCURACY_LEVEL,
-                "int4_lm_head_bits": 8 if INT4_ACCURACY_LEVEL == 4 else 32} if variant == "int4" else {}),
+            **({"int4_accuracy_level": INT4_SETTINGS[variant][0],
+                "int4_lm_head_bits": INT4_SETTINGS[variant][1]} if variant in INT4_SETTINGS else {}),
         },
     )
 
@@ -102,7 +108,7 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelMa
 def convert_gguf(
     models_dir: Path,
     *,
-    variants: Iterable[str] = ("fp32", "int4"),
+    variants: Iterable[str] = DEFAULT_VARIANTS,
     gguf_path: Path | None = None,
     progress: ProgressFn | None = None,
 ) -> list[Path]:
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             last[stage] = 0 if done == total else done
             print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
 
-    for path in convert_gguf(args.models_dir, variants=tuple(args.variants or ("fp32", "int4")),
+    for path in convert_gguf(args.models_dir, variants=tuple(args.variants or DEFAULT_VARIANTS),
                              gguf_path=args.gguf, progress=report):
         print(path)
 
