@@ -21,11 +21,12 @@ import math
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REQUESTS_FILE = "requests.jsonl"
 REPLICAS_FILE = "replicas.jsonl"
@@ -231,34 +232,31 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any] | None]:
             yield obj if isinstance(obj, dict) else None
 
 
-def load_records(path: Path) -> tuple[list[RequestRecord], int]:
-    """(records, number of lines skipped as unreadable) from a requests.jsonl file."""
-    records, bad = [], 0
+def load_jsonl(path: Path, parse: Callable[[dict[str, Any]], T]) -> tuple[list[T], int]:
+    """(parsed objects, number of lines skipped as unreadable) from a JSON-lines file; a line
+    cut off when a run was killed is skipped and counted, not fatal."""
+    items: list[T] = []
+    bad = 0
     for obj in iter_jsonl(path):
         try:
             if obj is None:
                 raise ValueError("not a JSON object")
-            records.append(RequestRecord.from_dict(obj))
+            items.append(parse(obj))
         except (TypeError, ValueError, KeyError):
             bad += 1
     if bad:
         log.warning("%s: skipped %d unreadable line(s)", path, bad)
-    return records, bad
+    return items, bad
+
+
+def load_records(path: Path) -> tuple[list[RequestRecord], int]:
+    """(records, number of lines skipped as unreadable) from a requests.jsonl file."""
+    return load_jsonl(path, RequestRecord.from_dict)
 
 
 def load_replicas(path: Path) -> tuple[list[ReplicaUsage], int]:
     """(usages, number of lines skipped) from a replicas.jsonl file."""
-    usages, bad = [], 0
-    for obj in iter_jsonl(path):
-        try:
-            if obj is None:
-                raise ValueError("not a JSON object")
-            usages.append(ReplicaUsage.from_dict(obj))
-        except (TypeError, ValueError, KeyError):
-            bad += 1
-    if bad:
-        log.warning("%s: skipped %d unreadable line(s)", path, bad)
-    return usages, bad
+    return load_jsonl(path, ReplicaUsage.from_dict)
 
 
 def read_records(run_dir: Path) -> list[RequestRecord]:

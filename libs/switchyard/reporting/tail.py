@@ -49,7 +49,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from switchyard.reporting.records import SPANS_FILE, RequestRecord, interval_union_length, iter_jsonl
+from switchyard.reporting.records import SPANS_FILE, RequestRecord, interval_union_length, load_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +105,7 @@ class Span:
 
 def load_spans(path: Path) -> tuple[list[Span], int]:
     """(spans, number of lines skipped as unreadable) from a spans.jsonl file."""
-    spans, bad = [], 0
-    for obj in iter_jsonl(path):
-        try:
-            if obj is None:
-                raise ValueError("not a JSON object")
-            spans.append(Span.from_dict(obj))
-        except (TypeError, ValueError, KeyError):
-            bad += 1
-    if bad:
-        log.warning("%s: skipped %d unreadable line(s)", path, bad)
-    return spans, bad
+    return load_jsonl(path, Span.from_dict)
 
 
 def read_spans(run_dir: Path) -> list[Span]:
