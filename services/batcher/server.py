@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchyard.bus.queue import connect, delete_consumer, ensure_request_stream
 from switchyard.config import load_config
 from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
 from switchyard.v1 import worker_pb2, worker_pb2_grpc
@@ -73,4 +74,4 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging("batcher")
-    asyncio.run(serve(load_config(BatcherConfig, sys.argv[1:] if argv is None else argv)))
+    run_loop(serve(load_config(BatcherConfig, sys.argv[1:] if argv is None else argv)))

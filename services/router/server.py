@@ -20,6 +20,7 @@ from switchyard.config import load_config
 from switchyard.model.catalog import ModelCatalog
 from switchyard.reporting.records import RecordWriter
 from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.grpc_context import TraceContextInterceptor
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
@@ -122,4 +123,4 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging("router")
-    asyncio.run(serve(load_config(RouterConfig, sys.argv[1:] if argv is None else argv)))
+    run_loop(serve(load_config(RouterConfig, sys.argv[1:] if argv is None else argv)))

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
 from switchyard.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
@@ -161,4 +162,4 @@ def main(argv: list[str] | None = None) -> None:
     from switchyard.config import load_config
     import sys
     setup_logging("worker")
-    asyncio.run(serve(load_config(WorkerConfig, sys.argv[1:] if argv is None else argv)))
+    run_loop(serve(load_config(WorkerConfig, sys.argv[1:] if argv is None else argv)))
