@@ -4,7 +4,6 @@ exporter, and over the wire to a real OTLP gRPC receiver), and Prometheus metric
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from concurrent import futures
@@ -14,7 +13,6 @@ from typing import Iterator
 import grpc
 import pytest
 import urllib.request
-from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families

@@ -100,7 +100,7 @@ def up(
                       f"NATS {stack.nats.url}  logs {log_dir}/")
         if dev_key:
             console.print(f"  development API key: [bold]{dev_key}[/bold]  (export SWITCHYARD_API_KEY={dev_key})")
-        console.print(f"  metrics: " + "  ".join(f"{s.name} :{s.metrics_port}" for s in stack.services() if s.metrics_port))
+        console.print("  metrics: " + "  ".join(f"{s.name} :{s.metrics_port}" for s in stack.services() if s.metrics_port))
         console.print(f"  request records in {run_dir}/ — `switchyard report {run_dir}` after a run")
         for name, count in wanted.items():
             console.print(f"  model [bold]{name}[/bold] × {count} replica(s)")

@@ -326,6 +326,9 @@ class Scheduler:
     async def _fail_all(self, code: int, message: str) -> None:
         for rid in list(self.active):
             await self._send_error(rid, code, message)
+            span = self.active[rid].span
+            if span is not None:
+                span.end()
         self.active.clear()
         self.to_add.clear()
         self._update_room()

@@ -6,13 +6,12 @@ arrived in the NATS message headers; the worker parents its spans on `batcher.re
 
 from __future__ import annotations
 
+from opentelemetry import trace
 from opentelemetry.trace import Span
 from prometheus_client import Counter, Gauge, Histogram
 
 from switchyard.telemetry.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from switchyard.telemetry.tracing import current_traceparent, extract_context, tracer, tracing_enabled
-
-from opentelemetry import trace
 
 QUEUE_DEPTH = Gauge("switchyard_queue_depth", "Requests waiting for this replica (queued in NATS + pulled)",
                     ["replica", "model"])
