@@ -283,3 +283,31 @@ async def test_sse_response_cuts_off_a_client_that_does_not_read() -> None:
     await SSEResponse(endless(), write_timeout_s=0.2)({"type": "http"}, None, send)  # type: ignore[arg-type]
     assert closed.is_set() and time.monotonic() - started < 2
     assert len(sent) == 4
+
+
+@pytest.mark.integration
+def test_a_full_model_sheds_at_once_with_a_retry_delay(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """Batch capacity 2 and no queue: of six concurrent long requests two run, the rest get
+    429 + Retry-After immediately instead of waiting; afterwards the model serves again."""
+    from concurrent.futures import ThreadPoolExecutor
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path, max_batch_size=2, router_args=("--queue-limit", "0"))
+    body = {"model": TINY, "prompt": "long", "max_tokens": 250, "ignore_eos": True}
+
+    def call(_: int) -> tuple[int, float, str | None]:
+        started = time.monotonic()
+        resp = httpx.post(f"{stack.http_url}/v1/completions", json=body, timeout=60)
+        return resp.status_code, time.monotonic() - started, resp.headers.get("retry-after")
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(call, range(6)))
+        ok = [r for r in results if r[0] == 200]
+        shed = [r for r in results if r[0] == 429]
+        assert len(ok) >= 2 and len(shed) >= 1 and len(ok) + len(shed) == 6, results
+        slowest_ok = max(t for _, t, _ in ok)
+        assert all(t < slowest_ok / 2 for _, t, _ in shed), "shed requests waited instead of failing fast"
+        assert all(int(retry) >= 1 for _, _, retry in shed if retry is not None)
+        assert all(retry is not None for _, _, retry in shed)
+        assert httpx.post(f"{stack.http_url}/v1/completions", json={**body, "max_tokens": 4}, timeout=30).status_code == 200
+    finally:
+        stack.stop()
