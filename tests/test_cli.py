@@ -1,0 +1,84 @@
+"""The command line as a user runs it: `switchyard up` in the foreground, `switchyard
+generate` against it, Ctrl-C (SIGINT) stopping every process it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from switchyard.bus.server import free_port
+
+from conftest import TINY
+
+pytestmark = pytest.mark.integration
+
+
+def children_of(pid: int) -> set[int]:
+    """All descendants of pid, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_up_serves_generate_streams_and_ctrl_c_leaves_no_orphans(tiny_models_dir: Path, tmp_path: Path) -> None:
+    grpc_port = free_port()
+    up = subprocess.Popen(
+        [sys.executable, "-m", "switchyard.cli", "up", "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=2",
+         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--nats-port", str(free_port()),
+         "--log-dir", "runs/logs", "--run-dir", "runs/run"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "COLUMNS": "200"})
+    try:
+        assert up.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = up.stdout.readline()
+            lines.append(line)
+            if "Ctrl-C stops every process" in line or not line:
+                break
+        output = "".join(lines)
+        assert "Switchyard is up" in output, output
+        assert "development API key: sy-" in output
+        started = children_of(up.pid)
+        assert len(started) >= 6  # nats-server, 2 workers, 2 batchers, router
+
+        generate = subprocess.run(
+            [sys.executable, "-m", "switchyard.cli", "generate", "--address", f"127.0.0.1:{grpc_port}",
+             "--model", TINY, "--max-tokens", "12", "--no-chat", "hello"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert generate.returncode == 0, generate.stderr
+        assert "FINISH_REASON_" in generate.stderr and "12 completion tokens" in generate.stderr
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in started if alive(pid)], "processes outlived `switchyard up`"
+    finally:
+        if up.poll() is None:
+            up.kill()
