@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--decode-steps", type=int, default=1,
+                        help="batcher decode steps per worker call at batch ≥ 8 (multi-step decode)")
     args = parser.parse_args()
     models = Path(tempfile.mkdtemp(prefix="bench-models-"))
     build_tiny_model(models, name=MODEL)
@@ -104,7 +106,8 @@ def main() -> None:
     prompt_ids = engine_prompt(models, prompt)
     rows = []
     spec = StackSpec(models_dir=models, replicas={MODEL: 1}, max_batch_size=64, worker_threads=1,
-                     log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-")))
+                     log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-")),
+                     batcher_args=("--decode-steps", str(args.decode_steps)))
     with LocalStack(spec) as stack, Progress(console=console, transient=True) as progress:
         # warm up both paths
         inprocess(engine, prompt_ids, 1, 3, 4)

@@ -240,3 +240,22 @@ def test_router_speaks_grpc_health_and_reflection(channel: grpc.Channel) -> None
     assert "switchyard.v1.Generation" in database.get_services()
     methods = {m.name for m in database.FindFileContainingSymbol("switchyard.v1.Generation").service[0].method}
     assert methods == {"Generate", "Complete", "ListModels"}
+
+
+def test_multi_step_decode_changes_no_results(tiny_models_dir: Path, tmp_path: Path, engine: Engine) -> None:
+    """With several decode steps per worker call, every request still gets exactly its
+    greedy tokens, stops at max_tokens, and arrives in fewer, larger chunks."""
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path,
+                        batcher_args=("--decode-steps", "4", "--multi-step-min-batch", "1"))
+    try:
+        with grpc.insecure_channel(stack.router_address) as ch, ThreadPoolExecutor(4) as pool:
+            def run(prompt: str) -> tuple[list[int], int]:
+                chunks = [e for e in generate_pb2_grpc.GenerationStub(ch).Generate(request(prompt, max_tokens=23), timeout=60)
+                          if e.HasField("tokens")]
+                return [t for c in chunks for t in c.tokens.token_ids], len(chunks)
+            results = list(pool.map(run, PROMPTS[:4]))
+        for prompt, (ids, chunks) in zip(PROMPTS[:4], results):
+            assert ids == direct(engine, prompt, 23)
+            assert chunks < 23
+    finally:
+        stack.stop()

@@ -19,6 +19,9 @@ class BatcherConfig:
     token_budget: int = field(default=16384, metadata={"help": "most KV tokens reserved (prompt + max tokens) across the batch"})
     prefill_chunk: int = field(default=512, metadata={"help": "most prompt tokens processed per step (chunked prefill)"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON"})
+    decode_steps: int = field(default=1, metadata={"help": "decode steps per worker call once the batch holds "
+                                                   "multi_step_min_batch sequences (amortizes the round trip)"})
+    multi_step_min_batch: int = field(default=8, metadata={"help": "batch size from which decode_steps applies"})
     heartbeat_s: float = field(default=0.5, metadata={"help": "seconds between load reports"})
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
@@ -31,5 +34,7 @@ class BatcherConfig:
             raise ConfigError("token_budget must be at least 2")
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be at least 1")
+        if self.decode_steps < 1 or self.multi_step_min_batch < 1:
+            raise ConfigError("decode_steps and multi_step_min_batch must be at least 1")
         if self.heartbeat_s <= 0:
             raise ConfigError("heartbeat_s must be positive")

@@ -197,8 +197,10 @@ class Scheduler:
                 chunks.append(worker_pb2.PrefillChunk(sequence_id=rid, max_tokens=n))
                 budget -= n
         adds = [_spec(a) for a in self.to_add]
+        steps = self._decode_steps(decoding)
         try:
-            response = await self.worker.Step(worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=adds))
+            response = await self.worker.Step(worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=adds,
+                                                                     decode_steps=steps))
         except grpc.aio.AioRpcError as exc:
             if not adds or exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
@@ -214,20 +216,32 @@ class Scheduler:
             a = self.active.get(chunk.sequence_id)
             if a is not None:
                 a.prefill_left = response.prefill_remaining.get(chunk.sequence_id, 0)
-        finished: list[tuple[str, int]] = []
+        # One message per request per worker call, with its tokens in order; tokens after a
+        # finishing one (multi-step decode runs a little past EOS or max_tokens) are dropped.
+        per_request: dict[str, list[worker_pb2.SequenceToken]] = {}
         for tok in response.tokens:
-            a = self.active.get(tok.sequence_id)
+            per_request.setdefault(tok.sequence_id, []).append(tok)
+        finished: list[tuple[str, int]] = []
+        for rid, toks in per_request.items():
+            a = self.active.get(rid)
             if a is None:
                 continue
-            a.max_batch = max(a.max_batch, batch if not tok.first else 1)
-            reason = self._finish_reason(a, tok.token_id)
-            if reason != generate_pb2.FINISH_REASON_EOS:
+            ids: list[int] = []
+            start = a.generated
+            reason = generate_pb2.FINISH_REASON_UNSPECIFIED
+            for tok in toks:
+                a.max_batch = max(a.max_batch, batch if not tok.first else 1)
+                reason = self._finish_reason(a, tok.token_id)
+                if reason != generate_pb2.FINISH_REASON_EOS:
+                    ids.append(tok.token_id)
+                    a.generated += 1
+                if reason:
+                    finished.append((rid, reason))
+                    break
+            if ids:
+                tm.GENERATED.labels(*self._labels).inc(len(ids))
                 await self._publish(a.request, tokens=bus_pb2.TokenStep(
-                    token_ids=[tok.token_id], index=a.generated, batch_size=batch if not tok.first else 1))
-                a.generated += 1
-                tm.GENERATED.labels(*self._labels).inc()
-            if reason:
-                finished.append((tok.sequence_id, reason))
+                    token_ids=ids, index=start, batch_size=1 if toks[0].first else batch))
         for rid, reason in finished:
             a = self.active[rid]
             await self._publish(a.request, finished=bus_pb2.Finished(
@@ -241,6 +255,13 @@ class Scheduler:
                 a.span.set_attribute("switchyard.batch_size", a.max_batch)
         if finished:
             await self._remove([rid for rid, _ in finished])
+
+    def _decode_steps(self, decoding: list[Active]) -> int:
+        """Decode steps for the next worker call: several when the batch is large enough that
+        throughput matters more than per-token latency, never past every request's budget."""
+        if not decoding or self.config.decode_steps <= 1 or len(decoding) < self.config.multi_step_min_batch:
+            return 1
+        return max(1, min(self.config.decode_steps, max(a.request.max_tokens - a.generated for a in decoding)))
 
     def _finish_reason(self, a: Active, token_id: int) -> int:
         if token_id in a.stop_ids:

@@ -67,9 +67,10 @@ class Sequence:
 class StepResult:
     """What one engine step produced."""
 
-    tokens: list[tuple[str, int, bool]]  # (sequence id, token id, is first token)
+    tokens: list[tuple[str, int, bool]]  # (sequence id, token id, is first token), in step order
     prefill_remaining: dict[str, int]
     decode_batch_size: int = 0
+    decode_steps: int = 0
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -159,13 +160,15 @@ class Engine:
         return gone
 
     # ---- one iteration -----------------------------------------------------------------
-    def step(self, prefill: list[tuple[str, int]], decode: bool) -> StepResult:
-        """Run one decode step of the batch, then prompt chunks (sequence id, max tokens or 0
-        for all remaining). Each sequence yields at most one token per step; a sequence whose
-        prompt completes here joins the batch and decodes from the next step on."""
+    def step(self, prefill: list[tuple[str, int]], decode: bool, decode_steps: int = 1) -> StepResult:
+        """Run `decode_steps` decode steps of the batch back to back (one token per sequence
+        each), then prompt chunks (sequence id, max tokens or 0 for all remaining); a sequence
+        whose prompt completes here joins the batch and decodes from the next step on."""
         result = StepResult(tokens=[], prefill_remaining={})
         if decode and self._batch_ids:
-            self._decode(result)
+            room = min(self.context_length - 1 - self.sequences[sid].cache_length for sid in self._batch_ids)
+            for _ in range(max(1, min(decode_steps, room))):
+                self._decode(result)
         t0 = time.perf_counter()
         for sequence_id, max_tokens in prefill:
             seq = self.sequences.get(sequence_id)
@@ -229,8 +232,9 @@ class Engine:
         logits, present = self._run(
             {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, self._batch_kv)
         self._batch_kv, self._batch_mask = present, mask
-        result.decode_s = time.perf_counter() - t0
+        result.decode_s += time.perf_counter() - t0
         result.decode_batch_size = len(seqs)
+        result.decode_steps += 1
         t_s = time.perf_counter()
         last = logits[:, -1, :]
         greedy_rows = [i for i, s in enumerate(seqs) if s.params.plain_greedy]

@@ -98,7 +98,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
         def step() -> Any:
             self._add(request.add)
-            return self._engine.step(chunks, request.decode)
+            return self._engine.step(chunks, request.decode, max(request.decode_steps, 1))
         try:
             result = await self._call(step)
         except EngineError as exc:
@@ -110,6 +110,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             tokens=[worker_pb2.SequenceToken(sequence_id=s, token_id=t, first=f) for s, t, f in result.tokens],
             prefill_remaining=result.prefill_remaining,
             stats=worker_pb2.StepStats(decode_batch_size=result.decode_batch_size,
+                                       decode_steps=result.decode_steps,
                                        prefill_tokens=result.prefill_tokens, prefill_s=result.prefill_s,
                                        decode_s=result.decode_s, sample_s=result.sample_s))
 

@@ -72,6 +72,7 @@ class StackSpec:
     tenants_file: Path | None = None
     api_key: str | None = None  # a key of tenants_file, used to check readiness
     router_args: tuple[str, ...] = ()
+    batcher_args: tuple[str, ...] = ()
     metrics: bool = True
     records_dir: Path | None = None  # router writes requests.jsonl here (for `switchyard report`)
     worker_threads: int = 0  # 0: share the cores evenly between workers
@@ -145,7 +146,7 @@ class LocalStack:
             self.batchers.append(self._spawn(f"batcher-{replica}", "services.batcher", [
                 "--worker", f"{spec.host}:{worker.port}", "--nats-url", self.nats.url,
                 "--replica-id", replica, "--max-batch-size", str(spec.max_batch_size),
-                "--heartbeat-s", str(spec.heartbeat_s), *self._metrics_args()]))
+                "--heartbeat-s", str(spec.heartbeat_s), *self._metrics_args(), *spec.batcher_args]))
         router_args = ["--nats-url", self.nats.url, "--host", spec.host, "--grpc-port", str(spec.grpc_port),
                        "--http-port", str(spec.http_port), "--models-dir", str(spec.models_dir),
                        "--balancing", spec.balancing, "--heartbeat-misses", "3", *self._metrics_args(),
