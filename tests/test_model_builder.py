@@ -466,6 +466,83 @@ def test_int4_accuracy_level_4_graph(tmp_path: Path, weights) -> None:
         build_llama_onnx(CFG, weights, tmp_path / "bad", variant="int4", lm_head_bits=4)
 
 
+def _nbits_tensors(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Per MatMulNBits node: its attributes and every initializer it (and its block-offset
+    MatMul) reads, keyed by the node's weight name."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        base = node.input[1].removesuffix(".qweight")
+        tensors = {name.removeprefix(base): inits[name] for name in node.input[1:]}
+        if base + ".offsets" in inits:
+            tensors[".offsets"] = inits[base + ".offsets"]
+        tensors["attrs"] = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        out[base] = tensors
+    return out
+
+
+def _at_accuracy_level_0(path: Path) -> ort.InferenceSession:
+    """The graph at ``path`` with every MatMulNBits switched to accuracy_level 0 (exact)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def test_convert_carries_gguf_blocks_into_every_int4_variant(tmp_path: Path, weights,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert_gguf hands the GGUF's own blocks to "int4-fast" too, also when it is converted
+    alone: its weights are the int4 folder's, bit for bit, and at accuracy_level 0 it computes
+    the dequantized model exactly. (Format 2 re-quantized int4-fast from the dequantized Q4_1
+    values: every weight off by up to half a step, 2% greedy agreement on SmolLM2.)"""
+    import switchyard.model.convert as convert_mod
+    from switchyard.model.gguf_source import GgmlBlocks, GgufModel
+
+    pre, deq = _ggml_model(weights)
+    quantized = {}
+    for name in pre:
+        qtype = "Q8_0" if name == "model.embed_tokens.weight" else "Q4_1"
+        quantized[name] = GgmlBlocks(qtype, 32, _ggml_blocks(weights[name], qtype)[0])
+    model = GgufModel(config=CFG, weights=deq, tokenizer=byte_tokenizer(CFG.vocab_size),
+                      chat_template=None, bos_token_id=1, eos_token_ids=(2,),
+                      metadata={"name": "tiny"}, quantized=quantized)
+    monkeypatch.setattr(convert_mod, "read_gguf", lambda path, progress=None: model)
+    models = tmp_path / "models"
+    (fast,) = convert_mod.convert_gguf(models, variants=("int4-fast",), gguf_path=tmp_path / "x.gguf")
+    (exact,) = convert_mod.convert_gguf(models, variants=("int4",), gguf_path=tmp_path / "x.gguf")
+    assert ModelManifest.load(fast).extra["int4_accuracy_level"] == 4
+
+    fast_t, exact_t = _nbits_tensors(fast / "model.onnx"), _nbits_tensors(exact / "model.onnx")
+    # int4's lm_head is the float32 Gemm; int4-fast's the Q8_0 embedding as 8-bit blocks
+    assert set(fast_t) == set(exact_t) | {"lm_head"} and len(exact_t) == 4 * CFG.num_hidden_layers
+    for name, tensors in exact_t.items():
+        assert fast_t[name]["attrs"] == {**tensors["attrs"], "accuracy_level": 4}, name
+        assert tensors.keys() == fast_t[name].keys() and ".offsets" in tensors, name
+        for key, value in tensors.items():
+            if key != "attrs":
+                np.testing.assert_array_equal(fast_t[name][key], value, err_msg=f"{name}{key}")
+    head = pre["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(fast_t["lm_head"][".qweight"], head.packed)
+    np.testing.assert_array_equal(fast_t["lm_head"][".scales"], head.scales)
+
+    sess = _at_accuracy_level_0(fast / "model.onnx")
+    for prompt in PROMPTS:
+        logits, _ = _step(sess, prompt, _empty_past(1))
+        np.testing.assert_allclose(logits[0], reference_logits(CFG, deq, prompt)[-1], rtol=0, atol=FP32_TOL)
+
+
 # --------------------------------------------------------------------------------------------
 # (e) tokenizer and model folder
 # --------------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
     convert_gguf(Path("models"))  →  models/smollm2-135m-instruct        (fp32 weights)
                                      models/smollm2-135m-instruct-int4   (MatMulNBits int4)
+    variants=("int4-fast",)       →  models/smollm2-135m-instruct-int4-fast (same int4 blocks,
+                                     int8 activations: faster, not identical to fp32)
 
 The GGUF is read (dequantized) once, and only when some variant is missing or stale. Each folder is built
 in a hidden staging folder next to it and renamed into place when complete, so an interrupted
@@ -10,9 +12,10 @@ conversion never leaves a half-written model folder under its real name; a folde
 :data:`FORMAT_VERSION` is complete and is skipped. Bump FORMAT_VERSION whenever the graph or the
 weights a conversion produces change, so existing folders get rebuilt.
 
-The int4 folder carries the GGUF's quantized blocks over exactly (Q4_1 projections → 4-bit
+The int4 folders carry the GGUF's quantized blocks over exactly (Q4_1 projections → 4-bit
 MatMulNBits plus per-block offsets, the Q8_0 tied embedding → 8-bit lm_head when that is
-MatMulNBits); the fp32 folder holds the same values dequantized. Both compute the same model.
+MatMulNBits); the fp32 folder holds the same values dequantized. All compute the same model,
+int4-fast up to its int8 activations.
 """
 
 from __future__ import annotations
@@ -39,16 +42,20 @@ MAX_OUTPUT_TOKENS = 1024
 
 # Version of what convert_gguf writes (manifest extra["format_version"]); folders with another
 # version are rebuilt. 2: exact Q4_1/Q8_0 carry-over with block offsets, fused int4 q/k/v and
-# gate/up, 8-bit or float32 lm_head, manifest extra["int4_accuracy_level"].
-FORMAT_VERSION = 2
+# gate/up, 8-bit or float32 lm_head, manifest extra["int4_accuracy_level"]. 3: "int4-fast" carries
+# the GGUF's blocks over too (version 2 re-quantized its dequantized Q4_1 weights onto integer
+# zero points, off by up to half a step per weight: 2% greedy agreement with fp32).
+FORMAT_VERSION = 3
 # MatMulNBits accuracy_level of the int4 folder (manifest extra["int4_accuracy_level"]). 0: float32
 # compute, the int4 folder's greedy output is identical to the fp32 folder's on all 57 prompts of
 # bench/int4_agreement.py. 4 (int8 activations, ~1.4x faster batch-1 decode on CPU) kept only 44%
 # of continuations identical (98% first tokens), so it is not the default.
 INT4_ACCURACY_LEVEL = 0
-# Per int4 variant: (MatMulNBits accuracy_level, lm_head bits). "int4-fast" (opt-in:
+# Per int4 variant: (MatMulNBits accuracy_level, lm_head bits). Every int4 variant holds the same
+# exact GGUF blocks (and block offsets); "int4-fast" (opt-in:
 # `switchyard model convert --variant int4-fast`) computes with int8 activations — the
-# arithmetic llama.cpp's Q4_1 kernels use — and keeps the GGUF's Q8_0 lm_head as 8-bit blocks.
+# arithmetic llama.cpp's Q4_1 kernels use — and keeps the GGUF's Q8_0 lm_head as 8-bit blocks:
+# 44% identical greedy continuations, 98% identical first tokens (bench/int4_agreement.py).
 INT4_SETTINGS = {"int4": (INT4_ACCURACY_LEVEL, 8 if INT4_ACCURACY_LEVEL == 4 else 32), "int4-fast": (4, 8)}
 
 
@@ -133,7 +140,10 @@ def convert_gguf(
     src = Path(gguf_path) if gguf_path is not None else ensure_gguf()
     model = read_gguf(src, progress=progress)
     models_dir.mkdir(parents=True, exist_ok=True)
-    prequantized = prequantized_weights(model) if "int4" in todo else {}
+    # Every int4 variant carries the GGUF's blocks over: re-quantizing the dequantized Q4_1
+    # values onto an integer-zero-point grid (quantize_blockwise) moves nearly every weight by
+    # up to half a step, since Q4_1's minimum m is rarely a whole number of steps.
+    prequantized = prequantized_weights(model) if any(v in INT4_SETTINGS for v in todo) else {}
     for v in todo:
         final = targets[v]
         manifest = make_manifest(model, v, src)
@@ -141,7 +151,7 @@ def convert_gguf(
         if staging.exists():
             shutil.rmtree(staging)
         try:
-            extra_kw = {"prequantized": prequantized} if v == "int4" and prequantized else {}
+            extra_kw = {"prequantized": prequantized} if v in INT4_SETTINGS and prequantized else {}
             write_model_folder(staging, manifest, model.weights, model.tokenizer,
                                progress=progress, **extra_kw)
             if not is_complete(staging):

@@ -171,6 +171,11 @@ def quantize_blockwise(w_in_out: np.ndarray, block_size: int = 32, bits: int = 4
 
     A ragged last block is padded with its own last value (padding never widens the range); a
     constant block is exact.
+
+    Not for weights that are already block-quantized (a GGUF's dequantized Q4_1 values): their
+    grid ``d * q + m`` is offset from the integer-zero-point grid by ``m``'s remainder, so this
+    moves nearly every weight by up to half a step; carry such blocks over with
+    :func:`from_ggml` instead.
     """
     _check_block_size(block_size)
     _check_bits(bits)
