@@ -170,6 +170,7 @@ class Engine:
             for _ in range(max(1, min(decode_steps, room))):
                 self._decode(result)
         t0 = time.perf_counter()
+        whole: list[Sequence] = []  # prompts that run start to end now: prefilled together
         for sequence_id, max_tokens in prefill:
             seq = self.sequences.get(sequence_id)
             if seq is None:
@@ -178,19 +179,49 @@ class Engine:
                 continue
             n = seq.prefill_remaining if max_tokens <= 0 else min(max_tokens, seq.prefill_remaining)
             seq.prefill_started_ns = seq.prefill_started_ns or time.time_ns()
-            logits = self._prefill_chunk(seq, n)
             result.prefill_tokens += n
+            if seq.processed == 0 and n == len(seq.prompt):
+                whole.append(seq)
+                continue
+            logits = self._prefill_chunk(seq, n)
             if seq.prefill_remaining == 0:
-                t_s = time.perf_counter()
-                token = self._sample(seq, logits[0, -1])
-                seq.first_token_ns = time.time_ns()
-                result.sample_s += time.perf_counter() - t_s
-                result.tokens.append((seq.sequence_id, token, True))
-                self._join_batch(seq)
+                self._first_token(seq, logits[0, -1], result)
+                own = [v.numpy() for v in seq.private_kv or []]
+                seq.private_kv = None
+                self._join_rows([seq.sequence_id], own, np.ones((1, own[0].shape[2]), dtype=np.int64))
             else:
                 result.prefill_remaining[seq.sequence_id] = seq.prefill_remaining
+        for group in _prefill_groups(whole):
+            self._prefill_together(group, result)
         result.prefill_s = time.perf_counter() - t0
         return result
+
+    def _first_token(self, seq: Sequence, logits: np.ndarray, result: StepResult) -> None:
+        t_s = time.perf_counter()
+        token = self._sample(seq, logits)
+        seq.first_token_ns = time.time_ns()
+        result.sample_s += time.perf_counter() - t_s
+        result.tokens.append((seq.sequence_id, token, True))
+
+    def _prefill_together(self, seqs: list[Sequence], result: StepResult) -> None:
+        """Whole prompts in one ONNX Runtime call: left-padded to the longest, padding masked,
+        positions counted per row. The rows come out laid out as the decode batch wants them
+        (padding on the left), so they join it as they are."""
+        lengths = [len(s.prompt) for s in seqs]
+        width = max(lengths)
+        ids = np.zeros((len(seqs), width), dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        positions = np.zeros((len(seqs), width), dtype=np.int64)
+        for row, (seq, length) in enumerate(zip(seqs, lengths)):
+            ids[row, width - length:] = seq.prompt
+            mask[row, width - length:] = 1
+            positions[row, width - length:] = np.arange(length)
+        logits, present = self._run({"input_ids": ids, "attention_mask": mask, "position_ids": positions},
+                                    self._empty_kv(len(seqs), 0))
+        for row, seq in enumerate(seqs):
+            seq.processed = len(seq.prompt)
+            self._first_token(seq, logits[row, -1], result)
+        self._join_rows([s.sequence_id for s in seqs], [p.numpy() for p in present], mask)
 
     def _run(self, feeds: dict[str, np.ndarray], past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
         binding = self.session.io_binding()
@@ -264,24 +295,18 @@ class Engine:
         self._batch_mask = np.ascontiguousarray(mask)
         self._batch_kv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in kv]
 
-    def _join_batch(self, seq: Sequence) -> None:
-        assert seq.private_kv is not None
-        own = [v.numpy() for v in seq.private_kv]
-        seq.private_kv = None
-        length = own[0].shape[2]
+    def _join_rows(self, ids: list[str], kv: list[np.ndarray], mask: np.ndarray) -> None:
+        """Append rows (KV per past name [rows, kv_heads, T, head_dim] and their mask) to the
+        decode batch, left-padding whichever side is shorter."""
         if not self._batch_ids:
-            self._set_batch([seq.sequence_id], own, np.ones((1, length), dtype=np.int64))
+            self._set_batch(list(ids), kv, mask)
             return
-        kv = self._host_kv()
-        width = kv[0].shape[2]
-        target = max(width, length)
-        kv = [_left_pad(a, target) for a in kv]
-        own = [_left_pad(a, target) for a in own]
-        mask = _left_pad_mask(self._batch_mask, target)
-        own_mask = _left_pad_mask(np.ones((1, length), dtype=np.int64), target)
-        self._set_batch(self._batch_ids + [seq.sequence_id],
-                        [np.concatenate([a, b], axis=0) for a, b in zip(kv, own)],
-                        np.concatenate([mask, own_mask], axis=0))
+        batch_kv = self._host_kv()
+        target = max(batch_kv[0].shape[2], kv[0].shape[2])
+        self._set_batch(self._batch_ids + list(ids),
+                        [np.concatenate([_left_pad(a, target), _left_pad(b, target)], axis=0)
+                         for a, b in zip(batch_kv, kv)],
+                        np.concatenate([_left_pad_mask(self._batch_mask, target), _left_pad_mask(mask, target)], axis=0))
 
     def _drop_rows(self, rows: list[int]) -> None:
         keep = [i for i in range(len(self._batch_ids)) if i not in set(rows)]
@@ -312,6 +337,19 @@ class Engine:
                 result = self.step([], decode=True)
         finally:
             self.remove([sid])
+
+
+def _prefill_groups(seqs: list[Sequence], max_padding: float = 0.5) -> list[list[Sequence]]:
+    """Group whole prompts for batched prefill, longest first; a prompt joins a group only
+    if padding it to the group's width wastes at most `max_padding` of its row (a 10-token
+    prompt does not ride with a 500-token one)."""
+    groups: list[list[Sequence]] = []
+    for seq in sorted(seqs, key=lambda s: len(s.prompt), reverse=True):
+        if groups and len(seq.prompt) >= (1 - max_padding) * len(groups[-1][0].prompt):
+            groups[-1].append(seq)
+        else:
+            groups.append([seq])
+    return groups
 
 
 def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
