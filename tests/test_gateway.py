@@ -148,6 +148,14 @@ def test_tenant_over_its_token_budget_gets_429_while_another_keeps_going(gateway
     assert rejected.status_code == 429
     assert int(rejected.response.headers["retry-after"]) >= 1
     assert "tokens-per-minute" in rejected.message
+    with grpc.insecure_channel(gateway.router_address) as ch:  # the same limit over gRPC
+        with pytest.raises(grpc.RpcError) as err:
+            list(generate_pb2_grpc.GenerationStub(ch).Generate(
+                generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=150), timeout=10,
+                metadata=(("authorization", f"Bearer {ALPHA_KEY}"),)))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry = dict(err.value.trailing_metadata() or ())["retry-after-s"]
+    assert float(retry) > 0
     for _ in range(3):  # beta is unaffected
         assert beta.completions.create(model=TINY, prompt="hi", max_tokens=20, temperature=0).usage is not None
 
