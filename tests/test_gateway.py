@@ -14,6 +14,7 @@ import httpx
 import nats
 import openai
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 
 from services.router.dispatch import Dispatcher
 from services.router.http_api import SSEResponse
@@ -154,8 +155,12 @@ def test_tenant_over_its_token_budget_gets_429_while_another_keeps_going(gateway
                 generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=150), timeout=10,
                 metadata=(("authorization", f"Bearer {ALPHA_KEY}"),)))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    retry = dict(err.value.trailing_metadata() or ())["retry-after-s"]
-    assert float(retry) > 0
+    trailing = dict(err.value.trailing_metadata() or ())
+    assert float(trailing["retry-after-s"]) > 0
+    status = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])  # standard RetryInfo
+    retry_info = error_details_pb2.RetryInfo()
+    assert status.details[0].Unpack(retry_info)
+    assert retry_info.retry_delay.ToTimedelta().total_seconds() == pytest.approx(float(trailing["retry-after-s"]), abs=1e-3)
     for _ in range(3):  # beta is unaffected
         assert beta.completions.create(model=TINY, prompt="hi", max_tokens=20, temperature=0).usage is not None
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import uuid
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
@@ -46,10 +49,21 @@ def summary_to_proto(c: Completion) -> generate_pb2.FinalSummary:
         replica_id=c.replica_id, model=c.model)
 
 
+def retry_metadata(error: RequestError) -> tuple[tuple[str, str | bytes], ...]:
+    """A retry delay in the standard google.rpc.RetryInfo status detail (what gRPC client
+    libraries read) and as plain `retry-after-s` metadata (what a human or curl reads)."""
+    if not error.retry_after_s:
+        return ()
+    delay = duration_pb2.Duration()
+    delay.FromTimedelta(datetime.timedelta(seconds=error.retry_after_s))
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    status = status_pb2.Status(code=error.kind.grpc_code.value[0], message=error.message, details=[detail])
+    return (("grpc-status-details-bin", status.SerializeToString()), ("retry-after-s", f"{error.retry_after_s:.3f}"))
+
+
 async def abort_with(context: grpc.aio.ServicerContext, error: RequestError) -> None:
-    if error.retry_after_s:
-        context.set_trailing_metadata((("retry-after-s", f"{error.retry_after_s:.3f}"),))
-    await context.abort(error.kind.grpc_code, error.message)
+    await context.abort(error.kind.grpc_code, error.message, trailing_metadata=retry_metadata(error))
 
 
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
