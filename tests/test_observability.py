@@ -75,6 +75,8 @@ def traced_services(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFact
         yield address, exporter
         loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=30)
+        assert not thread.is_alive(), "in-process services did not stop"
+        loop.close()
 
 
 def test_one_request_is_one_trace_across_router_batcher_and_worker(traced_services: tuple[str, InMemorySpanExporter]) -> None:

@@ -155,7 +155,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     log.info("worker stopping")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_s)
-    executor.shutdown(wait=False)
+    executor.shutdown(wait=True)  # no call is left: let the engine thread finish cleanly
     shutdown_tracing()
 
 
