@@ -15,6 +15,7 @@ import nats
 import openai
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.router.dispatch import Dispatcher
 from services.router.http_api import SSEResponse
@@ -292,8 +293,12 @@ async def test_sse_response_cuts_off_a_client_that_does_not_read() -> None:
         if len(sent) > 3:
             await asyncio.sleep(3600)
 
+    async def receive() -> dict:  # a client that stays connected
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
     started = time.monotonic()
-    await SSEResponse(endless(), write_timeout_s=0.2)({"type": "http"}, None, send)  # type: ignore[arg-type]
+    await SSEResponse(endless(), write_timeout_s=0.2)({"type": "http"}, receive, send)
     assert closed.is_set() and time.monotonic() - started < 2
     assert len(sent) == 4
 
@@ -324,3 +329,53 @@ def test_a_full_model_sheds_at_once_with_a_retry_delay(tiny_models_dir: Path, tm
         assert httpx.post(f"{stack.http_url}/v1/completions", json={**body, "max_tokens": 4}, timeout=30).status_code == 200
     finally:
         stack.stop()
+
+
+@pytest.mark.integration
+def cancelled_requests(stack: LocalStack) -> float:
+    assert stack.router is not None and stack.router.metrics_port
+    text = httpx.get(f"http://127.0.0.1:{stack.router.metrics_port}/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "switchyard_requests_total" and s.labels.get("code") == "CANCELLED")
+
+
+def test_http_client_that_disconnects_mid_stream_frees_its_sequence(gateway: LocalStack) -> None:
+    body = {"model": TINY, "prompt": "walk away", "max_tokens": 250, "ignore_eos": True, "stream": True}
+    before = cancelled_requests(gateway)
+    with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {BETA_KEY}"}) as client:
+        with client.stream("POST", f"{gateway.http_url}/v1/completions", json=body) as resp:
+            lines = resp.iter_lines()
+            assert next(lines).startswith("data: ")
+            assert worker_active(gateway) == 1
+        # leaving the block closes the connection mid-stream
+    assert wait_idle(gateway) == 0
+    deadline = time.monotonic() + 5
+    while cancelled_requests(gateway) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled_requests(gateway) == before + 1  # ended as cancelled, not by finishing its 250 tokens
+
+
+@pytest.mark.unit
+async def test_sse_response_stops_generating_when_the_client_disconnects() -> None:
+    closed = asyncio.Event()
+    produced = 0
+
+    async def slow_tokens():  # type: ignore[no-untyped-def]
+        nonlocal produced
+        try:
+            while True:
+                produced += 1
+                yield {"choices": []}
+                await asyncio.sleep(0.01)
+        finally:
+            closed.set()
+
+    async def send(message: dict) -> None:  # uvicorn's send: silently ignores a gone client
+        pass
+
+    async def receive() -> dict:
+        await asyncio.sleep(0.1)
+        return {"type": "http.disconnect"}
+
+    await asyncio.wait_for(SSEResponse(slow_tokens(), write_timeout_s=5)({"type": "http"}, receive, send), 2)
+    assert closed.is_set() and produced < 30

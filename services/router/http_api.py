@@ -124,8 +124,10 @@ def to_request(body: CompletionBody | ChatBody, timeout_s: float | None) -> Gene
 
 
 class SSEResponse(Response):
-    """Streams events as server-sent events. Each send has a timeout, so a client that stops
-    reading (TCP window full) is cut off and its generation cancelled, not held forever."""
+    """Streams events as server-sent events. A client that disconnects is noticed at once
+    (uvicorn's send() ignores a gone client, so `receive` is watched for http.disconnect), and
+    each send has a timeout, so a client that stops reading (TCP window full) is cut off; either
+    way the generation is cancelled and its sequence freed."""
 
     def __init__(self, events: AsyncIterator[dict[str, Any]], write_timeout_s: float) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
@@ -133,6 +135,20 @@ class SSEResponse(Response):
         self.write_timeout_s = write_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def client_gone() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        stream = asyncio.ensure_future(self._stream(send))
+        watcher = asyncio.ensure_future(client_gone())
+        try:
+            await asyncio.wait({stream, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stream, watcher):
+                task.cancel()
+            await asyncio.gather(stream, watcher, return_exceptions=True)
+
+    async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
         try:
