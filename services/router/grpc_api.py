@@ -89,7 +89,8 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
                         reply = generate_pb2.GenerateResponse(request_id=req.request_id, final=summary_to_proto(event))
                     # A client that stops reading blocks this write once HTTP/2 flow control
                     # fills; cut it off instead of holding its sequence forever.
-                    await asyncio.wait_for(context.write(reply), self._write_timeout_s)
+                    async with asyncio.timeout(self._write_timeout_s):
+                        await context.write(reply)
             except asyncio.TimeoutError:
                 await events.aclose()
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -123,6 +123,29 @@ def to_request(body: CompletionBody | ChatBody, timeout_s: float | None) -> Gene
     return req
 
 
+async def client_gone(receive: Receive) -> None:
+    """Returns when the client has disconnected (ASGI http.disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnected(work: Any, receive: Receive, events: AsyncIterator[Any]) -> Any:
+    """Run `work` unless the client disconnects first; then cancel it and close `events`, so
+    the replica's sequence is freed instead of generating for nobody."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(client_gone(receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise RequestError(ErrorKind.CANCELLED, "client disconnected")
+    finally:
+        for t in (task, watcher):
+            t.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+        await events.aclose()
+
+
 class SSEResponse(Response):
     """Streams events as server-sent events. A client that disconnects is noticed at once
     (uvicorn's send() ignores a gone client, so `receive` is watched for http.disconnect), and
@@ -135,18 +158,10 @@ class SSEResponse(Response):
         self.write_timeout_s = write_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async def client_gone() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        stream = asyncio.ensure_future(self._stream(send))
-        watcher = asyncio.ensure_future(client_gone())
         try:
-            await asyncio.wait({stream, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (stream, watcher):
-                task.cancel()
-            await asyncio.gather(stream, watcher, return_exceptions=True)
+            await until_disconnected(self._stream(send), receive, self.events)
+        except RequestError:
+            pass  # the client is gone; nobody to tell
 
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
@@ -154,8 +169,10 @@ class SSEResponse(Response):
         try:
             async for payload in self.events:
                 data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-                await asyncio.wait_for(send({"type": "http.response.body", "body": data, "more_body": True}),
-                                       self.write_timeout_s)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+                # arrives as the send completes, and the stream would outlive its client.
+                async with asyncio.timeout(self.write_timeout_s):
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         except (asyncio.TimeoutError, OSError):
             pass  # client gone or not reading; closing the generator cancels the replica's work
@@ -236,11 +253,12 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
         obj = "chat.completion" if chat else "text_completion"
         events = pipeline.generate(req)
         if not body.stream:
-            parts: list[str] = []
-            async for event in events:
-                if isinstance(event, TokenDelta):
-                    parts.append(event.text)
-                else:
+            async def whole() -> JSONResponse:
+                parts: list[str] = []
+                async for event in events:
+                    if isinstance(event, TokenDelta):
+                        parts.append(event.text)
+                        continue
                     choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH.get(event.finish_reason, "stop"),
                                               "logprobs": None}
                     if chat:
@@ -249,7 +267,8 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
                         choice["text"] = "".join(parts)
                     return JSONResponse({"id": rid, "object": obj, "created": created, "model": event.model,
                                          "choices": [choice], "usage": usage(event)})
-            raise RequestError(ErrorKind.INTERNAL, "generation ended without a result")
+                raise RequestError(ErrorKind.INTERNAL, "generation ended without a result")
+            return await until_disconnected(whole(), request.receive, events)
         # Streamed: pull the first event before answering 200, so validation, limits and
         # routing errors still come back as proper HTTP errors.
         first = await anext(events)

@@ -341,8 +341,9 @@ class RequestPipeline:
                                        f"deadline of {timeout_s:.3f}s exceeded before generation finished")
                 wait = min(wait, left)
             try:
-                return await asyncio.wait_for(queue.get(), wait)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(wait):  # unlike wait_for, never swallows a client's cancel
+                    return await queue.get()
+            except TimeoutError:
                 if not self.registry.is_live(replica.replica_id):
                     raise RequestError(ErrorKind.UNAVAILABLE,
                                        f"replica {replica.replica_id} stopped while serving the request",
