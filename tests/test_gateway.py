@@ -379,3 +379,17 @@ async def test_sse_response_stops_generating_when_the_client_disconnects() -> No
 
     await asyncio.wait_for(SSEResponse(slow_tokens(), write_timeout_s=5)({"type": "http"}, receive, send), 2)
     assert closed.is_set() and produced < 30
+
+
+@pytest.mark.integration
+def test_non_streamed_request_is_cancelled_when_its_client_gives_up(gateway: LocalStack) -> None:
+    body = {"model": TINY, "prompt": "impatient", "max_tokens": 250, "ignore_eos": True}
+    before = cancelled_requests(gateway)
+    with pytest.raises(httpx.TimeoutException):  # the client hangs up after 0.2 s
+        httpx.post(f"{gateway.http_url}/v1/completions", json=body, timeout=0.2,
+                   headers={"Authorization": f"Bearer {BETA_KEY}"})
+    deadline = time.monotonic() + 5
+    while cancelled_requests(gateway) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cancelled_requests(gateway) == before + 1
+    assert wait_idle(gateway) == 0
