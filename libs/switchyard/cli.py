@@ -80,7 +80,7 @@ def up(
     log_dir.mkdir(parents=True, exist_ok=True)
     dev_key = None
     if tenants_file is None:
-        tenants_file, dev_key = dev_tenant(log_dir.parent)
+        tenants_file, dev_key = dev_tenant(DEV_KEY_FILE.parent)
     run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {"SWITCHYARD_SPANS_FILE": str(run_dir.resolve() / "spans.jsonl")} if trace_file else {}
