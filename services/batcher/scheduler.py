@@ -213,9 +213,9 @@ class Scheduler:
         if batch:
             tm.BATCH_SIZE.labels(*self._labels).observe(batch)
         for chunk in chunks:
-            a = self.active.get(chunk.sequence_id)
-            if a is not None:
-                a.prefill_left = response.prefill_remaining.get(chunk.sequence_id, 0)
+            chunked = self.active.get(chunk.sequence_id)
+            if chunked is not None:
+                chunked.prefill_left = response.prefill_remaining.get(chunk.sequence_id, 0)
         # One message per request per worker call, with its tokens in order; tokens after a
         # finishing one (multi-step decode runs a little past EOS or max_tokens) are dropped.
         per_request: dict[str, list[worker_pb2.SequenceToken]] = {}
@@ -384,7 +384,7 @@ class Scheduler:
         if self._psub is not None:
             try:
                 info = await self._psub.consumer_info()
-                report.queue_depth += info.num_pending
+                report.queue_depth += info.num_pending or 0
             except Exception:  # server busy or reconnecting: report what we know
                 pass
         tm.QUEUE_DEPTH.labels(*self._labels).set(report.queue_depth)

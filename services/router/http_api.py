@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncGenerator, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -129,7 +129,7 @@ async def client_gone(receive: Receive) -> None:
         pass
 
 
-async def until_disconnected(work: Any, receive: Receive, events: AsyncIterator[Any]) -> Any:
+async def until_disconnected(work: Any, receive: Receive, events: AsyncGenerator[Any, None]) -> Any:
     """Run `work` unless the client disconnects first; then cancel it and close `events`, so
     the replica's sequence is freed instead of generating for nobody."""
     task = asyncio.ensure_future(work)
@@ -152,7 +152,7 @@ class SSEResponse(Response):
     each send has a timeout, so a client that stops reading (TCP window full) is cut off; either
     way the generation is cancelled and its sequence freed."""
 
-    def __init__(self, events: AsyncIterator[dict[str, Any]], write_timeout_s: float) -> None:
+    def __init__(self, events: AsyncGenerator[dict[str, Any], None], write_timeout_s: float) -> None:
         super().__init__(status_code=200, media_type="text/event-stream")
         self.events = events
         self.write_timeout_s = write_timeout_s
@@ -291,8 +291,8 @@ def usage(c: Completion) -> dict[str, int]:
             "total_tokens": c.prompt_tokens + c.completion_tokens}
 
 
-async def sse_chunks(first: TokenDelta | Completion, rest: AsyncIterator[TokenDelta | Completion], rid: str,
-                     created: int, model: str, chat: bool, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def sse_chunks(first: TokenDelta | Completion, rest: AsyncGenerator[TokenDelta | Completion, None], rid: str,
+                     created: int, model: str, chat: bool, include_usage: bool) -> AsyncGenerator[dict[str, Any], None]:
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncGenerator
 
 from switchyard.model.catalog import CHAT_ROLES, IncrementalDetokenizer, ModelCatalog, ModelEntry
 from switchyard.v1 import bus_pb2, generate_pb2
@@ -217,7 +217,7 @@ class RequestPipeline:
         return self.policy.choose(replicas)
 
     # ---- the stream ---------------------------------------------------------------------
-    async def generate(self, req: GenerationRequest) -> AsyncIterator[Event]:
+    async def generate(self, req: GenerationRequest) -> AsyncGenerator[Event, None]:
         """Yields TokenDeltas then one Completion; raises RequestError on failure."""
         tenant = req.tenant or self.authenticate(None)
         obs = self.observer.begin(req.model, tenant.name, req.request_type, req.request_id)
@@ -264,7 +264,7 @@ class RequestPipeline:
                        cached_prompt_tokens=done.cached_prompt_tokens if done else 0)
 
     async def _relay(self, req: GenerationRequest, prepared: PreparedRequest, replica: Replica,
-                     obs: Observation) -> AsyncIterator[Event]:
+                     obs: Observation) -> AsyncGenerator[Event, None]:
         started = obs.started
         dispatch_id = uuid.uuid4().hex
         manifest = prepared.entry.manifest

@@ -9,6 +9,7 @@ import logging
 import socket
 import sys
 import uuid
+from typing import Any, Callable
 
 import grpc
 import uvicorn
@@ -44,7 +45,7 @@ GENERATION_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full
 class HttpFrontEnd:
     """uvicorn serving the HTTP app inside the router's event loop (signals stay ours)."""
 
-    def __init__(self, app: object, host: str, port: int) -> None:
+    def __init__(self, app: Callable[..., Any], host: str, port: int) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))

@@ -202,7 +202,8 @@ class LocalStack:
             svc.stop()
         if self.nats is not None:
             self.nats.stop()
-        self._tmp.cleanup() if self.spec.log_dir else None
+        if self.spec.log_dir:  # logs went elsewhere; the run folder holds only port files
+            self._tmp.cleanup()
 
     def __enter__(self) -> "LocalStack":
         return self.start()
