@@ -259,3 +259,26 @@ def test_multi_step_decode_changes_no_results(tiny_models_dir: Path, tmp_path: P
             assert chunks < 23
     finally:
         stack.stop()
+
+
+def test_a_replica_whose_worker_dies_leaves_the_registry_and_traffic_moves(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """The batcher keeps running when its worker dies: it must say so (its heartbeat turns
+    to draining), so the router stops sending it requests instead of failing them."""
+    stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path)
+    try:
+        with grpc.insecure_channel(stack.router_address) as ch:
+            stub = generate_pb2_grpc.GenerationStub(ch)
+            stack.workers[0].process.kill()
+            stack.workers[0].process.wait(timeout=10)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=5).models
+                if models and models[0].replicas == 1:
+                    break
+                time.sleep(0.05)
+            assert models[0].replicas == 1
+            assert stack.batchers[0].process.poll() is None  # the batcher itself is still up
+            served = {stream(ch, request(p, max_tokens=4))[2].replica_id for p in PROMPTS[:6]}
+            assert served == {f"{TINY}-1"}
+    finally:
+        stack.stop()

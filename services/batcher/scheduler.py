@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from nats.aio.client import Client
-from opentelemetry.trace import Span
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from opentelemetry.trace import Span
 
 from switchyard.bus import subjects
 from switchyard.bus.queue import pull_subscription
@@ -61,8 +62,11 @@ class Scheduler:
     """Owns the replica's batch; drives the worker; talks NATS."""
 
     def __init__(self, config: BatcherConfig, replica_id: str, info: worker_pb2.InfoResponse,
-                 nc: Client, js: JetStreamContext, worker: worker_pb2_grpc.WorkerStub) -> None:
+                 nc: Client, js: JetStreamContext, worker: worker_pb2_grpc.WorkerStub,
+                 worker_health: health_pb2_grpc.HealthStub | None = None) -> None:
         self.config = config
+        self.worker_health = worker_health
+        self.worker_ok = True  # from the worker's gRPC health, checked every heartbeat
         self.replica_id = replica_id
         self.info = info
         self.nc = nc
@@ -100,7 +104,7 @@ class Scheduler:
     def _update_room(self) -> None:
         if self.draining:
             return
-        if self.room > 0:
+        if self.room > 0 and self.worker_ok:
             self._room.set()
         else:
             self._room.clear()
@@ -371,7 +375,9 @@ class Scheduler:
             replica_id=self.replica_id, model=self.info.model, context_length=self.info.context_length,
             max_output_tokens=self.info.max_output_tokens, queue_depth=len(self.pending),
             running=len(self.active), tokens_in_flight=self.tokens_in_flight(),
-            max_batch_size=self.max_batch, token_budget=self.config.token_budget, draining=self.draining,
+            # A replica whose worker is down says so, so routers stop sending it requests.
+            max_batch_size=self.max_batch, token_budget=self.config.token_budget,
+            draining=self.draining or not self.worker_ok,
             sent_unix_s=time.time(), steps=self.stats.steps, max_decode_batch=self.stats.max_decode_batch,
             completed=self.stats.completed, interval_s=self.config.heartbeat_s)
         self.stats.max_decode_batch = 0
@@ -390,8 +396,25 @@ class Scheduler:
         tm.QUEUE_DEPTH.labels(*self._labels).set(report.queue_depth)
         await self.nc.publish(subjects.load_subject(self.info.model, self.replica_id), report.SerializeToString())
 
+    async def _check_worker(self) -> None:
+        if self.worker_health is None:
+            return
+        try:
+            reply = await self.worker_health.Check(health_pb2.HealthCheckRequest(),
+                                                   timeout=max(self.config.heartbeat_s, 0.2))
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            ok = False
+        if ok != self.worker_ok:
+            log.warning("worker %s is %s", self.config.worker, "back" if ok else "down: taking no requests")
+            self.worker_ok = ok
+            self._update_room()
+            if not ok:
+                self._room.clear()
+
     async def _heartbeat_loop(self) -> None:
         while True:
+            await self._check_worker()
             await self._publish_load()
             await asyncio.sleep(self.config.heartbeat_s)
 

@@ -57,7 +57,7 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     nc = await connect(config.nats_url, name=f"batcher-{replica_id}")
     js = nc.jetstream()
     await ensure_request_stream(js)
-    scheduler = Scheduler(config, replica_id, info, nc, js, worker)
+    scheduler = Scheduler(config, replica_id, info, nc, js, worker, health_pb2_grpc.HealthStub(channel))
     await scheduler.start()
     if config.port_file:
         config.port_file.write_text(json.dumps({"metrics": metrics_port}))
