@@ -18,6 +18,9 @@ class BatcherConfig:
     max_batch_size: int = field(default=32, metadata={"help": "most sequences in the batch"})
     token_budget: int = field(default=16384, metadata={"help": "most KV tokens reserved (prompt + max tokens) across the batch"})
     prefill_chunk: int = field(default=512, metadata={"help": "most prompt tokens processed per step (chunked prefill)"})
+    prefill_chunk_decoding: int = field(default=128, metadata={
+        "help": "most prompt tokens per step while other sequences are decoding: bounds the stall a "
+                "newcomer's prefill puts on everyone's next token (inter-token latency)"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON"})
     decode_steps: int = field(default=1, metadata={"help": "decode steps per worker call once the batch holds "
                                                    "multi_step_min_batch sequences (amortizes the round trip)"})
@@ -32,8 +35,8 @@ class BatcherConfig:
             raise ConfigError("max_batch_size must be at least 1")
         if self.token_budget < 2:
             raise ConfigError("token_budget must be at least 2")
-        if self.prefill_chunk < 1:
-            raise ConfigError("prefill_chunk must be at least 1")
+        if self.prefill_chunk < 1 or self.prefill_chunk_decoding < 1:
+            raise ConfigError("prefill_chunk and prefill_chunk_decoding must be at least 1")
         if self.decode_steps < 1 or self.multi_step_min_batch < 1:
             raise ConfigError("decode_steps and multi_step_min_batch must be at least 1")
         if self.heartbeat_s <= 0:

@@ -194,7 +194,10 @@ class Scheduler:
                 await self._wake.wait()
             return
         decoding = [a for a in self.active.values() if a.prefill_left == 0]
-        chunks, budget = [], self.config.prefill_chunk
+        # Fairness between waiting and running: while sequences decode, a newcomer's prompt is
+        # fed in smaller chunks so it never stalls their next token for a whole long prefill.
+        chunks = []
+        budget = self.config.prefill_chunk_decoding if decoding else self.config.prefill_chunk
         for rid, a in self.active.items():
             if a.prefill_left and budget > 0:
                 n = min(a.prefill_left, budget)
