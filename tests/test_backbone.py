@@ -173,6 +173,18 @@ def test_list_models_reports_the_live_replicas(channel: grpc.Channel) -> None:
     assert [(m.name, m.replicas, m.context_length, m.chat) for m in models] == [(TINY, 2, 512, True)]
 
 
+def live_replicas(channel: grpc.Channel, expect: int, timeout_s: float = 5.0) -> int:
+    """Replicas ListModels reports for the tiny model, polled until it reaches `expect`."""
+    stub = generate_pb2_grpc.GenerationStub(channel)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=5).models
+        count = models[0].replicas if models else 0
+        if count == expect or time.monotonic() > deadline:
+            return count
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_both_replicas_serve_and_a_stopped_batcher_leaves_the_registry(tiny_models_dir: Path, tmp_path: Path,
                                                                        how: str) -> None:
@@ -184,14 +196,7 @@ def test_both_replicas_serve_and_a_stopped_batcher_leaves_the_registry(tiny_mode
             victim = stack.batchers[0]
             (victim.process.terminate if how == "sigterm" else victim.process.kill)()
             victim.process.wait(timeout=15)
-            stub = generate_pb2_grpc.GenerationStub(ch)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=5).models
-                if models and models[0].replicas == 1:
-                    break
-                time.sleep(0.05)
-            assert models[0].replicas == 1
+            assert live_replicas(ch, expect=1) == 1
             after = {stream(ch, request(p, max_tokens=4))[2].replica_id for p in PROMPTS[:6]}
             assert after == {f"{TINY}-1"}
     finally:
@@ -267,16 +272,9 @@ def test_a_replica_whose_worker_dies_leaves_the_registry_and_traffic_moves(tiny_
     stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path)
     try:
         with grpc.insecure_channel(stack.router_address) as ch:
-            stub = generate_pb2_grpc.GenerationStub(ch)
             stack.workers[0].process.kill()
             stack.workers[0].process.wait(timeout=10)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline:
-                models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=5).models
-                if models and models[0].replicas == 1:
-                    break
-                time.sleep(0.05)
-            assert models[0].replicas == 1
+            assert live_replicas(ch, expect=1) == 1
             assert stack.batchers[0].process.poll() is None  # the batcher itself is still up
             served = {stream(ch, request(p, max_tokens=4))[2].replica_id for p in PROMPTS[:6]}
             assert served == {f"{TINY}-1"}
