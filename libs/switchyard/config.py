@@ -83,16 +83,3 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, **overrides: An
     if validate is not None:
         validate()
     return config
-
-
-def to_argv(config: Any) -> list[str]:
-    """Flags that reproduce `config` (used when one process starts another)."""
-    argv: list[str] = []
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if value is None:
-            continue
-        if isinstance(value, (tuple, list)):
-            value = ",".join(str(v) for v in value)
-        argv += [flag_name(f.name), str(value)]
-    return argv

@@ -278,7 +278,6 @@ class RequestPipeline:
             dispatched_unix_s=time.time())
         queue = self.dispatcher.open(dispatch_id)
         replica.inflight += 1
-        replica.dispatched += 1
         finished = False
         try:
             await self.dispatcher.send(replica.replica_id, message, obs.context())

@@ -25,7 +25,6 @@ class Replica:
     report: bus_pb2.LoadReport
     last_seen: float  # monotonic
     inflight: int = 0  # requests this router has dispatched to it and not seen finish
-    dispatched: int = 0  # requests this router has sent it since start
 
     @property
     def draining(self) -> bool:

@@ -59,9 +59,6 @@ class Sequence:
         """Tokens in the KV cache: the prompt plus every generated token but the last."""
         return self.processed + max(len(self.generated) - 1, 0)
 
-    def seen_array(self) -> np.ndarray:
-        return np.fromiter(self.seen, dtype=np.int64, count=len(self.seen))
-
 
 @dataclass
 class StepResult:
@@ -272,7 +269,7 @@ class Engine:
         picked = dict(zip(greedy_rows, np.argmax(last[greedy_rows], axis=-1).tolist())) if greedy_rows else {}
         for row, seq in enumerate(seqs):
             token = picked[row] if row in picked else sample_token(
-                last[row], seq.params, seq.seen_array(), seq.rng)
+                last[row], seq.params, seq.seen, seq.rng)
             seq.generated.append(token)
             seq.seen.add(token)
             seq.decode_steps += 1
@@ -281,7 +278,7 @@ class Engine:
         result.sample_s += time.perf_counter() - t_s
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
-        token = sample_token(logits, seq.params, seq.seen_array(), seq.rng)
+        token = sample_token(logits, seq.params, seq.seen, seq.rng)
         seq.generated.append(token)
         seq.seen.add(token)
         return token
@@ -309,7 +306,8 @@ class Engine:
                         np.concatenate([_left_pad_mask(self._batch_mask, target), _left_pad_mask(mask, target)], axis=0))
 
     def _drop_rows(self, rows: list[int]) -> None:
-        keep = [i for i in range(len(self._batch_ids)) if i not in set(rows)]
+        dropped = set(rows)
+        keep = [i for i in range(len(self._batch_ids)) if i not in dropped]
         if not keep:
             self._batch_ids, self._batch_kv = [], []
             self._batch_mask = np.zeros((0, 0), dtype=np.int64)

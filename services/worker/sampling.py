@@ -7,6 +7,7 @@ depend on which other sequences share its batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import numpy as np
 
@@ -30,17 +31,19 @@ class SamplingParams:
         return self.greedy and self.repetition_penalty == 1.0
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """CTRL-style penalty: divide positive logits of seen tokens, multiply negative ones."""
-    if penalty == 1.0 or seen.size == 0:
+def apply_repetition_penalty(logits: np.ndarray, seen: Collection[int], penalty: float) -> np.ndarray:
+    """CTRL-style penalty: divide positive logits of seen tokens, multiply negative ones.
+    The seen ids become an array only when there is a penalty (not on every token)."""
+    if penalty == 1.0 or not seen:
         return logits
+    seen = np.fromiter(seen, dtype=np.int64, count=len(seen))
     out = logits.copy()
     picked = out[seen]
     out[seen] = np.where(picked > 0, picked / penalty, picked * penalty)
     return out
 
 
-def sample_token(logits: np.ndarray, params: SamplingParams, seen: np.ndarray,
+def sample_token(logits: np.ndarray, params: SamplingParams, seen: Collection[int],
                  rng: np.random.Generator) -> int:
     """Pick the next token from one row of logits."""
     logits = apply_repetition_penalty(logits.astype(np.float32, copy=False), seen,

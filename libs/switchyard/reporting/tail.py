@@ -41,7 +41,6 @@ the tail.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +50,6 @@ import numpy as np
 
 from switchyard.reporting.records import SPANS_FILE, RequestRecord, interval_union_length, load_jsonl
 
-log = logging.getLogger(__name__)
 
 SPAN_ROUTER_REQUEST = "router.request"
 SPAN_ROUTER_PREPARE = "router.prepare"
