@@ -19,7 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.router.dispatch import Dispatcher
 from services.router.http_api import SSEResponse
-from services.router.registry import ReplicaRegistry
 from services.router.tenants import write_tenant
 from switchyard.bus import subjects
 from switchyard.bus.server import NatsServer
@@ -259,7 +258,7 @@ async def test_replies_for_a_client_that_stops_reading_are_bounded_and_its_seque
         async def on_cancel(msg: nats.aio.msg.Msg) -> None:
             cancels.append(bus_pb2.CancelRequest.FromString(msg.data).request_id)
         await nc.subscribe(subjects.cancel_subject("replica-a"), cb=on_cancel)
-        dispatcher = Dispatcher(nc, nc.jetstream(), "router-t", ReplicaRegistry(), max_buffered_events=8)
+        dispatcher = Dispatcher(nc, nc.jetstream(), "router-t", max_buffered_events=8)
         await dispatcher.start()
         queue = dispatcher.open("req-1")
         for i in range(50):

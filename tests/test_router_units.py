@@ -1,65 +1,21 @@
-"""Router policies in isolation: replica registry, balancing, rate limits, admission,
-stop strings and UTF-8-safe detokenization."""
+"""Router parts in isolation: rate limits, admission, stop strings and UTF-8-safe
+detokenization (fleet view and routing policies: tests/test_routing.py)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-from services.router.balancing import LeastLoaded, RoundRobin, make_policy
 from services.router.errors import ErrorKind, RequestError
 from services.router.limits import AdmissionControl, RateLimiter, TokenBucket
 from services.router.pipeline import StopStringMatcher
-from services.router.registry import ReplicaRegistry
 from services.router.tenants import Tenant, TenantDirectory, hash_key, write_tenant
 from switchyard.model.catalog import IncrementalDetokenizer, ModelCatalog
-from switchyard.v1 import bus_pb2
 
 from conftest import TINY
 
 pytestmark = pytest.mark.unit
-
-
-def report(rid: str, running: int = 0, queued: int = 0, model: str = "m", draining: bool = False) -> bus_pb2.LoadReport:
-    return bus_pb2.LoadReport(replica_id=rid, model=model, running=running, queue_depth=queued, max_batch_size=8,
-                              interval_s=0.5, draining=draining)
-
-
-def test_registry_drops_replicas_whose_heartbeats_stop_and_skips_draining_ones() -> None:
-    reg = ReplicaRegistry(misses=3)
-    t0 = time.monotonic()
-    reg.observe(report("a"), now=t0)
-    reg.observe(report("b"), now=t0)
-    reg.observe(report("c", draining=True), now=t0)
-    assert sorted(r.replica_id for r in reg.live("m")) == ["a", "b"]
-    reg.observe(report("a"), now=t0 + 1.4)
-    assert reg.expire(now=t0 + 1.6) == ["b", "c"]  # 1.6 s > 3 × 0.5 s without a report
-    assert list(reg.replicas) == ["a"]
-
-
-def test_least_loaded_prefers_the_idle_replica_and_round_robin_ignores_load() -> None:
-    reg = ReplicaRegistry()
-    for rid, running in (("a", 6), ("b", 1), ("c", 4)):
-        reg.observe(report(rid, running=running))
-    replicas = reg.live("m")
-    assert [LeastLoaded().choose(replicas).replica_id for _ in range(3)] == ["b", "b", "b"]
-    rr = RoundRobin()
-    assert [rr.choose(replicas).replica_id for _ in range(4)] == ["a", "b", "c", "a"]
-    # the router's own in-flight count matters before the next heartbeat arrives
-    reg.replicas["b"].inflight = 7
-    assert LeastLoaded().choose(replicas).replica_id == "c"
-
-
-def test_least_loaded_spreads_ties() -> None:
-    reg = ReplicaRegistry()
-    for rid in "ab":
-        reg.observe(report(rid))
-    policy = make_policy("least_loaded")
-    assert {policy.choose(reg.live("m")).replica_id for _ in range(4)} == {"a", "b"}
-    with pytest.raises(ValueError, match="round_robin"):
-        make_policy("random")
 
 
 def test_token_bucket_refills_at_its_rate() -> None:

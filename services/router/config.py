@@ -7,7 +7,8 @@ from pathlib import Path
 
 from switchyard.config import ConfigError
 
-from .balancing import POLICIES
+from switchyard.routing import policy_names
+from switchyard.routing.table import parse_overrides
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,10 @@ class RouterConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
     models_dir: Path = field(default=Path("models"), metadata={"help": "folder of model folders (tokenizers, templates)"})
-    balancing: str = field(default="least_loaded", metadata={"help": "replica choice: least_loaded or round_robin"})
+    balancing: str = field(default="least_loaded", metadata={
+        "help": "routing policy choosing a model's replica: " + ", ".join(policy_names())})
+    routing_policies: tuple[str, ...] = field(default=(), metadata={
+        "help": "per-model routing policy overrides, model=policy,... (others use --balancing)"})
     heartbeat_misses: float = field(default=3.0, metadata={"help": "drop a replica after this many missed heartbeats"})
     router_id: str = field(default="", metadata={"help": "router id on the bus (default: random)"})
     http_port: int = field(default=8000, metadata={"help": "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)"})
@@ -35,8 +39,12 @@ class RouterConfig:
     grace_s: float = field(default=5.0, metadata={"help": "seconds to finish streams on SIGTERM"})
 
     def validate(self) -> None:
-        if self.balancing not in POLICIES:
-            raise ConfigError(f"balancing must be one of {sorted(POLICIES)}")
+        if self.balancing not in policy_names():
+            raise ConfigError(f"balancing must be one of {policy_names()}")
+        try:
+            parse_overrides(self.routing_policies)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.heartbeat_misses < 1:
             raise ConfigError("heartbeat_misses must be at least 1")
         if self.tenants_file is not None and not self.tenants_file.exists():

@@ -1,6 +1,6 @@
 """The router's side of the bus: send a request to a replica's queue, receive its events on
 this router's reply inbox (one subscription, demultiplexed by request), send cancels, and
-keep the replica registry fed from heartbeats."""
+the fleet view reads heartbeats itself (switchyard.fleet)."""
 
 from __future__ import annotations
 
@@ -17,24 +17,19 @@ from switchyard.bus import subjects
 from switchyard.telemetry.tracing import inject_context
 from switchyard.v1 import bus_pb2, generate_pb2
 
-from .registry import ReplicaRegistry
-
 log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    def __init__(self, nc: Client, js: JetStreamContext, router_id: str, registry: ReplicaRegistry,
-                 max_buffered_events: int = 256) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, router_id: str, max_buffered_events: int = 256) -> None:
         self.nc = nc
         self.max_buffered_events = max_buffered_events
         self.js = js
         self.router_id = router_id
-        self.registry = registry
         self._streams: dict[str, asyncio.Queue[bus_pb2.ReplicaEvent]] = {}
 
     async def start(self) -> None:
         await self.nc.subscribe(f"{subjects.reply_inbox(self.router_id)}.*", cb=self._on_reply)
-        await self.nc.subscribe(subjects.LOAD_ALL, cb=self._on_load)
 
     async def _on_reply(self, msg: Msg) -> None:
         key = msg.subject.rsplit(".", 1)[-1]
@@ -55,12 +50,6 @@ class Dispatcher:
                                               error=generate_pb2.Error(
                                                   code=generate_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
                                                   message="client stopped reading the stream; cut off")))
-
-    async def _on_load(self, msg: Msg) -> None:
-        try:
-            self.registry.observe(bus_pb2.LoadReport.FromString(msg.data))
-        except Exception:
-            log.warning("bad load report on %s", msg.subject)
 
     def open(self, dispatch_id: str) -> asyncio.Queue[bus_pb2.ReplicaEvent]:
         queue: asyncio.Queue[bus_pb2.ReplicaEvent] = asyncio.Queue()

@@ -127,7 +127,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         except RequestError as error:
             await abort_with(context, error)
         out = []
-        for name, replicas in sorted(self._pipeline.registry.models().items()):
+        for name, replicas in sorted(self._pipeline.fleet.models().items()):
             entry = self._pipeline.catalog.get(name)
             report = replicas[0].report
             out.append(generate_pb2.ModelInfo(

@@ -104,7 +104,8 @@ def to_request(body: CompletionBody | ChatBody, timeout_s: float | None) -> Gene
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     req = GenerationRequest(model=body.model, sampling=sampling, stop=stop, timeout_s=timeout_s,
                             request_id=uuid.uuid4().hex, ignore_eos=body.ignore_eos,
-                            request_type="chat" if isinstance(body, ChatBody) else "completion")
+                            request_type="chat" if isinstance(body, ChatBody) else "completion",
+                            session_id=body.user or "")
     if isinstance(body, ChatBody):
         req.max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         req.messages = [(m.role, m.content or "") for m in body.messages]
@@ -230,7 +231,7 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        models = pipeline.registry.models()
+        models = pipeline.fleet.models()
         ok = any(models.values())
         return JSONResponse({"status": "ok" if ok else "no replica can serve",
                              "models": {m: len(r) for m, r in models.items()}}, status_code=200 if ok else 503)
@@ -240,7 +241,7 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
         tenant_of(request)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "switchyard",
                  "replicas": len(reps), "context_length": reps[0].report.context_length}
-                for name, reps in sorted(pipeline.registry.models().items())]
+                for name, reps in sorted(pipeline.fleet.models().items())]
         return JSONResponse({"object": "list", "data": data})
 
     async def run(request: Request, body_model: type[CompletionBody] | type[ChatBody], chat: bool) -> Any:

@@ -12,15 +12,17 @@ import zlib
 from dataclasses import dataclass, field
 from typing import AsyncGenerator
 
+from switchyard.fleet.view import FleetView, ReplicaState
 from switchyard.model.catalog import CHAT_ROLES, IncrementalDetokenizer, ModelCatalog, ModelEntry
+from switchyard.prefix.blocks import BLOCK_SIZE, block_hashes
+from switchyard.routing.policy import RoutingPolicy, RoutingRequest
+from switchyard.routing.table import RoutingTable
 from switchyard.v1 import bus_pb2, generate_pb2
 
-from .balancing import BalancingPolicy
 from .dispatch import Dispatcher
 from .errors import ErrorKind, RequestError, invalid
 from .limits import AdmissionControl, RateLimiter
 from .observe import Observation, RequestObserver
-from .registry import Replica, ReplicaRegistry
 from .tenants import Tenant, TenantDirectory
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class GenerationRequest:
     timeout_s: float | None = None  # time left before the client's deadline
     tenant: Tenant | None = None  # set by the front end after authenticate()
     request_type: str = "grpc"  # front end and shape: grpc, chat, completion
+    session_id: str = ""  # conversation or end-user key (OpenAI `user`), for routing
 
 
 @dataclass
@@ -81,6 +84,15 @@ class PreparedRequest:
     entry: ModelEntry
     prompt_ids: list[int]
     max_tokens: int
+
+
+@dataclass
+class Route:
+    """Where a request goes: the replica, the policy that chose it and what it was shown."""
+
+    replica: ReplicaState
+    policy: RoutingPolicy
+    request: RoutingRequest
 
 
 class StopStringMatcher:
@@ -118,14 +130,14 @@ class RequestPipeline:
     """Auth → validation and tokenization → rate limits → admission → replica choice →
     dispatch → relay. Front ends only convert their wire format to and from it."""
 
-    def __init__(self, catalog: ModelCatalog, registry: ReplicaRegistry, dispatcher: Dispatcher,
-                 policy: BalancingPolicy, tenants: TenantDirectory | None = None,
+    def __init__(self, catalog: ModelCatalog, fleet: FleetView, dispatcher: Dispatcher,
+                 routing: RoutingTable, tenants: TenantDirectory | None = None,
                  limiter: RateLimiter | None = None, admission: AdmissionControl | None = None,
                  observer: RequestObserver | None = None) -> None:
         self.catalog = catalog
-        self.registry = registry
+        self.fleet = fleet
         self.dispatcher = dispatcher
-        self.policy = policy
+        self.routing = routing
         self.tenants = tenants or TenantDirectory.disabled()
         self.limiter = limiter or RateLimiter()
         self.admission = admission or AdmissionControl(queue_limit=256)
@@ -146,7 +158,7 @@ class RequestPipeline:
             raise invalid("model", "required; call ListModels for the served models")
         entry = self.catalog.get(req.model)
         if entry is None:
-            served = sorted(self.registry.models())
+            served = sorted(self.fleet.models())
             raise RequestError(ErrorKind.NOT_FOUND, f"model {req.model!r} not found; served models: {served}",
                                field="model")
         given = [x for x in (req.text, req.token_ids, req.messages) if x is not None]
@@ -209,12 +221,20 @@ class RequestPipeline:
                           f"got {s.repetition_penalty}")
 
     # ---- routing ------------------------------------------------------------------------
-    def pick_replica(self, model: str) -> Replica:
-        replicas = self.registry.live(model)
-        if not replicas:
+    def route(self, prepared: PreparedRequest, tenant: str) -> Route:
+        """Ask the model's routing policy for a replica among the live ones."""
+        model = prepared.entry.name
+        candidates = self.fleet.live(model)
+        if not candidates:
             raise RequestError(ErrorKind.UNAVAILABLE, f"no live replica serves {model!r}; retry shortly",
                                retry_after_s=1.0)
-        return self.policy.choose(replicas)
+        req = prepared.request
+        routing_request = RoutingRequest(
+            model=model, prompt_tokens=len(prepared.prompt_ids), expected_output_tokens=prepared.max_tokens,
+            block_hashes=block_hashes(prepared.prompt_ids, model), block_size=BLOCK_SIZE, tenant=tenant,
+            session_id=req.session_id, request_id=req.request_id)
+        policy = self.routing.policy_for(model)
+        return Route(policy.choose(routing_request, candidates), policy, routing_request)
 
     # ---- the stream ---------------------------------------------------------------------
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[Event, None]:
@@ -227,10 +247,10 @@ class RequestPipeline:
             prepare_span = self.observer.prepare_span(obs)
             try:
                 prepared = self.prepare(req)
-                replica = self.pick_replica(req.model)
+                route = self.route(prepared, tenant.name)
                 reservation = self.limiter.reserve(tenant, len(prepared.prompt_ids) + prepared.max_tokens)
                 try:
-                    self.admission.enter(req.model, sum(r.report.max_batch_size for r in self.registry.live(req.model)))
+                    self.admission.enter(req.model, self.fleet.capacity(req.model))
                 except RequestError:
                     self.limiter.settle(reservation, 0)
                     raise
@@ -238,7 +258,7 @@ class RequestPipeline:
                 if prepare_span is not None:
                     prepare_span.end()
             try:
-                async for event in self._relay(req, prepared, replica, obs):
+                async for event in self._relay(req, prepared, route, obs):
                     if isinstance(event, TokenDelta):
                         if event.token_ids:
                             obs.on_tokens(len(event.token_ids))
@@ -263,9 +283,10 @@ class RequestPipeline:
                        batch_size=done.max_batch_size if done else 0,
                        cached_prompt_tokens=done.cached_prompt_tokens if done else 0)
 
-    async def _relay(self, req: GenerationRequest, prepared: PreparedRequest, replica: Replica,
+    async def _relay(self, req: GenerationRequest, prepared: PreparedRequest, route: Route,
                      obs: Observation) -> AsyncGenerator[Event, None]:
         started = obs.started
+        replica = route.replica
         dispatch_id = uuid.uuid4().hex
         manifest = prepared.entry.manifest
         stop_ids = list(req.stop_token_ids) + ([] if req.ignore_eos else list(manifest.eos_token_ids))
@@ -277,8 +298,8 @@ class RequestPipeline:
             reply_subject=self.dispatcher.reply_subject(dispatch_id), deadline_unix_s=deadline,
             dispatched_unix_s=time.time())
         queue = self.dispatcher.open(dispatch_id)
-        replica.inflight += 1
-        finished = False
+        route.policy.on_dispatch(route.request, replica)
+        finished = ok = False
         try:
             await self.dispatcher.send(replica.replica_id, message, obs.context())
             detok = IncrementalDetokenizer(prepared.entry)
@@ -304,6 +325,7 @@ class RequestPipeline:
                     yield TokenDelta(ids, text, event.tokens.index)
                     emitted += len(ids)
                     if stopped:
+                        ok = True
                         yield self._completion(generate_pb2.FINISH_REASON_STOP, prepared, emitted, started,
                                                first_token_at, 0.0, replica)
                         return
@@ -314,6 +336,7 @@ class RequestPipeline:
                         yield TokenDelta([], tail, emitted)
                     finished = True
                     reason = generate_pb2.FINISH_REASON_STOP if stopped else event.finished.finish_reason
+                    ok = True
                     yield self._completion(reason, prepared, event.finished.completion_tokens, started,
                                            first_token_at, event.finished.queue_wait_s, replica,
                                            event.finished.max_batch_size, event.finished.cached_prompt_tokens)
@@ -323,13 +346,13 @@ class RequestPipeline:
                     raise RequestError(ErrorKind.from_stream_code(event.error.code), event.error.message,
                                        retry_after_s=event.error.retry_after_s)
         finally:
-            replica.inflight -= 1
+            route.policy.on_complete(route.request, replica, ok)
             self.dispatcher.close(dispatch_id)
             if not finished:
                 # Client gone, deadline hit or stop string: free the sequence on the worker.
                 await asyncio.shield(self.dispatcher.cancel(replica.replica_id, dispatch_id))
 
-    async def _next_event(self, queue: asyncio.Queue[bus_pb2.ReplicaEvent], replica: Replica,
+    async def _next_event(self, queue: asyncio.Queue[bus_pb2.ReplicaEvent], replica: ReplicaState,
                           started: float, timeout_s: float | None) -> bus_pb2.ReplicaEvent:
         while True:
             wait = 1.0
@@ -343,14 +366,14 @@ class RequestPipeline:
                 async with asyncio.timeout(wait):  # unlike wait_for, never swallows a client's cancel
                     return await queue.get()
             except TimeoutError:
-                if not self.registry.is_live(replica.replica_id):
+                if not self.fleet.is_live(replica.replica_id):
                     raise RequestError(ErrorKind.UNAVAILABLE,
                                        f"replica {replica.replica_id} stopped while serving the request",
                                        retry_after_s=0.5) from None
 
     @staticmethod
     def _completion(reason: int, prepared: PreparedRequest, completion_tokens: int, started: float,
-                    first_token_at: float | None, queue_wait_s: float, replica: Replica,
+                    first_token_at: float | None, queue_wait_s: float, replica: ReplicaState,
                     max_batch_size: int = 0, cached_prompt_tokens: int = 0) -> Completion:
         now = time.monotonic()
         return Completion(max_batch_size=max_batch_size, cached_prompt_tokens=cached_prompt_tokens,

@@ -1,5 +1,5 @@
 """Router process: gRPC and OpenAI-compatible HTTP front ends over one request pipeline;
-the replica registry is fed from NATS heartbeats."""
+the fleet view is fed from NATS heartbeats and routing policies choose among its replicas."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from grpc_reflection.v1alpha import reflection
 
 from switchyard.bus.queue import connect, ensure_request_stream
 from switchyard.config import load_config
+from switchyard.fleet.view import FleetView
 from switchyard.model.catalog import ModelCatalog
 from switchyard.reporting.records import RecordWriter
+from switchyard.routing.table import RoutingTable, parse_overrides
 from switchyard.runtime.lifecycle import setup_logging, stop_event
 from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.grpc_context import TraceContextInterceptor
@@ -27,14 +29,12 @@ from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
 from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
-from .balancing import make_policy
 from .config import RouterConfig
 from .dispatch import Dispatcher
 from .grpc_api import GenerationServicer
 from .http_api import create_http_app
 from .limits import AdmissionControl, RateLimiter
 from .pipeline import RequestPipeline
-from .registry import ReplicaRegistry
 from .observe import RequestObserver
 from .tenants import TenantDirectory
 
@@ -79,11 +79,13 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     nc = await connect(config.nats_url, name=router_id)
     js = nc.jetstream()
     await ensure_request_stream(js)
-    registry = ReplicaRegistry(misses=config.heartbeat_misses)
-    dispatcher = Dispatcher(nc, js, router_id, registry, max_buffered_events=config.max_buffered_events)
+    fleet = FleetView(misses=config.heartbeat_misses)
+    await fleet.subscribe(nc)
+    dispatcher = Dispatcher(nc, js, router_id, max_buffered_events=config.max_buffered_events)
     await dispatcher.start()
+    routing = RoutingTable(fleet, config.balancing, parse_overrides(config.routing_policies))
     tenants = TenantDirectory.load(config.tenants_file) if config.tenants_file else TenantDirectory.disabled()
-    pipeline = RequestPipeline(ModelCatalog(config.models_dir), registry, dispatcher, make_policy(config.balancing),
+    pipeline = RequestPipeline(ModelCatalog(config.models_dir), fleet, dispatcher, routing,
                                tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit),
                                observer=RequestObserver(writer))
 
@@ -105,8 +107,9 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     if config.port_file:
         config.port_file.write_text(json.dumps({"grpc": grpc_port, "http": http.port if http else None,
                                                 "metrics": metrics_port}))
-    log.info("router %s: gRPC %s:%d, HTTP %s, balancing %s, auth %s", router_id, config.host, grpc_port,
+    log.info("router %s: gRPC %s:%d, HTTP %s, routing %s%s, auth %s", router_id, config.host, grpc_port,
              f"{config.host}:{http.port}" if http else "off", config.balancing,
+             "".join(f", {m}={p}" for m, p in routing.overrides.items()),
              "on" if tenants.required else "off")
     await stop.wait()
     log.info("router stopping")
@@ -116,7 +119,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await server.stop(config.grace_s)
     await nc.drain()
     if writer is not None:
-        for usage in registry.usage():
+        for usage in fleet.usage():
             writer.write_replica(usage)
         writer.close()
     shutdown_tracing()
