@@ -200,3 +200,27 @@ def test_routing_table_gives_each_model_its_own_policy() -> None:
         parse_overrides(["chat"])
     with pytest.raises(ValueError, match="unknown"):
         parse_overrides(["chat=nope"])
+
+
+# ---- model routing -------------------------------------------------------------------------
+def test_model_routes_parse_and_pick_by_difficulty() -> None:
+    from switchyard.routing.model_routes import ModelRoute, ModelRouter
+
+    route = ModelRoute.parse("auto=small:large:0.4")
+    assert route == ModelRoute("auto", "small", "large", 0.4)
+    for bad, why in (("auto", "name=small:large"), ("auto=s:l", "name=small:large"), ("auto=s:l:x", "not a number"),
+                     ("auto=s:l:1.5", "between 0 and 1"), ("s=s:l:0.5", "must differ")):
+        with pytest.raises(ValueError, match=why):
+            ModelRoute.parse(bad)
+
+    class Fixed:
+        def __init__(self, score: float) -> None:
+            self.score, self.features = score, {"planted": score}
+
+    scores = {"hi": 0.1, "prove it": 0.9, "edge": 0.4}
+    router = ModelRouter([route], estimator=lambda text, ids: Fixed(scores[text]))  # type: ignore[arg-type,return-value]
+    assert router.get("auto") is route and router.get("small") is None
+    assert router.choose(route, "hi", [1]).model == "small"
+    assert router.choose(route, "prove it", [1]).model == "large"
+    assert router.choose(route, "edge", [1]).model == "large"  # at the threshold: the large model
+    assert router.choose(route, "hi", [1]).estimate.score == 0.1

@@ -8,6 +8,7 @@ from pathlib import Path
 from switchyard.config import ConfigError
 
 from switchyard.routing import policy_names
+from switchyard.routing.model_routes import ModelRouter
 from switchyard.routing.table import parse_overrides
 
 
@@ -23,6 +24,8 @@ class RouterConfig:
         "help": "routing policy choosing a model's replica: " + ", ".join(policy_names())})
     routing_policies: tuple[str, ...] = field(default=(), metadata={
         "help": "per-model routing policy overrides, model=policy,... (others use --balancing)"})
+    model_routes: tuple[str, ...] = field(default=(), metadata={
+        "help": "virtual models resolved per request by difficulty: name=small:large:threshold,..."})
     heartbeat_misses: float = field(default=3.0, metadata={"help": "drop a replica after this many missed heartbeats"})
     router_id: str = field(default="", metadata={"help": "router id on the bus (default: random)"})
     http_port: int = field(default=8000, metadata={"help": "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)"})
@@ -43,6 +46,7 @@ class RouterConfig:
             raise ConfigError(f"balancing must be one of {policy_names()}")
         try:
             parse_overrides(self.routing_policies)
+            ModelRouter.from_config(self.model_routes)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if self.heartbeat_misses < 1:

@@ -43,7 +43,8 @@ def request_from_proto(msg: generate_pb2.GenerateRequest, context: grpc.aio.Serv
 def summary_to_proto(c: Completion) -> generate_pb2.FinalSummary:
     return generate_pb2.FinalSummary(
         finish_reason=c.finish_reason,
-        usage=generate_pb2.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens),
+        usage=generate_pb2.Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                                 cached_prompt_tokens=c.cached_prompt_tokens),
         timings=generate_pb2.Timings(time_to_first_token_s=c.time_to_first_token_s,
                                      end_to_end_s=c.end_to_end_s, queue_wait_s=c.queue_wait_s),
         replica_id=c.replica_id, model=c.model)
@@ -127,7 +128,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         except RequestError as error:
             await abort_with(context, error)
         out = []
-        for name, replicas in sorted(self._pipeline.fleet.models().items()):
+        for name, replicas in sorted(self._pipeline.served_models().items()):
             entry = self._pipeline.catalog.get(name)
             report = replicas[0].report
             out.append(generate_pb2.ModelInfo(

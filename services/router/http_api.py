@@ -231,7 +231,7 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        models = pipeline.fleet.models()
+        models = pipeline.served_models()
         ok = any(models.values())
         return JSONResponse({"status": "ok" if ok else "no replica can serve",
                              "models": {m: len(r) for m, r in models.items()}}, status_code=200 if ok else 503)
@@ -241,7 +241,7 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
         tenant_of(request)
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "switchyard",
                  "replicas": len(reps), "context_length": reps[0].report.context_length}
-                for name, reps in sorted(pipeline.fleet.models().items())]
+                for name, reps in sorted(pipeline.served_models().items())]
         return JSONResponse({"object": "list", "data": data})
 
     async def run(request: Request, body_model: type[CompletionBody] | type[ChatBody], chat: bool) -> Any:
@@ -287,9 +287,12 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
     return app
 
 
-def usage(c: Completion) -> dict[str, int]:
+def usage(c: Completion) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens are prompt tokens whose KV a replica's prefix cache
+    supplied (OpenAI's prompt caching reports them the same way)."""
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens}
+            "total_tokens": c.prompt_tokens + c.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": c.cached_prompt_tokens}}
 
 
 async def sse_chunks(first: TokenDelta | Completion, rest: AsyncGenerator[TokenDelta | Completion, None], rid: str,

@@ -27,6 +27,8 @@ REQUESTS = Counter("switchyard_requests", "Requests by outcome code (OK or the e
 PROMPT_TOKENS = Counter("switchyard_prompt_tokens", "Prompt tokens of finished requests", ["model", "tenant"])
 COMPLETION_TOKENS = Counter("switchyard_completion_tokens", "Tokens generated", ["model", "tenant"])
 INFLIGHT = Gauge("switchyard_router_inflight_requests", "Requests being served", ["model"])
+MODEL_ROUTED = Counter("switchyard_model_routed", "Requests for a virtual model, by the model chosen to serve them",
+                       ["route", "model"])
 
 
 @dataclass
@@ -41,6 +43,19 @@ class Observation:
     chunk_times: list[float] = field(default_factory=list)
     span: Span | None = None
     completion_tokens: int = 0
+    served_model: str = ""  # set when a virtual model resolved to another
+    difficulty: float | None = None
+
+    def routed(self, model: str, difficulty: float | None) -> None:
+        """The request will be served by `model` (a virtual model's choice when it differs)."""
+        if model == self.model:
+            return
+        self.served_model, self.difficulty = model, difficulty
+        MODEL_ROUTED.labels(self.model, model).inc()
+        if self.span is not None:
+            self.span.set_attribute("switchyard.served_model", model)
+            if difficulty is not None:
+                self.span.set_attribute("switchyard.difficulty", difficulty)
 
     def context(self) -> Context | None:
         """Trace context to propagate downstream (None when tracing is off)."""
@@ -84,7 +99,9 @@ class Observation:
             self.span.end()
         if self.writer is not None:
             self.writer.write(RequestRecord(
-                request_id=self.request_id, tenant=self.tenant, model=self.model, replica_id=replica_id,
+                request_id=self.request_id, tenant=self.tenant, model=self.served_model or self.model,
+                requested_model=self.model if self.served_model else "", difficulty=self.difficulty,
+                replica_id=replica_id,
                 request_type=self.request_type, started_unix_s=self.started_unix, ttft_s=ttft, e2e_s=e2e,
                 queue_wait_s=queue_wait_s, prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,
                 cached_prompt_tokens=cached_prompt_tokens,

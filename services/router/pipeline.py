@@ -15,6 +15,7 @@ from typing import AsyncGenerator
 from switchyard.fleet.view import FleetView, ReplicaState
 from switchyard.model.catalog import CHAT_ROLES, IncrementalDetokenizer, ModelCatalog, ModelEntry
 from switchyard.prefix.blocks import BLOCK_SIZE, block_hashes
+from switchyard.routing.model_routes import ModelRoute, ModelRouter
 from switchyard.routing.policy import RoutingPolicy, RoutingRequest
 from switchyard.routing.table import RoutingTable
 from switchyard.v1 import bus_pb2, generate_pb2
@@ -81,9 +82,14 @@ Event = TokenDelta | Completion
 @dataclass
 class PreparedRequest:
     request: GenerationRequest
-    entry: ModelEntry
+    entry: ModelEntry  # the model that serves it (a virtual model's choice)
     prompt_ids: list[int]
     max_tokens: int
+    difficulty: float | None = None  # set when a virtual model chose `entry` by difficulty
+
+    @property
+    def model(self) -> str:
+        return self.entry.name
 
 
 @dataclass
@@ -133,8 +139,9 @@ class RequestPipeline:
     def __init__(self, catalog: ModelCatalog, fleet: FleetView, dispatcher: Dispatcher,
                  routing: RoutingTable, tenants: TenantDirectory | None = None,
                  limiter: RateLimiter | None = None, admission: AdmissionControl | None = None,
-                 observer: RequestObserver | None = None) -> None:
+                 observer: RequestObserver | None = None, model_router: ModelRouter | None = None) -> None:
         self.catalog = catalog
+        self.model_router = model_router or ModelRouter(())
         self.fleet = fleet
         self.dispatcher = dispatcher
         self.routing = routing
@@ -157,8 +164,11 @@ class RequestPipeline:
         if not req.model:
             raise invalid("model", "required; call ListModels for the served models")
         entry = self.catalog.get(req.model)
+        model_route = self.model_router.get(req.model) if entry is None else None
+        if model_route is not None:
+            entry = self.catalog.get(model_route.large)  # the small model shares its tokenizer and template
         if entry is None:
-            served = sorted(self.fleet.models())
+            served = sorted(self.served_models())
             raise RequestError(ErrorKind.NOT_FOUND, f"model {req.model!r} not found; served models: {served}",
                                field="model")
         given = [x for x in (req.text, req.token_ids, req.messages) if x is not None]
@@ -188,6 +198,9 @@ class RequestPipeline:
             prompt_ids = entry.encode(entry.render_chat(req.messages))
         if not prompt_ids:
             raise invalid("prompt", "tokenizes to no tokens")
+        difficulty = None
+        if model_route is not None:
+            entry, difficulty = self._choose_model(model_route, req, prompt_ids)
         limit = manifest.max_output_tokens
         context = manifest.context_length
         if len(prompt_ids) >= context:
@@ -206,7 +219,26 @@ class RequestPipeline:
             raise invalid("stop_token_ids", f"ids must be in [0, {manifest.config.vocab_size})")
         if req.timeout_s is not None and req.timeout_s <= 0:
             raise RequestError(ErrorKind.DEADLINE_EXCEEDED, "deadline already expired")
-        return PreparedRequest(req, entry, prompt_ids, max_tokens)
+        return PreparedRequest(req, entry, prompt_ids, max_tokens, difficulty)
+
+    def _choose_model(self, route: ModelRoute, req: GenerationRequest, prompt_ids: list[int]) -> tuple[ModelEntry, float]:
+        """A virtual model's pick by difficulty; the other model when the pick has no live replica."""
+        if req.messages:
+            text = next((c for r, c in reversed(req.messages) if r == "user"), req.messages[-1][1])
+        else:
+            text = req.text or ""
+        choice = self.model_router.choose(route, text, prompt_ids)
+        picked = choice.model
+        if not self.fleet.live(picked):
+            other = route.small if picked == route.large else route.large
+            if self.fleet.live(other):
+                log.info("model route %s: %s has no live replica, serving with %s", route.name, picked, other)
+                picked = other
+        entry = self.catalog.get(picked)
+        if entry is None:
+            raise RequestError(ErrorKind.NOT_FOUND, f"model {picked!r} (routed from {route.name!r}) is not installed",
+                               field="model")
+        return entry, choice.estimate.score
 
     @staticmethod
     def _validate_sampling(s: generate_pb2.SamplingParams) -> None:
@@ -219,6 +251,16 @@ class RequestPipeline:
         if not 0.0 <= s.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise invalid("repetition_penalty", f"must be between 0 and {MAX_REPETITION_PENALTY}, "
                           f"got {s.repetition_penalty}")
+
+    def served_models(self) -> dict[str, list[ReplicaState]]:
+        """Model name → live replicas, virtual models included (the replicas of the models they
+        route to, large first)."""
+        models = self.fleet.models()
+        for name, route in self.model_router.routes.items():
+            replicas = models.get(route.large, []) + models.get(route.small, [])
+            if replicas:
+                models[name] = replicas
+        return models
 
     # ---- routing ------------------------------------------------------------------------
     def route(self, prepared: PreparedRequest, tenant: str) -> Route:
@@ -247,10 +289,11 @@ class RequestPipeline:
             prepare_span = self.observer.prepare_span(obs)
             try:
                 prepared = self.prepare(req)
+                obs.routed(prepared.model, prepared.difficulty)
                 route = self.route(prepared, tenant.name)
                 reservation = self.limiter.reserve(tenant, len(prepared.prompt_ids) + prepared.max_tokens)
                 try:
-                    self.admission.enter(req.model, self.fleet.capacity(req.model))
+                    self.admission.enter(prepared.model, self.fleet.capacity(prepared.model))
                 except RequestError:
                     self.limiter.settle(reservation, 0)
                     raise
@@ -267,7 +310,7 @@ class RequestPipeline:
                     yield event
                 code = "OK" if done is not None else "CANCELLED"
             finally:
-                self.admission.leave(req.model)
+                self.admission.leave(prepared.model)
                 self.limiter.settle(reservation, len(prepared.prompt_ids) + obs.completion_tokens)
         except RequestError as error:
             code, message = error.kind.name, error.message
@@ -293,7 +336,7 @@ class RequestPipeline:
         seed = req.sampling.seed if req.sampling.HasField("seed") else zlib.crc32(dispatch_id.encode())
         deadline = time.time() + req.timeout_s if req.timeout_s else 0.0
         message = bus_pb2.DispatchRequest(
-            request_id=dispatch_id, model=req.model, prompt_token_ids=prepared.prompt_ids,
+            request_id=dispatch_id, model=prepared.model, prompt_token_ids=prepared.prompt_ids,
             max_tokens=prepared.max_tokens, sampling=req.sampling, seed=seed, stop_token_ids=stop_ids,
             reply_subject=self.dispatcher.reply_subject(dispatch_id), deadline_unix_s=deadline,
             dispatched_unix_s=time.time())

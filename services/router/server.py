@@ -21,6 +21,7 @@ from switchyard.config import load_config
 from switchyard.fleet.view import FleetView
 from switchyard.model.catalog import ModelCatalog
 from switchyard.reporting.records import RecordWriter
+from switchyard.routing.model_routes import ModelRouter
 from switchyard.routing.table import RoutingTable, parse_overrides
 from switchyard.runtime.lifecycle import setup_logging, stop_event
 from switchyard.runtime.loop import run as run_loop
@@ -87,7 +88,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     tenants = TenantDirectory.load(config.tenants_file) if config.tenants_file else TenantDirectory.disabled()
     pipeline = RequestPipeline(ModelCatalog(config.models_dir), fleet, dispatcher, routing,
                                tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit),
-                               observer=RequestObserver(writer))
+                               observer=RequestObserver(writer),
+                               model_router=ModelRouter.from_config(config.model_routes))
 
     server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
     generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(pipeline, config.write_timeout_s), server)

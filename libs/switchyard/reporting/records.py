@@ -57,6 +57,9 @@ class RequestRecord:
     - ``status``: "ok", or the error code name (e.g. "RESOURCE_EXHAUSTED", "UNAVAILABLE").
     - ``inter_token_s``: gaps between successive token chunks, in order, at most ITL_CAP
       (the writer thins longer lists evenly); empty for 0–1 chunks.
+    - ``model`` is the model that served the request; ``requested_model`` the name the client
+      asked for when that differs (a virtual model such as ``smollm2-auto``), and
+      ``difficulty`` the score that made the choice.
     """
 
     request_id: str
@@ -75,6 +78,8 @@ class RequestRecord:
     status: str = STATUS_OK
     inter_token_s: list[float] = field(default_factory=list)
     trace_id: str | None = None
+    requested_model: str = ""
+    difficulty: float | None = None
 
     @property
     def ok(self) -> bool:
