@@ -21,7 +21,9 @@ import numpy as np
 import onnxruntime as ort
 
 from switchyard.model.config import MODEL_FILE, ModelManifest
+from switchyard.prefix.blocks import BLOCK_SIZE, block_hashes
 
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, sample_token
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     traceparent: str = ""
+    prompt_hashes: list[int] = field(default_factory=list)  # chained hashes of the prompt's full blocks
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     # Timings for the worker's per-request spans (time.time_ns()).
     prefill_started_ns: int = 0
     first_token_ns: int = 0
@@ -69,6 +73,7 @@ class StepResult:
     decode_batch_size: int = 0
     decode_steps: int = 0
     prefill_tokens: int = 0
+    cached_prompt_tokens: dict[str, int] = field(default_factory=dict)  # per sequence whose first token is here
     prefill_s: float = 0.0
     decode_s: float = 0.0
     sample_s: float = 0.0
@@ -91,7 +96,7 @@ class Engine:
     worker server calls it from one thread."""
 
     def __init__(self, model_dir: Path, *, max_sequences: int = 32, threads: int = 0,
-                 provider: str = "auto", spin: bool = False) -> None:
+                 provider: str = "auto", spin: bool = False, prefix_cache_bytes: int = 0) -> None:
         self.model_dir = Path(model_dir)
         self.manifest = ModelManifest.load(self.model_dir)
         self.config = self.manifest.config
@@ -118,6 +123,9 @@ class Engine:
         self._batch_ids: list[str] = []
         self._batch_kv: list[ort.OrtValue] = []
         self._batch_mask = np.zeros((0, 0), dtype=np.int64)
+        # KV of finished and prefilled prefixes, named by chained block hashes in the model's
+        # namespace (the router computes the same hashes to find the replica holding a prefix).
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, BLOCK_SIZE) if prefix_cache_bytes > 0 else None
         log.info("engine ready: model=%s provider=%s layers=%d", self.manifest.name, self.provider, n)
 
     # ---- bookkeeping -------------------------------------------------------------------
@@ -143,18 +151,66 @@ class Engine:
                               f"{self.context_length}")
         if prompt_arr.min() < 0 or prompt_arr.max() >= self.config.vocab_size:
             raise EngineError(f"prompt token ids must be in [0, {self.config.vocab_size})")
-        self.sequences[sequence_id] = Sequence(
-            sequence_id, prompt_arr, params, np.random.default_rng(seed), seen=set(prompt_arr.tolist()),
-            traceparent=traceparent)
+        seq = Sequence(sequence_id, prompt_arr, params, np.random.default_rng(seed),
+                       seen=set(prompt_arr.tolist()), traceparent=traceparent)
+        if self.prefix_cache is not None:
+            self._reuse_prefix(seq)
+        self.sequences[sequence_id] = seq
+
+    def _hashes(self, tokens: np.ndarray) -> list[int]:
+        return block_hashes(tokens, self.manifest.name)
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Seed a new sequence's KV with its longest cached prefix, so prefill computes only the
+        rest. At most (len-1)//B blocks: one prompt token is always prefilled, for its logits."""
+        assert self.prefix_cache is not None
+        seq.prompt_hashes = self._hashes(seq.prompt)
+        wanted = seq.prompt_hashes[:(len(seq.prompt) - 1) // BLOCK_SIZE]
+        n = self.prefix_cache.lookup(wanted)
+        if n == 0:
+            return
+        kv = self.prefix_cache.assemble(wanted[:n])
+        seq.private_kv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(kv[i][None]), self.device, 0)
+                          for i in range(len(self._past_names))]
+        seq.processed = seq.cached_tokens = n * BLOCK_SIZE
+
+    def _keep_prefix(self, hashes: list[int], kv: list[np.ndarray]) -> None:
+        """Offer a prefix's blocks to the cache (`kv` per past name [kv_heads, T, head_dim],
+        starting at token 0); blocks already held cost nothing."""
+        if self.prefix_cache is not None and hashes:
+            self.prefix_cache.insert(hashes, kv)
 
     def remove(self, sequence_ids: list[str]) -> list[Sequence]:
-        """Free sequences (unknown ids are ignored); returns the removed ones."""
+        """Free sequences (unknown ids are ignored); returns the removed ones. Their KV (prompt
+        and generated tokens) goes to the prefix cache first: a chat's next turn repeats this
+        prompt and answer."""
         gone = [seq for sid in sequence_ids if (seq := self.sequences.pop(sid, None)) is not None]
         ids = {seq.sequence_id for seq in gone}
         rows = [i for i, sid in enumerate(self._batch_ids) if sid in ids]
+        host = self._host_kv() if rows else None
+        if self.prefix_cache is not None:
+            for seq in gone:
+                if seq.private_kv is not None and seq.processed >= BLOCK_SIZE:  # left mid-prefill
+                    self._keep_prefix(self._hashes(seq.prompt[:seq.processed]),
+                                      [v.numpy()[0] for v in seq.private_kv])
+            by_id = {seq.sequence_id: seq for seq in gone}
+            for row in rows:
+                self._keep_row(by_id[self._batch_ids[row]], row, host)  # type: ignore[arg-type]
         if rows:
-            self._drop_rows(rows)
+            self._drop_rows(rows, host)
         return gone
+
+    def _keep_row(self, seq: Sequence, row: int, host: list[np.ndarray]) -> None:
+        """Cache the blocks of a decode-batch row: its last cache_length columns (rows are
+        left-padded, the mask is 1 on them) hold the KV of its prompt and generated tokens but
+        the last."""
+        n = int(self._batch_mask[row].sum())
+        assert n == seq.cache_length, (n, seq.cache_length)
+        if n < BLOCK_SIZE:
+            return
+        tokens = np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)])[:n]
+        width = host[0].shape[2]
+        self._keep_prefix(self._hashes(tokens), [a[row, :, width - n:, :] for a in host])
 
     # ---- one iteration -----------------------------------------------------------------
     def step(self, prefill: list[tuple[str, int]], decode: bool, decode_steps: int = 1) -> StepResult:
@@ -185,6 +241,7 @@ class Engine:
                 self._first_token(seq, logits[0, -1], result)
                 own = [v.numpy() for v in seq.private_kv or []]
                 seq.private_kv = None
+                self._keep_prefix(seq.prompt_hashes, [a[0] for a in own])
                 self._join_rows([seq.sequence_id], own, np.ones((1, own[0].shape[2]), dtype=np.int64))
             else:
                 result.prefill_remaining[seq.sequence_id] = seq.prefill_remaining
@@ -199,6 +256,7 @@ class Engine:
         seq.first_token_ns = time.time_ns()
         result.sample_s += time.perf_counter() - t_s
         result.tokens.append((seq.sequence_id, token, True))
+        result.cached_prompt_tokens[seq.sequence_id] = seq.cached_tokens
 
     def _prefill_together(self, seqs: list[Sequence], result: StepResult) -> None:
         """Whole prompts in one ONNX Runtime call: left-padded to the longest, padding masked,
@@ -215,10 +273,12 @@ class Engine:
             positions[row, width - length:] = np.arange(length)
         logits, present = self._run({"input_ids": ids, "attention_mask": mask, "position_ids": positions},
                                     self._empty_kv(len(seqs), 0))
-        for row, seq in enumerate(seqs):
-            seq.processed = len(seq.prompt)
+        kv = [p.numpy() for p in present]
+        for row, (seq, length) in enumerate(zip(seqs, lengths)):
+            seq.processed = length
             self._first_token(seq, logits[row, -1], result)
-        self._join_rows([s.sequence_id for s in seqs], [p.numpy() for p in present], mask)
+            self._keep_prefix(seq.prompt_hashes, [a[row, :, width - length:, :] for a in kv])
+        self._join_rows([s.sequence_id for s in seqs], kv, mask)
 
     def _run(self, feeds: dict[str, np.ndarray], past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
         binding = self.session.io_binding()
@@ -305,7 +365,7 @@ class Engine:
                          for a, b in zip(batch_kv, kv)],
                         np.concatenate([_left_pad_mask(self._batch_mask, target), _left_pad_mask(mask, target)], axis=0))
 
-    def _drop_rows(self, rows: list[int]) -> None:
+    def _drop_rows(self, rows: list[int], host: list[np.ndarray] | None = None) -> None:
         dropped = set(rows)
         keep = [i for i in range(len(self._batch_ids)) if i not in dropped]
         if not keep:
@@ -316,7 +376,8 @@ class Engine:
         # Columns that are padding in every remaining row are dropped (compaction).
         first = int(np.argmax(mask.any(axis=0)))
         self._set_batch([self._batch_ids[i] for i in keep],
-                        [a[keep][:, :, first:, :] for a in self._host_kv()], mask[:, first:])
+                        [a[keep][:, :, first:, :] for a in (host if host is not None else self._host_kv())],
+                        mask[:, first:])
 
     # ---- convenience ---------------------------------------------------------------------
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None,
