@@ -20,6 +20,8 @@ class WorkerConfig:
     provider: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     spin: bool = field(default=False, metadata={"help": "let ONNX Runtime threads spin between steps "
                                                 "(faster when the worker has cores to itself)"})
+    prefix_cache_mib: int = field(default=256, metadata={"help": "MiB of KV the prefix cache may keep for reuse "
+                                                          "by later prompts with the same prefix (0 disables)"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound port here"})
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
@@ -31,5 +33,7 @@ class WorkerConfig:
                               "build one with `switchyard model convert` or `switchyard model tiny`")
         if self.max_sequences < 1:
             raise ConfigError("max_sequences must be at least 1")
+        if self.prefix_cache_mib < 0:
+            raise ConfigError("prefix_cache_mib must be non-negative")
         if self.provider not in ("auto", "cpu", "cuda"):
             raise ConfigError("provider must be auto, cpu or cuda")

@@ -21,7 +21,7 @@ from switchyard.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 from .config import WorkerConfig
 from .engine import Engine, EngineError
 from .sampling import SamplingParams
-from .telemetry import record_sequence_spans, record_step
+from .telemetry import record_prefix_cache, record_sequence_spans, record_step
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,11 +72,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     @_needs_engine
     async def Info(self, request: worker_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
         e = self._engine
-        return worker_pb2.InfoResponse(
+        info = worker_pb2.InfoResponse(
             model=e.manifest.name, context_length=e.context_length, max_sequences=e.max_sequences,
             vocab_size=e.config.vocab_size, eos_token_ids=list(e.manifest.eos_token_ids),
             max_output_tokens=e.manifest.max_output_tokens,
             execution_provider=e.provider, active_sequences=len(e.sequences), kv_tokens=e.kv_tokens)
+        if e.prefix_cache is not None:  # read from this thread: the cache locks its table
+            s = e.prefix_cache.stats()
+            info.cached_blocks.extend(e.prefix_cache.held())
+            info.block_size = s.block_size
+            info.prefix_cache.CopyFrom(worker_pb2.PrefixCacheStats(
+                bytes_used=s.bytes_used, capacity_bytes=s.capacity_bytes, blocks=s.blocks,
+                query_tokens=s.query_tokens, hit_tokens=s.hit_tokens,
+                blocks_stored=s.stored_blocks, blocks_evicted=s.evicted_blocks))
+        return info
 
     def _add(self, specs: Any) -> int:
         for spec in specs:
@@ -106,8 +115,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         e = self._engine
         record_step(e.manifest.name, result.prefill_s, result.decode_s, result.decode_batch_size, e.kv_tokens,
                     len(e.sequences), e.max_sequences * e.context_length)
+        record_prefix_cache(e.manifest.name, e.prefix_cache)
+        cached = result.cached_prompt_tokens
         return worker_pb2.StepResponse(
-            tokens=[worker_pb2.SequenceToken(sequence_id=s, token_id=t, first=f) for s, t, f in result.tokens],
+            tokens=[worker_pb2.SequenceToken(sequence_id=s, token_id=t, first=f,
+                                             cached_prompt_tokens=cached.get(s, 0) if f else 0)
+                    for s, t, f in result.tokens],
             prefill_remaining=result.prefill_remaining,
             stats=worker_pb2.StepStats(decode_batch_size=result.decode_batch_size,
                                        decode_steps=result.decode_steps,
@@ -118,6 +131,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def RemoveSequences(self, request: worker_pb2.RemoveSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.RemoveSequencesResponse:
         removed = await self._call(self._engine.remove, list(request.sequence_ids))
         record_sequence_spans(removed, self._engine.manifest.name)
+        record_prefix_cache(self._engine.manifest.name, self._engine.prefix_cache)
         return worker_pb2.RemoveSequencesResponse(active_sequences=len(self._engine.sequences))
 
 
@@ -139,7 +153,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     try:
         engine = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
-                                     threads=config.threads, provider=config.provider, spin=config.spin))
+                                     threads=config.threads, provider=config.provider, spin=config.spin,
+                                     prefix_cache_bytes=config.prefix_cache_mib << 20))
     except Exception:
         log.exception("model %s cannot run; health stays NOT_SERVING", config.model_dir)
         await stop.wait()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import time
 from typing import Iterable
 
-from prometheus_client import Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from switchyard.telemetry.metrics import BATCH_BUCKETS, LATENCY_BUCKETS
 from switchyard.telemetry.tracing import context_from_traceparent, tracer, tracing_enabled
 
 from .engine import Sequence
+from .prefix_cache import PrefixCache, PrefixCacheStats
 
 STEP_SECONDS = Histogram("switchyard_worker_step_duration_seconds", "Time of one engine phase per step",
                          ["model", "phase"], buckets=LATENCY_BUCKETS)
@@ -25,6 +26,33 @@ ACTIVE = Gauge("switchyard_worker_active_sequences", "Sequences held by the work
 KV_TOKENS = Gauge("switchyard_kv_cache_tokens", "Tokens held in the KV cache", ["model"])
 KV_USAGE = Gauge("switchyard_kv_cache_usage_ratio", "KV cache tokens over the worker's capacity "
                  "(max_sequences × context length)", ["model"])
+# Prefix cache: hit rate = rate(hit_tokens) / rate(query_tokens).
+PREFIX_QUERY_TOKENS = Counter("switchyard_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix "
+                              "cache (full blocks)", ["model"])
+PREFIX_HIT_TOKENS = Counter("switchyard_prefix_cache_hit_tokens", "Prompt tokens whose KV the prefix cache "
+                            "supplied", ["model"])
+PREFIX_STORED = Counter("switchyard_prefix_cache_blocks_stored", "Blocks stored in the prefix cache", ["model"])
+PREFIX_EVICTED = Counter("switchyard_prefix_cache_blocks_evicted", "Blocks evicted from the prefix cache",
+                         ["model"])
+PREFIX_BYTES = Gauge("switchyard_prefix_cache_bytes", "Bytes of KV held by the prefix cache", ["model"])
+PREFIX_CAPACITY = Gauge("switchyard_prefix_cache_capacity_bytes", "Prefix cache budget in bytes", ["model"])
+_prefix_seen: dict[int, PrefixCacheStats] = {}  # last stats recorded, per cache: counters advance by the difference
+
+
+def record_prefix_cache(model: str, cache: PrefixCache | None) -> None:
+    if cache is None:
+        return
+    now = cache.stats()
+    before = _prefix_seen.get(id(cache), PrefixCacheStats())
+    _prefix_seen[id(cache)] = now
+    for counter, delta in ((PREFIX_QUERY_TOKENS, now.query_tokens - before.query_tokens),
+                           (PREFIX_HIT_TOKENS, now.hit_tokens - before.hit_tokens),
+                           (PREFIX_STORED, now.stored_blocks - before.stored_blocks),
+                           (PREFIX_EVICTED, now.evicted_blocks - before.evicted_blocks)):
+        if delta > 0:
+            counter.labels(model).inc(delta)
+    PREFIX_BYTES.labels(model).set(now.bytes_used)
+    PREFIX_CAPACITY.labels(model).set(now.capacity_bytes)
 
 
 def record_step(model: str, prefill_s: float, decode_s: float, batch: int, kv_tokens: int, active: int,
