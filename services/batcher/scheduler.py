@@ -42,6 +42,7 @@ class Active:
     prefill_left: int
     generated: int = 0
     max_batch: int = 1
+    cached_prompt_tokens: int = 0  # prompt tokens the worker's prefix cache supplied
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     span: Span | None = None  # batcher.request, when tracing
     traceparent: str = ""  # context the worker parents its spans on
@@ -238,6 +239,8 @@ class Scheduler:
             reason = generate_pb2.FINISH_REASON_UNSPECIFIED
             for tok in toks:
                 a.max_batch = max(a.max_batch, batch if not tok.first else 1)
+                if tok.first:
+                    a.cached_prompt_tokens = tok.cached_prompt_tokens
                 reason = self._finish_reason(a, tok.token_id)
                 if reason != generate_pb2.FINISH_REASON_EOS:
                     ids.append(tok.token_id)
@@ -254,10 +257,12 @@ class Scheduler:
             await self._publish(a.request, finished=bus_pb2.Finished(
                 finish_reason=reason, prompt_tokens=len(a.request.prompt_token_ids),
                 completion_tokens=a.generated, max_batch_size=a.max_batch,
+                cached_prompt_tokens=a.cached_prompt_tokens,
                 queue_wait_s=max(a.admitted_at - a.request.dispatched_unix_s, 0.0)))
             self.stats.completed += 1
             tm.FINISHED.labels(*self._labels, generate_pb2.FinishReason.Name(reason)).inc()
             if a.span is not None:
+                a.span.set_attribute("switchyard.cached_prompt_tokens", a.cached_prompt_tokens)
                 a.span.set_attribute("switchyard.output_tokens", a.generated)
                 a.span.set_attribute("switchyard.batch_size", a.max_batch)
         if finished:
@@ -386,8 +391,23 @@ class Scheduler:
         self.stats.max_decode_batch = 0
         return report
 
+    async def _prefix_cache_snapshot(self, report: bus_pb2.LoadReport) -> None:
+        """The worker's prefix-cache contents into the report: a full snapshot each heartbeat
+        (see docs/decisions/prefix-cache.md for why not store/evict events)."""
+        if not self.worker_ok:
+            return
+        try:
+            info = await self.worker.Info(worker_pb2.InfoRequest(), timeout=max(self.config.heartbeat_s, 0.2))
+        except grpc.aio.AioRpcError:
+            return  # report no cache rather than a stale one
+        report.cached_blocks.extend(info.cached_blocks)
+        report.block_size = info.block_size
+        report.prefix_cache_bytes = info.prefix_cache.bytes_used
+        report.prefix_cache_capacity_bytes = info.prefix_cache.capacity_bytes
+
     async def _publish_load(self) -> None:
         report = self.load_report()
+        await self._prefix_cache_snapshot(report)
         tm.RUNNING.labels(*self._labels).set(report.running)
         tm.TOKENS_IN_FLIGHT.labels(*self._labels).set(report.tokens_in_flight)
         if self._psub is not None:
