@@ -36,7 +36,7 @@ def request_from_proto(msg: generate_pb2.GenerateRequest, context: grpc.aio.Serv
         messages=[(m.role, m.content) for m in msg.chat.messages] if kind == "chat" else None,
         max_tokens=msg.max_tokens, sampling=msg.sampling, stop=list(msg.stop.stop),
         stop_token_ids=list(msg.stop.stop_token_ids), ignore_eos=msg.stop.ignore_eos,
-        request_id=msg.request_id or uuid.uuid4().hex,
+        request_id=msg.request_id or uuid.uuid4().hex, session_id=msg.session_id,
         timeout_s=remaining if remaining is not None else None)
 
 
