@@ -119,7 +119,7 @@ def test_least_loaded_prefers_the_idle_replica_and_round_robin_ignores_load() ->
     # ...and stop counting when they complete
     for _ in range(7):
         least.on_complete(req, b, ok=True)
-    assert "b" not in least.inflight
+    assert least.inflight["b"].requests == 0 and least.inflight["b"].tokens == 0
     assert least.choose(req, replicas).replica_id == "b"
 
 
@@ -224,3 +224,21 @@ def test_model_routes_parse_and_pick_by_difficulty() -> None:
     assert router.choose(route, "prove it", [1]).model == "large"
     assert router.choose(route, "edge", [1]).model == "large"  # at the threshold: the large model
     assert router.choose(route, "hi", [1]).estimate.score == 0.1
+
+
+def test_load_discounts_reported_requests_this_router_saw_finish() -> None:
+    """A report taken while our request ran says "busy" until the next heartbeat; requests we
+    dispatched before the report and saw finish after it are taken off."""
+    fleet = FleetView()
+    policy = make_policy("least_loaded", fleet)
+    req = request([1] * 4)
+    fleet.observe(report("a"))
+    a = fleet.live("m")[0]
+    policy.on_dispatch(req, a)
+    time.sleep(0.01)
+    fleet.observe(report("a", running=1))  # the heartbeat counts our request
+    assert policy.load(a) == pytest.approx(1 / 8)
+    policy.on_complete(req, a, ok=True)
+    assert policy.load(a) == 0.0  # finished after that report: no longer there
+    fleet.observe(report("a", running=3))  # a newer report (other routers' requests) counts in full
+    assert policy.load(a) == pytest.approx(3 / 8)

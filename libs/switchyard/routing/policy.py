@@ -13,7 +13,9 @@ adding one file. Policies do no I/O and are unit-tested on hand-built fleet view
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
@@ -36,6 +38,7 @@ class RoutingRequest:
     tenant: str = ""
     session_id: str = ""  # conversation / user key, when the client gives one
     request_id: str = ""
+    dispatched_unix_s: float = 0.0  # set by on_dispatch
 
     @property
     def expected_tokens(self) -> int:
@@ -44,10 +47,17 @@ class RoutingRequest:
 
 @dataclass
 class Inflight:
-    """What this router has dispatched to one replica and not seen finish."""
+    """What this router has dispatched to one replica and not seen finish, and the
+    (dispatched, completed) unix times of what finished lately."""
 
     requests: int = 0
     tokens: int = 0
+    finished: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=256))
+
+    def finished_since(self, report_unix_s: float) -> int:
+        """Requests the replica counted in a report sent at `report_unix_s` that have
+        finished since: dispatched before it, completed after it."""
+        return sum(1 for dispatched, done in self.finished if dispatched < report_unix_s < done)
 
 
 class RoutingPolicy(ABC):
@@ -65,6 +75,7 @@ class RoutingPolicy(ABC):
         """Pick one of `candidates` (live replicas of `request.model`, never empty)."""
 
     def on_dispatch(self, request: RoutingRequest, replica: ReplicaState) -> None:
+        request.dispatched_unix_s = time.time()
         load = self.inflight.setdefault(replica.replica_id, Inflight())
         load.requests += 1
         load.tokens += request.expected_tokens
@@ -75,8 +86,10 @@ class RoutingPolicy(ABC):
             return
         load.requests = max(load.requests - 1, 0)
         load.tokens = max(load.tokens - request.expected_tokens, 0)
-        if load.requests == 0:
-            del self.inflight[replica.replica_id]
+        now = time.time()
+        load.finished.append((request.dispatched_unix_s, now))
+        while load.finished and now - load.finished[0][1] > 60.0:
+            load.finished.popleft()
 
     # ---- helpers shared by policies -------------------------------------------------------
     def inflight_requests(self, replica: ReplicaState) -> int:
@@ -86,9 +99,15 @@ class RoutingPolicy(ABC):
     def load(self, replica: ReplicaState) -> float:
         """Occupancy of a replica's batch: requests it holds over its batch cap (1.0 = full,
         above 1 = queueing). Requests held = the larger of what the replica last reported
-        (running + queued, which counts other routers' traffic) and what this router has in
-        flight there (which counts what it sent since that report)."""
-        held = max(self.inflight_requests(replica), replica.reported_requests)
+        (running + queued, which counts other routers' traffic) less what of that this router
+        has seen finish since the report, and what this router has in flight there (which
+        counts what it sent since that report). Without the correction a replica looks busy
+        for up to a heartbeat after its requests end."""
+        own = self.inflight.get(replica.replica_id)
+        reported = replica.reported_requests
+        if own is not None and own.finished:
+            reported = max(reported - own.finished_since(replica.report.sent_unix_s), 0)
+        held = max(own.requests if own else 0, reported)
         return held / replica.max_batch_size
 
     def next_turn(self) -> int:
