@@ -60,7 +60,7 @@ def up(
     tenants_file: Optional[Path] = typer.Option(None, help="tenants TOML (default: a dev tenant in runs/)"),
     nats_port: int = typer.Option(4222, help="nats-server port"),
     max_batch_size: int = typer.Option(32, help="batch-size cap per replica"),
-    balancing: str = typer.Option("least_loaded", help="routing policy: least_loaded, prefix_aware, "
+    balancing: str = typer.Option("prefix_aware", help="routing policy: prefix_aware, least_loaded, "
                                   "power_of_two or round_robin"),
     log_dir: Path = typer.Option(Path("runs/logs"), help="where service logs go"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder for request records and spans "

@@ -20,7 +20,7 @@ class RouterConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
     models_dir: Path = field(default=Path("models"), metadata={"help": "folder of model folders (tokenizers, templates)"})
-    balancing: str = field(default="least_loaded", metadata={
+    balancing: str = field(default="prefix_aware", metadata={
         "help": "routing policy choosing a model's replica: " + ", ".join(policy_names())})
     routing_policies: tuple[str, ...] = field(default=(), metadata={
         "help": "per-model routing policy overrides, model=policy,... (others use --balancing)"})

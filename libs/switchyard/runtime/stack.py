@@ -77,7 +77,7 @@ class StackSpec:
     records_dir: Path | None = None  # router writes requests.jsonl here (for `switchyard report`)
     worker_threads: int = 0  # 0: share the cores evenly between workers
     max_batch_size: int = 32
-    balancing: str = "least_loaded"
+    balancing: str = "prefix_aware"
     heartbeat_s: float = 0.5
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
