@@ -8,6 +8,10 @@ the whole batch, and its `present.*` outputs become the next step's `past_key_va
 inputs as OrtValues (I/O binding), so on CUDA the cache stays on the device and per step
 only token ids go in and only logits come out. Joins and leaves (rare next to steps) rebuild
 the batch tensors on the host.
+
+Prefix cache (`prefix_cache.py`): a new sequence whose leading 16-token blocks are cached
+starts with their KV and prefills only the rest. Blocks are copied into the cache only when a
+prompt completes and when a sequence is removed (never per decode step).
 """
 
 from __future__ import annotations
@@ -187,7 +191,9 @@ class Engine:
         gone = [seq for sid in sequence_ids if (seq := self.sequences.pop(sid, None)) is not None]
         ids = {seq.sequence_id for seq in gone}
         rows = [i for i, sid in enumerate(self._batch_ids) if sid in ids]
-        host = self._host_kv() if rows else None
+        # The batch's KV on the host, once: for the cache and for the rows that stay.
+        needed = rows and (self.prefix_cache is not None or len(rows) < len(self._batch_ids))
+        host = self._host_kv() if needed else None
         if self.prefix_cache is not None:
             for seq in gone:
                 if seq.private_kv is not None and seq.processed >= BLOCK_SIZE:  # left mid-prefill
@@ -205,7 +211,9 @@ class Engine:
         left-padded, the mask is 1 on them) hold the KV of its prompt and generated tokens but
         the last."""
         n = int(self._batch_mask[row].sum())
-        assert n == seq.cache_length, (n, seq.cache_length)
+        if n != seq.cache_length:  # never expected; a wrong block would corrupt later outputs
+            log.warning("not caching %s: %d KV columns for %d tokens", seq.sequence_id, n, seq.cache_length)
+            return
         if n < BLOCK_SIZE:
             return
         tokens = np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)])[:n]
