@@ -64,3 +64,15 @@ def test_stop_string_ends_the_answer_before_it(real_stack: LocalStack) -> None:
 def test_int4_and_fp32_agree_on_a_greedy_answer(real_stack: LocalStack) -> None:
     question = "Name three primary colors."
     assert "".join(chat(real_stack, INT4, question)[0]) == "".join(chat(real_stack, FP32, question)[0])
+
+
+@pytest.mark.parametrize("model", [INT4, FP32])
+def test_a_repeated_chat_reuses_its_prefix_with_the_same_answer(real_stack: LocalStack, model: str) -> None:
+    """One replica per model: the second identical chat finds its prompt in the worker's prefix
+    cache and answers the same, token for token."""
+    question = "Name three rivers of France and say in one sentence where each one flows."
+    first_chunks, first = chat(real_stack, model, question, max_tokens=24)
+    again_chunks, again = chat(real_stack, model, question, max_tokens=24)
+    prompt = again.usage.prompt_tokens
+    assert again.usage.cached_prompt_tokens == (prompt - 1) // 16 * 16 > 0
+    assert "".join(again_chunks) == "".join(first_chunks)
