@@ -9,8 +9,10 @@ threshold, over the whole set:
 
 * quality = share of prompts whose served answer equals the large-only answer (a prompt served
   by the large model agrees by definition)
-* cost    = replica-seconds relative to large-only, from rates measured in this run for each
-  model at batch 1: prompt tokens × prefill s/token + (generated − 1) / decode tokens/s
+* cost    = compute relative to large-only: (prompt tokens + generated tokens) × weights
+  multiplied per token (``--cost flops``, the default: deterministic, the same on any machine),
+  or replica-seconds from rates measured in this run at batch 1 (``--cost measured``: prompt
+  tokens × prefill s/token + (generated − 1) / decode tokens/s; noisy on a shared machine)
 
 Policies: ``difficulty`` (switchyard.routing.difficulty.estimate_difficulty < threshold → small);
 ``cascade`` (small answers first; when confidence() of its first --k tokens is below the
@@ -46,6 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from int4_agreement import decode_rate, greedy_all  # noqa: E402
+from small_model import params_per_token  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from switchyard.model.catalog import ModelCatalog  # noqa: E402
 from switchyard.model.convert import INT4_MODEL_NAME, MODEL_NAMES, SMALL_MODEL_NAME, convert_gguf  # noqa: E402
@@ -123,6 +126,7 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--k", type=int, default=8, help="cascade: small tokens judged before escalating")
     ap.add_argument("--limit", type=int, default=0)
+    ap.add_argument("--cost", choices=("flops", "measured"), default="flops")
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "model-routing.png")
     args = ap.parse_args()
 
@@ -169,9 +173,16 @@ def main() -> None:
     first = [bool(a) and bool(b) and a[0] == b[0] for a, b in zip(small_out, large_out)]
     scores = [estimate_difficulty(t, p).score for t, p in zip(texts, ids)]
     confs = [confidence(pr, args.k) for pr in small_probs]
-    large_cost = [large_rates.cost(len(p), len(o)) for p, o in zip(ids, large_out)]
-    small_cost = [small_rates.cost(len(p), len(o)) for p, o in zip(ids, small_out)]
-    probe_cost = [small_rates.cost(len(p), min(args.k, len(o))) for p, o in zip(ids, small_out)]
+    if args.cost == "flops":  # relative units: weights multiplied per token, prefill or decode alike
+        lp = float(sum(params_per_token(large_entry.manifest.config)))
+        sp = float(sum(params_per_token(small_entry.manifest.config)))
+        large_cost = [lp * (len(p) + len(o)) for p, o in zip(ids, large_out)]
+        small_cost = [sp * (len(p) + len(o)) for p, o in zip(ids, small_out)]
+        probe_cost = [sp * (len(p) + min(args.k, len(o))) for p, o in zip(ids, small_out)]
+    large_cost = large_cost if args.cost == "flops" else [large_rates.cost(len(p), len(o)) for p, o in zip(ids, large_out)]
+    if args.cost == "measured":
+        small_cost = [small_rates.cost(len(p), len(o)) for p, o in zip(ids, small_out)]
+        probe_cost = [small_rates.cost(len(p), min(args.k, len(o))) for p, o in zip(ids, small_out)]
     base = sum(large_cost)
 
     def routed(small_set: list[bool]) -> tuple[float, float]:
@@ -192,7 +203,7 @@ def main() -> None:
     easy = [s for s, r in zip(scores, rows) if r["label"] == "easy"]
     hard = [s for s, r in zip(scores, rows) if r["label"] == "hard"]
     table = Table(title=f"{args.small} vs {args.large}: {n} prompts, ≤{args.max_new} new tokens, "
-                        f"ORT threads={args.threads}")
+                        f"ORT threads={args.threads}, cost={args.cost}")
     table.add_column("measure", justify="left")
     table.add_column("value", justify="right")
     facts = [
@@ -238,7 +249,8 @@ def main() -> None:
     ax.axhline(TARGET_AGREEMENT, color="grey", lw=0.8, ls="--")
     ax.axvline(0.6, color="grey", lw=0.8, ls="--")
     ax.text(0.6, TARGET_AGREEMENT, " target: cost ≤ 0.60 at ≥ 95%", fontsize=8, va="bottom")
-    ax.set_xlabel("cost per request, relative to large-only (measured replica-seconds)")
+    ax.set_xlabel("cost per request, relative to large-only ("
+                  + ("weights × tokens" if args.cost == "flops" else "measured replica-seconds") + ")")
     ax.set_ylabel("agreement with large-only")
     ax.set_title(f"{args.small} / {args.large}, {n} prompts", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
