@@ -284,6 +284,9 @@ def test_gguf_weights_without_unpermute_do_not_answer(gguf_model: GgufModel) -> 
 # --------------------------------------------------------------------------------------------
 
 
+PAIR = ("fp32", "int4")  # the fake model has one layer: no truncated small variant
+
+
 def _fake_model() -> GgufModel:
     cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, rope_theta=100000.0,
@@ -325,7 +328,7 @@ def test_convert_writes_named_folders_once(tmp_path: Path, fake_convert) -> None
 
     convert_mod, calls = fake_convert
     gguf = tmp_path / "x.gguf"
-    paths = convert_mod.convert_gguf(tmp_path / "models", gguf_path=gguf)
+    paths = convert_mod.convert_gguf(tmp_path / "models", gguf_path=gguf, variants=PAIR)
     assert [p.name for p in paths] == [convert_mod.FP32_MODEL_NAME, convert_mod.INT4_MODEL_NAME]
     assert convert_mod.FP32_MODEL_NAME == "smollm2-135m-instruct"
     assert convert_mod.INT4_MODEL_NAME == "smollm2-135m-instruct-int4"
@@ -341,7 +344,7 @@ def test_convert_writes_named_folders_once(tmp_path: Path, fake_convert) -> None
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(p.name for p in paths)
 
     # idempotent: nothing read or written the second time
-    assert convert_mod.convert_gguf(tmp_path / "models", gguf_path=gguf) == paths
+    assert convert_mod.convert_gguf(tmp_path / "models", gguf_path=gguf, variants=PAIR) == paths
     assert calls["read"] == 1 and len(calls["write"]) == 2
 
 
@@ -351,14 +354,14 @@ def test_convert_interrupted_leaves_no_half_folder(tmp_path: Path, fake_convert)
     models = tmp_path / "models"
     calls["fail"].add("int4")
     with pytest.raises(KeyboardInterrupt):
-        convert_mod.convert_gguf(models, gguf_path=tmp_path / "x.gguf")
+        convert_mod.convert_gguf(models, gguf_path=tmp_path / "x.gguf", variants=PAIR)
     assert [p.name for p in models.iterdir()] == [convert_mod.FP32_MODEL_NAME]
 
     # a stale incomplete folder under the real name is rebuilt, the complete one is kept
     (models / convert_mod.INT4_MODEL_NAME).mkdir()
     (models / convert_mod.INT4_MODEL_NAME / "junk").write_text("x")
     calls["fail"].clear()
-    paths = convert_mod.convert_gguf(models, gguf_path=tmp_path / "x.gguf")
+    paths = convert_mod.convert_gguf(models, gguf_path=tmp_path / "x.gguf", variants=PAIR)
     assert calls["read"] == 2 and [m.variant for _, m in calls["write"]] == ["fp32", "int4", "int4"]
     assert not (paths[1] / "junk").exists() and (paths[1] / "switchyard.json").is_file()
     assert sorted(p.name for p in models.iterdir()) == sorted(p.name for p in paths)
@@ -372,14 +375,14 @@ def test_convert_rebuilds_folders_of_another_format_version(tmp_path: Path, fake
 
     convert_mod, calls = fake_convert
     models, gguf = tmp_path / "models", tmp_path / "x.gguf"
-    fp32, int4 = convert_mod.convert_gguf(models, gguf_path=gguf)
+    fp32, int4 = convert_mod.convert_gguf(models, gguf_path=gguf, variants=PAIR)
     assert ModelManifest.load(int4).extra["format_version"] == convert_mod.FORMAT_VERSION
     assert "int4_accuracy_level" in ModelManifest.load(int4).extra
     assert "int4_accuracy_level" not in ModelManifest.load(fp32).extra
     old = ModelManifest.load(int4)
     dataclasses.replace(old, extra={**old.extra, "format_version": convert_mod.FORMAT_VERSION - 1}).save(int4)
     (int4 / "stale-marker").write_text("x")
-    assert convert_mod.convert_gguf(models, gguf_path=gguf) == [fp32, int4]
+    assert convert_mod.convert_gguf(models, gguf_path=gguf, variants=PAIR) == [fp32, int4]
     assert calls["read"] == 2 and [m.variant for _, m in calls["write"]] == ["fp32", "int4", "int4"]
     assert not (int4 / "stale-marker").exists()
     assert ModelManifest.load(int4).extra["format_version"] == convert_mod.FORMAT_VERSION
@@ -387,7 +390,7 @@ def test_convert_rebuilds_folders_of_another_format_version(tmp_path: Path, fake
     # a manifest without the field (written before format versions existed) is stale too
     (fp32 / "switchyard.json").write_text((fp32 / "switchyard.json").read_text().replace(
         '"format_version"', '"old_format_version"'))
-    convert_mod.convert_gguf(models, gguf_path=gguf)
+    convert_mod.convert_gguf(models, gguf_path=gguf, variants=PAIR)
     assert [m.variant for _, m in calls["write"]][3:] == ["fp32"]
 
 
