@@ -9,12 +9,15 @@ import logging
 import time
 import uuid
 import zlib
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncGenerator
 
 from switchyard.fleet.view import FleetView, ReplicaState
 from switchyard.model.catalog import CHAT_ROLES, IncrementalDetokenizer, ModelCatalog, ModelEntry
 from switchyard.prefix.blocks import BLOCK_SIZE, block_hashes
+from switchyard.resilience.outliers import OutlierDetector
+from switchyard.resilience.retry import RetryBudget, backoff_s
 from switchyard.routing.model_routes import ModelRoute, ModelRouter
 from switchyard.routing.policy import RoutingPolicy, RoutingRequest
 from switchyard.routing.table import RoutingTable
@@ -79,6 +82,17 @@ class Completion:
 Event = TokenDelta | Completion
 
 
+@dataclass(frozen=True)
+class ResilienceConfig:
+    """How hard the router tries before failing a request on a replica's account."""
+
+    max_failovers: int = 3  # re-dispatches of one request (retries before the first token, continuations after)
+    stall_timeout_s: float = 2.0  # silence from a replica that reports it cannot serve before moving on
+    failover_wait_s: float = 10.0  # how long to wait for a live replica to continue on
+    retry_budget_ratio: float = 0.2  # failovers may add at most this share of recent requests
+    eject_after_failures: int = 3  # consecutive failures that eject a replica for a while
+
+
 @dataclass
 class PreparedRequest:
     request: GenerationRequest
@@ -132,6 +146,29 @@ class StopStringMatcher:
         return out
 
 
+# Stream errors that are the replica's fault, not the request's: the request may go elsewhere.
+REPLICA_FAULTS = frozenset({generate_pb2.ERROR_CODE_UNAVAILABLE, generate_pb2.ERROR_CODE_INTERNAL})
+
+
+class ReplicaFailure(Exception):
+    """The replica serving a dispatch failed it (error, gone, stalled)."""
+
+    def __init__(self, replica_id: str, reason: str) -> None:
+        super().__init__(f"replica {replica_id} {reason}")
+        self.replica_id = replica_id
+        self.reason = reason
+
+
+@dataclass
+class StreamProgress:
+    """What a request's stream has delivered so far, across failovers."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+
 class RequestPipeline:
     """Auth → validation and tokenization → rate limits → admission → replica choice →
     dispatch → relay. Front ends only convert their wire format to and from it."""
@@ -139,8 +176,15 @@ class RequestPipeline:
     def __init__(self, catalog: ModelCatalog, fleet: FleetView, dispatcher: Dispatcher,
                  routing: RoutingTable, tenants: TenantDirectory | None = None,
                  limiter: RateLimiter | None = None, admission: AdmissionControl | None = None,
-                 observer: RequestObserver | None = None, model_router: ModelRouter | None = None) -> None:
+                 observer: RequestObserver | None = None, model_router: ModelRouter | None = None,
+                 resilience: ResilienceConfig | None = None) -> None:
         self.catalog = catalog
+        res = resilience or ResilienceConfig()
+        self.max_failovers = res.max_failovers
+        self.stall_timeout_s = res.stall_timeout_s
+        self.failover_wait_s = res.failover_wait_s
+        self.retry_budget = RetryBudget(res.retry_budget_ratio)
+        self.outliers = OutlierDetector(res.eject_after_failures)
         self.model_router = model_router or ModelRouter(())
         self.fleet = fleet
         self.dispatcher = dispatcher
@@ -276,6 +320,7 @@ class RequestPipeline:
             block_hashes=block_hashes(prepared.prompt_ids, model), block_size=BLOCK_SIZE, tenant=tenant,
             session_id=req.session_id, request_id=req.request_id)
         policy = self.routing.policy_for(model)
+        candidates = self.outliers.admit(candidates, key=lambda r: r.replica_id)
         return Route(policy.choose(routing_request, candidates), policy, routing_request)
 
     # ---- the stream ---------------------------------------------------------------------
@@ -301,13 +346,16 @@ class RequestPipeline:
                 if prepare_span is not None:
                     prepare_span.end()
             try:
-                async for event in self._relay(req, prepared, route, obs):
-                    if isinstance(event, TokenDelta):
-                        if event.token_ids:
-                            obs.on_tokens(len(event.token_ids))
-                    else:
-                        done = event
-                    yield event
+                # aclosing: the relay's cleanup (cancel on the replica) runs now, not whenever
+                # the garbage collector finalizes it.
+                async with aclosing(self._relay(req, prepared, route, obs)) as relay:
+                    async for event in relay:
+                        if isinstance(event, TokenDelta):
+                            if event.token_ids:
+                                obs.on_tokens(len(event.token_ids))
+                        else:
+                            done = event
+                        yield event
                 code = "OK" if done is not None else "CANCELLED"
             finally:
                 self.admission.leave(prepared.model)
@@ -316,7 +364,9 @@ class RequestPipeline:
             code, message = error.kind.name, error.message
             raise
         except (GeneratorExit, asyncio.CancelledError):
-            code = "CANCELLED"
+            # A consumer that has its Completion closes the generator at that last yield
+            # (non-streamed HTTP, gRPC Complete): a success, not a cancel.
+            code = "OK" if done is not None else "CANCELLED"
             raise
         finally:
             obs.finish(code=code, message=message, replica_id=done.replica_id if done else "",
@@ -328,33 +378,86 @@ class RequestPipeline:
 
     async def _relay(self, req: GenerationRequest, prepared: PreparedRequest, route: Route,
                      obs: Observation) -> AsyncGenerator[Event, None]:
+        """The router owns the request until its final event: when its replica fails (error,
+        leaves the fleet, stalls) the request goes to another replica — before the first token
+        as a retry with backoff and jitter, after it as a continuation of the prompt plus the
+        tokens already streamed, sampling resumed at that position — within a retry budget."""
+        seed = req.sampling.seed if req.sampling.HasField("seed") else zlib.crc32(uuid.uuid4().bytes)
+        progress = StreamProgress(IncrementalDetokenizer(prepared.entry), StopStringMatcher(req.stop))
+        tried: set[str] = set()
+        failovers = 0
+        self.retry_budget.on_request()
+        while True:
+            try:
+                async for event in self._serve_on(req, prepared, route, obs, progress, seed):
+                    yield event
+                self.outliers.success(route.replica.replica_id)
+                return
+            except ReplicaFailure as failure:
+                self.outliers.failure(failure.replica_id)
+                tried.add(failure.replica_id)
+                log.warning("request %s: replica %s %s after %d tokens", req.request_id, failure.replica_id,
+                            failure.reason, len(progress.generated))
+                if failovers >= self.max_failovers or not self.retry_budget.try_retry():
+                    raise RequestError(ErrorKind.UNAVAILABLE, f"replica {failure.replica_id} {failure.reason}; "
+                                       f"gave up after {failovers} failover(s)", retry_after_s=1.0) from None
+                if not progress.generated:
+                    await asyncio.sleep(backoff_s(failovers))
+                failovers += 1
+                route = await self._reroute(prepared, route, progress, tried, obs.started, req.timeout_s)
+                obs.on_failover(failure.replica_id, route.replica.replica_id, failure.reason, len(progress.generated))
+
+    async def _reroute(self, prepared: PreparedRequest, failed: Route, progress: "StreamProgress",
+                       tried: set[str], started: float, timeout_s: float | None) -> Route:
+        """Another replica for a failed dispatch (one not tried yet when there is one); waits
+        up to `failover_wait_s` for a replica to come (back) when none is live."""
+        model = prepared.model
+        tokens = prepared.prompt_ids + progress.generated
+        request = RoutingRequest(
+            model=model, prompt_tokens=len(tokens), expected_output_tokens=prepared.max_tokens - len(progress.generated),
+            block_hashes=block_hashes(tokens, model), block_size=BLOCK_SIZE, tenant=failed.request.tenant,
+            session_id=failed.request.session_id, request_id=failed.request.request_id)
+        wait_until = time.monotonic() + self.failover_wait_s
+        if timeout_s is not None:
+            wait_until = min(wait_until, started + timeout_s)
+        while True:
+            live = self.fleet.live(model)
+            candidates = [r for r in live if r.replica_id not in tried] or live
+            if candidates:
+                candidates = self.outliers.admit(candidates, key=lambda r: r.replica_id)
+                return Route(failed.policy.choose(request, candidates), failed.policy, request)
+            if time.monotonic() >= wait_until:
+                raise RequestError(ErrorKind.UNAVAILABLE, f"no live replica of {model!r} to continue on; retry shortly",
+                                   retry_after_s=1.0)
+            await asyncio.sleep(0.1)
+
+    async def _serve_on(self, req: GenerationRequest, prepared: PreparedRequest, route: Route, obs: Observation,
+                        progress: "StreamProgress", seed: int) -> AsyncGenerator[Event, None]:
+        """One dispatch to one replica, continuing from `progress`; raises ReplicaFailure when
+        the replica fails it."""
         started = obs.started
         replica = route.replica
         dispatch_id = uuid.uuid4().hex
         manifest = prepared.entry.manifest
         stop_ids = list(req.stop_token_ids) + ([] if req.ignore_eos else list(manifest.eos_token_ids))
-        seed = req.sampling.seed if req.sampling.HasField("seed") else zlib.crc32(dispatch_id.encode())
         deadline = time.time() + req.timeout_s if req.timeout_s else 0.0
+        offset = len(progress.generated)
         message = bus_pb2.DispatchRequest(
-            request_id=dispatch_id, model=prepared.model, prompt_token_ids=prepared.prompt_ids,
-            max_tokens=prepared.max_tokens, sampling=req.sampling, seed=seed, stop_token_ids=stop_ids,
+            request_id=dispatch_id, model=prepared.model, prompt_token_ids=prepared.prompt_ids + progress.generated,
+            max_tokens=prepared.max_tokens - offset, sampling=req.sampling, seed=seed, stop_token_ids=stop_ids,
             reply_subject=self.dispatcher.reply_subject(dispatch_id), deadline_unix_s=deadline,
-            dispatched_unix_s=time.time())
+            dispatched_unix_s=time.time(), generated_offset=offset)
         queue = self.dispatcher.open(dispatch_id)
         route.policy.on_dispatch(route.request, replica)
         finished = ok = False
         try:
             await self.dispatcher.send(replica.replica_id, message, obs.context())
-            detok = IncrementalDetokenizer(prepared.entry)
-            stops = StopStringMatcher(req.stop)
-            first_token_at: float | None = None
-            emitted = 0
             held: bus_pb2.ReplicaEvent | None = None
             while True:
                 event, held = held or await self._next_event(queue, replica, started, req.timeout_s), None
                 kind = event.WhichOneof("event")
                 if kind == "tokens":
-                    first_token_at = first_token_at or time.monotonic()
+                    progress.first_token_at = progress.first_token_at or time.monotonic()
                     ids = list(event.tokens.token_ids)
                     # Coalesce steps that queued up while the client was being written to: under
                     # load the router sends fewer, larger chunks instead of falling behind.
@@ -364,41 +467,52 @@ class RequestPipeline:
                             break
                         ids += held.tokens.token_ids
                         held = None
-                    text, stopped = stops.feed(detok.push(ids))
-                    yield TokenDelta(ids, text, event.tokens.index)
-                    emitted += len(ids)
+                    index = len(progress.generated)
+                    progress.generated += ids
+                    text, stopped = progress.stops.feed(progress.detok.push(ids))
+                    yield TokenDelta(ids, text, index)
                     if stopped:
                         ok = True
-                        yield self._completion(generate_pb2.FINISH_REASON_STOP, prepared, emitted, started,
-                                               first_token_at, 0.0, replica)
+                        yield self._completion(generate_pb2.FINISH_REASON_STOP, prepared, len(progress.generated),
+                                               started, progress.first_token_at, 0.0, replica)
                         return
                 elif kind == "finished":
-                    tail, stopped = stops.feed(detok.flush())
-                    tail += "" if stopped else stops.flush()
+                    tail, stopped = progress.stops.feed(progress.detok.flush())
+                    tail += "" if stopped else progress.stops.flush()
                     if tail:
-                        yield TokenDelta([], tail, emitted)
-                    finished = True
+                        yield TokenDelta([], tail, len(progress.generated))
+                    finished = ok = True
                     reason = generate_pb2.FINISH_REASON_STOP if stopped else event.finished.finish_reason
-                    ok = True
-                    yield self._completion(reason, prepared, event.finished.completion_tokens, started,
-                                           first_token_at, event.finished.queue_wait_s, replica,
+                    yield self._completion(reason, prepared, offset + event.finished.completion_tokens, started,
+                                           progress.first_token_at, event.finished.queue_wait_s, replica,
                                            event.finished.max_batch_size, event.finished.cached_prompt_tokens)
                     return
                 else:
                     finished = True
+                    if event.error.code in REPLICA_FAULTS:
+                        raise ReplicaFailure(replica.replica_id, f"failed: {event.error.message}")
                     raise RequestError(ErrorKind.from_stream_code(event.error.code), event.error.message,
                                        retry_after_s=event.error.retry_after_s)
         finally:
             route.policy.on_complete(route.request, replica, ok)
             self.dispatcher.close(dispatch_id)
             if not finished:
-                # Client gone, deadline hit or stop string: free the sequence on the worker.
-                await asyncio.shield(self.dispatcher.cancel(replica.replica_id, dispatch_id))
+                # Client gone, deadline hit, stop string or a failed replica: free the sequence.
+                await asyncio.shield(self._cancel_quietly(replica.replica_id, dispatch_id))
+
+    async def _cancel_quietly(self, replica_id: str, dispatch_id: str) -> None:
+        try:
+            await self.dispatcher.cancel(replica_id, dispatch_id)
+        except Exception as exc:  # the bus may be down too; the worker's deadline still frees it
+            log.warning("cancel of %s on %s not sent: %s", dispatch_id, replica_id, exc)
 
     async def _next_event(self, queue: asyncio.Queue[bus_pb2.ReplicaEvent], replica: ReplicaState,
                           started: float, timeout_s: float | None) -> bus_pb2.ReplicaEvent:
+        """The dispatch's next event; ReplicaFailure when its replica leaves the fleet, or says
+        it cannot serve (worker down, draining) and has sent nothing for `stall_timeout_s`."""
+        last_event = time.monotonic()
         while True:
-            wait = 1.0
+            wait = min(1.0, self.stall_timeout_s / 2)
             if timeout_s is not None:
                 left = timeout_s - (time.monotonic() - started)
                 if left <= 0:
@@ -410,9 +524,12 @@ class RequestPipeline:
                     return await queue.get()
             except TimeoutError:
                 if not self.fleet.is_live(replica.replica_id):
-                    raise RequestError(ErrorKind.UNAVAILABLE,
-                                       f"replica {replica.replica_id} stopped while serving the request",
-                                       retry_after_s=0.5) from None
+                    raise ReplicaFailure(replica.replica_id, "left the fleet") from None
+                state = self.fleet.get(replica.replica_id)
+                silent = time.monotonic() - last_event
+                if state is not None and state.draining and silent >= self.stall_timeout_s:
+                    raise ReplicaFailure(replica.replica_id, f"stalled: no progress for {silent:.1f}s while "
+                                         "it reports it cannot serve") from None
 
     @staticmethod
     def _completion(reason: int, prepared: PreparedRequest, completion_tokens: int, started: float,

@@ -1,0 +1,105 @@
+"""Regression tests for the bugs found by probing the gateway from outside (issue 10, "Bugs at
+the edge", §3 special tokens and §5 bounded metric labels): each failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.router.tenants import write_tenant
+from switchyard.runtime.stack import LocalStack
+from switchyard.v1 import generate_pb2, generate_pb2_grpc
+
+from conftest import TINY, start_stack
+
+KEY = "sy-edge-key"
+SMALL_KEY = "sy-edge-small-key"  # a tenant whose tokens-per-minute fit no large request
+SMALL_TPM = 100
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def edge(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    tmp = tmp_path_factory.mktemp("edge")
+    tenants = tmp / "tenants.toml"
+    write_tenant(tenants, "edge", KEY, requests_per_minute=100_000, tokens_per_minute=10_000_000)
+    write_tenant(tenants, "small", SMALL_KEY, requests_per_minute=100_000, tokens_per_minute=SMALL_TPM)
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp, tenants_file=tenants, api_key=KEY, records_dir=tmp / "run")
+    yield stack
+    stack.stop()
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def post(stack: LocalStack, path: str, body: Any = None, *, content: bytes | None = None,
+         headers: dict[str, str] | None = None) -> httpx.Response:
+    hdrs = {**AUTH, "Content-Type": "application/json", **(headers or {})}
+    if content is None:
+        content = json.dumps(body).encode()
+    return httpx.post(f"{stack.http_url}{path}", content=content, headers=hdrs, timeout=30)
+
+
+def metric_samples(stack: LocalStack) -> list[Any]:
+    assert stack.router is not None and stack.router.metrics_port
+    resp = httpx.get(f"http://127.0.0.1:{stack.router.metrics_port}/metrics", timeout=5)
+    assert resp.status_code == 200, resp.text[:500]
+    return [s for f in text_string_to_metric_families(resp.text) for s in f.samples]
+
+
+def metric(stack: LocalStack, name: str, **labels: str) -> float:
+    return sum(s.value for s in metric_samples(stack)
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def assert_envelope(resp: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+    assert resp.status_code == status, (resp.status_code, resp.text[:500])
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert {"message", "type", "param", "code"} <= set(error), error
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def still_serves(stack: LocalStack) -> None:
+    ok = post(stack, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+# ---- outcomes of successful non-streamed requests --------------------------------------------
+
+def test_successful_non_streamed_requests_are_recorded_ok_with_their_latency(edge: LocalStack) -> None:
+    labels = {"model": TINY, "tenant": "edge"}
+    ok_before = metric(edge, "switchyard_requests_total", code="OK", **labels)
+    cancelled_before = metric(edge, "switchyard_requests_total", code="CANCELLED", **labels)
+    e2e_before = metric(edge, "switchyard_request_duration_seconds_count", **labels)
+    prompt_before = metric(edge, "switchyard_prompt_tokens_total", **labels)
+    chat = post(edge, "/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "hi"}],
+                                               "max_tokens": 3})
+    text = post(edge, "/v1/completions", {"model": TINY, "prompt": "hello", "max_tokens": 3})
+    assert chat.status_code == 200 and text.status_code == 200
+    with grpc.insecure_channel(edge.router_address) as ch:
+        done = generate_pb2_grpc.GenerationStub(ch).Complete(
+            generate_pb2.GenerateRequest(model=TINY, text="hey", max_tokens=3), timeout=30,
+            metadata=edge.auth_metadata())
+    ids = {chat.json()["id"].removeprefix("chatcmpl-"), text.json()["id"].removeprefix("cmpl-"), done.request_id}
+    time.sleep(0.3)  # the pipeline records after the response is written
+    assert metric(edge, "switchyard_requests_total", code="OK", **labels) == ok_before + 3
+    assert metric(edge, "switchyard_requests_total", code="CANCELLED", **labels) == cancelled_before
+    assert metric(edge, "switchyard_request_duration_seconds_count", **labels) == e2e_before + 3
+    assert metric(edge, "switchyard_prompt_tokens_total", **labels) > prompt_before
+    records = [json.loads(line) for line in (edge.spec.records_dir / "requests.jsonl").read_text().splitlines()]
+    mine = [r for r in records if r["request_id"] in ids]
+    assert len(mine) == 3 and all(r["status"] == "ok" for r in mine), mine
+    assert all(r["finish_reason"] == "length" and r["completion_tokens"] == 3 for r in mine), mine
