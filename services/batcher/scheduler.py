@@ -445,4 +445,5 @@ class Scheduler:
 def _spec(a: Active) -> worker_pb2.SequenceSpec:
     r = a.request
     return worker_pb2.SequenceSpec(sequence_id=r.request_id, prompt_token_ids=r.prompt_token_ids,
-                                   sampling=r.sampling, seed=r.seed, traceparent=a.traceparent)
+                                   sampling=r.sampling, seed=r.seed, traceparent=a.traceparent,
+                                   generated_offset=r.generated_offset)

@@ -40,6 +40,10 @@ class RouterConfig:
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds to finish streams on SIGTERM"})
+    max_failovers: int = field(default=3, metadata={"help": "re-dispatches of one request when its replica fails"})
+    stall_timeout_s: float = field(default=2.0, metadata={
+        "help": "move a request on after this much silence from a replica that reports it cannot serve"})
+    retry_budget_ratio: float = field(default=0.2, metadata={"help": "failovers may add at most this share of recent requests"})
 
     def validate(self) -> None:
         if self.balancing not in policy_names():
@@ -55,5 +59,7 @@ class RouterConfig:
             raise ConfigError(f"tenants_file {self.tenants_file} does not exist")
         if self.queue_limit < 0 or self.max_buffered_events < 1 or self.max_body_bytes < 1024:
             raise ConfigError("queue_limit ≥ 0, max_buffered_events ≥ 1 and max_body_bytes ≥ 1024 are required")
+        if self.max_failovers < 0 or self.stall_timeout_s <= 0 or not 0 <= self.retry_budget_ratio <= 1:
+            raise ConfigError("max_failovers ≥ 0, stall_timeout_s > 0 and retry_budget_ratio in [0, 1] are required")
         if self.request_timeout_s <= 0 or self.write_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")

@@ -27,6 +27,8 @@ REQUESTS = Counter("switchyard_requests", "Requests by outcome code (OK or the e
 PROMPT_TOKENS = Counter("switchyard_prompt_tokens", "Prompt tokens of finished requests", ["model", "tenant"])
 COMPLETION_TOKENS = Counter("switchyard_completion_tokens", "Tokens generated", ["model", "tenant"])
 INFLIGHT = Gauge("switchyard_router_inflight_requests", "Requests being served", ["model"])
+FAILOVERS = Counter("switchyard_failovers", "Requests re-dispatched after their replica failed, by phase "
+                    "(before_first_token: a retry; mid_stream: a continuation)", ["model", "phase"])
 MODEL_ROUTED = Counter("switchyard_model_routed", "Requests for a virtual model, by the model chosen to serve them",
                        ["route", "model"])
 
@@ -44,7 +46,16 @@ class Observation:
     span: Span | None = None
     completion_tokens: int = 0
     served_model: str = ""  # set when a virtual model resolved to another
+    failovers: int = 0
     difficulty: float | None = None
+
+    def on_failover(self, failed: str, replica_id: str, reason: str, tokens_so_far: int) -> None:
+        """The request moved from replica `failed` to `replica_id` after `tokens_so_far` tokens."""
+        self.failovers += 1
+        FAILOVERS.labels(self.served_model or self.model, "mid_stream" if tokens_so_far else "before_first_token").inc()
+        if self.span is not None:
+            self.span.add_event("failover", {"switchyard.failed_replica": failed, "switchyard.replica": replica_id,
+                                             "switchyard.reason": reason, "switchyard.tokens_so_far": tokens_so_far})
 
     def routed(self, model: str, difficulty: float | None) -> None:
         """The request will be served by `model` (a virtual model's choice when it differs)."""
@@ -93,7 +104,7 @@ class Observation:
                 "switchyard.output_tokens": self.completion_tokens, "switchyard.batch_size": batch_size,
                 "switchyard.cached_prompt_tokens": cached_prompt_tokens,
                 "switchyard.queue_wait_s": queue_wait_s, "switchyard.ttft_s": ttft if ttft is not None else -1.0,
-                "switchyard.code": code})
+                "switchyard.code": code, "switchyard.failovers": self.failovers})
             if code != "OK":
                 self.span.set_status(Status(StatusCode.ERROR, message))
             self.span.end()
@@ -101,6 +112,7 @@ class Observation:
             self.writer.write(RequestRecord(
                 request_id=self.request_id, tenant=self.tenant, model=self.served_model or self.model,
                 requested_model=self.model if self.served_model else "", difficulty=self.difficulty,
+                failovers=self.failovers,
                 replica_id=replica_id,
                 request_type=self.request_type, started_unix_s=self.started_unix, ttft_s=ttft, e2e_s=e2e,
                 queue_wait_s=queue_wait_s, prompt_tokens=prompt_tokens, completion_tokens=self.completion_tokens,

@@ -35,7 +35,7 @@ from .dispatch import Dispatcher
 from .grpc_api import GenerationServicer
 from .http_api import create_http_app
 from .limits import AdmissionControl, RateLimiter
-from .pipeline import RequestPipeline
+from .pipeline import RequestPipeline, ResilienceConfig
 from .observe import RequestObserver
 from .tenants import TenantDirectory
 
@@ -89,7 +89,10 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     pipeline = RequestPipeline(ModelCatalog(config.models_dir), fleet, dispatcher, routing,
                                tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit),
                                observer=RequestObserver(writer),
-                               model_router=ModelRouter.from_config(config.model_routes))
+                               model_router=ModelRouter.from_config(config.model_routes),
+                               resilience=ResilienceConfig(max_failovers=config.max_failovers,
+                                                           stall_timeout_s=config.stall_timeout_s,
+                                                           retry_budget_ratio=config.retry_budget_ratio))
 
     server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
     generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(pipeline, config.write_timeout_s), server)

@@ -31,6 +31,7 @@ from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, sample_token
 
 log = logging.getLogger(__name__)
+_NO_RNG = np.random.default_rng(0)  # greedy sampling never draws
 
 
 class EngineError(Exception):
@@ -44,12 +45,13 @@ class Sequence:
     sequence_id: str
     prompt: np.ndarray
     params: SamplingParams
-    rng: np.random.Generator
+    seed: int
     processed: int = 0  # prompt tokens whose KV is cached
     private_kv: list[ort.OrtValue] | None = None  # KV while prefilling (before joining the batch)
     generated: list[int] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     traceparent: str = ""
+    generated_offset: int = 0  # tokens generated before this sequence was added (failover)
     prompt_hashes: list[int] = field(default_factory=list)  # chained hashes of the prompt's full blocks
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     # Timings for the worker's per-request spans (time.time_ns()).
@@ -57,6 +59,14 @@ class Sequence:
     first_token_ns: int = 0
     decode_steps: int = 0
     max_batch: int = 0
+
+    def token_rng(self) -> np.random.Generator:
+        """The random stream of the next token, addressed by (seed, output position): a
+        generation continued on another replica (prompt + the tokens so far, same seed,
+        `generated_offset`) samples exactly what it would have here, whatever the batch."""
+        if self.params.greedy:
+            return _NO_RNG
+        return np.random.default_rng((self.seed, self.generated_offset + len(self.generated)))
 
     @property
     def prefill_remaining(self) -> int:
@@ -142,7 +152,9 @@ class Engine:
         return sum(s.cache_length for s in self.sequences.values())
 
     def add(self, sequence_id: str, prompt: list[int] | np.ndarray, params: SamplingParams,
-            seed: int, traceparent: str = "") -> None:
+            seed: int, traceparent: str = "", generated_offset: int = 0) -> None:
+        """Register a sequence. `generated_offset` > 0 continues a generation begun elsewhere
+        (failover): the prompt ends with those tokens and sampling resumes at that position."""
         if sequence_id in self.sequences:
             raise EngineError(f"sequence {sequence_id!r} already exists")
         if len(self.sequences) >= self.max_sequences:
@@ -155,8 +167,10 @@ class Engine:
                               f"{self.context_length}")
         if prompt_arr.min() < 0 or prompt_arr.max() >= self.config.vocab_size:
             raise EngineError(f"prompt token ids must be in [0, {self.config.vocab_size})")
-        seq = Sequence(sequence_id, prompt_arr, params, np.random.default_rng(seed),
-                       seen=set(prompt_arr.tolist()), traceparent=traceparent)
+        if generated_offset < 0:
+            raise EngineError("generated_offset must not be negative")
+        seq = Sequence(sequence_id, prompt_arr, params, seed, seen=set(prompt_arr.tolist()),
+                       traceparent=traceparent, generated_offset=generated_offset)
         if self.prefix_cache is not None:
             self._reuse_prefix(seq)
         self.sequences[sequence_id] = seq
@@ -337,7 +351,7 @@ class Engine:
         picked = dict(zip(greedy_rows, np.argmax(last[greedy_rows], axis=-1).tolist())) if greedy_rows else {}
         for row, seq in enumerate(seqs):
             token = picked[row] if row in picked else sample_token(
-                last[row], seq.params, seq.seen, seq.rng)
+                last[row], seq.params, seq.seen, seq.token_rng())
             seq.generated.append(token)
             seq.seen.add(token)
             seq.decode_steps += 1
@@ -346,7 +360,7 @@ class Engine:
         result.sample_s += time.perf_counter() - t_s
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
-        token = sample_token(logits, seq.params, seq.seen, seq.rng)
+        token = sample_token(logits, seq.params, seq.seen, seq.token_rng())
         seq.generated.append(token)
         seq.seen.add(token)
         return token

@@ -90,7 +90,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def _add(self, specs: Any) -> int:
         for spec in specs:
             self._engine.add(spec.sequence_id, list(spec.prompt_token_ids),
-                             sampling_from_proto(spec.sampling), spec.seed, spec.traceparent)
+                             sampling_from_proto(spec.sampling), spec.seed, spec.traceparent,
+                             generated_offset=spec.generated_offset)
         return len(self._engine.sequences)
 
     @_needs_engine

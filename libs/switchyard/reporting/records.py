@@ -80,6 +80,7 @@ class RequestRecord:
     trace_id: str | None = None
     requested_model: str = ""
     difficulty: float | None = None
+    failovers: int = 0  # times the router moved the request to another replica
 
     @property
     def ok(self) -> bool:

@@ -1,0 +1,1 @@
+"""Resilience policies without I/O: retry backoff and budget, outlier ejection."""
