@@ -103,3 +103,17 @@ def test_successful_non_streamed_requests_are_recorded_ok_with_their_latency(edg
     mine = [r for r in records if r["request_id"] in ids]
     assert len(mine) == 3 and all(r["status"] == "ok" for r in mine), mine
     assert all(r["finish_reason"] == "length" and r["completion_tokens"] == 3 for r in mine), mine
+
+
+# ---- metric labels from client input -----------------------------------------------------------
+
+def test_unknown_models_share_one_label_and_a_surrogate_name_does_not_break_metrics(edge: LocalStack) -> None:
+    for name in ('"\\ud800"', '"no-such-model-1"', '"no-such-model-2"', '"../tiny-llama"'):
+        resp = post(edge, "/v1/completions", content=b'{"model": ' + name.encode() + b', "prompt": "hi"}')
+        assert resp.status_code in (400, 404), resp.text
+        assert resp.json()["error"]["param"] == "model"
+    samples = metric_samples(edge)  # scraping still works
+    models = {s.labels["model"] for s in samples if s.name == "switchyard_requests_total"}
+    assert "unknown" in models
+    assert not any(m.startswith("no-such-model") or "\ud800" in m or "/" in m for m in models), models
+    still_serves(edge)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_TEMPERATURE = 2.0
 MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_STRINGS = 16
+UNKNOWN_MODEL = "unknown"  # the metric label and record model of a request for no known model
 
 
 @dataclass
@@ -265,6 +266,13 @@ class RequestPipeline:
             raise RequestError(ErrorKind.DEADLINE_EXCEEDED, "deadline already expired")
         return PreparedRequest(req, entry, prompt_ids, max_tokens, difficulty)
 
+    def model_label(self, model: str) -> str:
+        """`model` as a metric label: an installed or virtual model's name, else "unknown" (labels
+        from client input stay bounded, and a name that is not valid UTF-8 never reaches them)."""
+        if self.catalog.get(model) is not None or self.model_router.get(model) is not None:
+            return model
+        return UNKNOWN_MODEL
+
     def _choose_model(self, route: ModelRoute, req: GenerationRequest, prompt_ids: list[int]) -> tuple[ModelEntry, float]:
         """A virtual model's pick by difficulty; the other model when the pick has no live replica."""
         if req.messages:
@@ -327,7 +335,7 @@ class RequestPipeline:
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[Event, None]:
         """Yields TokenDeltas then one Completion; raises RequestError on failure."""
         tenant = req.tenant or self.authenticate(None)
-        obs = self.observer.begin(req.model, tenant.name, req.request_type, req.request_id)
+        obs = self.observer.begin(self.model_label(req.model), tenant.name, req.request_type, req.request_id)
         code, message, done = "INTERNAL", "", None
         prepared: PreparedRequest | None = None
         try:

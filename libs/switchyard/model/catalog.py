@@ -3,6 +3,7 @@ once). The router tokenizes and renders chat with these; nothing here touches ON
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,9 @@ from tokenizers import Tokenizer
 from .config import MANIFEST_FILE, ModelManifest
 
 CHAT_ROLES = ("system", "user", "assistant")
+# A model name is a folder name of the models folder: no separators, no "..", no control
+# characters or surrogates (names come from clients).
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass
@@ -55,6 +59,8 @@ class ModelCatalog:
         return sorted(p.parent.name for p in self.models_dir.glob(f"*/{MANIFEST_FILE}"))
 
     def get(self, name: str) -> ModelEntry | None:
+        if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+            return None
         with self._lock:
             entry = self._entries.get(name)
             if entry is not None:
