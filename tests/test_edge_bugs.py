@@ -86,12 +86,13 @@ def test_successful_non_streamed_requests_are_recorded_ok_with_their_latency(edg
     e2e_before = metric(edge, "switchyard_request_duration_seconds_count", **labels)
     prompt_before = metric(edge, "switchyard_prompt_tokens_total", **labels)
     chat = post(edge, "/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "hi"}],
-                                               "max_tokens": 3})
-    text = post(edge, "/v1/completions", {"model": TINY, "prompt": "hello", "max_tokens": 3})
+                                               "max_tokens": 3, "ignore_eos": True})
+    text = post(edge, "/v1/completions", {"model": TINY, "prompt": "hello", "max_tokens": 3, "ignore_eos": True})
     assert chat.status_code == 200 and text.status_code == 200
     with grpc.insecure_channel(edge.router_address) as ch:
         done = generate_pb2_grpc.GenerationStub(ch).Complete(
-            generate_pb2.GenerateRequest(model=TINY, text="hey", max_tokens=3), timeout=30,
+            generate_pb2.GenerateRequest(model=TINY, text="hey", max_tokens=3,
+                                         stop=generate_pb2.StopConditions(ignore_eos=True)), timeout=30,
             metadata=edge.auth_metadata())
     ids = {chat.json()["id"].removeprefix("chatcmpl-"), text.json()["id"].removeprefix("cmpl-"), done.request_id}
     time.sleep(0.3)  # the pipeline records after the response is written
@@ -117,3 +118,29 @@ def test_unknown_models_share_one_label_and_a_surrogate_name_does_not_break_metr
     assert "unknown" in models
     assert not any(m.startswith("no-such-model") or "\ud800" in m or "/" in m for m in models), models
     still_serves(edge)
+
+
+# ---- inputs that gave 500 ----------------------------------------------------------------------
+
+DEEP = 200_000
+MALFORMED = [
+    (b'{"model": "tiny-llama", "prompt": ' + b"[" * DEEP + b"]" * DEEP + b"}", "prompt"),
+    (b'{"model": "tiny-llama", "prompt": "hi", "user": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}", "user"),
+    (b'{"model": "tiny-llama", "prompt": "hi", "user": ' + b"[" * 900 + b"]" * 900 + b"}", "user"),
+    (b'{"model": "tiny-llama", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", "max_tokens"),
+    (b'{"model": "tiny-llama", "prompt": "hi", "top_k": 2147483648}', "top_k"),
+    (b'{"model": "tiny-llama", "prompt": "hi", "seed": 18446744073709551616}', "seed"),
+    (b'{"model": "tiny-llama", "prompt": "a\\ud800b"}', "prompt"),
+    (b'{"model": "tiny-llama", "prompt": "hi", "stop": ["\\udfff"]}', "stop[0]"),
+]
+
+
+@pytest.mark.parametrize("content, param", MALFORMED, ids=[p for _, p in MALFORMED])
+def test_hostile_bodies_get_400_naming_the_field(edge: LocalStack, content: bytes, param: str) -> None:
+    assert_envelope(post(edge, "/v1/completions", content=content), 400, param)
+    still_serves(edge)
+
+
+def test_chat_content_with_a_lone_surrogate_gets_400(edge: LocalStack) -> None:
+    content = b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x\\udc80"}]}'
+    assert_envelope(post(edge, "/v1/chat/completions", content=content), 400, "messages[0].content")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from typing import Any, AsyncGenerator, AsyncIterator
@@ -30,6 +31,74 @@ ERROR_TYPES = {ErrorKind.INVALID_ARGUMENT: "invalid_request_error", ErrorKind.NO
                ErrorKind.UNAUTHENTICATED: "authentication_error", ErrorKind.RESOURCE_EXHAUSTED: "rate_limit_error",
                ErrorKind.UNAVAILABLE: "service_unavailable", ErrorKind.DEADLINE_EXCEEDED: "timeout_error"}
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; lowers the server's default request timeout
+MAX_JSON_DEPTH = 32  # the deepest body a valid request has is 4 levels (messages[i].content)
+MAX_INT_DIGITS = 64  # longer integers are read as floats (inf): a type or range error at their field
+INT32_MAX, UINT64_MAX = 2**31 - 1, 2**64 - 1
+
+
+def param_path(path: tuple[str | int, ...]) -> str:
+    """('messages', 0, 'content') → 'messages[0].content' (the pipeline names fields the same way)."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "body"
+
+
+def _parse_int(digits: str) -> int | float:
+    return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
+
+
+def _too_deep_field(text: str) -> str:
+    """The top-level field whose value nests past the parser's limit (only on that error)."""
+    depth, key, last = 0, "", ""
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return key or "body"
+        elif token in "]}":
+            depth -= 1
+        elif token == ":":
+            if depth == 1 and last.startswith('"'):
+                try:
+                    key = json.loads(last)
+                except ValueError:
+                    key = ""
+        last = token
+    return "body"
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def check_tree(data: Any) -> None:
+    """Bounds what pydantic and the tokenizer get: nesting depth, and strings that are valid
+    Unicode (a JSON escape can spell a lone surrogate, which no UTF-8 encoder accepts)."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            raise invalid(param_path(path[:1]), f"is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise invalid(param_path(path), f"holds a lone surrogate (\\u{ord(value[exc.start]):04x} at "
+                              f"character {exc.start}); send valid Unicode text") from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise invalid(param_path(path) if path else "body", "has a field name with a lone surrogate") from None
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            stack.extend((item, (*path, i)) for i, item in enumerate(value))
 
 
 class StreamOptions(BaseModel):
@@ -44,14 +113,14 @@ class _Common(BaseModel):
     max_tokens: int | None = None
     temperature: float = Field(1.0)
     top_p: float = Field(1.0)
-    top_k: int = 0  # extension
+    top_k: int = Field(0, le=INT32_MAX)  # extension
     repetition_penalty: float = 1.0  # extension
     ignore_eos: bool = False  # extension (as in vLLM): generate max_tokens even past EOS
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
     user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -201,9 +270,14 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
         except UnicodeDecodeError as exc:
             raise invalid("body", f"is not valid UTF-8 (byte {exc.start})") from None
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_int=_parse_int, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             raise invalid("body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        except RecursionError:
+            raise invalid(_too_deep_field(text), f"is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+        except ValueError as exc:
+            raise invalid("body", f"is not valid JSON: {exc}") from None
+        check_tree(data)
         try:
             return model.model_validate(data)
         except ValidationError as exc:
