@@ -144,3 +144,25 @@ def test_hostile_bodies_get_400_naming_the_field(edge: LocalStack, content: byte
 def test_chat_content_with_a_lone_surrogate_gets_400(edge: LocalStack) -> None:
     content = b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x\\udc80"}]}'
     assert_envelope(post(edge, "/v1/chat/completions", content=content), 400, "messages[0].content")
+
+
+@pytest.mark.parametrize("method", ["Complete", "Generate"])
+def test_malformed_protobuf_is_invalid_argument(edge: LocalStack, method: str) -> None:
+    with grpc.insecure_channel(edge.router_address) as ch:
+        call = (ch.unary_unary if method == "Complete" else ch.unary_stream)(f"/switchyard.v1.Generation/{method}")
+        with pytest.raises(grpc.RpcError) as err:
+            result = call(b"\xff\xff\xff\xff", timeout=10, metadata=edge.auth_metadata())
+            if method == "Generate":
+                list(result)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+    assert "protobuf" in (err.value.details() or "")
+
+
+def test_grpc_lone_surrogate_is_rejected_by_protobuf_and_text_prompt_ok(edge: LocalStack) -> None:
+    # The gRPC path carries UTF-8 protobuf strings; one that is not valid UTF-8 is malformed.
+    raw = generate_pb2.GenerateRequest(model=TINY, text="ab", max_tokens=2).SerializeToString()
+    raw = raw.replace(b"ab", b"\xed\xa0")  # a UTF-8-encoded surrogate half
+    with grpc.insecure_channel(edge.router_address) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            ch.unary_unary("/switchyard.v1.Generation/Complete")(raw, timeout=10, metadata=edge.auth_metadata())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import uuid
+from typing import Callable
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 
 from switchyard.v1 import generate_pb2, generate_pb2_grpc
@@ -67,6 +69,47 @@ async def abort_with(context: grpc.aio.ServicerContext, error: RequestError) -> 
     await context.abort(error.kind.grpc_code, error.message, trailing_metadata=retry_metadata(error))
 
 
+class MalformedRequest:
+    """What a request that is not a valid protobuf of its type deserializes to, so the handler
+    answers INVALID_ARGUMENT (grpc would answer UNKNOWN for a deserializer that raises)."""
+
+    def __init__(self, type_name: str, error: str) -> None:
+        self.message = f"request is not a valid {type_name} protobuf: {error or 'cannot be parsed'}"
+
+
+def _lenient(message_type: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_type.FromString(data)
+        except (DecodeError, ValueError) as exc:
+            return MalformedRequest(message_type.DESCRIPTOR.full_name, str(exc))
+    return parse
+
+
+def add_generation_servicer(servicer: "GenerationServicer", server: grpc.aio.Server) -> None:
+    """generate_pb2_grpc.add_GenerationServicer_to_server with deserializers that turn a
+    malformed request into MalformedRequest instead of raising."""
+    g = generate_pb2
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(g.GenerateRequest),
+            response_serializer=g.GenerateResponse.SerializeToString),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete, request_deserializer=_lenient(g.GenerateRequest),
+            response_serializer=g.CompleteResponse.SerializeToString),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels, request_deserializer=_lenient(g.ListModelsRequest),
+            response_serializer=g.ListModelsResponse.SerializeToString),
+    }
+    service = g.DESCRIPTOR.services_by_name["Generation"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+
+
+async def reject_malformed(request: object, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, MalformedRequest):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+
 class GenerationServicer(generate_pb2_grpc.GenerationServicer):
     def __init__(self, pipeline: RequestPipeline, write_timeout_s: float = 30.0) -> None:
         self._pipeline = pipeline
@@ -78,6 +121,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
         return req
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        await reject_malformed(request, context)
         try:
             req = self._request(request, context)
             events = self._pipeline.generate(req)
@@ -103,6 +147,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
     async def Complete(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> generate_pb2.CompleteResponse:
+        await reject_malformed(request, context)
         try:
             req = self._request(request, context)
         except RequestError as error:
@@ -123,6 +168,7 @@ class GenerationServicer(generate_pb2_grpc.GenerationServicer):
 
     async def ListModels(self, request: generate_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> generate_pb2.ListModelsResponse:
+        await reject_malformed(request, context)
         try:
             self._pipeline.authenticate(api_key_from_metadata(context))
         except RequestError as error:

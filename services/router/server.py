@@ -28,11 +28,11 @@ from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.grpc_context import TraceContextInterceptor
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
-from switchyard.v1 import generate_pb2, generate_pb2_grpc
+from switchyard.v1 import generate_pb2
 
 from .config import RouterConfig
 from .dispatch import Dispatcher
-from .grpc_api import GenerationServicer
+from .grpc_api import GenerationServicer, add_generation_servicer
 from .http_api import create_http_app
 from .limits import AdmissionControl, RateLimiter
 from .pipeline import RequestPipeline, ResilienceConfig
@@ -95,7 +95,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
                                                            retry_budget_ratio=config.retry_budget_ratio))
 
     server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
-    generate_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(pipeline, config.write_timeout_s), server)
+    add_generation_servicer(GenerationServicer(pipeline, config.write_timeout_s), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
