@@ -166,3 +166,13 @@ def test_grpc_lone_surrogate_is_rejected_by_protobuf_and_text_prompt_ok(edge: Lo
         with pytest.raises(grpc.RpcError) as err:
             ch.unary_unary("/switchyard.v1.Generation/Complete")(raw, timeout=10, metadata=edge.auth_metadata())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# ---- semantics ----------------------------------------------------------------------------------
+
+def test_top_p_zero_is_greedy(edge: LocalStack) -> None:
+    base = {"model": TINY, "prompt": "once upon a time", "max_tokens": 12, "ignore_eos": True}
+    greedy = post(edge, "/v1/completions", {**base, "temperature": 0}).json()["choices"][0]["text"]
+    for seed in (1, 2, 3):
+        out = post(edge, "/v1/completions", {**base, "temperature": 1.5, "top_p": 0, "seed": seed})
+        assert out.status_code == 200 and out.json()["choices"][0]["text"] == greedy

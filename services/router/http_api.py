@@ -168,6 +168,10 @@ def to_request(body: CompletionBody | ChatBody, timeout_s: float | None) -> Gene
     _unsupported(body)
     sampling = generate_pb2.SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                            repetition_penalty=body.repetition_penalty)
+    if body.top_p == 0:
+        # OpenAI: the smallest nucleus, the most likely token alone. In the proto 0 means
+        # "unset" (no nucleus), so say it as top_k = 1.
+        sampling.top_k = 1
     if body.seed is not None:
         sampling.seed = body.seed
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
