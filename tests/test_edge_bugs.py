@@ -176,3 +176,10 @@ def test_top_p_zero_is_greedy(edge: LocalStack) -> None:
     for seed in (1, 2, 3):
         out = post(edge, "/v1/completions", {**base, "temperature": 1.5, "top_p": 0, "seed": seed})
         assert out.status_code == 200 and out.json()["choices"][0]["text"] == greedy
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "-inf", "abc"])
+def test_bad_request_timeout_header_is_400(edge: LocalStack, value: str) -> None:
+    resp = post(edge, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2},
+                headers={"x-request-timeout": value})
+    assert_envelope(resp, 400, "x-request-timeout")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 import uuid
@@ -294,9 +295,12 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
         if header is None:
             return request_timeout_s
         try:
-            return min(float(header), request_timeout_s)
+            seconds = float(header)
         except ValueError:
-            raise invalid(TIMEOUT_HEADER, f"must be a number of seconds, got {header!r}") from None
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise invalid(TIMEOUT_HEADER, f"must be a positive number of seconds, got {header[:32]!r}")
+        return min(seconds, request_timeout_s)
 
     def tenant_of(request: Request) -> Any:
         auth = request.headers.get("authorization", "")
