@@ -183,3 +183,13 @@ def test_bad_request_timeout_header_is_400(edge: LocalStack, value: str) -> None
     resp = post(edge, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 2},
                 headers={"x-request-timeout": value})
     assert_envelope(resp, 400, "x-request-timeout")
+
+
+def test_request_that_can_never_fit_the_tenant_tpm_is_400_not_retryable_429(edge: LocalStack) -> None:
+    resp = post(edge, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": SMALL_TPM + 10},
+                headers={"Authorization": f"Bearer {SMALL_KEY}"})
+    error = assert_envelope(resp, 400, "max_tokens")
+    assert "Retry-After" not in resp.headers and str(SMALL_TPM) in error["message"]
+    ok = post(edge, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 3},
+              headers={"Authorization": f"Bearer {SMALL_KEY}"})
+    assert ok.status_code == 200, ok.text

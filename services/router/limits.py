@@ -72,9 +72,11 @@ class RateLimiter:
             return Reservation(tenant, 0)
         requests, budget = self._buckets(tenant)
         if tokens > budget.capacity:
-            raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
-                               f"request needs {tokens} tokens (prompt + max_tokens) but tenant {tenant.name} "
-                               f"may use {budget.capacity:.0f} per minute; lower max_tokens", retry_after_s=60.0)
+            # Never fits, however long the client waits: bad input, not a retryable 429.
+            raise RequestError(ErrorKind.INVALID_ARGUMENT,
+                               f"max_tokens: request needs {tokens} tokens (prompt + max_tokens) but tenant "
+                               f"{tenant.name} may use {budget.capacity:.0f} per minute; lower max_tokens",
+                               field="max_tokens")
         wait = max(requests.wait_for(1), budget.wait_for(tokens))
         if wait > 0:
             which = "requests" if requests.wait_for(1) > 0 else "tokens"
