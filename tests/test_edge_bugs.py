@@ -193,3 +193,22 @@ def test_request_that_can_never_fit_the_tenant_tpm_is_400_not_retryable_429(edge
     ok = post(edge, "/v1/completions", {"model": TINY, "prompt": "hi", "max_tokens": 3},
               headers={"Authorization": f"Bearer {SMALL_KEY}"})
     assert ok.status_code == 200, ok.text
+
+
+# ---- OpenAI compatibility -----------------------------------------------------------------------
+
+def test_unknown_routes_and_methods_answer_in_the_error_envelope(edge: LocalStack) -> None:
+    error = assert_envelope(httpx.get(f"{edge.http_url}/v1/nothing-here", headers=AUTH, timeout=5), 404)
+    assert error["type"] == "not_found_error"
+    error = assert_envelope(httpx.get(f"{edge.http_url}/v1/completions", headers=AUTH, timeout=5), 405)
+    assert error["type"] == "invalid_request_error"
+
+
+def test_models_retrieve_with_the_official_sdk(edge: LocalStack) -> None:
+    client = openai.OpenAI(base_url=f"{edge.http_url}/v1", api_key=KEY, max_retries=0)
+    model = client.models.retrieve(TINY)
+    assert model.id == TINY and model.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{edge.http_url}/v1", api_key="wrong", max_retries=0).models.retrieve(TINY)

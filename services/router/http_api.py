@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import time
@@ -18,6 +19,7 @@ from typing import Any, AsyncGenerator, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from switchyard.telemetry.asgi_context import TraceContextMiddleware
@@ -26,6 +28,7 @@ from switchyard.v1 import generate_pb2
 from .errors import ErrorKind, RequestError, invalid
 from .pipeline import Completion, GenerationRequest, RequestPipeline, TokenDelta
 
+log = logging.getLogger(__name__)
 FINISH = {generate_pb2.FINISH_REASON_EOS: "stop", generate_pb2.FINISH_REASON_STOP: "stop",
           generate_pb2.FINISH_REASON_LENGTH: "length", generate_pb2.FINISH_REASON_CANCELLED: "stop"}
 ERROR_TYPES = {ErrorKind.INVALID_ARGUMENT: "invalid_request_error", ErrorKind.NOT_FOUND: "not_found_error",
@@ -311,6 +314,25 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
     async def on_request_error(request: Request, exc: RequestError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes (404), wrong methods (405) and the like, in the OpenAI error envelope."""
+        status = exc.status_code
+        if status == 404:
+            message, kind = f"unknown endpoint {request.method} {request.url.path}", "not_found_error"
+        elif status == 405:
+            message, kind = f"method {request.method} is not allowed on {request.url.path}", "invalid_request_error"
+        else:
+            message, kind = str(exc.detail), "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": None,
+                          "code": "not_found" if status == 404 else str(status)}}
+        return JSONResponse(body, status_code=status, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return error_response(RequestError(ErrorKind.INTERNAL, "internal error; the cause is logged"))
+
     @app.get("/health")
     async def health() -> JSONResponse:
         models = pipeline.served_models()
@@ -325,6 +347,16 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
                  "replicas": len(reps), "context_length": reps[0].report.context_length}
                 for name, reps in sorted(pipeline.served_models().items())]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(request: Request, model_id: str) -> JSONResponse:
+        tenant_of(request)
+        replicas = pipeline.served_models().get(model_id)
+        if not replicas:
+            raise RequestError(ErrorKind.NOT_FOUND, f"model {model_id!r} not found; GET /v1/models lists "
+                               "the served models", field="model")
+        return JSONResponse({"id": model_id, "object": "model", "created": 0, "owned_by": "switchyard",
+                             "replicas": len(replicas), "context_length": replicas[0].report.context_length})
 
     async def run(request: Request, body_model: type[CompletionBody] | type[ChatBody], chat: bool) -> Any:
         tenant = tenant_of(request)
