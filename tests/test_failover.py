@@ -61,6 +61,8 @@ def test_outlier_detector_ejects_after_consecutive_failures_and_panics_when_all_
     for t in (6.0, 6.1, 6.2):
         out.failure("a", now=t)
     assert out.ejected("a", now=15.0) and not out.ejected("a", now=16.3)  # second ejection lasts twice as long
+    out.forget("a")  # it left the fleet: a new incarnation is not ejected
+    assert not out.ejected("a", now=15.0)
 
 
 # ---- sampling resumes at a position ----------------------------------------------------------

@@ -54,7 +54,9 @@ def test_block_hashes_are_chained_full_blocks_and_namespaced() -> None:
 def test_fleet_drops_silent_replicas_skips_draining_ones_and_tells_listeners() -> None:
     fleet = FleetView(misses=3)
     left: list[str] = []
+    joined: list[str] = []
     fleet.on_leave(lambda r: left.append(r.replica_id))
+    fleet.on_join(lambda r: joined.append(r.replica_id))
     t0 = time.monotonic()
     fleet.observe(report("a"), now=t0)
     fleet.observe(report("b", blocks=[1, 2]), now=t0)
@@ -63,7 +65,9 @@ def test_fleet_drops_silent_replicas_skips_draining_ones_and_tells_listeners() -
     assert fleet.prefix_index.holders(1) == {"b"}
     fleet.observe(report("a"), now=t0 + 1.4)
     assert fleet.expire(now=t0 + 1.6) == ["b", "c"]  # 1.6 s > 3 × 0.5 s without a report
-    assert list(fleet.replicas) == ["a"] and left == ["b", "c"]
+    assert list(fleet.replicas) == ["a"] and left == ["b", "c"] and joined == ["a", "b", "c"]
+    fleet.observe(report("b"), now=t0 + 2.0)
+    assert joined == ["a", "b", "c", "b"]  # back after leaving: joins again
     assert fleet.prefix_index.holders(1) == frozenset()  # a replica leaving drops out of the cache index
     assert set(fleet.lifetimes) == {"a", "b", "c"}  # cost reports still see every replica
 

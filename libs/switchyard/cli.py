@@ -113,10 +113,10 @@ def up(
                           f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}], \"stream\": true}}'")
         console.print("Ctrl-C stops every process.")
         while not stopping.wait(0.5):
-            dead = stack.exited()
-            if dead:
-                console.print(f"[red]{dead} exited; stopping the stack (logs in {log_dir})[/red]")
-                break
+            # Supervision, not teardown: a crashed process is restarted, the others keep serving.
+            for name in stack.supervise():
+                console.print(f"[yellow]{name} had exited and was restarted "
+                              f"(restart {stack.restarts[name]}; logs in {log_dir})[/yellow]")
     except KeyboardInterrupt:
         pass
     finally:

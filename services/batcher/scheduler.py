@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from opentelemetry.trace import Span
 
 from switchyard.bus import subjects
-from switchyard.bus.queue import pull_subscription
+from switchyard.bus.queue import pull_subscription, recent_cancels
 from switchyard.v1 import bus_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
 
 from . import telemetry as tm
@@ -112,8 +112,17 @@ class Scheduler:
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
-        self._psub = await pull_subscription(self.js, self.replica_id, max_ack_pending=self.max_batch)
         await self.nc.subscribe(subjects.cancel_subject(self.replica_id), cb=self._on_cancel)
+        # Requests cancelled while this replica was down (a predecessor crashed, the router moved
+        # them elsewhere) may still wait in its queue: remember those cancels before pulling.
+        try:
+            for data in await recent_cancels(self.js, self.replica_id):
+                self.cancelled[bus_pb2.CancelRequest.FromString(data).request_id] = time.monotonic()
+        except Exception as exc:  # an older server without the stream: only live cancels count
+            log.warning("recent cancels not read: %s", exc)
+        if self.cancelled:
+            log.info("%d requests were cancelled while this replica was down", len(self.cancelled))
+        self._psub = await pull_subscription(self.js, self.replica_id, max_ack_pending=self.max_batch)
         self._tasks = [asyncio.create_task(self._pull_loop(), name="pull"),
                        asyncio.create_task(self._step_loop(), name="step"),
                        asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]

@@ -53,6 +53,8 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     await wait_for_serving(channel)
     worker = worker_pb2_grpc.WorkerStub(channel)
     info = await worker.Info(worker_pb2.InfoRequest())
+    # A batcher owns its worker alone: what a predecessor (crashed, killed) left there is abandoned.
+    await worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(all=True))
     replica_id = config.replica_id or f"{info.model}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     nc = await connect(config.nats_url, name=f"batcher-{replica_id}")
     js = nc.jetstream()

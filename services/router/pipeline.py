@@ -186,6 +186,8 @@ class RequestPipeline:
         self.failover_wait_s = res.failover_wait_s
         self.retry_budget = RetryBudget(res.retry_budget_ratio)
         self.outliers = OutlierDetector(res.eject_after_failures)
+        # a replica back in the fleet (restarted) is a new incarnation: its old failures don't count
+        fleet.on_join(lambda replica: self.outliers.forget(replica.replica_id))
         self.model_router = model_router or ModelRouter(())
         self.fleet = fleet
         self.dispatcher = dispatcher

@@ -26,6 +26,8 @@ class WorkerConfig:
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds to finish calls on SIGTERM"})
+    lease_s: float = field(default=30.0, metadata={"help": "free held sequences after this long without a call "
+                                                   "from the batcher (it is gone)"})
 
     def validate(self) -> None:
         if not (self.model_dir / "switchyard.json").exists():
@@ -35,5 +37,7 @@ class WorkerConfig:
             raise ConfigError("max_sequences must be at least 1")
         if self.prefix_cache_mib < 0:
             raise ConfigError("prefix_cache_mib must be non-negative")
+        if self.lease_s <= 0:
+            raise ConfigError("lease_s must be positive")
         if self.provider not in ("auto", "cpu", "cuda"):
             raise ConfigError("provider must be auto, cpu or cuda")

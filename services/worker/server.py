@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -59,6 +60,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     def __init__(self, executor: ThreadPoolExecutor, engine: Engine | None = None) -> None:
         self.engine = engine
         self._executor = executor
+        self.last_call = time.monotonic()  # of the batcher's last engine call (the lease)
 
     @property
     def _engine(self) -> Engine:
@@ -67,6 +69,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return self.engine
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        self.last_call = time.monotonic()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     @_needs_engine
@@ -130,7 +133,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @_needs_engine
     async def RemoveSequences(self, request: worker_pb2.RemoveSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.RemoveSequencesResponse:
-        removed = await self._call(self._engine.remove, list(request.sequence_ids))
+        ids = list(self._engine.sequences) if request.all else list(request.sequence_ids)
+        removed = await self._call(self._engine.remove, ids)
+        if request.all and removed:
+            log.warning("freed %d sequences left by a previous batcher", len(removed))
         record_sequence_spans(removed, self._engine.manifest.name)
         record_prefix_cache(self._engine.manifest.name, self._engine.prefix_cache)
         return worker_pb2.RemoveSequencesResponse(active_sequences=len(self._engine.sequences))
@@ -167,12 +173,25 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     if config.port_file:
         config.port_file.write_text(json.dumps({"grpc": port, "metrics": metrics_port}))
     log.info("worker serving %s on %s:%d (%s)", engine.manifest.name, config.host, port, engine.provider)
+    lease = asyncio.create_task(expire_abandoned_sequences(servicer, engine, config.lease_s))
     await stop.wait()
+    lease.cancel()
     log.info("worker stopping")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(config.grace_s)
     executor.shutdown(wait=True)  # no call is left: let the engine thread finish cleanly
     shutdown_tracing()
+
+
+async def expire_abandoned_sequences(servicer: WorkerServicer, engine: Engine, lease_s: float) -> None:
+    """A batcher steps its worker continuously while it holds sequences; held sequences with
+    no call for `lease_s` belong to a batcher that is gone, and are freed."""
+    while True:
+        await asyncio.sleep(lease_s / 4)
+        idle = time.monotonic() - servicer.last_call
+        if engine.sequences and idle > lease_s:
+            removed = await servicer._call(engine.remove, list(engine.sequences))
+            log.warning("freed %d sequences: no call from their batcher for %.0fs", len(removed), idle)
 
 
 def main(argv: list[str] | None = None) -> None:

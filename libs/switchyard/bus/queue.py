@@ -11,10 +11,13 @@ from __future__ import annotations
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from .subjects import REQUEST_PREFIX, REQUEST_STREAM, request_subject, token
+from .subjects import CANCEL_PREFIX, CANCEL_STREAM, REQUEST_PREFIX, REQUEST_STREAM, cancel_subject, request_subject, token
+
+CANCEL_KEEP_S = 120.0  # how long a cancel is remembered for a batcher that missed it
 
 
 async def connect(url: str, name: str) -> Client:
@@ -23,14 +26,39 @@ async def connect(url: str, name: str) -> Client:
 
 
 async def ensure_request_stream(js: JetStreamContext) -> None:
-    """Create the request stream if missing (idempotent; several services race to do it)."""
-    config = StreamConfig(name=REQUEST_STREAM, subjects=[f"{REQUEST_PREFIX}.>"],
-                          retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.MEMORY,
-                          max_age=600.0)
+    """Create the request stream and the cancel stream if missing (idempotent; several
+    services race to do it)."""
+    requests = StreamConfig(name=REQUEST_STREAM, subjects=[f"{REQUEST_PREFIX}.>"],
+                            retention=RetentionPolicy.WORK_QUEUE, storage=StorageType.MEMORY,
+                            max_age=600.0)
+    # Cancels are sent on core NATS; this stream also keeps them for a while, so a batcher that
+    # was down (killed, restarting) when its requests were cancelled — moved elsewhere by the
+    # router — does not run them when it comes back and pulls them.
+    cancels = StreamConfig(name=CANCEL_STREAM, subjects=[f"{CANCEL_PREFIX}.>"],
+                           retention=RetentionPolicy.LIMITS, storage=StorageType.MEMORY,
+                           max_age=CANCEL_KEEP_S, max_msgs=100_000)
+    for config in (requests, cancels):
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+
+
+async def recent_cancels(js: JetStreamContext, replica_id: str, timeout_s: float = 0.3) -> list[bytes]:
+    """Cancels sent to `replica_id` in the last CANCEL_KEEP_S seconds (raw CancelRequests)."""
+    config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
+                            filter_subject=cancel_subject(replica_id), inactive_threshold=10.0)
+    psub = await js.pull_subscribe(cancel_subject(replica_id), stream=CANCEL_STREAM, config=config)
+    out: list[bytes] = []
     try:
-        await js.add_stream(config)
-    except BadRequestError:
-        await js.update_stream(config)
+        while True:
+            try:
+                msgs = await psub.fetch(batch=512, timeout=timeout_s)
+            except NatsTimeoutError:
+                return out
+            out += [m.data for m in msgs]
+    finally:
+        await psub.unsubscribe()
 
 
 async def pull_subscription(js: JetStreamContext, replica_id: str, max_ack_pending: int) -> JetStreamContext.PullSubscription:

@@ -2,7 +2,7 @@
 
     switchyard.req.<replica>          DispatchRequest  JetStream work queue (one consumer per replica)
     switchyard.reply.<router>.<req>   ReplicaEvent     core NATS, batcher → router
-    switchyard.cancel.<replica>       CancelRequest    core NATS, router → batcher
+    switchyard.cancel.<replica>       CancelRequest    core NATS, router → batcher (also kept 2 min in a stream)
     switchyard.load.<model>.<replica> LoadReport       core NATS heartbeats
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 REQUEST_STREAM = "SWITCHYARD_REQUESTS"
+CANCEL_STREAM = "SWITCHYARD_CANCELS"  # keeps recent cancels for a batcher that was down when they were sent
 REQUEST_PREFIX = "switchyard.req"
 REPLY_PREFIX = "switchyard.reply"
 CANCEL_PREFIX = "switchyard.cancel"

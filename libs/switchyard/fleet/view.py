@@ -55,7 +55,7 @@ class ReplicaState:
         return (time.monotonic() if now is None else now) - self.first_seen
 
 
-LeaveListener = Callable[[ReplicaState], None]
+Listener = Callable[[ReplicaState], None]
 
 
 @dataclass
@@ -65,7 +65,8 @@ class FleetView:
     prefix_index: PrefixIndex = field(default_factory=PrefixIndex)
     # Every replica ever seen: (model, first seen, last seen) in unix seconds, for cost reports.
     lifetimes: dict[str, tuple[str, float, float]] = field(default_factory=dict)
-    _leave_listeners: list[LeaveListener] = field(default_factory=list)
+    _leave_listeners: list[Listener] = field(default_factory=list)
+    _join_listeners: list[Listener] = field(default_factory=list)
 
     # ---- ingest ---------------------------------------------------------------------------
     def observe(self, report: bus_pb2.LoadReport, now: float | None = None) -> ReplicaState:
@@ -77,14 +78,20 @@ class FleetView:
             log.info("replica %s (%s) joined", report.replica_id, report.model)
             replica = ReplicaState(report.replica_id, report.model, report, now, now, first)
             self.replicas[report.replica_id] = replica
+            for listener in self._join_listeners:
+                listener(replica)
         else:
             replica.report, replica.last_seen = report, now
         self.prefix_index.update(report.replica_id, report.cached_blocks)
         return replica
 
-    def on_leave(self, listener: LeaveListener) -> None:
+    def on_leave(self, listener: Listener) -> None:
         """Call `listener` with each replica that leaves (heartbeats stopped)."""
         self._leave_listeners.append(listener)
+
+    def on_join(self, listener: Listener) -> None:
+        """Call `listener` with each replica that joins (first heartbeat, or back after leaving)."""
+        self._join_listeners.append(listener)
 
     def expire(self, now: float | None = None) -> list[str]:
         """Drop replicas whose heartbeats stopped; returns their ids."""

@@ -50,6 +50,10 @@ class OutlierDetector:
             if h.ejected_until <= time.monotonic():
                 h.ejections = 0
 
+    def forget(self, replica_id: str) -> None:
+        """The replica left the fleet: a later incarnation starts with a clean record."""
+        self._health.pop(replica_id, None)
+
     def ejected(self, replica_id: str, now: float | None = None) -> bool:
         h = self._health.get(replica_id)
         return h is not None and h.ejected_until > (time.monotonic() if now is None else now)

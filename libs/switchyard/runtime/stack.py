@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,22 @@ class Service:
     http_port: int | None = None
     metrics_port: int | None = None
     log_path: Path | None = None
+    module: str = ""
+    args: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    crashes_in_a_row: int = 0
+    restart_at: float | None = None  # set while a crashed service waits out its backoff
+
+    def restart_args(self) -> list[str]:
+        """The arguments it started with, its bound ports pinned (a worker's batcher and the
+        clients keep the same address across restarts)."""
+        pinned = {"--port": self.port, "--grpc-port": self.port, "--http-port": self.http_port or 0}
+        args = list(self.args)
+        for i, arg in enumerate(args[:-1]):
+            if arg in pinned and args[i + 1] == "0" and pinned[arg]:
+                args[i + 1] = str(pinned[arg])
+        return args
 
     def wait_port(self, timeout_s: float) -> int:
         assert self.port_file is not None
@@ -91,6 +108,9 @@ class LocalStack:
         self.batchers: list[Service] = []
         self.router: Service | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="switchyard-stack-")
+        self._stopping = False
+        self._supervisor: threading.Thread | None = None
+        self.restarts: dict[str, int] = {}  # service name → times restarted
         self.run_dir = Path(self._tmp.name)
         self.log_dir = spec.log_dir or self.run_dir
 
@@ -119,7 +139,60 @@ class LocalStack:
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                        preexec_fn=die_with_parent)
-        return Service(name, process, pf, log_path=log_path)
+        return Service(name, process, pf, log_path=log_path, module=module, args=list(args))
+
+    # ---- supervision ----------------------------------------------------------------------
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Restart crashed processes with exponential backoff (0.5 s doubling to 30 s; reset
+        after a minute up), keeping the others serving. Returns the services restarted now.
+        Call it periodically (`switchyard up` does; `start_supervisor()` runs it in a thread)."""
+        now = time.monotonic() if now is None else now
+        restarted: list[str] = []
+        if self._stopping:
+            return restarted
+        if self.nats is not None and self.nats.process is not None and self.nats.process.poll() is not None:
+            log.warning("nats-server exited with %s; restarting it on port %d", self.nats.process.returncode,
+                        self.nats.port)
+            self.nats = NatsServer(port=self.nats.port, host=self.spec.host, log_path=self.log_dir / "nats.log").start()
+            self.restarts["nats-server"] = self.restarts.get("nats-server", 0) + 1
+            restarted.append("nats-server")
+        for svc in self.services():
+            if svc.process.poll() is None:
+                if svc.crashes_in_a_row and now - svc.started_at > 60.0:
+                    svc.crashes_in_a_row = 0
+                continue
+            if svc.restart_at is None:
+                delay = min(0.5 * 2 ** svc.crashes_in_a_row, 30.0)
+                svc.restart_at = now + delay
+                log.warning("%s exited with %s; restarting in %.1fs", svc.name, svc.process.returncode, delay)
+                continue
+            if now < svc.restart_at:
+                continue
+            self._respawn(svc, now)
+            restarted.append(svc.name)
+        return restarted
+
+    def _respawn(self, svc: Service, now: float) -> None:
+        if svc.port_file is not None:
+            svc.port_file.unlink(missing_ok=True)
+        fresh = self._spawn(svc.name, svc.module, svc.restart_args(), port_file=svc.port_file is not None)
+        svc.process, svc.started_at, svc.restart_at = fresh.process, now, None
+        svc.restarts += 1
+        svc.crashes_in_a_row += 1
+        self.restarts[svc.name] = svc.restarts
+        log.warning("%s restarted (restart %d)", svc.name, svc.restarts)
+
+    def start_supervisor(self, interval_s: float = 0.2) -> None:
+        """Supervise from a background thread until stop()."""
+        def loop() -> None:
+            while not self._stopping:
+                try:
+                    self.supervise()
+                except Exception:
+                    log.exception("supervision failed")
+                time.sleep(interval_s)
+        self._supervisor = threading.Thread(target=loop, name="stack-supervisor", daemon=True)
+        self._supervisor.start()
 
     def start(self, timeout_s: float = 180.0) -> "LocalStack":
         try:
@@ -187,15 +260,11 @@ class LocalStack:
     def services(self) -> list[Service]:
         return [s for s in [self.router, *self.batchers, *self.workers] if s is not None]
 
-    def exited(self) -> list[str]:
-        """Names of the stack's processes that are no longer running."""
-        dead = [s.name for s in self.services() if s.process.poll() is not None]
-        if self.nats is not None and self.nats.process is not None and self.nats.process.poll() is not None:
-            dead.append("nats-server")
-        return dead
-
     def stop(self) -> None:
         """Router first (stop taking requests), then batchers (drain), workers, NATS."""
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
         for svc in self.services():
             if svc.process.poll() is None:
                 svc.process.send_signal(signal.SIGTERM)
