@@ -212,3 +212,45 @@ def test_models_retrieve_with_the_official_sdk(edge: LocalStack) -> None:
         client.models.retrieve("no-such-model")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{edge.http_url}/v1", api_key="wrong", max_retries=0).models.retrieve(TINY)
+
+
+PARAMS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -2},
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 100_000},
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
+    ("/v1/completions", {"prompt": "hi", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": 5}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "frequency_penalty": 1}, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "x"}, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5.0}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": "hi", "temperature": "1"}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", PARAMS, ids=[f"{p}-{i}" for i, (_, _, p) in enumerate(PARAMS)])
+def test_errors_name_the_field_the_client_sent_and_types_are_strict(edge: LocalStack, path: str, body: dict,
+                                                                     param: str) -> None:
+    assert_envelope(post(edge, path, {"model": TINY, **body}), 400, param)
+
+
+@pytest.mark.parametrize("request_, field", [
+    (generate_pb2.GenerateRequest(model=TINY, text="word " * 3000), "text"),
+    (generate_pb2.GenerateRequest(model=TINY, chat=generate_pb2.ChatInput(messages=[
+        generate_pb2.ChatMessage(role="user", content="word " * 3000)])), "chat.messages"),
+    (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=2, sampling=generate_pb2.SamplingParams(top_p=3)),
+     "sampling.top_p"),
+])
+def test_grpc_errors_name_the_proto_field(edge: LocalStack, request_: Any, field: str) -> None:
+    with grpc.insecure_channel(edge.router_address) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            generate_pb2_grpc.GenerationStub(ch).Complete(request_, timeout=10, metadata=edge.auth_metadata())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(field + ":"), err.value.details()

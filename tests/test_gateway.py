@@ -180,7 +180,7 @@ INVALID = [
     ({"model": TINY, "prompt": "hi", "stop": ["s"] * 40}, 400, "stop"),
     ({"model": TINY, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": TINY, "messages": []}, 400, "messages"),
-    ({"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -2}, 400, "max_tokens"),
+    ({"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -2}, 400, "max_completion_tokens"),
 ]
 
 

@@ -28,6 +28,12 @@ def api_key_from_metadata(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+# Pipeline field names → GenerateRequest's (errors name the field as the client sets it).
+GRPC_FIELD_NAMES = {"temperature": "sampling.temperature", "top_p": "sampling.top_p", "top_k": "sampling.top_k",
+                    "repetition_penalty": "sampling.repetition_penalty", "stop": "stop.stop",
+                    "stop_token_ids": "stop.stop_token_ids", "token_ids": "token_ids.ids"}
+
+
 def request_from_proto(msg: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationRequest:
     kind = msg.WhichOneof("input")
     remaining = context.time_remaining()
@@ -39,7 +45,8 @@ def request_from_proto(msg: generate_pb2.GenerateRequest, context: grpc.aio.Serv
         max_tokens=msg.max_tokens, sampling=msg.sampling, stop=list(msg.stop.stop),
         stop_token_ids=list(msg.stop.stop_token_ids), ignore_eos=msg.stop.ignore_eos,
         request_id=msg.request_id or uuid.uuid4().hex, session_id=msg.session_id,
-        timeout_s=remaining if remaining is not None else None)
+        timeout_s=remaining if remaining is not None else None, field_names=dict(GRPC_FIELD_NAMES, prompt={
+            "text": "text", "chat": "chat.messages", "token_ids": "token_ids.ids"}.get(kind or "", "input")))
 
 
 def summary_to_proto(c: Completion) -> generate_pb2.FinalSummary:

@@ -48,6 +48,21 @@ def param_path(path: tuple[str | int, ...]) -> str:
     return out or "body"
 
 
+def field_path(loc: tuple[Any, ...], data: Any) -> tuple[str | int, ...]:
+    """A pydantic error location as a path into the body: union members' tags ('str',
+    'list[str]') are not fields and are dropped; a missing field is kept."""
+    path: list[str | int] = []
+    current = data
+    for i, part in enumerate(loc):
+        if isinstance(current, dict) and isinstance(part, str) and (part in current or i == len(loc) - 1):
+            path.append(part)
+            current = current.get(part)
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            path.append(part)
+            current = current[part]
+    return tuple(path)
+
+
 def _parse_int(digits: str) -> int | float:
     return int(digits) if len(digits) <= MAX_INT_DIGITS else float(digits)
 
@@ -105,14 +120,18 @@ def check_tree(data: Any) -> None:
             stack.extend((item, (*path, i)) for i, item in enumerate(value))
 
 
+STRICT = ConfigDict(extra="forbid", strict=True)  # no coercion: "5", true and 5.0 are not integers
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
     include_usage: bool = False
 
 
 class _Common(BaseModel):
     """Fields shared by both endpoints; unknown fields are rejected so typos are caught."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model: str
     max_tokens: int | None = None
     temperature: float = Field(1.0)
@@ -138,7 +157,7 @@ class CompletionBody(_Common):
 
 
 class ChatMessageBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: str
     content: str | None = None
 
@@ -162,8 +181,9 @@ def _unsupported(body: _Common) -> None:
         raise invalid("n", "only n=1 is supported")
     if body.logprobs not in (None, False, 0):
         raise invalid("logprobs", "logprobs are not supported")
-    if body.presence_penalty or body.frequency_penalty:
-        raise invalid("presence_penalty", "presence/frequency penalties are not supported; use repetition_penalty")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name):
+            raise invalid(name, "presence/frequency penalties are not supported; use repetition_penalty")
     if body.seed is not None and body.seed < 0:
         raise invalid("seed", "must be a non-negative integer")
 
@@ -184,6 +204,9 @@ def to_request(body: CompletionBody | ChatBody, timeout_s: float | None) -> Gene
                             request_type="chat" if isinstance(body, ChatBody) else "completion",
                             session_id=body.user or "")
     if isinstance(body, ChatBody):
+        req.field_names["prompt"] = "messages"
+        if body.max_completion_tokens is not None:
+            req.field_names["max_tokens"] = "max_completion_tokens"
         req.max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         req.messages = [(m.role, m.content or "") for m in body.messages]
     else:
@@ -195,9 +218,9 @@ def to_request(body: CompletionBody | ChatBody, timeout_s: float | None) -> Gene
             req.text = body.prompt
         req.max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default
         if body.echo or body.suffix:
-            raise invalid("echo", "echo and suffix are not supported")
+            raise invalid("echo" if body.echo else "suffix", "echo and suffix are not supported")
     if req.max_tokens is not None and req.max_tokens <= 0:
-        raise invalid("max_tokens", f"must be at least 1, got {req.max_tokens}")
+        raise invalid(req.field_names.get("max_tokens", "max_tokens"), f"must be at least 1, got {req.max_tokens}")
     return req
 
 
@@ -289,9 +312,10 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
         try:
             return model.model_validate(data)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "body"
-            raise invalid(where, first["msg"]) from None
+            # The deepest error names the field best (a union's members each report one).
+            paths = [(field_path(e["loc"], data), e["msg"]) for e in exc.errors()]
+            path, msg = max(paths, key=lambda p: len(p[0]))
+            raise invalid(param_path(path), msg) from None
 
     def timeout_for(request: Request) -> float:
         header = request.headers.get(TIMEOUT_HEADER)

@@ -55,6 +55,7 @@ class GenerationRequest:
     tenant: Tenant | None = None  # set by the front end after authenticate()
     request_type: str = "grpc"  # front end and shape: grpc, chat, completion
     session_id: str = ""  # conversation or end-user key (OpenAI `user`), for routing
+    field_names: dict[str, str] = field(default_factory=dict)  # pipeline field → the client's name for it
 
 
 @dataclass
@@ -114,6 +115,15 @@ class Route:
     replica: ReplicaState
     policy: RoutingPolicy
     request: RoutingRequest
+
+
+def _rename_field(error: RequestError, names: dict[str, str]) -> None:
+    """Name the field as the client sent it (chat's `messages` for the prompt, and so on)."""
+    wire = names.get(error.field or "")
+    if wire and error.field:
+        if error.message.startswith(error.field + ":"):
+            error.message = wire + error.message[len(error.field):]
+        error.field = wire
 
 
 class StopStringMatcher:
@@ -372,6 +382,7 @@ class RequestPipeline:
                 self.limiter.settle(reservation, len(prepared.prompt_ids) + obs.completion_tokens)
         except RequestError as error:
             code, message = error.kind.name, error.message
+            _rename_field(error, req.field_names)
             raise
         except (GeneratorExit, asyncio.CancelledError):
             # A consumer that has its Completion closes the generator at that last yield
