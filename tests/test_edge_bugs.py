@@ -254,3 +254,22 @@ def test_grpc_errors_name_the_proto_field(edge: LocalStack, request_: Any, field
             generate_pb2_grpc.GenerationStub(ch).Complete(request_, timeout=10, metadata=edge.auth_metadata())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.value.details() or "").startswith(field + ":"), err.value.details()
+
+
+def test_grpc_reflection_v1_is_served(edge: LocalStack) -> None:
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+    with grpc.insecure_channel(edge.router_address) as ch:
+        info = ch.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        reqs = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="switchyard.v1.Generation"),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection")]
+        listed, described, itself = list(info(iter(reqs), timeout=10))
+    assert not itself.HasField("error_response"), itself.error_response
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"switchyard.v1.Generation", "grpc.reflection.v1.ServerReflection"} <= names, names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+             for b in described.file_descriptor_response.file_descriptor_proto]
+    assert any(s.name == "Generation" for f in files for s in f.service)

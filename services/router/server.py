@@ -14,7 +14,6 @@ from typing import Any, Callable
 import grpc
 import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from switchyard.bus.queue import connect, ensure_request_stream
 from switchyard.config import load_config
@@ -32,7 +31,7 @@ from switchyard.v1 import generate_pb2
 
 from .config import RouterConfig
 from .dispatch import Dispatcher
-from .grpc_api import GenerationServicer, add_generation_servicer
+from .grpc_api import GenerationServicer, add_generation_servicer, enable_reflection
 from .http_api import create_http_app
 from .limits import AdmissionControl, RateLimiter
 from .pipeline import RequestPipeline, ResilienceConfig
@@ -98,7 +97,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     add_generation_servicer(GenerationServicer(pipeline, config.write_timeout_s), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection(server, (GENERATION_SERVICE, health.SERVICE_NAME))
     grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
     await server.start()
     http = None
