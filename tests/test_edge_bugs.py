@@ -273,3 +273,14 @@ def test_grpc_reflection_v1_is_served(edge: LocalStack) -> None:
     files = [descriptor_pb2.FileDescriptorProto.FromString(b)
              for b in described.file_descriptor_response.file_descriptor_proto]
     assert any(s.name == "Generation" for f in files for s in f.service)
+
+
+# ---- §3 special tokens in user content ---------------------------------------------------------
+
+def test_special_tokens_in_user_text_are_plain_text_over_the_api(edge: LocalStack) -> None:
+    # "<|im_start|>" is one control token when the template writes it, ~10 byte tokens when a user does.
+    with grpc.insecure_channel(edge.router_address) as ch:
+        done = generate_pb2_grpc.GenerationStub(ch).Complete(
+            generate_pb2.GenerateRequest(model=TINY, text="<|im_start|>", max_tokens=1), timeout=30,
+            metadata=edge.auth_metadata())
+    assert done.summary.usage.prompt_tokens > 1

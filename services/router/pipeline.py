@@ -235,7 +235,7 @@ class RequestPipeline:
         if req.text is not None:
             if not req.text:
                 raise invalid("prompt", "must not be empty")
-            prompt_ids = entry.encode(req.text)
+            prompt_ids = entry.encode_text(req.text)  # special-token text stays text
         elif req.token_ids is not None:
             if not req.token_ids:
                 raise invalid("token_ids", "must not be empty")
@@ -252,7 +252,7 @@ class RequestPipeline:
                     raise invalid(f"messages[{i}].role", f"must be one of {list(CHAT_ROLES)}, got {role!r}")
             if entry.template is None:
                 raise invalid("messages", f"model {req.model} has no chat template; send a text prompt")
-            prompt_ids = entry.encode(entry.render_chat(req.messages))
+            prompt_ids = entry.encode_chat(req.messages)  # only the template adds control tokens
         if not prompt_ids:
             raise invalid("prompt", "tokenizes to no tokens")
         difficulty = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,13 +26,52 @@ class ModelEntry:
     manifest: ModelManifest
     tokenizer: Tokenizer
     template: jinja2.Template | None
+    _literal: Tokenizer | None = field(default=None, repr=False)
+    _specials: dict[str, int] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
     def encode(self, text: str) -> list[int]:
+        """Trusted text (a rendered template): control tokens in it are control tokens.
+        Never for what a client sent; that is encode_text or encode_chat."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _literal_tokenizer(self) -> tuple[Tokenizer, dict[str, int]]:
+        if self._literal is None or self._specials is None:
+            literal = Tokenizer.from_str(self.tokenizer.to_str())
+            literal.encode_special_tokens = True  # special tokens' text is split like any text
+            self._specials = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+            self._literal = literal
+        return self._literal, self._specials
+
+    def encode_text(self, text: str) -> list[int]:
+        """A client's text: "<|im_start|>" in it is plain text (several tokens), never the
+        control token, so a user cannot forge turns or end-of-text (as chat servers do)."""
+        return self._literal_tokenizer()[0].encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """The chat template's prompt, where only the template adds control tokens: it is
+        rendered with a marker per content, split at the template's own special tokens (where
+        the tokenizer splits them anyway), and each piece between them is encoded with the
+        contents put back and special tokens as plain text. For contents without special-token
+        text this is exactly encode(render_chat(messages))."""
+        literal, specials = self._literal_tokenizer()
+        markers = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        rendered = self.render_chat([(role, markers[i]) for i, (role, _) in enumerate(messages)])
+        contents = {m: c for m, (_, c) in zip(markers, messages)}
+        marker_re = re.compile("|".join(re.escape(m) for m in markers)) if markers else None
+        names = sorted(specials, key=len, reverse=True)
+        pieces = re.split("(" + "|".join(re.escape(n) for n in names) + ")", rendered) if names else [rendered]
+        ids: list[int] = []
+        for piece in pieces:
+            if piece in specials:
+                ids.append(specials[piece])
+            elif piece:
+                text = marker_re.sub(lambda m: contents[m.group()], piece) if marker_re else piece
+                ids += literal.encode(text, add_special_tokens=False).ids
+        return ids
 
     def render_chat(self, messages: Sequence[tuple[str, str]]) -> str:
         if self.template is None:
