@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from opentelemetry.trace import Span
 
 from switchyard.bus import subjects
-from switchyard.bus.queue import pull_subscription, recent_cancels
+from switchyard.bus.queue import RateLimitedLog, ensure_request_stream, pull_subscription, recent_cancels
 from switchyard.v1 import bus_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
 
 from . import telemetry as tm
@@ -89,6 +89,7 @@ class Scheduler:
         self._room.set()
         self._tasks: list[asyncio.Task[None]] = []
         self._psub: JetStreamContext.PullSubscription | None = None
+        self._bus_log = RateLimitedLog(log)
 
     # ---- accounting ---------------------------------------------------------------------
     @property
@@ -127,6 +128,16 @@ class Scheduler:
                        asyncio.create_task(self._step_loop(), name="step"),
                        asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
 
+    async def resubscribe(self) -> None:
+        """(Re-)create this replica's pull consumer: a restarted server has none."""
+        await ensure_request_stream(self.js)
+        old, self._psub = self._psub, await pull_subscription(self.js, self.replica_id, max_ack_pending=self.max_batch)
+        if old is not None:
+            try:
+                await old.unsubscribe()
+            except Exception:  # it died with the old connection state
+                pass
+
     async def drain(self, grace_s: float) -> None:
         """Stop pulling, announce draining, finish running requests within grace_s."""
         self.draining = True
@@ -162,9 +173,15 @@ class Scheduler:
                 msgs = await self._psub.fetch(batch=1, timeout=1.0)
             except (NatsTimeout, asyncio.TimeoutError):
                 continue
-            except Exception:  # reconnecting; keep trying
-                log.exception("fetch failed")
-                await asyncio.sleep(0.2)
+            except Exception as exc:  # the server is restarting, or lost our consumer with it
+                self._bus_log.warning("fetch", "pulling requests failed (%s: %s); retrying",
+                                      type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
+                if self.nc.is_connected:
+                    try:
+                        await self.resubscribe()
+                    except Exception as again:
+                        self._bus_log.warning("resubscribe", "re-creating the request consumer failed: %s", again)
                 continue
             for msg in msgs:
                 await msg.ack()

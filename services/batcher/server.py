@@ -56,7 +56,14 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     # A batcher owns its worker alone: what a predecessor (crashed, killed) left there is abandoned.
     await worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(all=True))
     replica_id = config.replica_id or f"{info.model}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    nc = await connect(config.nats_url, name=f"batcher-{replica_id}")
+    scheduler: Scheduler | None = None
+
+    async def restore() -> None:  # a restarted server lost the memory streams and our consumer
+        await ensure_request_stream(js)
+        if scheduler is not None:
+            await scheduler.resubscribe()
+
+    nc = await connect(config.nats_url, name=f"batcher-{replica_id}", on_reconnect=restore)
     js = nc.jetstream()
     await ensure_request_stream(js)
     scheduler = Scheduler(config, replica_id, info, nc, js, worker, health_pb2_grpc.HealthStub(channel))

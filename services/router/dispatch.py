@@ -9,13 +9,18 @@ import logging
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 
 from opentelemetry.context import Context
 
 from switchyard.bus import subjects
+from switchyard.bus.queue import ensure_request_stream
 from switchyard.telemetry.tracing import inject_context
 from switchyard.v1 import bus_pb2, generate_pb2
+
+from .errors import ErrorKind, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +68,20 @@ class Dispatcher:
         return subjects.reply_subject(self.router_id, dispatch_id)
 
     async def send(self, replica_id: str, request: bus_pb2.DispatchRequest, ctx: Context | None = None) -> None:
-        """Publish to the replica's queue; the trace context rides in the NATS headers."""
+        """Publish to the replica's queue; the trace context rides in the NATS headers. A
+        request stream lost with a restarted server is re-created once; a bus that is down
+        is UNAVAILABLE with a retry delay, not an unknown error."""
         headers = inject_context({}, ctx) if ctx is not None else None
-        await self.js.publish(subjects.request_subject(replica_id), request.SerializeToString(),
-                              headers=headers or None)
+        subject, data = subjects.request_subject(replica_id), request.SerializeToString()
+        try:
+            try:
+                await self.js.publish(subject, data, headers=headers or None, timeout=2.0)
+            except NoStreamResponseError:
+                await ensure_request_stream(self.js)
+                await self.js.publish(subject, data, headers=headers or None, timeout=2.0)
+        except (NatsError, asyncio.TimeoutError) as exc:
+            raise RequestError(ErrorKind.UNAVAILABLE, f"message bus unavailable ({type(exc).__name__}); retry shortly",
+                               retry_after_s=1.0) from None
 
     async def cancel(self, replica_id: str, dispatch_id: str) -> None:
         await self.nc.publish(subjects.cancel_subject(replica_id),

@@ -76,7 +76,10 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
     writer = RecordWriter(config.records_dir) if config.records_dir else None
     router_id = config.router_id or f"router-{uuid.uuid4().hex[:8]}"
-    nc = await connect(config.nats_url, name=router_id)
+    async def restore() -> None:  # a restarted server lost the memory streams
+        await ensure_request_stream(js)
+
+    nc = await connect(config.nats_url, name=router_id, on_reconnect=restore)
     js = nc.jetstream()
     await ensure_request_stream(js)
     fleet = FleetView(misses=config.heartbeat_misses)

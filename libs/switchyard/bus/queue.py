@@ -8,6 +8,10 @@ and the router learns at publish time (PubAck) that the request was stored.
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Awaitable, Callable
+
 import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -18,11 +22,52 @@ from nats.js.errors import BadRequestError
 from .subjects import CANCEL_PREFIX, CANCEL_STREAM, REQUEST_PREFIX, REQUEST_STREAM, cancel_subject, request_subject, token
 
 CANCEL_KEEP_S = 120.0  # how long a cancel is remembered for a batcher that missed it
+log = logging.getLogger(__name__)
 
 
-async def connect(url: str, name: str) -> Client:
-    """A NATS connection that keeps reconnecting (the server may restart under us)."""
-    return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+class RateLimitedLog:
+    """Logs a repeated condition once per `every_s` with a count of what it held back, so an
+    outage that fails an operation five times a second does not flood the logs."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.every_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return
+        held = self._held.pop(key, 0)
+        self._last[key] = now
+        self.logger.warning(message + (f" (and {held} more like it)" if held else ""), *args)
+
+
+async def connect(url: str, name: str,
+                  on_reconnect: Callable[[], Awaitable[None]] | None = None) -> Client:
+    """A NATS connection that keeps reconnecting (the server may restart under us).
+    `on_reconnect` re-creates what a restarted server lost (memory streams, consumers);
+    core subscriptions are restored by the client itself."""
+    limited = RateLimitedLog(log)
+
+    async def disconnected() -> None:
+        limited.warning("disconnected", "%s: NATS connection lost; reconnecting", name)
+
+    async def reconnected() -> None:
+        log.info("%s: NATS reconnected", name)
+        if on_reconnect is not None:
+            try:
+                await on_reconnect()
+            except Exception as exc:
+                log.warning("%s: restoring NATS state after reconnect failed: %s", name, exc)
+
+    async def error(exc: Exception) -> None:
+        limited.warning(type(exc).__name__, "%s: NATS error: %s", name, exc)
+
+    return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                              disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
 
 
 async def ensure_request_stream(js: JetStreamContext) -> None:

@@ -153,7 +153,7 @@ class LocalStack:
         if self.nats is not None and self.nats.process is not None and self.nats.process.poll() is not None:
             log.warning("nats-server exited with %s; restarting it on port %d", self.nats.process.returncode,
                         self.nats.port)
-            self.nats = NatsServer(port=self.nats.port, host=self.spec.host, log_path=self.log_dir / "nats.log").start()
+            self.nats.start()  # same port and store: clients reconnect to the address they know
             self.restarts["nats-server"] = self.restarts.get("nats-server", 0) + 1
             restarted.append("nats-server")
         for svc in self.services():
