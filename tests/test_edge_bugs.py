@@ -284,3 +284,22 @@ def test_special_tokens_in_user_text_are_plain_text_over_the_api(edge: LocalStac
             generate_pb2.GenerateRequest(model=TINY, text="<|im_start|>", max_tokens=1), timeout=30,
             metadata=edge.auth_metadata())
     assert done.summary.usage.prompt_tokens > 1
+
+
+# ---- readiness -----------------------------------------------------------------------------------
+
+def test_stack_with_a_tenants_file_and_no_key_becomes_ready(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """`switchyard up --tenants-file F` passes no key: readiness must not need one."""
+    from switchyard.runtime.stack import StackSpec
+    tenants = tmp_path / "tenants.toml"
+    write_tenant(tenants, "someone", "sy-key-the-stack-does-not-know")
+    spec = StackSpec(models_dir=tiny_models_dir, replicas={TINY: 1}, heartbeat_s=0.2, log_dir=tmp_path,
+                     tenants_file=tenants, metrics=False)
+    stack = LocalStack(spec)
+    try:
+        stack.start(timeout_s=30)
+        resp = httpx.get(f"{stack.http_url}/v1/models", timeout=5,
+                         headers={"Authorization": "Bearer sy-key-the-stack-does-not-know"})
+        assert [m["id"] for m in resp.json()["data"]] == [TINY]
+    finally:
+        stack.stop()

@@ -247,15 +247,35 @@ class LocalStack:
                         raise RuntimeError(f"{svc.name} exited with {svc.process.returncode}; see {svc.log_path}")
                 try:
                     if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        models = stub.ListModels(generate_pb2.ListModelsRequest(), timeout=1,
-                                                 metadata=self.auth_metadata()).models
-                        served = {m.name: m.replicas for m in models}  # virtual models are listed too
-                        if all(served.get(name) == n for name, n in expected.items()):
+                        served = self._served(stub, generate_pb2.ListModelsRequest())  # virtual models too
+                        if served is None or all(served.get(name) == n for name, n in expected.items()):
                             return
-                except grpc.RpcError:
+                except (grpc.RpcError, OSError, ValueError):
                     pass
                 time.sleep(0.1)
         raise TimeoutError(f"stack not ready in {timeout_s}s; logs in {self.log_dir}")
+
+    def _served(self, stub: object, request: object) -> dict[str, int] | None:
+        """Model → live replicas, as the router lists them. ListModels needs a key when a
+        tenants file is set; without one (`switchyard up --tenants-file F` knows no key of F)
+        the open HTTP /health answers the same; with neither, None (router SERVING is all)."""
+        try:
+            models = stub.ListModels(request, timeout=1, metadata=self.auth_metadata()).models  # type: ignore[attr-defined]
+            return {m.name: m.replicas for m in models}
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAUTHENTICATED or self.spec.api_key:
+                raise
+        if self.spec.http_port < 0 or self.router is None or not self.router.http_port:
+            log.warning("no API key for the tenants file and no HTTP API: readiness is the router's health only")
+            return None
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=1) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as exc:  # 503 while no replica is live
+            body = exc.read()
+        return {name: int(n) for name, n in json.loads(body).get("models", {}).items()}
 
     def services(self) -> list[Service]:
         return [s for s in [self.router, *self.batchers, *self.workers] if s is not None]
