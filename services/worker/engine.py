@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -150,6 +151,20 @@ class Engine:
     @property
     def kv_tokens(self) -> int:
         return sum(s.cache_length for s in self.sequences.values())
+
+    def add_many(self, specs: list[dict[str, Any]]) -> None:
+        """Add several sequences (add()'s keyword arguments each), all or none: when one is
+        refused, those added before it are taken out again, so the caller can retry the good
+        ones without "already exists"."""
+        added: list[str] = []
+        try:
+            for spec in specs:
+                self.add(**spec)
+                added.append(spec["sequence_id"])
+        except BaseException:
+            for sequence_id in added:  # not prefilled yet: the entry is all there is to undo
+                self.sequences.pop(sequence_id, None)
+            raise
 
     def add(self, sequence_id: str, prompt: list[int] | np.ndarray, params: SamplingParams,
             seed: int, traceparent: str = "", generated_offset: int = 0) -> None:

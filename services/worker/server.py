@@ -91,10 +91,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return info
 
     def _add(self, specs: Any) -> int:
-        for spec in specs:
-            self._engine.add(spec.sequence_id, list(spec.prompt_token_ids),
-                             sampling_from_proto(spec.sampling), spec.seed, spec.traceparent,
-                             generated_offset=spec.generated_offset)
+        """All or none: a refused request leaves no sequence of it behind."""
+        self._engine.add_many([dict(sequence_id=spec.sequence_id, prompt=list(spec.prompt_token_ids),
+                                    params=sampling_from_proto(spec.sampling), seed=spec.seed,
+                                    traceparent=spec.traceparent, generated_offset=spec.generated_offset)
+                               for spec in specs])
         return len(self._engine.sequences)
 
     @_needs_engine
@@ -110,7 +111,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         chunks = [(c.sequence_id, c.max_tokens) for c in request.prefill]
 
         def step() -> Any:
+            # Atomic for its adds: refused adds leave none behind, and prefill chunks are checked
+            # before anything runs (else the adds are undone), so the batcher's one-by-one retry
+            # never finds a sequence "already exists".
             self._add(request.add)
+            unknown = [sid for sid, _ in chunks if sid not in self._engine.sequences]
+            if unknown:
+                for spec in request.add:
+                    self._engine.sequences.pop(spec.sequence_id, None)
+                raise EngineError(f"unknown sequence {unknown[0]!r} in prefill")
             return self._engine.step(chunks, request.decode, max(request.decode_steps, 1))
         try:
             result = await self._call(step)
