@@ -246,3 +246,26 @@ def test_load_discounts_reported_requests_this_router_saw_finish() -> None:
     assert policy.load(a) == 0.0  # finished after that report: no longer there
     fleet.observe(report("a", running=3))  # a newer report (other routers' requests) counts in full
     assert policy.load(a) == pytest.approx(3 / 8)
+
+
+def test_least_work_keeps_long_generations_apart() -> None:
+    fleet = fleet_of(report("a"), report("b"))
+    policy = make_policy("least_work", fleet)
+    long, short = request([1] * 20, out=550), request([1] * 20, out=8)
+    a = policy.choose(long, fleet.live("m"))
+    policy.on_dispatch(long, a)
+    # by count the replicas are now 1 vs 0; two short ones go to the other...
+    placed = []
+    for _ in range(2):
+        r = policy.choose(short, fleet.live("m"))
+        policy.on_dispatch(short, r)
+        placed.append(r.replica_id)
+    assert a.replica_id not in placed
+    # ...and so does the next long one, though by request count the other now holds more
+    assert policy.choose(long, fleet.live("m")).replica_id != a.replica_id
+    # a replica with no free slot is avoided while another has one, even holding fewer tokens
+    full = fleet_of(bus_pb2.LoadReport(replica_id="a", model="m", running=8, max_batch_size=8, interval_s=0.5,
+                                       tokens_in_flight=100, sent_unix_s=time.time()),
+                    bus_pb2.LoadReport(replica_id="b", model="m", running=3, max_batch_size=8, interval_s=0.5,
+                                       tokens_in_flight=3000, sent_unix_s=time.time()))
+    assert make_policy("least_work", full).choose(short, full.live("m")).replica_id == "b"
