@@ -146,11 +146,11 @@ def test_cancelled_stream_frees_its_sequence_on_the_worker(tiny_stack: LocalStac
 
 
 @pytest.mark.parametrize("req, code, field", [
-    (generate_pb2.GenerateRequest(model=TINY, text="", max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (generate_pb2.GenerateRequest(model=TINY, text="", max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "text"),
     (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=-3), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
     (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=100_000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
-    (generate_pb2.GenerateRequest(model=TINY, text="word " * 2000, max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (generate_pb2.GenerateRequest(model=TINY, text="word " * 2000, max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "text"),
     (generate_pb2.GenerateRequest(model="no-such-model", text="hi", max_tokens=4), grpc.StatusCode.NOT_FOUND, "no-such-model"),
     (generate_pb2.GenerateRequest(model=TINY, max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "input"),
     (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=4,
