@@ -258,7 +258,7 @@ def main() -> int:
                              max_batch_size=args.max_batch, balancing=policy, metrics=False,
                              log_dir=Path(tempfile.mkdtemp(prefix=f"bench-cache-{policy}-")),
                              extra_env={"SWITCHYARD_PREFIX_CACHE_MIB": str(args.cache_mib)})
-            with LocalStack(spec).start() as stack:
+            with LocalStack(spec) as stack:
                 asyncio.run(warm_up(stack.router_address))
                 results, wall = asyncio.run(replay(stack.router_address, trace, args.max_tokens, progress, policy))
             runs.append(PolicyRun(policy, wall, results))

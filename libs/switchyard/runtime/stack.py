@@ -195,6 +195,8 @@ class LocalStack:
         self._supervisor.start()
 
     def start(self, timeout_s: float = 180.0) -> "LocalStack":
+        if self.nats is not None:  # `with LocalStack(spec).start()` would run a second stack
+            raise RuntimeError("this LocalStack is already started; use `with LocalStack(spec)` or start() once")
         try:
             self._start(timeout_s)
         except BaseException:
