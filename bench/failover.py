@@ -52,7 +52,7 @@ def make_requests(model: str, n: int, max_tokens: int, vocab: int) -> list[gener
         sampling = generate_pb2.SamplingParams(temperature=0.8, top_k=50, seed=1000 + i) if i % 2 else \
             generate_pb2.SamplingParams()
         out.append(generate_pb2.GenerateRequest(
-            model=model, token_ids=generate_pb2.TokenIds(ids=rng.integers(100, vocab - 1, size=24).tolist()),
+            request_id=f"failover-bench-{i}", model=model, token_ids=generate_pb2.TokenIds(ids=rng.integers(100, vocab - 1, size=24).tolist()),
             max_tokens=max_tokens, sampling=sampling, stop=generate_pb2.StopConditions(ignore_eos=True)))
     return out
 
@@ -130,12 +130,12 @@ def main() -> int:
     time.sleep(0.5)
     rows = [json.loads(x) for x in (records / "requests.jsonl").read_text().splitlines()[lines_before:]]
     failed_over_ids = {r["request_id"] for r in rows if r.get("failovers")}
+    # (the undisturbed runs used the same request ids: only the disturbed run's records count)
     completed = sum(r.ok for r in results)
     identical = sum(r.ok and r.tokens == ref.tokens for r, ref in zip(results, reference))
     baseline = sum(r.ok and r.tokens == ref.tokens for r, ref in zip(again, reference))
 
-    # which streams failed over: the records' count; per stream, the one whose longest gap stands out
-    moved = [(r, ref) for r, ref in zip(results, reference) if r.ok and r.max_gap_s > 3 * max(ref.max_gap_s, 0.05)]
+    moved = [(r, ref) for req, r, ref in zip(reqs, results, reference) if r.ok and req.request_id in failed_over_ids]
     stalls = [r.max_gap_s for r, _ in moved]
     extra = [r.e2e_s - ref.e2e_s for r, ref in moved]
     table = Table(title=f"Failover: {args.streams} streams × {args.max_tokens} tokens, 2 replicas of {args.model}, "
