@@ -3,6 +3,8 @@ detokenization (fleet view and routing policies: tests/test_routing.py)."""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,26 @@ def test_admission_sheds_beyond_capacity_plus_queue() -> None:
     assert err.value.kind is ErrorKind.RESOURCE_EXHAUSTED and err.value.retry_after_s > 0
     admission.leave("m")
     admission.enter("m", capacity=3)
+
+
+def test_admission_counts_tokens_and_measures_its_retry_delay() -> None:
+    admission = AdmissionControl(queue_limit=100, token_queue_factor=0.5, window_s=30.0)
+    # budgets hold 1,000 tokens (+50% queue = 1,500): five 300-token requests fit, a sixth does not
+    for _ in range(5):
+        admission.enter("m", capacity=64, tokens=300, token_capacity=1000)
+    with pytest.raises(RequestError) as err:
+        admission.enter("m", capacity=64, tokens=300, token_capacity=1000)
+    assert err.value.kind is ErrorKind.RESOURCE_EXHAUSTED and "tokens" in err.value.message
+    assert err.value.retry_after_s == 1.0  # nothing completed yet: no rate to measure
+    # a lone request is admitted whatever its size
+    admission.enter("other", capacity=64, tokens=5000, token_capacity=1000)
+    # completions measured: 3 × 300 tokens finished within a few seconds
+    t = time.monotonic()
+    admission._done["m"] = deque([(t - 9.0, 300), (t - 6.0, 300), (t - 3.0, 300)])
+    wait = admission.retry_after_s("m", 0, 900, now=t)
+    assert wait == pytest.approx(900 / (900 / 9.0))  # 900 excess tokens at 100 tokens/s
+    admission.leave("m", tokens=300)
+    admission.enter("m", capacity=64, tokens=300, token_capacity=1000)  # room again
 
 
 def test_tenant_keys_are_stored_hashed(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ class RouterConfig:
     http_port: int = field(default=8000, metadata={"help": "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)"})
     tenants_file: Path | None = field(default=None, metadata={"help": "TOML file of tenants and hashed API keys (unset: no auth)"})
     queue_limit: int = field(default=64, metadata={"help": "requests a model may queue beyond its replicas' batch capacity"})
+    token_queue_factor: float = field(default=0.5, metadata={
+        "help": "tokens (prompt + max_tokens) a model may queue beyond its replicas' KV token budgets, as a share of them"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "largest HTTP request body"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "HTTP request timeout (a lower x-request-timeout header wins)"})
     write_timeout_s: float = field(default=30.0, metadata={"help": "cut off a client that has not read its stream for this long"})
@@ -57,6 +59,8 @@ class RouterConfig:
             raise ConfigError("heartbeat_misses must be at least 1")
         if self.tenants_file is not None and not self.tenants_file.exists():
             raise ConfigError(f"tenants_file {self.tenants_file} does not exist")
+        if self.token_queue_factor < 0:
+            raise ConfigError("token_queue_factor must be non-negative")
         if self.queue_limit < 0 or self.max_buffered_events < 1 or self.max_body_bytes < 1024:
             raise ConfigError("queue_limit ≥ 0, max_buffered_events ≥ 1 and max_body_bytes ≥ 1024 are required")
         if self.max_failovers < 0 or self.stall_timeout_s <= 0 or not 0 <= self.retry_budget_ratio <= 1:

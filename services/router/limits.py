@@ -5,14 +5,16 @@ request reserves prompt + max_tokens up front and is settled to its actual use a
 so a tenant cannot overrun its budget mid-stream, and unused reservation flows back. Each
 tenant has its own buckets: one at its limit never slows another.
 
-Admission: a model takes at most (its replicas' batch capacity + a bounded queue) requests
-at once; past that, requests are shed immediately with a retry delay instead of queueing
+Admission: a model takes at most what its replicas can hold soon — batch slots plus a bounded
+queue, and KV tokens (prompt + max_tokens) plus a bounded share as queue; past that, requests
+are shed immediately with a retry delay measured from the completion rate, instead of queueing
 without bound and letting latency grow.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from .errors import ErrorKind, RequestError
@@ -94,19 +96,67 @@ class RateLimiter:
 
 
 class AdmissionControl:
-    def __init__(self, queue_limit: int) -> None:
-        self.queue_limit = queue_limit
-        self.inflight: dict[str, int] = {}
+    """Per model: admit a request only while the replicas can hold it soon — in batch slots
+    (capacity + `queue_limit` requests) and in tokens (prompt + max_tokens reserved against
+    the replicas' KV token budgets, plus a `token_queue_factor` share of them as queue).
+    Counting slots alone admitted requests that then waited a minute for KV room behind long
+    generations; counting tokens bounds an admitted request's wait to a fraction of one
+    generation. A shed request's retry delay is the time the model needs, at the completion
+    rate measured over the last `window_s`, to free what is in excess — not a constant."""
 
-    def enter(self, model: str, capacity: int) -> None:
-        """Admit one request for `model`, or shed it when capacity + queue are taken."""
+    def __init__(self, queue_limit: int, token_queue_factor: float = 0.5, window_s: float = 30.0) -> None:
+        self.queue_limit = queue_limit
+        self.token_queue_factor = token_queue_factor
+        self.window_s = window_s
+        self.inflight: dict[str, int] = {}
+        self.inflight_tokens: dict[str, int] = {}
+        self._done: dict[str, deque[tuple[float, int]]] = {}  # model → (finish time, tokens) of recent completions
+
+    def _rates(self, model: str, now: float) -> tuple[float, float]:
+        """(requests/s, tokens/s) completed over the window (0 when nothing finished yet)."""
+        done = self._done.get(model)
+        if not done:
+            return 0.0, 0.0
+        while done and now - done[0][0] > self.window_s:
+            done.popleft()
+        if not done:
+            return 0.0, 0.0
+        span = max(now - done[0][0], 1.0)
+        return len(done) / span, sum(t for _, t in done) / span
+
+    def retry_after_s(self, model: str, excess_requests: float, excess_tokens: float, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        req_rate, tok_rate = self._rates(model, now)
+        waits = [1.0]
+        if excess_requests > 0 and req_rate > 0:
+            waits.append(excess_requests / req_rate)
+        if excess_tokens > 0 and tok_rate > 0:
+            waits.append(excess_tokens / tok_rate)
+        return min(max(waits), 60.0)
+
+    def enter(self, model: str, capacity: int, tokens: int = 0, token_capacity: int = 0) -> None:
+        """Admit one request of `tokens` (prompt + max_tokens) for `model`, or shed it."""
         current = self.inflight.get(model, 0)
+        held = self.inflight_tokens.get(model, 0)
         limit = capacity + self.queue_limit
+        token_limit = int(token_capacity * (1 + self.token_queue_factor))
         if current >= limit:
+            wait = self.retry_after_s(model, current + 1 - limit, 0)
             raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
                                f"model {model} is at capacity ({current} requests in flight, limit {limit}); "
-                               "retry shortly", retry_after_s=1.0)
+                               f"retry in {wait:.1f}s", retry_after_s=wait)
+        # A request alone is always admitted (the batcher runs a lone request whatever its size).
+        if token_capacity > 0 and current > 0 and held + tokens > token_limit:
+            wait = self.retry_after_s(model, 0, held + tokens - token_limit)
+            raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
+                               f"model {model} is at capacity ({held} tokens reserved in flight, room for "
+                               f"{token_limit}); retry in {wait:.1f}s", retry_after_s=wait)
         self.inflight[model] = current + 1
+        self.inflight_tokens[model] = held + tokens
 
-    def leave(self, model: str) -> None:
+    def leave(self, model: str, tokens: int = 0, completed: bool = True) -> None:
+        """The request ended; `completed` ones feed the measured completion rate."""
         self.inflight[model] = max(self.inflight.get(model, 1) - 1, 0)
+        self.inflight_tokens[model] = max(self.inflight_tokens.get(model, tokens) - tokens, 0)
+        if completed:
+            self._done.setdefault(model, deque(maxlen=10_000)).append((time.monotonic(), tokens))

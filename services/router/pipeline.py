@@ -358,7 +358,9 @@ class RequestPipeline:
                 route = self.route(prepared, tenant.name)
                 reservation = self.limiter.reserve(tenant, len(prepared.prompt_ids) + prepared.max_tokens)
                 try:
-                    self.admission.enter(prepared.model, self.fleet.capacity(prepared.model))
+                    self.admission.enter(prepared.model, self.fleet.capacity(prepared.model),
+                                         len(prepared.prompt_ids) + prepared.max_tokens,
+                                         self.fleet.token_capacity(prepared.model))
                 except RequestError:
                     self.limiter.settle(reservation, 0)
                     raise
@@ -378,7 +380,8 @@ class RequestPipeline:
                         yield event
                 code = "OK" if done is not None else "CANCELLED"
             finally:
-                self.admission.leave(prepared.model)
+                self.admission.leave(prepared.model, len(prepared.prompt_ids) + prepared.max_tokens,
+                                     completed=done is not None)
                 self.limiter.settle(reservation, len(prepared.prompt_ids) + obs.completion_tokens)
         except RequestError as error:
             code, message = error.kind.name, error.message

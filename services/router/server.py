@@ -89,7 +89,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     routing = RoutingTable(fleet, config.balancing, parse_overrides(config.routing_policies))
     tenants = TenantDirectory.load(config.tenants_file) if config.tenants_file else TenantDirectory.disabled()
     pipeline = RequestPipeline(ModelCatalog(config.models_dir), fleet, dispatcher, routing,
-                               tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit),
+                               tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit, config.token_queue_factor),
                                observer=RequestObserver(writer),
                                model_router=ModelRouter.from_config(config.model_routes),
                                resilience=ResilienceConfig(max_failovers=config.max_failovers,

@@ -145,6 +145,10 @@ class FleetView:
         """Sequences the live replicas of `model` can run at once."""
         return sum(r.report.max_batch_size for r in self.live(model))
 
+    def token_capacity(self, model: str) -> int:
+        """KV tokens (prompt + max_tokens reservations) the live replicas of `model` can hold."""
+        return sum(r.report.token_budget for r in self.live(model))
+
     def usage(self) -> list[ReplicaUsage]:
         return [ReplicaUsage(replica_id=rid, model=model, start_unix_s=start, end_unix_s=end)
                 for rid, (model, start, end) in self.lifetimes.items()]
