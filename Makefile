@@ -9,7 +9,7 @@ PROTO_OUT := libs/switchyard/v1
 
 BENCH_VENV ?= .venv-bench
 
-.PHONY: all venv proto model tiny-model run test test-fast fuzz bench bench-deps bench-model gpu-check clean
+.PHONY: all venv proto model tiny-model run test test-fast fuzz chaos bench bench-deps bench-model gpu-check clean
 
 all: proto
 
@@ -46,6 +46,11 @@ test: proto
 # Skips the real-model tests marked slow (CI runs them all through `make test`).
 test-fast: proto
 	$(PY) -m pytest -ra -m "not slow"
+
+# Faults injected into the real stack: kill -9 of workers and batchers, SIGSTOP, a nats-server
+# restart, 5× overload, drains with streams in flight (also part of `make test`).
+chaos: proto
+	$(PY) -m pytest -ra -m chaos
 
 # Property-based fuzzing of the HTTP and gRPC APIs, longer than the bounded run in `make test`.
 FUZZ_EXAMPLES ?= 2000

@@ -165,6 +165,7 @@ def disturbed_run(stack: LocalStack, reqs: list[generate_pb2.GenerateRequest], d
 
 
 @pytest.mark.integration
+@pytest.mark.chaos
 def test_streams_survive_kill_9_of_a_worker_with_identical_output(two_replicas: LocalStack) -> None:
     stack = two_replicas
     wait_for_replicas(stack, 2)
@@ -184,6 +185,7 @@ def test_streams_survive_kill_9_of_a_worker_with_identical_output(two_replicas: 
 
 
 @pytest.mark.integration
+@pytest.mark.chaos
 def test_streams_move_off_a_stopped_worker_within_the_stall_timeout(two_replicas: LocalStack) -> None:
     stack = two_replicas
     wait_for_replicas(stack, 2)

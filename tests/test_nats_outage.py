@@ -16,7 +16,7 @@ from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
 from conftest import TINY, start_stack
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
 from conftest import TINY, start_stack
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 TTFT_SLO_S = 5.0  # tiny model on the 2-core CI box: admitted requests wait at most ~half a generation
 
 

@@ -19,7 +19,7 @@ from switchyard.v1 import generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb
 from conftest import TINY, start_stack
 from test_failover import disturbed_run, requests, stream_all
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 
 @pytest.fixture

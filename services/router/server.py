@@ -45,12 +45,15 @@ GENERATION_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full
 class HttpFrontEnd:
     """uvicorn serving the HTTP app inside the router's event loop (signals stay ours)."""
 
-    def __init__(self, app: Callable[..., Any], host: str, port: int) -> None:
+    def __init__(self, app: Callable[..., Any], host: str, port: int, grace_s: float = 5.0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.port = self.sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+        # A hard limit on the drain: streams still open `grace_s` after SIGTERM are cut, so a
+        # router stop never waits on a slow or endless stream.
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                                    timeout_graceful_shutdown=grace_s))
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -107,7 +110,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     if config.http_port >= 0:
         http = HttpFrontEnd(create_http_app(pipeline, max_body_bytes=config.max_body_bytes,
                                             request_timeout_s=config.request_timeout_s,
-                                            write_timeout_s=config.write_timeout_s), config.host, config.http_port)
+                                            write_timeout_s=config.write_timeout_s), config.host, config.http_port,
+                            grace_s=config.grace_s)
         await http.start()
     for name in ("", GENERATION_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
