@@ -62,6 +62,9 @@ def up(
     max_batch_size: int = typer.Option(32, help="batch-size cap per replica"),
     balancing: str = typer.Option("prefix_aware", help="routing policy: prefix_aware, least_loaded, "
                                   "power_of_two or round_robin"),
+    model_routes: str = typer.Option("", help="virtual models routed by difficulty, name=small:large:threshold "
+                                     "(e.g. smollm2-auto=smollm2-135m-instruct-int4-l12:smollm2-135m-instruct-int4:0.5; "
+                                     "serve both models)"),
     log_dir: Path = typer.Option(Path("runs/logs"), help="where service logs go"),
     run_dir: Optional[Path] = typer.Option(None, help="run folder for request records and spans "
                                            "(default runs/<timestamp>); read it with `switchyard report`"),
@@ -87,6 +90,7 @@ def up(
     env = {"SWITCHYARD_SPANS_FILE": str(run_dir.resolve() / "spans.jsonl")} if trace_file else {}
     spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, grpc_port=grpc_port, http_port=http_port,
                      nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
+                     router_args=("--model-routes", model_routes) if model_routes else (),
                      tenants_file=tenants_file, api_key=dev_key, records_dir=run_dir, extra_env=env)
     stack = LocalStack(spec)
     stopping = threading.Event()
