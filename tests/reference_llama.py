@@ -41,10 +41,12 @@ def reference_logits(
     positions: list[int] | np.ndarray | None = None,
     *,
     dtype: type = np.float64,
+    bridge: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Logits [S, vocab] (``dtype``) for every position of ONE unpadded sequence, with plain
     causal attention over the whole prompt. ``positions`` defaults to 0..S-1. Uses
-    ``lm_head.weight`` when present in ``weights``, else the (tied) embedding."""
+    ``lm_head.weight`` when present in ``weights``, else the (tied) embedding. ``bridge`` =
+    (W [hidden, hidden], b): hidden @ W + b after the last layer, before the final norm."""
     c = config
     ids = np.asarray(token_ids, dtype=np.int64)
     seq = len(ids)
@@ -89,6 +91,8 @@ def reference_logits(
         up = x @ w(f"{p}.mlp.up_proj.weight").T
         hidden = hidden + (_silu(gate) * up) @ w(f"{p}.mlp.down_proj.weight").T
 
+    if bridge is not None:
+        hidden = hidden @ np.asarray(bridge[0], dtype) + np.asarray(bridge[1], dtype)
     hidden = _rms_norm(hidden, w("model.norm.weight"), c.rms_norm_eps)
     head = w("lm_head.weight") if "lm_head.weight" in weights else w("model.embed_tokens.weight")
     return hidden @ head.T

@@ -118,13 +118,15 @@ def write_model_folder(
     block_size: int = 32,
     progress: Progress | None = None,
     prequantized: Mapping[str, BlockQuantized] | None = None,
+    bridge: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Path:
     """Build model.onnx (variant from the manifest) and write every file of the folder.
 
     Returns ``out_dir``. For int4 models ``manifest.extra["int4_accuracy_level"]`` (default 0)
     is passed to MatMulNBits, ``manifest.extra["int4_lm_head_bits"]`` (default: chosen from the
     accuracy level) sets the lm_head's precision, and ``prequantized`` weights are carried over
-    exactly (see build_llama_onnx). The manifest (switchyard.json) is written last, after
+    exactly (see build_llama_onnx); ``bridge`` is the fitted affine map before the final norm of
+    a bridged truncated variant (build_llama_onnx's ``bridge``). The manifest (switchyard.json) is written last, after
     everything else is on disk; an existing manifest is removed first so an interrupted rebuild
     never looks complete.
     """
@@ -138,6 +140,7 @@ def write_model_folder(
         accuracy_level=int(manifest.extra.get("int4_accuracy_level", 0)),
         prequantized=prequantized if manifest.variant == "int4" else None,
         lm_head_bits=None if lm_head_bits is None else int(lm_head_bits),
+        bridge=bridge,
     )
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(

@@ -39,7 +39,7 @@ as external data in ``model.onnx.data``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +140,8 @@ def build_llama_onnx(
     accuracy_level: int = 0,
     prequantized: Mapping[str, BlockQuantized] | None = None,
     lm_head_bits: int | None = None,
+    bridge: tuple[np.ndarray, np.ndarray] | None = None,
+    hidden_outputs: Sequence[int] = (),
 ) -> Path:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) for ``config`` and return its path.
 
@@ -164,9 +166,21 @@ def build_llama_onnx(
     CPU MatMulNBits runs bits=8 fast only with int8 activations (accuracy_level 4); at level 0 it
     falls back to dequantizing the whole [vocab, hidden] weight per call (~35x slower than the
     float32 Gemm, measured).
+
+    ``bridge`` = (W [hidden, hidden], b [hidden]): an affine map h @ W + b (float32 MatMul + Add)
+    between the last decoder layer and the final norm — the fitted "tuned lens" that lets a
+    truncated model's residual stream reach the lm_head's basis (switchyard.model.bridge).
+
+    ``hidden_outputs``: layer counts i (0 = the embedding, n_layers = the last layer's output,
+    before any bridge or norm) whose residual stream is added as an extra graph output
+    ``hidden.{i}`` [B, S, hidden] at every position — what the bridge is fitted on. Serving
+    graphs have none.
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    hidden_outputs = sorted(set(hidden_outputs))
+    if any(not 0 <= i <= config.num_hidden_layers for i in hidden_outputs):
+        raise ValueError(f"hidden_outputs {hidden_outputs} outside 0..{config.num_hidden_layers}")
     if lm_head_bits is None:
         lm_head_bits = 8 if accuracy_level == 4 else 32
     if lm_head_bits not in LM_HEAD_BITS:
@@ -279,11 +293,20 @@ def build_llama_onnx(
     for i in range(n_layers):
         for kind in ("key", "value"):
             go.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv_total))
+    for i in hidden_outputs:
+        go.append(helper.make_tensor_value_info(f"hidden.{i}", TensorProto.FLOAT,
+                                                ["batch_size", "sequence_length", hid]))
+
+    def expose(i: int, x: str) -> None:
+        """The residual stream after ``i`` layers as graph output hidden.{i}, if asked for."""
+        if i in hidden_outputs:
+            model.graph.node.append(helper.make_node("Identity", [x], [f"hidden.{i}"], name=f"hidden.{i}"))
 
     # ---- embedding, rotary tables, mask (once per graph) ------------------------------------
     embed = _get(weights, "model.embed_tokens.weight", (vocab, hid)).astype(np.float32, copy=False)
     embed_name = g.init("model.embed_tokens.weight", embed)
     h = g.op("Gather", [embed_name, "input_ids"], "embed", axis=0)  # [B, S, hid]
+    expose(0, h)
 
     cos_t, sin_t = _rope_tables(c)
     scale = 1.0 / math.sqrt(hd)
@@ -377,10 +400,17 @@ def build_llama_onnx(
         act = g.op("Mul", [act, up], f"{p}.mlp.swiglu")
         down = linear(act, wd.T, f"{p}.mlp.down_proj", source=f"{p}.mlp.down_proj.weight")
         h = g.op("Add", [h, down], f"{p}.mlp_residual")
+        expose(i + 1, h)
         report("layers", i + 1, n_layers)
 
     # ---- head: last position only -----------------------------------------------------------
     last = g.op("Slice", [h, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])], "last")
+    if bridge is not None:
+        bw, bb = bridge
+        if np.shape(bw) != (hid, hid) or np.shape(bb) != (hid,):
+            raise ValueError(f"bridge must be ([{hid}, {hid}], [{hid}]), got {np.shape(bw)}, {np.shape(bb)}")
+        last = g.op("MatMul", [last, g.init("bridge.weight", np.asarray(bw, np.float32))], "bridge.matmul")
+        last = g.op("Add", [last, g.init("bridge.bias", np.asarray(bb, np.float32))], "bridge")
     x = rms_norm(last, _get(weights, "model.norm.weight", (hid,)), "model.norm")
     lm = embed if c.tie_word_embeddings else _get(weights, "lm_head.weight", (vocab, hid))
     lm_source = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
