@@ -169,7 +169,7 @@ def disturbed_run(stack: LocalStack, reqs: list[generate_pb2.GenerateRequest], d
 def test_streams_survive_kill_9_of_a_worker_with_identical_output(two_replicas: LocalStack) -> None:
     stack = two_replicas
     wait_for_replicas(stack, 2)
-    reqs = requests(20, max_tokens=150)
+    reqs = requests(40, max_tokens=150)  # 40 streams across the two replicas, half greedy, half seeded
     undisturbed = asyncio.run(stream_all(stack.router_address, reqs))
     assert all(final is not None for _, final, _ in undisturbed)
     assert len({final.replica_id for _, final, _ in undisturbed if final is not None}) == 2  # both served

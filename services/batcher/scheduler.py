@@ -90,6 +90,10 @@ class Scheduler:
         self._tasks: list[asyncio.Task[None]] = []
         self._psub: JetStreamContext.PullSubscription | None = None
         self._bus_log = RateLimitedLog(log)
+        self._snapshot: tuple[list[int], int, int, int] | None = None  # prefix cache, from the last probe
+        self._stream_pending = 0  # requests waiting in this replica's JetStream consumer
+        self._health_failures = 0
+        self._last_step_done = time.monotonic()
 
     # ---- accounting ---------------------------------------------------------------------
     @property
@@ -126,7 +130,8 @@ class Scheduler:
         self._psub = await pull_subscription(self.js, self.replica_id, max_ack_pending=self.max_batch)
         self._tasks = [asyncio.create_task(self._pull_loop(), name="pull"),
                        asyncio.create_task(self._step_loop(), name="step"),
-                       asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+                       asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+                       asyncio.create_task(self._probe_loop(), name="probe")]
 
     async def resubscribe(self) -> None:
         """(Re-)create this replica's pull consumer: a restarted server has none."""
@@ -242,6 +247,7 @@ class Scheduler:
             return
         self.to_add.clear()
         self.stats.steps += 1
+        self._last_step_done = time.monotonic()
         batch = response.stats.decode_batch_size
         self.stats.max_decode_batch = max(self.stats.max_decode_batch, batch)
         if batch:
@@ -417,43 +423,46 @@ class Scheduler:
         self.stats.max_decode_batch = 0
         return report
 
-    async def _prefix_cache_snapshot(self, report: bus_pb2.LoadReport) -> None:
-        """The worker's prefix-cache contents into the report: a full snapshot each heartbeat
+    # ---- probes (slow: never on the heartbeat's path) --------------------------------------
+    async def _refresh_prefix_cache_snapshot(self) -> None:
+        """The worker's prefix-cache contents for the next reports: a full snapshot each probe
         (see docs/decisions/prefix-cache.md for why not store/evict events)."""
         if not self.worker_ok:
+            self._snapshot = None  # report no cache rather than a stale one
             return
         try:
-            info = await self.worker.Info(worker_pb2.InfoRequest(), timeout=max(self.config.heartbeat_s, 0.2))
+            info = await self.worker.Info(worker_pb2.InfoRequest(), timeout=max(self.config.heartbeat_s, 1.0))
         except grpc.aio.AioRpcError:
-            return  # report no cache rather than a stale one
-        report.cached_blocks.extend(info.cached_blocks)
-        report.block_size = info.block_size
-        report.prefix_cache_bytes = info.prefix_cache.bytes_used
-        report.prefix_cache_capacity_bytes = info.prefix_cache.capacity_bytes
+            self._snapshot = None
+            return
+        self._snapshot = (list(info.cached_blocks), info.block_size, info.prefix_cache.bytes_used,
+                          info.prefix_cache.capacity_bytes)
 
-    async def _publish_load(self) -> None:
-        report = self.load_report()
-        await self._prefix_cache_snapshot(report)
-        tm.RUNNING.labels(*self._labels).set(report.running)
-        tm.TOKENS_IN_FLIGHT.labels(*self._labels).set(report.tokens_in_flight)
-        if self._psub is not None:
-            try:
-                info = await self._psub.consumer_info()
-                report.queue_depth += info.num_pending or 0
-            except Exception:  # server busy or reconnecting: report what we know
-                pass
-        tm.QUEUE_DEPTH.labels(*self._labels).set(report.queue_depth)
-        await self.nc.publish(subjects.load_subject(self.info.model, self.replica_id), report.SerializeToString())
+    async def _refresh_queue_depth(self) -> None:
+        if self._psub is None:
+            return
+        try:
+            info = await self._psub.consumer_info(timeout=max(self.config.heartbeat_s, 1.0))
+            self._stream_pending = info.num_pending or 0
+        except Exception:  # server busy or reconnecting: keep what we know
+            pass
 
     async def _check_worker(self) -> None:
+        """Down = two failed health checks in a row and no Step finished lately. A worker busy
+        with a long prefill on a starved machine answers health late, but its Steps still
+        complete: that is progress, not death (one slow check used to flag it down, and the
+        router then moved every stream off a healthy replica)."""
         if self.worker_health is None:
             return
         try:
             reply = await self.worker_health.Check(health_pb2.HealthCheckRequest(),
-                                                   timeout=max(self.config.heartbeat_s, 0.2))
-            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+                                                   timeout=max(self.config.heartbeat_s, 1.0))
+            healthy = reply.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
-            ok = False
+            healthy = False
+        self._health_failures = 0 if healthy else self._health_failures + 1
+        progressing = bool(self.active) and time.monotonic() - self._last_step_done < 2.0
+        ok = healthy or self._health_failures < 2 or progressing
         if ok != self.worker_ok:
             log.warning("worker %s is %s", self.config.worker, "back" if ok else "down: taking no requests")
             self.worker_ok = ok
@@ -461,10 +470,33 @@ class Scheduler:
             if not ok:
                 self._room.clear()
 
-    async def _heartbeat_loop(self) -> None:
+    async def _probe_loop(self) -> None:
         while True:
             await self._check_worker()
-            await self._publish_load()
+            await self._refresh_prefix_cache_snapshot()
+            await self._refresh_queue_depth()
+            await asyncio.sleep(self.config.heartbeat_s)
+
+    # ---- heartbeats ------------------------------------------------------------------------
+    async def _publish_load(self) -> None:
+        report = self.load_report()
+        if self._snapshot is not None and self.worker_ok:
+            blocks, report.block_size, report.prefix_cache_bytes, report.prefix_cache_capacity_bytes = self._snapshot
+            report.cached_blocks.extend(blocks)
+        report.queue_depth += self._stream_pending
+        tm.RUNNING.labels(*self._labels).set(report.running)
+        tm.TOKENS_IN_FLIGHT.labels(*self._labels).set(report.tokens_in_flight)
+        tm.QUEUE_DEPTH.labels(*self._labels).set(report.queue_depth)
+        await self.nc.publish(subjects.load_subject(self.info.model, self.replica_id), report.SerializeToString())
+
+    async def _heartbeat_loop(self) -> None:
+        """On a fixed cadence from what the probes last learned: a slow probe never delays a
+        heartbeat (late heartbeats made routers drop live replicas on a busy machine)."""
+        while True:
+            try:
+                await self._publish_load()
+            except Exception as exc:  # the bus is reconnecting: the next beat will go
+                self._bus_log.warning("heartbeat", "heartbeat not sent: %s", exc)
             await asyncio.sleep(self.config.heartbeat_s)
 
 
