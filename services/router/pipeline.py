@@ -422,7 +422,11 @@ class RequestPipeline:
                 tried.add(failure.replica_id)
                 log.warning("request %s: replica %s %s after %d tokens", req.request_id, failure.replica_id,
                             failure.reason, len(progress.generated))
-                if failovers >= self.max_failovers or not self.retry_budget.try_retry():
+                # Retries before the first token spend the budget (they are new attempts that
+                # could pile onto a sick fleet); a continuation finishes a stream already owed to
+                # its client and is bounded by max_failovers alone.
+                charged = not progress.generated
+                if failovers >= self.max_failovers or (charged and not self.retry_budget.try_retry()):
                     raise RequestError(ErrorKind.UNAVAILABLE, f"replica {failure.replica_id} {failure.reason}; "
                                        f"gave up after {failovers} failover(s)", retry_after_s=1.0) from None
                 if not progress.generated:
