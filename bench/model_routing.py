@@ -51,7 +51,7 @@ from int4_agreement import decode_rate, greedy_all  # noqa: E402
 from small_model import params_per_token  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from switchyard.model.catalog import ModelCatalog  # noqa: E402
-from switchyard.model.convert import INT4_MODEL_NAME, MODEL_NAMES, SMALL_MODEL_NAME, convert_gguf  # noqa: E402
+from switchyard.model.convert import INT4_MODEL_NAME, SMALL_MODEL_NAME, convert_gguf, variant_of  # noqa: E402
 from switchyard.routing.difficulty import confidence, estimate_difficulty  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -130,14 +130,7 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, default=REPO / "docs" / "images" / "model-routing.png")
     args = ap.parse_args()
 
-    by_name = {v: k for k, v in MODEL_NAMES.items()}
-    wanted = []
-    for name in (args.large, args.small):
-        if name in by_name:
-            wanted.append(by_name[name])
-        elif name.startswith(INT4_MODEL_NAME + "-l"):
-            wanted.append("int4-l" + name.rsplit("-l", 1)[1])
-    convert_gguf(args.models_dir, variants=wanted)
+    convert_gguf(args.models_dir, variants=[v for v in map(variant_of, (args.large, args.small)) if v])
 
     rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
     rows = rows[: args.limit] if args.limit else rows
@@ -175,7 +168,7 @@ def main() -> None:
     confs = [confidence(pr, args.k) for pr in small_probs]
     if args.cost == "flops":  # relative units: weights multiplied per token, prefill or decode alike
         lp = float(sum(params_per_token(large_entry.manifest.config)))
-        sp = float(sum(params_per_token(small_entry.manifest.config)))
+        sp = float(sum(params_per_token(small_entry.manifest.config, "bridge" in small_entry.manifest.extra)))
         large_cost = [lp * (len(p) + len(o)) for p, o in zip(ids, large_out)]
         small_cost = [sp * (len(p) + len(o)) for p, o in zip(ids, small_out)]
         probe_cost = [sp * (len(p) + min(args.k, len(o))) for p, o in zip(ids, small_out)]

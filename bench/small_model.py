@@ -15,7 +15,12 @@ measures, for each N and for the full model, in one run, with one ORT thread cou
 * held-out text: mean per-token log-likelihood and perplexity of bench/data/heldout.txt
   (written for this benchmark), teacher-forced in rows of 128 tokens
 
-    .venv/bin/python bench/small_model.py [--layers 8 12 16 20 24 28] [--threads 1] [--limit N]
+    .venv/bin/python bench/small_model.py [--layers 8 12 16 20 24 28] [--bridged 8 12 16 20 24]
+        [--threads 1] [--limit N]
+
+``--bridged`` adds the variants int4-l<N>b: the same truncation with a fitted affine bridge
+(W·h + b, switchyard.model.bridge) before the final norm; its 576 × 576 MatMul counts in the
+params column.
 
 Missing folders are converted first (convert_gguf). A markdown table ends the output.
 """
@@ -57,11 +62,12 @@ PREFILL_PROMPT = (
          "pages went live, while the time to first response stayed flat."] * 6))
 
 
-def params_per_token(c: LlamaConfig) -> tuple[int, int]:
-    """(decoder-layer weights, lm_head weights) multiplied per generated token."""
+def params_per_token(c: LlamaConfig, bridged: bool = False) -> tuple[int, int]:
+    """(decoder-layer weights + bridge, lm_head weights) multiplied per generated token."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     per_layer = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + 3 * c.hidden_size * c.intermediate_size
-    return per_layer * c.num_hidden_layers, c.vocab_size * c.hidden_size
+    bridge = c.hidden_size * c.hidden_size if bridged else 0
+    return per_layer * c.num_hidden_layers + bridge, c.vocab_size * c.hidden_size
 
 
 def heldout_loglik(session: ort.InferenceSession, c: LlamaConfig, ids: list[int], row: int = 128
@@ -107,13 +113,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models-dir", type=Path, default=REPO / "models")
     ap.add_argument("--layers", type=int, nargs="+", default=[8, 12, 16, 20, 24, 28])
+    ap.add_argument("--bridged", type=int, nargs="*", default=[8, 12, 16, 20, 24],
+                    help="N of the bridged variants int4-l<N>b (fitted affine map before the norm)")
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads, every model")
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     args = ap.parse_args()
 
-    variants = ["int4"] + [f"int4-l{n}" for n in args.layers]
+    variants = ["int4"] + [f"int4-l{n}" for n in args.layers] + [f"int4-l{n}b" for n in args.bridged]
     t0 = time.perf_counter()
     dirs = convert_gguf(args.models_dir, variants=variants)
     err.print(f"model folders ready ({time.perf_counter() - t0:.1f} s)")
@@ -155,7 +163,8 @@ def main() -> None:
             ref = outputs[INT4_MODEL_NAME]
             n = len(prompts)
             results.append(Result(
-                d.name, c.num_hidden_layers, sum(params_per_token(c)) / full_params, tps,
+                d.name, c.num_hidden_layers,
+                sum(params_per_token(c, "bridge" in entry.manifest.extra)) / full_params, tps,
                 statistics.median(times) * 1000,
                 sum(a == b for a, b in zip(outs, ref)) / n,
                 sum(bool(a) and bool(b) and a[0] == b[0] for a, b in zip(outs, ref)) / n,
