@@ -74,6 +74,19 @@ def test_admission_counts_tokens_and_measures_its_retry_delay() -> None:
     admission.enter("m", capacity=64, tokens=300, token_capacity=1000)  # room again
 
 
+def test_admission_sheds_a_request_whose_deadline_ends_before_the_queue_drains() -> None:
+    admission = AdmissionControl(queue_limit=100, token_queue_factor=1.0)
+    t = time.monotonic()
+    admission._done["m"] = deque([(t - 10.0, 500), (t - 5.0, 500)])  # 100 tokens/s measured
+    for _ in range(4):
+        admission.enter("m", capacity=64, tokens=300, token_capacity=1000)  # 1,200 held: 200 queued
+    # 500 more tokens queue behind 700 over capacity: ~7 s before it could start
+    with pytest.raises(RequestError, match="before its deadline") as err:
+        admission.enter("m", capacity=64, tokens=500, token_capacity=1000, timeout_s=2.0)
+    assert 6.0 < err.value.retry_after_s < 8.0
+    admission.enter("m", capacity=64, tokens=500, token_capacity=1000, timeout_s=30.0)  # it can wait
+
+
 def test_tenant_keys_are_stored_hashed(tmp_path: Path) -> None:
     path = tmp_path / "tenants.toml"
     write_tenant(path, "acme", "sy-secret-key", requests_per_minute=5, tokens_per_minute=50)

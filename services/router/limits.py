@@ -134,8 +134,11 @@ class AdmissionControl:
             waits.append(excess_tokens / tok_rate)
         return min(max(waits), 60.0)
 
-    def enter(self, model: str, capacity: int, tokens: int = 0, token_capacity: int = 0) -> None:
-        """Admit one request of `tokens` (prompt + max_tokens) for `model`, or shed it."""
+    def enter(self, model: str, capacity: int, tokens: int = 0, token_capacity: int = 0,
+              timeout_s: float | None = None) -> None:
+        """Admit one request of `tokens` (prompt + max_tokens) for `model`, or shed it — also
+        when its deadline (`timeout_s`) ends before the queue ahead of it would drain: admitting
+        it would only spend capacity on work that times out (bench/retry_storm.py)."""
         current = self.inflight.get(model, 0)
         held = self.inflight_tokens.get(model, 0)
         limit = capacity + self.queue_limit
@@ -151,6 +154,14 @@ class AdmissionControl:
             raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
                                f"model {model} is at capacity ({held} tokens reserved in flight, room for "
                                f"{token_limit}); retry in {wait:.1f}s", retry_after_s=wait)
+        if timeout_s is not None and token_capacity > 0 and held + tokens > token_capacity:
+            _, tok_rate = self._rates(model, time.monotonic())
+            wait = (held + tokens - token_capacity) / tok_rate if tok_rate > 0 else 0.0
+            if wait > timeout_s:
+                raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
+                                   f"model {model} would not start this request before its deadline "
+                                   f"(queue drains in ~{wait:.1f}s, deadline {timeout_s:.1f}s); retry in {wait:.1f}s",
+                                   retry_after_s=min(wait, 60.0))
         self.inflight[model] = current + 1
         self.inflight_tokens[model] = held + tokens
 

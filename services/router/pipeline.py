@@ -360,7 +360,7 @@ class RequestPipeline:
                 try:
                     self.admission.enter(prepared.model, self.fleet.capacity(prepared.model),
                                          len(prepared.prompt_ids) + prepared.max_tokens,
-                                         self.fleet.token_capacity(prepared.model))
+                                         self.fleet.token_capacity(prepared.model), req.timeout_s)
                 except RequestError:
                     self.limiter.settle(reservation, 0)
                     raise
