@@ -85,6 +85,14 @@ def test_admission_sheds_a_request_whose_deadline_ends_before_the_queue_drains()
         admission.enter("m", capacity=64, tokens=500, token_capacity=1000, timeout_s=2.0)
     assert 6.0 < err.value.retry_after_s < 8.0
     admission.enter("m", capacity=64, tokens=500, token_capacity=1000, timeout_s=30.0)  # it can wait
+    # the same by batch slots: 2 slots, 10 requests/s completing, 6 in flight → the 7th waits ~0.5 s
+    slots = AdmissionControl(queue_limit=10)
+    slots._done["s"] = deque([(t - 10.0 + i * 0.1, 0) for i in range(100)])
+    for _ in range(6):
+        slots.enter("s", capacity=2, timeout_s=5.0)
+    with pytest.raises(RequestError, match="before its deadline"):
+        slots.enter("s", capacity=2, timeout_s=0.3)
+    slots.enter("s", capacity=2, timeout_s=1.0)
 
 
 def test_tenant_keys_are_stored_hashed(tmp_path: Path) -> None:

@@ -154,9 +154,14 @@ class AdmissionControl:
             raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
                                f"model {model} is at capacity ({held} tokens reserved in flight, room for "
                                f"{token_limit}); retry in {wait:.1f}s", retry_after_s=wait)
-        if timeout_s is not None and token_capacity > 0 and held + tokens > token_capacity:
-            _, tok_rate = self._rates(model, time.monotonic())
-            wait = (held + tokens - token_capacity) / tok_rate if tok_rate > 0 else 0.0
+        if timeout_s is not None and (current >= capacity or (token_capacity > 0 and held + tokens > token_capacity)):
+            req_rate, tok_rate = self._rates(model, time.monotonic())
+            waits = [0.0]
+            if current >= capacity and req_rate > 0:  # queued behind (current + 1 - capacity) requests
+                waits.append((current + 1 - capacity) / req_rate)
+            if token_capacity > 0 and held + tokens > token_capacity and tok_rate > 0:
+                waits.append((held + tokens - token_capacity) / tok_rate)
+            wait = max(waits)
             if wait > timeout_s:
                 raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
                                    f"model {model} would not start this request before its deadline "
