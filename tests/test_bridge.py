@@ -171,20 +171,29 @@ def test_collect_and_fit_are_deterministic(gguf) -> None:
 
 
 @pytest.mark.slow
-def test_bridged_folder_matches_reference(gguf, tmp_path: Path) -> None:
-    """The converter's int4-l12b folder: 12 layers, a bridge from the cache or fitted, recorded
-    in the manifest, and logits equal to the numpy reference of the truncated weights + bridge."""
+def test_bridged_folder_matches_reference(gguf, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The converter's int4-l12b folder: 12 layers, the fitted bridge in its graph and cache,
+    recorded in the manifest, and logits equal to the numpy reference of the truncated weights +
+    bridge. Fitted on a slice of the fit text into tmp folders (the full fit takes minutes)."""
+    from switchyard.model import bridge as bridge_mod
     from switchyard.model.catalog import ModelCatalog
     from switchyard.model.convert import convert_gguf
 
+    prompts, openings = bridge_mod.fit_prompts()[:6], bridge_mod.text_openings()[:2]
+    monkeypatch.setattr(bridge_mod, "fit_prompts", lambda: prompts)
+    monkeypatch.setattr(bridge_mod, "text_openings", lambda: openings)
     src, m = gguf
-    models = REPO / "models"
-    (folder,) = convert_gguf(models, variants=["int4-l12b"], gguf_path=src)
+    models, cache = tmp_path / "models", tmp_path / "bridges"
+    (folder,) = convert_gguf(models, variants=["int4-l12b"], gguf_path=src, bridge_cache=cache)
     man = ModelManifest.load(folder)
+    assert folder.name == f"{INT4_MODEL_NAME}-l12-bridged"
     assert man.config.num_hidden_layers == 12 and man.extra["layers_kept"] == 12
     info = man.extra["bridge"]
-    assert info["fit_version"] == FIT_VERSION and info["tokens"] > 10_000
-    bridge = fit_bridges(m, src, [12])[12]  # the cached fit the folder was built with
+    assert info["fit_version"] == FIT_VERSION and info["tokens"] > 200
+    assert "6 chat prompts" in info["fitted_on"] and "no hub data" in info["fitted_on"]
+    assert len(list(cache.glob("l12-*.npz"))) == 1
+    bridge = fit_bridges(m, src, [12], cache_dir=cache)[12]  # read back from the cache
+    assert bridge.info == info
     proto = onnx.load(str(folder / MODEL_FILE))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer
              if t.name.startswith("bridge.")}
