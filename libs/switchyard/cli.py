@@ -54,7 +54,11 @@ def up(
     models_dir: Path = typer.Option(Path("models"), help="folder of model folders"),
     serve: str = typer.Option(DEFAULT_SERVE, help="models and replica counts: name=N,name=M"),
     replicas: Optional[int] = typer.Option(None, help="replica count for every model in --serve"),
-    host: str = typer.Option("127.0.0.1", help="address every service listens on"),
+    host: str = typer.Option("127.0.0.1", help="address the public API (router gRPC and HTTP) listens on"),
+    internal_host: str = typer.Option("127.0.0.1", help="address of NATS, the workers and every /metrics "
+                                      "(not for clients; keep it private)"),
+    internal_auth: bool = typer.Option(False, help="per-service NATS users with subject permissions and a "
+                                       "token per worker, generated at start (docs/security.md)"),
     grpc_port: int = typer.Option(50051, help="router gRPC port"),
     http_port: int = typer.Option(8000, help="router OpenAI-compatible HTTP port (-1 disables)"),
     tenants_file: Optional[Path] = typer.Option(None, help="tenants TOML (default: a dev tenant in runs/)"),
@@ -88,7 +92,8 @@ def up(
     run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {"SWITCHYARD_SPANS_FILE": str(run_dir.resolve() / "spans.jsonl")} if trace_file else {}
-    spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, grpc_port=grpc_port, http_port=http_port,
+    spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, internal_host=internal_host,
+                     internal_auth=internal_auth, grpc_port=grpc_port, http_port=http_port,
                      nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
                      router_args=("--model-routes", model_routes) if model_routes else (),
                      tenants_file=tenants_file, api_key=dev_key, records_dir=run_dir, extra_env=env)

@@ -13,7 +13,12 @@ class BatcherConfig:
     """One batcher per worker: its queue and continuous-batching scheduler."""
 
     worker: str = field(default="127.0.0.1:50061", metadata={"help": "worker gRPC address"})
+    worker_token: str = field(default="", repr=False, metadata={
+        "help": "bearer token the worker requires (its auth_token); set it in the environment"})
     nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL"})
+    nats_user: str = field(default="", metadata={"help": "NATS user (empty: connect without credentials)"})
+    nats_password: str = field(default="", repr=False, metadata={
+        "help": "NATS password; set it in the environment, not as a flag (flags show in ps)"})
     replica_id: str = field(default="", metadata={"help": "replica id (default: model-host-pid)"})
     max_batch_size: int = field(default=32, metadata={"help": "most sequences in the batch"})
     token_budget: int = field(default=16384, metadata={"help": "most KV tokens reserved (prompt + max tokens) across the batch"})

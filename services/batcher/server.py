@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import uuid
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,13 +44,26 @@ async def wait_for_serving(channel: grpc.aio.Channel, timeout_s: float = 300.0) 
         await asyncio.sleep(0.1)
 
 
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call on the channel."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
+        return await continuation(details._replace(metadata=metadata), request)
+
+
 async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM (or until `stop` is set, when given — tests run services
     in-process that way), then drain."""
     stop = stop or stop_event()
     setup_tracing("switchyard-batcher")
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
-    channel = grpc.aio.insecure_channel(config.worker)
+    # The worker's token rides on every call (health checks need none).
+    channel = grpc.aio.insecure_channel(config.worker, interceptors=[BearerToken(config.worker_token)]
+                                        if config.worker_token else None)
     await wait_for_serving(channel)
     worker = worker_pb2_grpc.WorkerStub(channel)
     info = await worker.Info(worker_pb2.InfoRequest())
@@ -63,7 +77,8 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
         if scheduler is not None:
             await scheduler.resubscribe()
 
-    nc = await connect(config.nats_url, name=f"batcher-{replica_id}", on_reconnect=restore)
+    nc = await connect(config.nats_url, name=f"batcher-{replica_id}", on_reconnect=restore,
+                       user=config.nats_user, password=config.nats_password)
     js = nc.jetstream()
     await ensure_request_stream(js)
     scheduler = Scheduler(config, replica_id, info, nc, js, worker, health_pb2_grpc.HealthStub(channel))

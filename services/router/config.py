@@ -17,6 +17,9 @@ class RouterConfig:
     """The public front end: gRPC (and HTTP) API over the replicas."""
 
     nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL"})
+    nats_user: str = field(default="", metadata={"help": "NATS user (empty: connect without credentials)"})
+    nats_password: str = field(default="", repr=False, metadata={
+        "help": "NATS password; set it in the environment, not as a flag (flags show in ps)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
     models_dir: Path = field(default=Path("models"), metadata={"help": "folder of model folders (tokenizers, templates)"})

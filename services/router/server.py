@@ -82,7 +82,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     async def restore() -> None:  # a restarted server lost the memory streams
         await ensure_request_stream(js)
 
-    nc = await connect(config.nats_url, name=router_id, on_reconnect=restore)
+    nc = await connect(config.nats_url, name=router_id, on_reconnect=restore,
+                       user=config.nats_user, password=config.nats_password)
     js = nc.jetstream()
     await ensure_request_stream(js)
     fleet = FleetView(misses=config.heartbeat_misses)

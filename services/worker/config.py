@@ -15,6 +15,9 @@ class WorkerConfig:
     model_dir: Path = field(default=Path("models/tiny-llama"), metadata={"help": "model folder"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
     port: int = field(default=0, metadata={"help": "gRPC port (0 picks a free one)"})
+    auth_token: str = field(default="", repr=False, metadata={
+        "help": "require 'authorization: Bearer <token>' on every call but health checks (its batcher "
+                "holds it); set it in the environment, not as a flag (flags show in ps). Empty: no check"})
     max_sequences: int = field(default=64, metadata={"help": "most sequences held at once"})
     threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0 = all cores)"})
     provider: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})

@@ -4,6 +4,7 @@ health checks and cancellations are answered while a step computes."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -151,13 +152,33 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.RemoveSequencesResponse(active_sequences=len(self._engine.sequences))
 
 
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Every call but health checks must carry `authorization: Bearer <token>`: only the
+    batcher given the replica's token may drive this worker (UNAUTHENTICATED otherwise)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith("/grpc.health.v1.Health/"):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
+            return await continuation(details)
+        return self._deny
+
+
 async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM (or until `stop` is set, when given — tests run services
     in-process that way), then drain."""
     stop = stop or stop_event()
     setup_tracing("switchyard-worker")
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(config.auth_token)] if config.auth_token else [])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{config.host}:{config.port}")
@@ -181,7 +202,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.port_file:
         config.port_file.write_text(json.dumps({"grpc": port, "metrics": metrics_port}))
-    log.info("worker serving %s on %s:%d (%s)", engine.manifest.name, config.host, port, engine.provider)
+    log.info("worker serving %s on %s:%d (%s), token %s", engine.manifest.name, config.host, port, engine.provider,
+             "required" if config.auth_token else "not required")
     lease = asyncio.create_task(expire_abandoned_sequences(servicer, engine, config.lease_s))
     await stop.wait()
     lease.cancel()

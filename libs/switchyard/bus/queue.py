@@ -19,6 +19,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from .auth import inbox_prefix
 from .subjects import CANCEL_PREFIX, CANCEL_STREAM, REQUEST_PREFIX, REQUEST_STREAM, cancel_subject, request_subject, token
 
 CANCEL_KEEP_S = 120.0  # how long a cancel is remembered for a batcher that missed it
@@ -46,10 +47,12 @@ class RateLimitedLog:
 
 
 async def connect(url: str, name: str,
-                  on_reconnect: Callable[[], Awaitable[None]] | None = None) -> Client:
+                  on_reconnect: Callable[[], Awaitable[None]] | None = None,
+                  user: str = "", password: str = "") -> Client:
     """A NATS connection that keeps reconnecting (the server may restart under us).
     `on_reconnect` re-creates what a restarted server lost (memory streams, consumers);
-    core subscriptions are restored by the client itself."""
+    core subscriptions are restored by the client itself. With `user`, it authenticates and
+    uses the user's own inbox prefix (the only reply subjects its permissions allow)."""
     limited = RateLimitedLog(log)
 
     async def disconnected() -> None:
@@ -66,8 +69,12 @@ async def connect(url: str, name: str,
     async def error(exc: Exception) -> None:
         limited.warning(type(exc).__name__, "%s: NATS error: %s", name, exc)
 
+    credentials: dict[str, str] = {}
+    if user:
+        credentials = {"user": user, "password": password, "inbox_prefix": inbox_prefix(user)}
     return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                              disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error)
+                              disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
+                              **credentials)  # type: ignore[arg-type]
 
 
 async def ensure_request_stream(js: JetStreamContext) -> None:
@@ -90,10 +97,14 @@ async def ensure_request_stream(js: JetStreamContext) -> None:
 
 
 async def recent_cancels(js: JetStreamContext, replica_id: str, timeout_s: float = 0.3) -> list[bytes]:
-    """Cancels sent to `replica_id` in the last CANCEL_KEEP_S seconds (raw CancelRequests)."""
+    """Cancels sent to `replica_id` in the last CANCEL_KEEP_S seconds (raw CancelRequests).
+    Read through a consumer named after the replica (the one its NATS permissions allow),
+    deleted before (a predecessor's may be left, part-read) and after."""
+    name = token(replica_id)
     config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
                             filter_subject=cancel_subject(replica_id), inactive_threshold=10.0)
-    psub = await js.pull_subscribe(cancel_subject(replica_id), stream=CANCEL_STREAM, config=config)
+    await _delete_quietly(js, CANCEL_STREAM, name)
+    psub = await js.pull_subscribe(cancel_subject(replica_id), durable=name, stream=CANCEL_STREAM, config=config)
     out: list[bytes] = []
     try:
         while True:
@@ -104,6 +115,14 @@ async def recent_cancels(js: JetStreamContext, replica_id: str, timeout_s: float
             out += [m.data for m in msgs]
     finally:
         await psub.unsubscribe()
+        await _delete_quietly(js, CANCEL_STREAM, name)
+
+
+async def _delete_quietly(js: JetStreamContext, stream: str, consumer: str) -> None:
+    try:
+        await js.delete_consumer(stream, consumer)
+    except Exception:  # not there: nothing to delete
+        pass
 
 
 async def pull_subscription(js: JetStreamContext, replica_id: str, max_ack_pending: int) -> JetStreamContext.PullSubscription:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from switchyard.runtime.children import die_with_parent
 
+from .auth import NatsUser, authorization_block, write_private
+
 log = logging.getLogger(__name__)
 
 
@@ -48,10 +50,18 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
 
 
 class NatsServer:
-    """Runs nats-server with JetStream until stopped (also a context manager)."""
+    """Runs nats-server with JetStream until stopped (also a context manager).
+
+    With `users`, only they may connect, each within its subject permissions
+    (switchyard.bus.auth): the configuration file holding them is written 0600 into a private
+    temporary folder. `url` carries no credentials; clients pass theirs to `connect`."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", store_dir: Path | None = None,
-                 monitor_port: int | None = None, log_path: Path | None = None) -> None:
+                 monitor_port: int | None = None, log_path: Path | None = None,
+                 users: list[NatsUser] | None = None) -> None:
+        self.users = list(users or [])
+        self._conf_tmp = tempfile.TemporaryDirectory(prefix="switchyard-nats-auth-") if self.users else None
+        self.config_path = Path(self._conf_tmp.name) / "nats.conf" if self._conf_tmp else None
         self.log_path = log_path
         self.host = host
         self.port = port or free_port(host)
@@ -68,9 +78,20 @@ class NatsServer:
         argv = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         if self.monitor_port:
             argv += ["-m", str(self.monitor_port)]
+        if self.config_path is not None:
+            argv += ["-c", str(self.config_path)]  # the users; the flags above still win
         return argv
 
+    def user(self, name: str) -> NatsUser:
+        return next(u for u in self.users if u.user == name)
+
     def start(self) -> "NatsServer":
+        if self.users:
+            if self._conf_tmp is None:  # stopped before: a fresh private folder
+                self._conf_tmp = tempfile.TemporaryDirectory(prefix="switchyard-nats-auth-")
+                self.config_path = Path(self._conf_tmp.name) / "nats.conf"
+            assert self.config_path is not None
+            write_private(self.config_path, authorization_block(self.users))
         # Its log goes to a file (or nowhere): an unread pipe would fill up and stall the server.
         with open(self.log_path or os.devnull, "ab") as log_file:
             self.process = subprocess.Popen(self.argv(), stdout=log_file, stderr=subprocess.STDOUT,
@@ -94,6 +115,9 @@ class NatsServer:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        if self._conf_tmp is not None:
+            self._conf_tmp.cleanup()
+            self._conf_tmp = None
 
     def __enter__(self) -> "NatsServer":
         return self.start()

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from switchyard.bus.auth import NatsUser, batcher_user, new_secret, observer_user, router_user
 from switchyard.bus.server import NatsServer
 from switchyard.runtime.children import die_with_parent
 
@@ -82,7 +83,8 @@ class StackSpec:
 
     models_dir: Path
     replicas: dict[str, int]
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the router's public API (gRPC, HTTP) listens here
+    internal_host: str = "127.0.0.1"  # NATS, workers and every /metrics: not for clients
     grpc_port: int = 0
     http_port: int = 0  # -1 disables the HTTP API
     nats_port: int = 0
@@ -98,6 +100,12 @@ class StackSpec:
     heartbeat_s: float = 0.5
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Internal traffic authenticated (docs/security.md): per-service NATS users with subject
+    # permissions (switchyard.bus.auth) and a token per worker, generated at start. Off by
+    # default until docker-compose.yml provisions the same (its drift test holds `up` and
+    # compose to one nats-server command line) and the tests that call workers or NATS directly
+    # pass `worker_metadata()` / `nats_observer`.
+    internal_auth: bool = False
 
 
 class LocalStack:
@@ -113,6 +121,9 @@ class LocalStack:
         self.restarts: dict[str, int] = {}  # service name → times restarted
         self.run_dir = Path(self._tmp.name)
         self.log_dir = spec.log_dir or self.run_dir
+        # Secrets per service, handed over in its environment (never on the command line: ps
+        # shows that to every local user), kept across restarts.
+        self._secret_env: dict[str, dict[str, str]] = {}
 
     @property
     def router_address(self) -> str:
@@ -129,13 +140,13 @@ class LocalStack:
 
     def _metrics_args(self) -> list[str]:
         """Every service serves /metrics on a free port (listed in its port file)."""
-        return ["--metrics-port", "0", "--metrics-host", self.spec.host] if self.spec.metrics else []
+        return ["--metrics-port", "0", "--metrics-host", self.spec.internal_host] if self.spec.metrics else []
 
     def _spawn(self, name: str, module: str, args: list[str], port_file: bool = True) -> Service:
         pf = self.run_dir / f"{name}.port" if port_file else None
         log_path = self.log_dir / f"{name}.log"
         argv = [sys.executable, "-m", module, *args] + (["--port-file", str(pf)] if pf else [])
-        env = {**os.environ, **self.spec.extra_env}
+        env = {**os.environ, **self.spec.extra_env, **self._secret_env.get(name, {})}
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                        preexec_fn=die_with_parent)
@@ -204,22 +215,62 @@ class LocalStack:
             raise
         return self
 
+    def _nats_users(self) -> list[NatsUser]:
+        """A NATS user per service (switchyard.bus.auth), its credentials in its environment;
+        plus an observer (reads heartbeats) for tests and tools: `nats_observer`."""
+        router = router_user()
+        users = [router, observer_user()]
+        self._secret_env["router"] = {"SWITCHYARD_NATS_USER": router.user, "SWITCHYARD_NATS_PASSWORD": router.password}
+        for model, count in self.spec.replicas.items():
+            manifest = self.spec.models_dir / model / "switchyard.json"
+            try:  # heartbeats are published under the model's own name
+                served_as = str(json.loads(manifest.read_text()).get("name") or model)
+            except (OSError, ValueError):
+                served_as = model
+            for i in range(count):
+                replica = f"{model}-{i}"
+                user = batcher_user(replica, served_as)
+                users.append(user)
+                self._secret_env.setdefault(f"batcher-{replica}", {}).update(
+                    SWITCHYARD_NATS_USER=user.user, SWITCHYARD_NATS_PASSWORD=user.password)
+        return users
+
+    @property
+    def nats_observer(self) -> dict[str, str]:
+        """`nats.connect(stack.nats.url, **stack.nats_observer)`: may read heartbeats, nothing
+        else ({} when the stack runs NATS without users)."""
+        assert self.nats is not None
+        if not self.nats.users:
+            return {}
+        observer = self.nats.user("observer")
+        return {"user": observer.user, "password": observer.password, "inbox_prefix": observer.inbox_prefix}
+
+    def worker_metadata(self, worker: Service) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata that lets a test or tool call `worker` directly (its token, if any)."""
+        token = self._secret_env.get(worker.name, {}).get("SWITCHYARD_AUTH_TOKEN")
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
     def _start(self, timeout_s: float) -> None:
         spec = self.spec
-        self.nats = NatsServer(port=spec.nats_port, host=spec.host, log_path=self.log_dir / "nats.log").start()
+        self.nats = NatsServer(port=spec.nats_port, host=spec.internal_host, log_path=self.log_dir / "nats.log",
+                               users=self._nats_users() if spec.internal_auth else None).start()
         total = sum(spec.replicas.values())
         threads = spec.worker_threads or max(1, (os.cpu_count() or 1) // max(total, 1))
         for model, count in spec.replicas.items():
             for i in range(count):
+                if spec.internal_auth:  # a token per replica: only its batcher may call the worker
+                    token = new_secret()
+                    self._secret_env.setdefault(f"worker-{model}-{i}", {})["SWITCHYARD_AUTH_TOKEN"] = token
+                    self._secret_env.setdefault(f"batcher-{model}-{i}", {})["SWITCHYARD_WORKER_TOKEN"] = token
                 self.workers.append(self._spawn(f"worker-{model}-{i}", "services.worker", [
-                    "--model-dir", str(spec.models_dir / model), "--host", spec.host, "--port", "0",
+                    "--model-dir", str(spec.models_dir / model), "--host", spec.internal_host, "--port", "0",
                     "--threads", str(threads), "--max-sequences", str(spec.max_batch_size), *self._metrics_args()]))
         for worker in self.workers:
             worker.wait_port(timeout_s)
         for worker in self.workers:
             replica = worker.name.replace("worker-", "", 1)
             self.batchers.append(self._spawn(f"batcher-{replica}", "services.batcher", [
-                "--worker", f"{spec.host}:{worker.port}", "--nats-url", self.nats.url,
+                "--worker", f"{spec.internal_host}:{worker.port}", "--nats-url", self.nats.url,
                 "--replica-id", replica, "--max-batch-size", str(spec.max_batch_size),
                 "--heartbeat-s", str(spec.heartbeat_s), *self._metrics_args(), *spec.batcher_args]))
         router_args = ["--nats-url", self.nats.url, "--host", spec.host, "--grpc-port", str(spec.grpc_port),
