@@ -307,7 +307,7 @@ def fake_convert(monkeypatch: pytest.MonkeyPatch):
         calls["read"] += 1
         return _fake_model()
 
-    def fake_write(out_dir, manifest, weights, tokenizer, *, block_size=32, progress=None):
+    def fake_write(out_dir, manifest, weights, tokenizer, *, block_size=32, progress=None, **_options):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         calls["write"].append((out_dir, manifest))
