@@ -269,3 +269,29 @@ def test_least_work_keeps_long_generations_apart() -> None:
                     bus_pb2.LoadReport(replica_id="b", model="m", running=3, max_batch_size=8, interval_s=0.5,
                                        tokens_in_flight=3000, sent_unix_s=time.time()))
     assert make_policy("least_work", full).choose(short, full.live("m")).replica_id == "b"
+
+
+@pytest.mark.integration
+async def test_fleet_drops_load_reports_whose_subject_names_another_replica(nats_server) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import nats
+
+    from switchyard.bus import subjects
+
+    fleet = FleetView()
+    nc = await nats.connect(nats_server.url)
+    try:
+        await fleet.subscribe(nc)
+        await nc.publish(subjects.load_subject("m", "a"), report("a").SerializeToString())
+        await nc.publish(subjects.load_subject("m", "a"), report("b").SerializeToString())  # forged: b on a's subject
+        await nc.publish(subjects.load_subject("other", "c"), report("c").SerializeToString())  # model differs
+        await nc.flush()
+        for _ in range(50):
+            if fleet.replicas:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        assert list(fleet.replicas) == ["a"]
+    finally:
+        await nc.close()

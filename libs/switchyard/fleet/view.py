@@ -114,6 +114,11 @@ class FleetView:
             except Exception:
                 log.warning("bad load report on %s", msg.subject)
                 return
+            if msg.subject != subjects.load_subject(report.model, report.replica_id):
+                # NATS permissions let a batcher publish only on its own subject; a report naming
+                # another replica or model than its subject is forged, not a heartbeat.
+                log.warning("dropped a load report for %s/%s sent on %s", report.model, report.replica_id, msg.subject)
+                return
             self.observe(report)
 
         await nc.subscribe(subjects.LOAD_ALL, cb=on_load)
