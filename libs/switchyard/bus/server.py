@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from switchyard.runtime.children import die_with_parent
+from switchyard.runtime.children import orphan_proof
 
 from .auth import NatsUser, authorization_block, write_private
 
@@ -94,8 +94,8 @@ class NatsServer:
             write_private(self.config_path, authorization_block(self.users))
         # Its log goes to a file (or nowhere): an unread pipe would fill up and stall the server.
         with open(self.log_path or os.devnull, "ab") as log_file:
-            self.process = subprocess.Popen(self.argv(), stdout=log_file, stderr=subprocess.STDOUT,
-                                            preexec_fn=die_with_parent)
+            argv, orphan_kwargs = orphan_proof(self.argv())
+            self.process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, **orphan_kwargs)
         try:
             wait_for_port(self.host, self.port)
         except TimeoutError:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from switchyard.bus.auth import NatsUser, batcher_user, new_secret, observer_user, router_user
 from switchyard.bus.server import NatsServer
-from switchyard.runtime.children import die_with_parent
+from switchyard.runtime.children import orphan_proof
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +147,9 @@ class LocalStack:
         log_path = self.log_dir / f"{name}.log"
         argv = [sys.executable, "-m", module, *args] + (["--port-file", str(pf)] if pf else [])
         env = {**os.environ, **self.spec.extra_env, **self._secret_env.get(name, {})}
+        argv, orphan_kwargs = orphan_proof(argv)
         with open(log_path, "ab") as log_file:
-            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                       preexec_fn=die_with_parent)
+            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, **orphan_kwargs)
         return Service(name, process, pf, log_path=log_path, module=module, args=list(args))
 
     # ---- supervision ----------------------------------------------------------------------
