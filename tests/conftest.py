@@ -60,3 +60,19 @@ def tiny_stack(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def channel(tiny_stack: LocalStack) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(tiny_stack.router_address) as ch:
         yield ch
+
+
+def wait_for_replicas(stack: LocalStack, n: int, timeout_s: float = 30.0) -> None:
+    """Until the router lists `n` replicas of the stack's (first) model."""
+    import time
+
+    from switchyard.v1 import generate_pb2, generate_pb2_grpc
+    with grpc.insecure_channel(stack.router_address) as ch:
+        stub = generate_pb2_grpc.GenerationStub(ch)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            models = stub.ListModels(generate_pb2.ListModelsRequest(), metadata=stack.auth_metadata()).models
+            if models and models[0].replicas == n:
+                return
+            time.sleep(0.1)
+    raise AssertionError(f"the router did not list {n} replicas within {timeout_s}s")

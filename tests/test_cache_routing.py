@@ -5,7 +5,6 @@ unless that replica is overloaded."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +15,7 @@ import pytest
 from switchyard.runtime.stack import LocalStack
 from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
-from conftest import TINY, start_stack
+from conftest import TINY, start_stack, wait_for_replicas
 
 pytestmark = pytest.mark.integration
 
@@ -49,20 +48,10 @@ def generate(stub: generate_pb2_grpc.GenerationStub, ids: list[int], max_tokens:
     raise AssertionError("no final event")
 
 
-def wait_for_replicas(stub: generate_pb2_grpc.GenerationStub, n: int) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        models = stub.ListModels(generate_pb2.ListModelsRequest()).models
-        if models and models[0].replicas == n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {n} replicas registered")
-
-
 def test_follow_up_turns_land_on_the_replica_holding_their_prefix(cache_stack: LocalStack) -> None:
     with grpc.insecure_channel(cache_stack.router_address) as ch:
         stub = generate_pb2_grpc.GenerationStub(ch)
-        wait_for_replicas(stub, 3)
+        wait_for_replicas(cache_stack, 3)
         first: dict[int, str] = {}
         histories = {s: conversation(s, 200) for s in range(4)}
         for s, ids in histories.items():
@@ -85,7 +74,7 @@ def test_follow_up_turns_land_on_the_replica_holding_their_prefix(cache_stack: L
 def test_a_follow_up_goes_elsewhere_while_its_replica_is_overloaded(cache_stack: LocalStack) -> None:
     with grpc.insecure_channel(cache_stack.router_address) as ch:
         stub = generate_pb2_grpc.GenerationStub(ch)
-        wait_for_replicas(stub, 3)
+        wait_for_replicas(cache_stack, 3)
         history = conversation(7, 300)
         _, final = generate(stub, history)
         home = final.replica_id

@@ -23,7 +23,7 @@ from switchyard.resilience.retry import RetryBudget, backoff_s
 from switchyard.runtime.stack import LocalStack
 from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
-from conftest import TINY, start_stack
+from conftest import TINY, start_stack, wait_for_replicas
 
 
 # ---- policies --------------------------------------------------------------------------------
@@ -139,18 +139,6 @@ async def stream_all(address: str, reqs: list[generate_pb2.GenerateRequest], sta
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
         return await asyncio.gather(*(one(i, stub) for i in range(len(reqs))))
-
-
-def wait_for_replicas(stack: LocalStack, n: int) -> None:
-    with grpc.insecure_channel(stack.router_address) as ch:
-        stub = generate_pb2_grpc.GenerationStub(ch)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            models = stub.ListModels(generate_pb2.ListModelsRequest()).models
-            if models and models[0].replicas == n:
-                return
-            time.sleep(0.1)
-    raise AssertionError(f"not {n} replicas")
 
 
 def disturbed_run(stack: LocalStack, reqs: list[generate_pb2.GenerateRequest], disturb: "callable[[], None]"
