@@ -134,3 +134,37 @@ def test_detokenizer_emits_only_complete_utf8_characters(tiny_models_dir: Path) 
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert len(ids) > len(text.encode()) / 2  # byte-level tokens: multi-byte characters span tokens
+
+
+def test_a_request_shed_by_admission_costs_the_tenant_nothing() -> None:
+    limiter = RateLimiter()
+    tenant = Tenant("small", requests_per_minute=2, tokens_per_minute=1000)
+    for _ in range(5):  # five shed requests in a row: none spends the 2-rpm or 1,000-tpm limit
+        limiter.refund(limiter.reserve(tenant, 400))
+    first = limiter.reserve(tenant, 400)
+    limiter.reserve(tenant, 400)
+    with pytest.raises(RequestError) as err:
+        limiter.reserve(tenant, 100)
+    assert err.value.kind is ErrorKind.RESOURCE_EXHAUSTED
+    limiter.settle(first, 400)  # used in full: nothing comes back
+    with pytest.raises(RequestError):
+        limiter.reserve(tenant, 100)
+
+
+def test_tenants_file_is_hot_reloaded_so_a_revoked_key_stops_working(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "tenants.toml"
+    write_tenant(path, "acme", "sy-old-key", requests_per_minute=5, tokens_per_minute=50)
+    directory = TenantDirectory.load(path)
+    directory.reload_every_s = 0.0
+    assert directory.authenticate("sy-old-key") is not None
+    path.write_text("")  # revoke every key...
+    write_tenant(path, "acme", "sy-new-key", requests_per_minute=7, tokens_per_minute=50)  # ...issue a new one
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # a new mtime even on coarse clocks
+    assert directory.authenticate("sy-old-key") is None
+    tenant = directory.authenticate("sy-new-key")
+    assert tenant is not None and tenant.requests_per_minute == 7
+    path.write_text("[tenants.acme\n")  # a broken edit keeps the last good tenants
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2_000_000))
+    assert directory.authenticate("sy-new-key") is not None

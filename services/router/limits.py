@@ -94,6 +94,15 @@ class RateLimiter:
         if reservation.tokens and used_tokens < reservation.tokens:
             self._buckets(reservation.tenant)[1].give_back(reservation.tokens - used_tokens)
 
+    def refund(self, reservation: Reservation) -> None:
+        """The request was shed before any work (the model is full): it costs the tenant
+        nothing, neither its tokens nor its place in the requests-per-minute limit."""
+        if not reservation.tokens:
+            return
+        requests, budget = self._buckets(reservation.tenant)
+        requests.give_back(1)
+        budget.give_back(reservation.tokens)
+
 
 class AdmissionControl:
     """Per model: admit a request only while the replicas can hold it soon — in batch slots

@@ -362,7 +362,7 @@ class RequestPipeline:
                                          len(prepared.prompt_ids) + prepared.max_tokens,
                                          self.fleet.token_capacity(prepared.model), req.timeout_s)
                 except RequestError:
-                    self.limiter.settle(reservation, 0)
+                    self.limiter.refund(reservation)
                     raise
             finally:
                 if prepare_span is not None:

@@ -1,5 +1,6 @@
-"""API keys → tenants, from a TOML file. Keys are stored and compared only as SHA-256
-digests, so the file holds no secret and a key never reaches a log.
+"""API keys → tenants, from a TOML file, re-read when it changes (revoking a key takes effect
+within a second). Keys are stored and compared only as SHA-256 digests, so the file holds no
+secret and a key never reaches a log.
 
     [tenants.acme]
     key_sha256 = ["<hex digest>", ...]   # `switchyard tenants add acme` prints a new key
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 KEY_PREFIX = "sy-"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,10 +45,44 @@ class TenantDirectory:
     """Resolves API keys to tenants. With no file, authentication is off (every caller is
     the anonymous tenant, unlimited) — for tests and single-user set-ups only."""
 
-    def __init__(self, tenants: dict[str, Tenant], digests: dict[str, str], required: bool) -> None:
+    def __init__(self, tenants: dict[str, Tenant], digests: dict[str, str], required: bool,
+                 path: Path | None = None, reload_every_s: float = 1.0) -> None:
         self.tenants = tenants
         self._digests = digests  # digest → tenant name
         self.required = required
+        # Hot reload: the file is re-read when it changes (checked at most every reload_every_s),
+        # so adding a key or revoking one takes effect within a second, without a restart.
+        self.path = path
+        self.reload_every_s = reload_every_s
+        self._checked_at = time.monotonic()
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _reload_if_changed(self) -> None:
+        now = time.monotonic()
+        if self.path is None or now - self._checked_at < self.reload_every_s:
+            return
+        self._checked_at = now
+        stamp = self._file_stamp()
+        if stamp is None or stamp == self._stamp:
+            return
+        try:
+            fresh = TenantDirectory.load(self.path)
+        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:
+            log.warning("tenants file %s changed but cannot be read (%s); keeping the previous tenants",
+                        self.path, exc)
+            self._stamp = stamp
+            return
+        self.tenants, self._digests, self._stamp = fresh.tenants, fresh._digests, stamp
+        log.info("tenants reloaded from %s: %d tenants, %d keys", self.path, len(self.tenants), len(self._digests))
 
     @classmethod
     def disabled(cls) -> "TenantDirectory":
@@ -63,12 +101,13 @@ class TenantDirectory:
                 if len(digest) != 64:
                     raise ValueError(f"tenant {name}: key_sha256 entries must be 64 hex digits")
                 digests[digest.lower()] = name
-        return cls(tenants, digests, required=True)
+        return cls(tenants, digests, required=True, path=Path(path))
 
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant owning `key`; None when the key is missing or unknown."""
         if not self.required:
             return ANONYMOUS
+        self._reload_if_changed()
         if not key:
             return None
         digest = hash_key(key)
