@@ -28,6 +28,7 @@ class ModelEntry:
     template: jinja2.Template | None
     _literal: Tokenizer | None = field(default=None, repr=False)
     _specials: dict[str, int] | None = field(default=None, repr=False)
+    _max_token_bytes: int | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -45,6 +46,15 @@ class ModelEntry:
             self._specials = {t.content: i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
             self._literal = literal
         return self._literal, self._specials
+
+    @property
+    def max_token_bytes(self) -> int:
+        """Characters in the vocabulary's longest token (byte-level BPE: one per byte). A text of
+        N characters has at least N bytes, so it makes at least N / max_token_bytes tokens: a text
+        longer than context × this cannot fit, and is refused without tokenizing it."""
+        if self._max_token_bytes is None:
+            self._max_token_bytes = max((len(t) for t in self.tokenizer.get_vocab()), default=1)
+        return self._max_token_bytes
 
     def encode_text(self, text: str) -> list[int]:
         """A client's text: "<|im_start|>" in it is plain text (several tokens), never the
