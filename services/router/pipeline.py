@@ -346,6 +346,17 @@ class RequestPipeline:
         return models
 
     # ---- routing ------------------------------------------------------------------------
+    @staticmethod
+    def _routing_request(prepared: PreparedRequest, generated: list[int], tenant: str) -> RoutingRequest:
+        """What the policy sees of a dispatch: the prompt plus the tokens already generated
+        (a continuation after a failover), and what is left to generate."""
+        tokens = prepared.prompt_ids + generated
+        req = prepared.request
+        return RoutingRequest(
+            model=prepared.model, prompt_tokens=len(tokens), expected_output_tokens=prepared.max_tokens - len(generated),
+            block_hashes=block_hashes(tokens, prepared.model), block_size=BLOCK_SIZE, tenant=tenant,
+            session_id=req.session_id, request_id=req.request_id)
+
     def route(self, prepared: PreparedRequest, tenant: str) -> Route:
         """Ask the model's routing policy for a replica among the live ones."""
         model = prepared.entry.name
@@ -353,11 +364,7 @@ class RequestPipeline:
         if not candidates:
             raise RequestError(ErrorKind.UNAVAILABLE, f"no live replica serves {model!r}; retry shortly",
                                retry_after_s=1.0)
-        req = prepared.request
-        routing_request = RoutingRequest(
-            model=model, prompt_tokens=len(prepared.prompt_ids), expected_output_tokens=prepared.max_tokens,
-            block_hashes=block_hashes(prepared.prompt_ids, model), block_size=BLOCK_SIZE, tenant=tenant,
-            session_id=req.session_id, request_id=req.request_id)
+        routing_request = self._routing_request(prepared, [], tenant)
         policy = self.routing.policy_for(model)
         candidates = self.outliers.admit(candidates, key=lambda r: r.replica_id)
         return Route(policy.choose(routing_request, candidates), policy, routing_request)
@@ -446,11 +453,11 @@ class RequestPipeline:
                 # Retries before the first token spend the budget (they are new attempts that
                 # could pile onto a sick fleet); a continuation finishes a stream already owed to
                 # its client and is bounded by max_failovers alone.
-                charged = not progress.generated
-                if failovers >= self.max_failovers or (charged and not self.retry_budget.try_retry()):
+                before_first_token = not progress.generated
+                if failovers >= self.max_failovers or (before_first_token and not self.retry_budget.try_retry()):
                     raise RequestError(ErrorKind.UNAVAILABLE, f"replica {failure.replica_id} {failure.reason}; "
                                        f"gave up after {failovers} failover(s)", retry_after_s=1.0) from None
-                if not progress.generated:
+                if before_first_token:
                     await asyncio.sleep(backoff_s(failovers))
                 failovers += 1
                 route = await self._reroute(prepared, route, progress, tried, obs.started, req.timeout_s)
@@ -461,11 +468,7 @@ class RequestPipeline:
         """Another replica for a failed dispatch (one not tried yet when there is one); waits
         up to `failover_wait_s` for a replica to come (back) when none is live."""
         model = prepared.model
-        tokens = prepared.prompt_ids + progress.generated
-        request = RoutingRequest(
-            model=model, prompt_tokens=len(tokens), expected_output_tokens=prepared.max_tokens - len(progress.generated),
-            block_hashes=block_hashes(tokens, model), block_size=BLOCK_SIZE, tenant=failed.request.tenant,
-            session_id=failed.request.session_id, request_id=failed.request.request_id)
+        request = self._routing_request(prepared, progress.generated, failed.request.tenant)
         wait_until = time.monotonic() + self.failover_wait_s
         if timeout_s is not None:
             wait_until = min(wait_until, started + timeout_s)

@@ -11,7 +11,7 @@ two models never collide in one index.
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import Container, Sequence
 
 import numpy as np
 
@@ -41,7 +41,7 @@ def block_hashes(token_ids: Sequence[int] | np.ndarray, namespace: str = "",
     return out
 
 
-def matched_blocks(hashes: Sequence[int], held: set[int] | frozenset[int]) -> int:
+def matched_blocks(hashes: Sequence[int], held: Container[int]) -> int:
     """How many leading blocks of a prefix (its chained `hashes`) are in `held`."""
     n = 0
     for h in hashes:

@@ -118,7 +118,7 @@ class LocalStack:
         self._tmp = tempfile.TemporaryDirectory(prefix="switchyard-stack-")
         self._stopping = False
         self._supervisor: threading.Thread | None = None
-        self.restarts: dict[str, int] = {}  # service name → times restarted
+        self._nats_restarts = 0
         self.run_dir = Path(self._tmp.name)
         self.log_dir = spec.log_dir or self.run_dir
         # Secrets per service, handed over in its environment (never on the command line: ps
@@ -153,6 +153,14 @@ class LocalStack:
         return Service(name, process, pf, log_path=log_path, module=module, args=list(args))
 
     # ---- supervision ----------------------------------------------------------------------
+    @property
+    def restarts(self) -> dict[str, int]:
+        """Service name → times the supervisor restarted it (restarted ones only)."""
+        out = {svc.name: svc.restarts for svc in self.services() if svc.restarts}
+        if self._nats_restarts:
+            out["nats-server"] = self._nats_restarts
+        return out
+
     def supervise(self, now: float | None = None) -> list[str]:
         """Restart crashed processes with exponential backoff (0.5 s doubling to 30 s; reset
         after a minute up), keeping the others serving. Returns the services restarted now.
@@ -165,7 +173,7 @@ class LocalStack:
             log.warning("nats-server exited with %s; restarting it on port %d", self.nats.process.returncode,
                         self.nats.port)
             self.nats.start()  # same port and store: clients reconnect to the address they know
-            self.restarts["nats-server"] = self.restarts.get("nats-server", 0) + 1
+            self._nats_restarts += 1
             restarted.append("nats-server")
         for svc in self.services():
             if svc.process.poll() is None:
@@ -190,7 +198,6 @@ class LocalStack:
         svc.process, svc.started_at, svc.restart_at = fresh.process, now, None
         svc.restarts += 1
         svc.crashes_in_a_row += 1
-        self.restarts[svc.name] = svc.restarts
         log.warning("%s restarted (restart %d)", svc.name, svc.restarts)
 
     def start_supervisor(self, interval_s: float = 0.2) -> None:

@@ -29,6 +29,7 @@ import time
 from typing import Sequence
 
 from switchyard.fleet.view import FleetView, ReplicaState
+from switchyard.prefix.blocks import matched_blocks
 from switchyard.routing.policy import NoReplicaError, RoutingPolicy, RoutingRequest
 
 
@@ -45,35 +46,34 @@ class PrefixAware(RoutingPolicy):
         self._pruned_at = 0.0
 
     # ---- where a prefix is cached --------------------------------------------------------
-    def cached_tokens(self, request: RoutingRequest, replica: ReplicaState, now: float | None = None) -> int:
-        """Prompt tokens of `request` that `replica` is expected to hold (leaving at least one
-        to prefill, as the worker does)."""
-        if not request.block_hashes:
-            return 0
-        now = time.monotonic() if now is None else now
-        held = self.fleet.prefix_index.holds(replica.replica_id) if self.fleet is not None else frozenset()
-        recent = self._recent.get(replica.replica_id, {})
-        n = 0
-        for h in request.block_hashes:
-            if h in held or recent.get(h, 0.0) > now:
-                n += 1
-            else:
-                break
-        return min(n * request.block_size, max(request.prompt_tokens - 1, 0))
+    def _indexed(self, request: RoutingRequest) -> dict[str, int]:
+        """Leading blocks each replica reports holding: one walk of the fleet's prefix index."""
+        if not request.block_hashes or self.fleet is None:
+            return {}
+        return self.fleet.prefix_index.matched_blocks(request.block_hashes)
 
-    def cost(self, request: RoutingRequest, replica: ReplicaState, now: float | None = None) -> float:
-        return (request.prompt_tokens - self.cached_tokens(request, replica, now)) + self.load_weight * self.load(replica)
+    def _cached(self, request: RoutingRequest, replica_id: str, indexed: dict[str, int]) -> int:
+        """The longer of the replica's reported chain and the chain this router dispatched there
+        lately (recent chains start at block 0, so the longer one is the prefix it holds)."""
+        recent = matched_blocks(request.block_hashes, self._recent.get(replica_id, {}))
+        n = max(indexed.get(replica_id, 0), recent)
+        return min(n * request.block_size, max(request.prompt_tokens - 1, 0))  # the worker prefills ≥ 1 token
+
+    def cached_tokens(self, request: RoutingRequest, replica: ReplicaState) -> int:
+        """Prompt tokens of `request` that `replica` is expected to hold."""
+        return self._cached(request, replica.replica_id, self._indexed(request))
 
     # ---- the policy ----------------------------------------------------------------------
     def choose(self, request: RoutingRequest, candidates: Sequence[ReplicaState]) -> ReplicaState:
         if not candidates:
             raise NoReplicaError("no candidate replica")
-        now = time.monotonic()
-        self._prune(now)
+        self._prune(time.monotonic())  # expired recent dispatches go (at most a second late)
+        indexed = self._indexed(request)
         ordered = sorted(candidates, key=lambda r: r.replica_id)
         calm = [r for r in ordered if self.load(r) < self.overload]
-        pool = calm or ordered
-        return self.pick_tied([(self.cost(request, r, now), r) for r in pool])
+        return self.pick_tied([
+            (request.prompt_tokens - self._cached(request, r.replica_id, indexed) + self.load_weight * self.load(r), r)
+            for r in calm or ordered])
 
     def on_dispatch(self, request: RoutingRequest, replica: ReplicaState) -> None:
         super().on_dispatch(request, replica)
