@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from switchyard.bus.queue import flushed
 from switchyard.bus.server import NatsServer
 
 console = Console()
@@ -34,7 +35,7 @@ async def core_latency(url: str, n: int, progress: Progress) -> list[float]:
     async def on_msg(msg: object) -> None:
         got.put_nowait(time.perf_counter())
     await sub.subscribe("bench.core", cb=on_msg)
-    await sub.flush()
+    await flushed(sub)
     task = progress.add_task("core NATS", total=n)
     out = []
     for _ in range(n):

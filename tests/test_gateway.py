@@ -21,6 +21,7 @@ from services.router.dispatch import Dispatcher
 from services.router.http_api import SSEResponse
 from services.router.tenants import write_tenant
 from switchyard.bus import subjects
+from switchyard.bus.queue import flushed
 from switchyard.bus.server import NatsServer
 from switchyard.runtime.stack import LocalStack
 from switchyard.v1 import bus_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -265,7 +266,7 @@ async def test_replies_for_a_client_that_stops_reading_are_bounded_and_its_seque
             event = bus_pb2.ReplicaEvent(request_id="req-1", replica_id="replica-a",
                                          tokens=bus_pb2.TokenStep(token_ids=[i], index=i))
             await nc.publish(dispatcher.reply_subject("req-1"), event.SerializeToString())
-        await nc.flush()
+        await flushed(nc)
         await asyncio.sleep(0.3)
         assert queue.qsize() == 9  # 8 buffered + the cut-off error
         events = [queue.get_nowait() for _ in range(9)]

@@ -16,7 +16,7 @@ from nats.aio.client import Client
 
 from switchyard.bus import subjects
 from switchyard.bus.auth import NatsUser, batcher_user, observer_user, router_user
-from switchyard.bus.queue import ensure_request_stream, pull_subscription, recent_cancels
+from switchyard.bus.queue import ensure_request_stream, flushed, pull_subscription, recent_cancels
 from switchyard.bus.server import NatsServer
 from switchyard.runtime.stack import LocalStack
 from switchyard.v1 import bus_pb2, generate_pb2, generate_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -66,7 +66,7 @@ async def _heard(server: NatsServer, users: dict[str, NatsUser], subject: str,
     observer = await Session().open(server.url, users["auditor"])
     try:
         sub = await observer.subscribe(subject)
-        await observer.flush()
+        await flushed(observer)
         await publish()
         await asyncio.sleep(settle_s)
         got = []
@@ -111,13 +111,13 @@ def test_batcher_cannot_forge_another_replicas_heartbeat_nor_dispatch(server: Na
             await nc.publish(subjects.load_subject(MODEL, OTHER), forged)
             await nc.publish(subjects.load_subject("other-model", MINE), forged)  # its replica, another model
             await nc.publish(subjects.load_subject(MODEL, MINE), own)
-            await nc.flush()
+            await flushed(nc)
         assert await _heard(server, users, subjects.LOAD_ALL, publish_heartbeats) == [own]
 
         async def publish_dispatch() -> None:
             await nc.publish(subjects.request_subject(OTHER), bus_pb2.DispatchRequest(request_id="x").SerializeToString())
             await nc.publish(subjects.cancel_subject(OTHER), bus_pb2.CancelRequest(request_id="x").SerializeToString())
-            await nc.flush()
+            await flushed(nc)
         assert await _heard(server, users, "switchyard.>", publish_dispatch) == []  # observer hears only load
         assert len(batcher.violations()) >= 4
         await nc.close()
@@ -138,16 +138,16 @@ def test_batcher_cannot_subscribe_beyond_its_own_subjects(server: NatsServer, us
         nc = await batcher.open(server.url, users[MINE])
         # its own cancel subject is fine
         sub = await nc.subscribe(subjects.cancel_subject(MINE))
-        await nc.flush()
+        await flushed(nc)
         await router.publish(subjects.cancel_subject(MINE), b"c")
-        await router.flush()
+        await flushed(router)
         assert (await sub.next_msg(timeout=5)).data == b"c"
         for subject in (">", "switchyard.>", "switchyard.reply.>", "switchyard.load.>", subjects.cancel_subject(OTHER),
                         f"_INBOX.{users[OTHER].user}.>", f"_INBOX.{users['router'].user}.>", "_INBOX.>", "$JS.>"):
             sub = await nc.subscribe(subject)
-            await nc.flush()
+            await flushed(nc)
             await router.publish(subject.replace(">", "x"), b"secret")
-            await router.flush()
+            await flushed(router)
             with pytest.raises(nats.errors.TimeoutError):
                 await sub.next_msg(timeout=0.2)
         assert sum("subscription" in v for v in batcher.violations()) == 9
@@ -168,8 +168,8 @@ def test_router_cannot_publish_heartbeats_and_observer_cannot_publish(server: Na
             await onc.publish(subjects.load_subject(MODEL, "fake-0"), fake)
             await onc.publish(subjects.cancel_subject(MINE), b"c")
             await onc.publish(subjects.request_subject(MINE), b"r")
-            await rnc.flush()
-            await onc.flush()
+            await flushed(rnc)
+            await flushed(onc)
         assert await _heard(server, users, "switchyard.>", forge) == []
         assert router.violations() and len(observer.violations()) >= 3
         await rnc.close()
@@ -185,7 +185,7 @@ def test_each_batcher_consumes_only_its_own_queue(server: NatsServer, users: dic
         await rjs.publish(subjects.request_subject(MINE), b"for-mine")
         await rjs.publish(subjects.request_subject(OTHER), b"for-other")
         await router.publish(subjects.cancel_subject(MINE), bus_pb2.CancelRequest(request_id="c1").SerializeToString())
-        await router.flush()
+        await flushed(router)
         await asyncio.sleep(0.1)
 
         mine = Session()

@@ -77,6 +77,18 @@ async def connect(url: str, name: str,
                               **credentials)  # type: ignore[arg-type]
 
 
+async def flushed(nc: Client, timeout_s: int = 5) -> None:
+    """Return once the server has processed everything sent on `nc` so far.
+
+    `Client.flush()` alone does not promise it (nats-py 2.16): it writes its PING straight to
+    the socket, ahead of commands still in the client's buffer, so the PONG can come back
+    before the server has seen a SUB made just before — and a message published from another
+    connection right after it is missed. The first flush has the client's flusher write its
+    buffer; the second PING goes out behind what that wrote."""
+    await nc.flush(timeout_s)
+    await nc.flush(timeout_s)
+
+
 async def ensure_request_stream(js: JetStreamContext) -> None:
     """Create the request stream and the cancel stream if missing (idempotent; several
     services race to do it)."""
