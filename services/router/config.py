@@ -49,6 +49,10 @@ class RouterConfig:
     stall_timeout_s: float = field(default=2.0, metadata={
         "help": "move a request on after this much silence from a replica that reports it cannot serve"})
     retry_budget_ratio: float = field(default=0.2, metadata={"help": "failovers may add at most this share of recent requests"})
+    replica_wait_s: float = field(default=0.0, metadata={
+        "help": "a request for a model with no live replica waits up to this long (and its deadline) for one to "
+                "join instead of failing at once: scale from zero (0: fail at once)"})
+    demand_interval_s: float = field(default=1.0, metadata={"help": "seconds between per-model demand reports for the autoscaler"})
 
     def validate(self) -> None:
         if self.balancing not in policy_names():
@@ -68,5 +72,7 @@ class RouterConfig:
             raise ConfigError("queue_limit ≥ 0, max_buffered_events ≥ 1 and max_body_bytes ≥ 1024 are required")
         if self.max_failovers < 0 or self.stall_timeout_s <= 0 or not 0 <= self.retry_budget_ratio <= 1:
             raise ConfigError("max_failovers ≥ 0, stall_timeout_s > 0 and retry_budget_ratio in [0, 1] are required")
+        if self.replica_wait_s < 0 or self.demand_interval_s <= 0:
+            raise ConfigError("replica_wait_s ≥ 0 and demand_interval_s > 0 are required")
         if self.request_timeout_s <= 0 or self.write_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")

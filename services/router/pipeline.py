@@ -11,7 +11,7 @@ import uuid
 import zlib
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import AsyncGenerator
+from typing import AsyncGenerator, Callable
 
 from switchyard.fleet.view import FleetView, ReplicaState
 from switchyard.model.catalog import CHAT_ROLES, IncrementalDetokenizer, ModelCatalog, ModelEntry
@@ -23,6 +23,7 @@ from switchyard.routing.policy import RoutingPolicy, RoutingRequest
 from switchyard.routing.table import RoutingTable
 from switchyard.v1 import bus_pb2, generate_pb2
 
+from .demand import DemandTracker
 from .dispatch import Dispatcher
 from .errors import ErrorKind, RequestError, invalid
 from .limits import AdmissionControl, RateLimiter
@@ -94,6 +95,7 @@ class ResilienceConfig:
     failover_wait_s: float = 10.0  # how long to wait for a live replica to continue on
     retry_budget_ratio: float = 0.2  # failovers may add at most this share of recent requests
     eject_after_failures: int = 3  # consecutive failures that eject a replica for a while
+    replica_wait_s: float = 0.0  # a request for a model with no live replica waits this long for one (scale from zero)
 
 
 @dataclass
@@ -195,6 +197,9 @@ class RequestPipeline:
         self.max_failovers = res.max_failovers
         self.stall_timeout_s = res.stall_timeout_s
         self.failover_wait_s = res.failover_wait_s
+        self.replica_wait_s = res.replica_wait_s
+        self.demand = DemandTracker()  # published for the autoscaler (services/router/demand.py)
+        self.demand_wake: Callable[[], None] = lambda: None  # publish demand now (set by the server)
         self.retry_budget = RetryBudget(res.retry_budget_ratio)
         self.outliers = OutlierDetector(res.eject_after_failures)
         # a replica back in the fleet (restarted) is a new incarnation: its old failures don't count
@@ -369,6 +374,26 @@ class RequestPipeline:
         candidates = self.outliers.admit(candidates, key=lambda r: r.replica_id)
         return Route(policy.choose(routing_request, candidates), policy, routing_request)
 
+    async def route_when_live(self, prepared: PreparedRequest, tenant: str, timeout_s: float | None,
+                              started: float) -> Route:
+        """route(), but a model with no live replica (scaled to zero, or its replicas still
+        starting) makes the request wait for one — up to `replica_wait_s` and its deadline —
+        and tells the autoscaler at once: the client sees a longer TTFT, not an error."""
+        model = prepared.entry.name
+        if self.replica_wait_s <= 0 or self.fleet.live(model):
+            return self.route(prepared, tenant)
+        wait_until = time.monotonic() + self.replica_wait_s
+        if timeout_s is not None:
+            wait_until = min(wait_until, started + timeout_s)
+        self.demand.wait_begins(model)
+        self.demand_wake()
+        try:
+            while not self.fleet.live(model) and time.monotonic() < wait_until:
+                await asyncio.sleep(0.05)
+        finally:
+            self.demand.wait_ends(model)
+        return self.route(prepared, tenant)
+
     # ---- the stream ---------------------------------------------------------------------
     async def generate(self, req: GenerationRequest) -> AsyncGenerator[Event, None]:
         """Yields TokenDeltas then one Completion; raises RequestError on failure."""
@@ -383,7 +408,8 @@ class RequestPipeline:
                 prepared = (await asyncio.to_thread(self.prepare, req)
                             if self.input_chars(req) > OFFLOAD_TOKENIZE_CHARS else self.prepare(req))
                 obs.routed(prepared.model, prepared.difficulty)
-                route = self.route(prepared, tenant.name)
+                self.demand.arrived(prepared.model)
+                route = await self.route_when_live(prepared, tenant.name, req.timeout_s, obs.started)
                 reservation = self.limiter.reserve(tenant, len(prepared.prompt_ids) + prepared.max_tokens)
                 try:
                     self.admission.enter(prepared.model, self.fleet.capacity(prepared.model),
@@ -395,6 +421,7 @@ class RequestPipeline:
             finally:
                 if prepare_span is not None:
                     prepare_span.end()
+            self.demand.started(prepared.model)
             try:
                 # aclosing: the relay's cleanup (cancel on the replica) runs now, not whenever
                 # the garbage collector finalizes it.
@@ -408,6 +435,7 @@ class RequestPipeline:
                         yield event
                 code = "OK" if done is not None else "CANCELLED"
             finally:
+                self.demand.ended(prepared.model)
                 self.admission.leave(prepared.model, len(prepared.prompt_ids) + prepared.max_tokens,
                                      completed=done is not None)
                 self.limiter.settle(reservation, len(prepared.prompt_ids) + obs.completion_tokens)

@@ -30,6 +30,7 @@ from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
 from switchyard.v1 import generate_pb2
 
 from .config import RouterConfig
+from .demand import DemandPublisher
 from .dispatch import Dispatcher
 from .grpc_api import GenerationServicer, add_generation_servicer, enable_reflection
 from .http_api import create_http_app
@@ -98,7 +99,11 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
                                model_router=ModelRouter.from_config(config.model_routes),
                                resilience=ResilienceConfig(max_failovers=config.max_failovers,
                                                            stall_timeout_s=config.stall_timeout_s,
-                                                           retry_budget_ratio=config.retry_budget_ratio))
+                                                           retry_budget_ratio=config.retry_budget_ratio,
+                                                           replica_wait_s=config.replica_wait_s))
+    demand = DemandPublisher(nc, pipeline.demand, router_id, config.demand_interval_s)
+    pipeline.demand_wake = demand.wake
+    demand.start()
 
     server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
     add_generation_servicer(GenerationServicer(pipeline, config.write_timeout_s), server)
@@ -129,6 +134,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     if http is not None:
         await http.stop()
     await server.stop(config.grace_s)
+    await demand.stop()
     await nc.drain()
     if writer is not None:
         for usage in fleet.usage():
