@@ -1,0 +1,1 @@
+"""One module per scaling policy; each defines one `ScalingPolicy` subclass with a `name`."""
