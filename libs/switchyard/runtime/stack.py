@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -124,6 +125,7 @@ class LocalStack:
         # Secrets per service, handed over in its environment (never on the command line: ps
         # shows that to every local user), kept across restarts.
         self._secret_env: dict[str, dict[str, str]] = {}
+        self.on_stop: list[Callable[[], None]] = []  # run first by stop()
 
     @property
     def router_address(self) -> str:
@@ -308,7 +310,7 @@ class LocalStack:
                 try:
                     if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                         served = self._served(stub, generate_pb2.ListModelsRequest())  # virtual models too
-                        if served is None or all(served.get(name) == n for name, n in expected.items()):
+                        if served is None or all(served.get(name, 0) == n for name, n in expected.items()):
                             return
                 except (grpc.RpcError, OSError, ValueError):
                     pass
@@ -343,6 +345,8 @@ class LocalStack:
     def stop(self) -> None:
         """Router first (stop taking requests), then batchers (drain), workers, NATS."""
         self._stopping = True
+        for hook in self.on_stop:  # the lifecycle backend's replicas (switchyard.runtime.lifecycle)
+            hook()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         for svc in self.services():
