@@ -1,0 +1,177 @@
+"""Canary analysis: is the candidate version worse than the baseline on the same window?
+
+Pure and I/O-free: the router (or whoever watches the traffic) fills one `ArmSamples` per arm
+for the current analysis window and calls `compare`. The same function decides every canary
+step, so its verdict and reasons are what the logs, metrics and `switchyard rollout status` show.
+
+What is compared (all thresholds in `Thresholds`, defaults below):
+- error rate: errors / requests, as an ABSOLUTE increase candidate - baseline
+  (0.02 = two percentage points); a relative rule would fire on 0.1% → 0.3% noise;
+- TTFT p99 and inter-token-latency p99 as a RATIO candidate / baseline (1.5 = 50% worse);
+  latency samples come from successful requests only (a fast rejection must not flatter the
+  candidate's latency), ITL samples are pooled per token like `switchyard.reporting.percentiles`;
+- E2E p99 is reported in `figures` but not judged (it scales with output length, which the
+  two arms do not control).
+Percentiles are numpy's default (linear interpolation), as in the reporting package.
+
+Below `min_requests` on either arm the verdict is "wait": a p99 of a handful of samples is
+their maximum, and one slow request would fail a good candidate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+
+@dataclass
+class ArmSamples:
+    """What one arm (baseline or candidate) did in one analysis window."""
+
+    requests: int = 0
+    errors: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)  # inter-token latencies, pooled
+    e2e_s: list[float] = field(default_factory=list)
+
+    def add(self, *, error: bool, ttft_s: float | None, itl_s: Sequence[float] = (),
+            e2e_s: float | None = None) -> None:
+        """Record one finished request. Latencies of a failed request are not kept (see module doc)."""
+        self.requests += 1
+        if error:
+            self.errors += 1
+            return
+        if ttft_s is not None and math.isfinite(ttft_s):
+            self.ttft_s.append(float(ttft_s))
+        self.itl_s.extend(float(x) for x in itl_s if math.isfinite(x))
+        if e2e_s is not None and math.isfinite(e2e_s):
+            self.e2e_s.append(float(e2e_s))
+
+    def merge(self, other: "ArmSamples") -> None:
+        """Fold another window's samples into this one (e.g. samples gathered by several routers)."""
+        self.requests += other.requests
+        self.errors += other.errors
+        self.ttft_s.extend(other.ttft_s)
+        self.itl_s.extend(other.itl_s)
+        self.e2e_s.extend(other.e2e_s)
+
+    @property
+    def error_rate(self) -> float:
+        """errors / requests; NaN with no requests."""
+        return self.errors / self.requests if self.requests else math.nan
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a candidate counts as worse than its baseline. Defaults suit an interactive service."""
+
+    max_error_rate_increase: float = 0.02  # absolute, candidate - baseline (0.02 = +2 points)
+    max_ttft_p99_ratio: float = 1.5  # candidate p99 / baseline p99
+    max_itl_p99_ratio: float = 1.5
+    min_requests: int = 20  # per arm before a verdict other than "wait"
+    # A latency ratio breach also needs candidate p99 - baseline p99 above this many seconds:
+    # at sub-millisecond ITLs a x1.5 ratio is scheduler noise. 0.0 = ratio alone decides.
+    min_latency_increase_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.max_error_rate_increase <= 1.0):
+            raise ValueError(f"max_error_rate_increase must be in [0, 1], got {self.max_error_rate_increase}")
+        for name in ("max_ttft_p99_ratio", "max_itl_p99_ratio"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 1.0):
+                raise ValueError(f"{name} must be a finite ratio >= 1.0, got {v}")
+        if self.min_requests < 1:
+            raise ValueError(f"min_requests must be >= 1, got {self.min_requests}")
+        if not (math.isfinite(self.min_latency_increase_s) and self.min_latency_increase_s >= 0):
+            raise ValueError(f"min_latency_increase_s must be >= 0, got {self.min_latency_increase_s}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one analysis, with the reasons a human reads and the numbers behind them."""
+
+    outcome: Literal["pass", "fail", "wait"]
+    reasons: list[str]  # e.g. "TTFT p99 0.91 s vs 0.20 s baseline (x4.6 > x1.5)"
+    figures: dict[str, float]
+
+
+def _p99(samples: Sequence[float]) -> float:
+    return float(np.percentile(np.asarray(samples, dtype=float), 99.0)) if len(samples) else math.nan
+
+
+def _fmt_s(x: float) -> str:
+    if math.isnan(x):
+        return "n/a"
+    return f"{x * 1000:.1f} ms" if x < 0.1 else f"{x:.2f} s"
+
+
+def _ratio(cand: float, base: float) -> float:
+    if math.isnan(cand) or math.isnan(base):
+        return math.nan
+    if base > 0:
+        return cand / base
+    return 1.0 if cand <= 0 else math.inf
+
+
+def _judge_latency(label: str, base: float, cand: float, limit: float, floor_s: float,
+                   breaches: list[str], notes: list[str]) -> float:
+    ratio = _ratio(cand, base)
+    if math.isnan(ratio):
+        notes.append(f"{label} p99 not compared (baseline {_fmt_s(base)}, candidate {_fmt_s(cand)})")
+    elif ratio > limit and cand - base > floor_s:
+        breaches.append(f"{label} p99 {_fmt_s(cand)} vs {_fmt_s(base)} baseline (x{ratio:.1f} > x{limit:g})")
+    else:
+        notes.append(f"{label} p99 {_fmt_s(cand)} vs {_fmt_s(base)} baseline (x{ratio:.2f} <= x{limit:g})"
+                     if ratio <= limit else
+                     f"{label} p99 {_fmt_s(cand)} vs {_fmt_s(base)} baseline (x{ratio:.2f}, "
+                     f"but only +{_fmt_s(cand - base)} <= {_fmt_s(floor_s)})")
+    return ratio
+
+
+def compare(baseline: ArmSamples, candidate: ArmSamples, thresholds: Thresholds) -> Verdict:
+    """Compare the candidate against the baseline on one window.
+
+    "fail" lists every breached threshold (one reason each); "pass" lists the figures that were
+    checked; "wait" says which arm is short of `min_requests`.
+    """
+    b_ttft, c_ttft = _p99(baseline.ttft_s), _p99(candidate.ttft_s)
+    b_itl, c_itl = _p99(baseline.itl_s), _p99(candidate.itl_s)
+    figures: dict[str, float] = {
+        "baseline_requests": float(baseline.requests),
+        "candidate_requests": float(candidate.requests),
+        "baseline_error_rate": baseline.error_rate,
+        "candidate_error_rate": candidate.error_rate,
+        "baseline_ttft_p99_s": b_ttft,
+        "candidate_ttft_p99_s": c_ttft,
+        "ttft_p99_ratio": _ratio(c_ttft, b_ttft),
+        "baseline_itl_p99_s": b_itl,
+        "candidate_itl_p99_s": c_itl,
+        "itl_p99_ratio": _ratio(c_itl, b_itl),
+        "baseline_e2e_p99_s": _p99(baseline.e2e_s),
+        "candidate_e2e_p99_s": _p99(candidate.e2e_s),
+    }
+    short = [f"{name} has {arm.requests} requests (need {thresholds.min_requests})"
+             for name, arm in (("baseline", baseline), ("candidate", candidate))
+             if arm.requests < thresholds.min_requests]
+    if short:
+        return Verdict("wait", ["not enough data: " + "; ".join(short)], figures)
+
+    breaches: list[str] = []
+    notes: list[str] = []
+    b_err, c_err = baseline.error_rate, candidate.error_rate
+    increase = c_err - b_err
+    figures["error_rate_increase"] = increase
+    err_text = (f"error rate {c_err:.1%} vs {b_err:.1%} baseline "
+                f"({increase * 100:+.1f} pts {'>' if increase > thresholds.max_error_rate_increase else '<='} "
+                f"+{thresholds.max_error_rate_increase * 100:g} pts)")
+    (breaches if increase > thresholds.max_error_rate_increase else notes).append(err_text)
+    _judge_latency("TTFT", b_ttft, c_ttft, thresholds.max_ttft_p99_ratio,
+                   thresholds.min_latency_increase_s, breaches, notes)
+    _judge_latency("ITL", b_itl, c_itl, thresholds.max_itl_p99_ratio,
+                   thresholds.min_latency_increase_s, breaches, notes)
+    if breaches:
+        return Verdict("fail", breaches, figures)
+    return Verdict("pass", notes, figures)
