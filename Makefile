@@ -9,7 +9,7 @@ PROTO_OUT := libs/switchyard/v1
 
 BENCH_VENV ?= .venv-bench
 
-.PHONY: all venv proto model tiny-model run test test-fast fuzz chaos bench bench-deps bench-model gpu-check clean
+.PHONY: all venv proto model tiny-model certs run test test-fast fuzz chaos bench bench-deps bench-model gpu-check clean
 
 all: proto
 
@@ -36,6 +36,10 @@ model: proto
 
 tiny-model: proto
 	$(PY) -m switchyard.cli model tiny --models-dir $(MODELS)
+
+# Development CA, server and client certificates for TLS on every hop (`switchyard up --tls runs/certs`).
+certs: proto
+	$(PY) -m switchyard.cli certs --out runs/certs
 
 run: model
 	$(PY) -m switchyard.cli up --models-dir $(MODELS)

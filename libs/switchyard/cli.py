@@ -73,6 +73,8 @@ def up(
     run_dir: Optional[Path] = typer.Option(None, help="run folder for request records and spans "
                                            "(default runs/<timestamp>); read it with `switchyard report`"),
     trace_file: bool = typer.Option(False, help="also write every span to RUN_DIR/spans.jsonl (tail attribution)"),
+    tls: Optional[Path] = typer.Option(None, help="TLS on every hop with the certificates in this folder "
+                                       "(made by `switchyard certs` when it does not exist yet)"),
 ) -> None:
     """Run the local stack in the foreground: nats-server, replicas, router. Ctrl-C stops all."""
     from switchyard.runtime.stack import LocalStack, StackSpec
@@ -92,7 +94,11 @@ def up(
     run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {"SWITCHYARD_SPANS_FILE": str(run_dir.resolve() / "spans.jsonl")} if trace_file else {}
-    spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, internal_host=internal_host,
+    if tls is not None and not tls.exists():
+        from switchyard.tls import make_dev_ca
+        make_dev_ca(tls)
+        console.print(f"development CA and certificates written to {tls}/ (trust {tls}/ca.pem in clients)")
+    spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, internal_host=internal_host, tls=tls,
                      internal_auth=internal_auth, grpc_port=grpc_port, http_port=http_port,
                      nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
                      router_args=("--model-routes", model_routes) if model_routes else (),
@@ -211,6 +217,18 @@ def model_tiny(models_dir: Path = typer.Option(Path("models"), help="where model
     """Write the tiny llama-shaped test model from seeded random weights."""
     from switchyard.model.tiny import build_tiny_model
     console.print(f"model ready: {build_tiny_model(models_dir, seed=seed)}")
+
+
+@app.command()
+def certs(out: Path = typer.Option(Path("runs/certs"), help="folder for the CA, certificates and keys"),
+          host: list[str] = typer.Option([], help="extra name or address for the server certificate (repeatable)"),
+          days: int = typer.Option(365, help="validity in days")) -> None:
+    """Write a development CA, a server certificate (localhost, 127.0.0.1, ::1 and --host) and
+    client certificates for the router, batchers and observers (mTLS). Keys are 0600."""
+    from switchyard.tls import DEFAULT_HOSTS, make_dev_ca
+    tls = make_dev_ca(out, hosts=(*DEFAULT_HOSTS, *host), days=days)
+    console.print(f"development CA and certificates in {tls.path}/ (private keys 0600); "
+                  f"`switchyard up --tls {tls.path}`; clients trust {tls.ca}")
 
 
 def _report_command():  # type: ignore[no-untyped-def]

@@ -19,6 +19,11 @@ class BatcherConfig:
     nats_user: str = field(default="", metadata={"help": "NATS user (empty: connect without credentials)"})
     nats_password: str = field(default="", repr=False, metadata={
         "help": "NATS password; set it in the environment, not as a flag (flags show in ps)"})
+    tls_ca: Path | None = field(default=None, metadata={
+        "help": "CA that signed the worker's and nats-server's certificates (set: both hops over TLS)"})
+    tls_client_cert: Path | None = field(default=None, metadata={
+        "help": "client certificate presented to the worker and nats-server (mTLS)"})
+    tls_client_key: Path | None = field(default=None, metadata={"help": "private key of tls_client_cert"})
     replica_id: str = field(default="", metadata={"help": "replica id (default: model-host-pid)"})
     max_batch_size: int = field(default=32, metadata={"help": "most sequences in the batch"})
     token_budget: int = field(default=16384, metadata={"help": "most KV tokens reserved (prompt + max tokens) across the batch"})
@@ -36,6 +41,8 @@ class BatcherConfig:
     grace_s: float = field(default=10.0, metadata={"help": "seconds to finish running requests on SIGTERM"})
 
     def validate(self) -> None:
+        from switchyard.tls import check_pair
+        check_pair("batcher client", self.tls_client_cert, self.tls_client_key, self.tls_ca)
         if self.max_batch_size < 1:
             raise ConfigError("max_batch_size must be at least 1")
         if self.token_budget < 2:

@@ -20,6 +20,7 @@ from switchyard.runtime.lifecycle import setup_logging, stop_event
 from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
+from switchyard.tls import client_context, grpc_channel_credentials
 from switchyard.v1 import worker_pb2, worker_pb2_grpc
 
 from .config import BatcherConfig
@@ -62,8 +63,12 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     setup_tracing("switchyard-batcher")
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
     # The worker's token rides on every call (health checks need none).
-    channel = grpc.aio.insecure_channel(config.worker, interceptors=[BearerToken(config.worker_token)]
-                                        if config.worker_token else None)
+    interceptors = [BearerToken(config.worker_token)] if config.worker_token else None
+    if config.tls_ca:  # mTLS: the worker checks our certificate, we check its
+        channel = grpc.aio.secure_channel(config.worker, grpc_channel_credentials(
+            config.tls_ca, config.tls_client_cert, config.tls_client_key), interceptors=interceptors)
+    else:
+        channel = grpc.aio.insecure_channel(config.worker, interceptors=interceptors)
     await wait_for_serving(channel)
     worker = worker_pb2_grpc.WorkerStub(channel)
     info = await worker.Info(worker_pb2.InfoRequest())
@@ -78,7 +83,9 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
             await scheduler.resubscribe()
 
     nc = await connect(config.nats_url, name=f"batcher-{replica_id}", on_reconnect=restore,
-                       user=config.nats_user, password=config.nats_password)
+                       user=config.nats_user, password=config.nats_password,
+                       tls=client_context(config.tls_ca, config.tls_client_cert, config.tls_client_key)
+                       if config.tls_ca else None)
     js = nc.jetstream()
     await ensure_request_stream(js)
     scheduler = Scheduler(config, replica_id, info, nc, js, worker, health_pb2_grpc.HealthStub(channel))

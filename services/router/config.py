@@ -21,6 +21,11 @@ class RouterConfig:
     nats_password: str = field(default="", repr=False, metadata={
         "help": "NATS password; set it in the environment, not as a flag (flags show in ps)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate of the public API (HTTP and gRPC); unset: plaintext"})
+    tls_key: Path | None = field(default=None, metadata={"help": "private key of tls_cert"})
+    tls_ca: Path | None = field(default=None, metadata={"help": "CA that signed nats-server's certificate (set: NATS over TLS)"})
+    tls_client_cert: Path | None = field(default=None, metadata={"help": "client certificate presented to nats-server (mTLS)"})
+    tls_client_key: Path | None = field(default=None, metadata={"help": "private key of tls_client_cert"})
     grpc_port: int = field(default=50051, metadata={"help": "gRPC port (0 picks a free one)"})
     models_dir: Path = field(default=Path("models"), metadata={"help": "folder of model folders (tokenizers, templates)"})
     balancing: str = field(default="prefix_aware", metadata={
@@ -55,6 +60,9 @@ class RouterConfig:
     demand_interval_s: float = field(default=1.0, metadata={"help": "seconds between per-model demand reports for the autoscaler"})
 
     def validate(self) -> None:
+        from switchyard.tls import check_pair
+        check_pair("router public API", self.tls_cert, self.tls_key)
+        check_pair("router NATS client", self.tls_client_cert, self.tls_client_key, self.tls_ca)
         if self.balancing not in policy_names():
             raise ConfigError(f"balancing must be one of {policy_names()}")
         try:

@@ -9,6 +9,7 @@ import logging
 import socket
 import sys
 import uuid
+from pathlib import Path
 from typing import Any, Callable
 
 import grpc
@@ -27,6 +28,7 @@ from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.grpc_context import TraceContextInterceptor
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
+from switchyard.tls import client_context, grpc_server_credentials
 from switchyard.v1 import generate_pb2
 
 from .config import RouterConfig
@@ -46,7 +48,8 @@ GENERATION_SERVICE = generate_pb2.DESCRIPTOR.services_by_name["Generation"].full
 class HttpFrontEnd:
     """uvicorn serving the HTTP app inside the router's event loop (signals stay ours)."""
 
-    def __init__(self, app: Callable[..., Any], host: str, port: int, grace_s: float = 5.0) -> None:
+    def __init__(self, app: Callable[..., Any], host: str, port: int, grace_s: float = 5.0,
+                 tls: tuple[Path, Path] | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
@@ -54,7 +57,9 @@ class HttpFrontEnd:
         # A hard limit on the drain: streams still open `grace_s` after SIGTERM are cut, so a
         # router stop never waits on a slow or endless stream.
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                                    timeout_graceful_shutdown=grace_s))
+                                                    timeout_graceful_shutdown=grace_s,
+                                                    ssl_certfile=tls[0] if tls else None,
+                                                    ssl_keyfile=tls[1] if tls else None))
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -83,8 +88,10 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     async def restore() -> None:  # a restarted server lost the memory streams
         await ensure_request_stream(js)
 
+    nats_tls = (client_context(config.tls_ca, config.tls_client_cert, config.tls_client_key)
+                if config.tls_ca else None)
     nc = await connect(config.nats_url, name=router_id, on_reconnect=restore,
-                       user=config.nats_user, password=config.nats_password)
+                       user=config.nats_user, password=config.nats_password, tls=nats_tls)
     js = nc.jetstream()
     await ensure_request_stream(js)
     fleet = FleetView(misses=config.heartbeat_misses)
@@ -110,14 +117,17 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, (GENERATION_SERVICE, health.SERVICE_NAME))
-    grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+    grpc_address = f"{config.host}:{config.grpc_port}"
+    gateway_tls = (config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
+    grpc_port = (server.add_secure_port(grpc_address, grpc_server_credentials(*gateway_tls)) if gateway_tls
+                 else server.add_insecure_port(grpc_address))
     await server.start()
     http = None
     if config.http_port >= 0:
         http = HttpFrontEnd(create_http_app(pipeline, max_body_bytes=config.max_body_bytes,
                                             request_timeout_s=config.request_timeout_s,
                                             write_timeout_s=config.write_timeout_s), config.host, config.http_port,
-                            grace_s=config.grace_s)
+                            grace_s=config.grace_s, tls=gateway_tls)
         await http.start()
     for name in ("", GENERATION_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

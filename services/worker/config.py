@@ -18,6 +18,10 @@ class WorkerConfig:
     auth_token: str = field(default="", repr=False, metadata={
         "help": "require 'authorization: Bearer <token>' on every call but health checks (its batcher "
                 "holds it); set it in the environment, not as a flag (flags show in ps). Empty: no check"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "TLS certificate of the worker's gRPC port"})
+    tls_key: Path | None = field(default=None, metadata={"help": "private key of tls_cert"})
+    tls_ca: Path | None = field(default=None, metadata={
+        "help": "with tls_cert: require a client certificate signed by this CA (mTLS; the batcher's)"})
     max_sequences: int = field(default=64, metadata={"help": "most sequences held at once"})
     threads: int = field(default=0, metadata={"help": "ONNX Runtime intra-op threads (0 = all cores)"})
     provider: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
@@ -33,6 +37,10 @@ class WorkerConfig:
                                                    "from the batcher (it is gone)"})
 
     def validate(self) -> None:
+        from switchyard.tls import check_pair
+        check_pair("worker", self.tls_cert, self.tls_key, self.tls_ca)
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("worker: tls_ca (client verification) needs tls_cert and tls_key")
         if not (self.model_dir / "switchyard.json").exists():
             raise ConfigError(f"model_dir {self.model_dir} is not a model folder (no switchyard.json); "
                               "build one with `switchyard model convert` or `switchyard model tiny`")

@@ -18,6 +18,7 @@ from switchyard.runtime.lifecycle import setup_logging, stop_event
 from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
+from switchyard.tls import grpc_server_credentials
 from switchyard.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 
 from .config import WorkerConfig
@@ -181,7 +182,9 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     server = grpc.aio.server(interceptors=[BearerTokenInterceptor(config.auth_token)] if config.auth_token else [])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = (server.add_secure_port(address, grpc_server_credentials(config.tls_cert, config.tls_key, config.tls_ca))
+            if config.tls_cert and config.tls_key else server.add_insecure_port(address))
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
     servicer = WorkerServicer(executor)

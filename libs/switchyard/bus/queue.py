@@ -9,6 +9,7 @@ and the router learns at publish time (PubAck) that the request was stored.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from typing import Awaitable, Callable
 
@@ -48,11 +49,12 @@ class RateLimitedLog:
 
 async def connect(url: str, name: str,
                   on_reconnect: Callable[[], Awaitable[None]] | None = None,
-                  user: str = "", password: str = "") -> Client:
+                  user: str = "", password: str = "", tls: ssl.SSLContext | None = None) -> Client:
     """A NATS connection that keeps reconnecting (the server may restart under us).
     `on_reconnect` re-creates what a restarted server lost (memory streams, consumers);
     core subscriptions are restored by the client itself. With `user`, it authenticates and
-    uses the user's own inbox prefix (the only reply subjects its permissions allow)."""
+    uses the user's own inbox prefix (the only reply subjects its permissions allow). With
+    `tls`, the connection is encrypted and presents the context's client certificate."""
     limited = RateLimitedLog(log)
 
     async def disconnected() -> None:
@@ -69,9 +71,9 @@ async def connect(url: str, name: str,
     async def error(exc: Exception) -> None:
         limited.warning(type(exc).__name__, "%s: NATS error: %s", name, exc)
 
-    credentials: dict[str, str] = {}
+    credentials: dict[str, object] = {"tls": tls} if tls is not None else {}
     if user:
-        credentials = {"user": user, "password": password, "inbox_prefix": inbox_prefix(user)}
+        credentials |= {"user": user, "password": password, "inbox_prefix": inbox_prefix(user)}
     return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                               disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
                               **credentials)  # type: ignore[arg-type]

@@ -13,10 +13,14 @@ import sysconfig
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from switchyard.runtime.children import orphan_proof
 
 from .auth import NatsUser, authorization_block, write_private
+
+if TYPE_CHECKING:
+    from switchyard.tls import TlsDir
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +62,11 @@ class NatsServer:
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", store_dir: Path | None = None,
                  monitor_port: int | None = None, log_path: Path | None = None,
-                 users: list[NatsUser] | None = None) -> None:
+                 users: list[NatsUser] | None = None, tls: "TlsDir | None" = None) -> None:
         self.users = list(users or [])
-        self._conf_tmp = tempfile.TemporaryDirectory(prefix="switchyard-nats-auth-") if self.users else None
+        self.tls = tls  # clients must speak TLS and present a certificate signed by its CA
+        self._conf_tmp = (tempfile.TemporaryDirectory(prefix="switchyard-nats-auth-")
+                          if self.users or tls else None)
         self.config_path = Path(self._conf_tmp.name) / "nats.conf" if self._conf_tmp else None
         self.log_path = log_path
         self.host = host
@@ -86,12 +92,14 @@ class NatsServer:
         return next(u for u in self.users if u.user == name)
 
     def start(self) -> "NatsServer":
-        if self.users:
+        if self.users or self.tls:
             if self._conf_tmp is None:  # stopped before: a fresh private folder
                 self._conf_tmp = tempfile.TemporaryDirectory(prefix="switchyard-nats-auth-")
                 self.config_path = Path(self._conf_tmp.name) / "nats.conf"
             assert self.config_path is not None
-            write_private(self.config_path, authorization_block(self.users))
+            from switchyard.tls import nats_tls_block
+            write_private(self.config_path, (authorization_block(self.users) if self.users else "")
+                          + (nats_tls_block(self.tls) if self.tls else ""))
         # Its log goes to a file (or nowhere): an unread pipe would fill up and stall the server.
         with open(self.log_path or os.devnull, "ab") as log_file:
             argv, orphan_kwargs = orphan_proof(self.argv())

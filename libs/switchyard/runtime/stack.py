@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchyard.bus.auth import NatsUser, batcher_user, new_secret, observer_user, router_user
 from switchyard.bus.server import NatsServer
 from switchyard.runtime.children import orphan_proof
+from switchyard.tls import TlsDir, client_context, grpc_channel_credentials
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +109,9 @@ class StackSpec:
     # compose to one nats-server command line) and the tests that call workers or NATS directly
     # pass `worker_metadata()` / `nats_observer`.
     internal_auth: bool = False
+    # A `switchyard certs` folder: TLS on every hop (gateway HTTP and gRPC, NATS with client
+    # certificates, worker gRPC with the batcher's client certificate). None: plaintext.
+    tls: Path | None = None
 
 
 class LocalStack:
@@ -135,7 +140,42 @@ class LocalStack:
     @property
     def http_url(self) -> str:
         assert self.router is not None and self.router.http_port
-        return f"http://{self.spec.host}:{self.router.http_port}"
+        return f"{'https' if self.spec.tls else 'http'}://{self.spec.host}:{self.router.http_port}"
+
+    @property
+    def tls(self) -> TlsDir | None:
+        return TlsDir(self.spec.tls.resolve()) if self.spec.tls else None
+
+    def ssl_context(self, role: str | None = None) -> ssl.SSLContext | None:
+        """A client context trusting the stack's CA (presenting `role`'s certificate), None
+        without TLS: for httpx (`verify=`), urllib and nats-py (`tls=`)."""
+        tls = self.tls
+        if tls is None:
+            return None
+        return client_context(tls.ca, tls.client_cert(role) if role else None, tls.client_key(role) if role else None)
+
+    def grpc_channel(self) -> grpc.Channel:
+        """A channel to the router's gRPC API (TLS, trusting the stack's CA, when it is on)."""
+        tls = self.tls
+        if tls is None:
+            return grpc.insecure_channel(self.router_address)
+        return grpc.secure_channel(self.router_address, grpc_channel_credentials(tls.ca))
+
+    def _tls_args(self, module: str) -> list[str]:
+        """TLS flags per service (file paths, not secrets: fine on the command line)."""
+        tls = self.tls
+        if tls is None:
+            return []
+        if module == "services.worker":
+            return ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--tls-ca", str(tls.ca)]
+        if module == "services.batcher":
+            return ["--tls-ca", str(tls.ca), "--tls-client-cert", str(tls.client_cert("batcher")),
+                    "--tls-client-key", str(tls.client_key("batcher"))]
+        if module == "services.router":
+            return ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--tls-ca", str(tls.ca),
+                    "--tls-client-cert", str(tls.client_cert("router")),
+                    "--tls-client-key", str(tls.client_key("router"))]
+        return []
 
     def auth_metadata(self) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.spec.api_key}"),) if self.spec.api_key else ()
@@ -147,7 +187,7 @@ class LocalStack:
     def _spawn(self, name: str, module: str, args: list[str], port_file: bool = True) -> Service:
         pf = self.run_dir / f"{name}.port" if port_file else None
         log_path = self.log_dir / f"{name}.log"
-        argv = [sys.executable, "-m", module, *args] + (["--port-file", str(pf)] if pf else [])
+        argv = [sys.executable, "-m", module, *args, *self._tls_args(module)] + (["--port-file", str(pf)] if pf else [])
         env = {**os.environ, **self.spec.extra_env, **self._secret_env.get(name, {})}
         argv, orphan_kwargs = orphan_proof(argv)
         with open(log_path, "ab") as log_file:
@@ -249,10 +289,11 @@ class LocalStack:
         """`nats.connect(stack.nats.url, **stack.nats_observer)`: may read heartbeats, nothing
         else ({} when the stack runs NATS without users)."""
         assert self.nats is not None
+        tls = {"tls": self.ssl_context("observer")} if self.spec.tls else {}
         if not self.nats.users:
-            return {}
+            return tls  # type: ignore[return-value]
         observer = self.nats.user("observer")
-        return {"user": observer.user, "password": observer.password, "inbox_prefix": observer.inbox_prefix}
+        return {"user": observer.user, "password": observer.password, "inbox_prefix": observer.inbox_prefix, **tls}
 
     def worker_metadata(self, worker: Service) -> tuple[tuple[str, str], ...]:
         """gRPC metadata that lets a test or tool call `worker` directly (its token, if any)."""
@@ -261,8 +302,9 @@ class LocalStack:
 
     def _start(self, timeout_s: float) -> None:
         spec = self.spec
+        tls = self.tls.check() if self.tls else None  # a missing file stops us here, not in a child
         self.nats = NatsServer(port=spec.nats_port, host=spec.internal_host, log_path=self.log_dir / "nats.log",
-                               users=self._nats_users() if spec.internal_auth else None).start()
+                               users=self._nats_users() if spec.internal_auth else None, tls=tls).start()
         total = sum(spec.replicas.values())
         threads = spec.worker_threads or max(1, (os.cpu_count() or 1) // max(total, 1))
         for model, count in spec.replicas.items():
@@ -300,7 +342,7 @@ class LocalStack:
         from switchyard.v1 import generate_pb2, generate_pb2_grpc
         expected = dict(self.spec.replicas)
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.router_address) as channel:
+        with self.grpc_channel() as channel:
             health = health_pb2_grpc.HealthStub(channel)
             stub = generate_pb2_grpc.GenerationStub(channel)
             while time.monotonic() < deadline:
@@ -333,7 +375,7 @@ class LocalStack:
         import urllib.error
         import urllib.request
         try:
-            with urllib.request.urlopen(f"{self.http_url}/health", timeout=1) as resp:
+            with urllib.request.urlopen(f"{self.http_url}/health", timeout=1, context=self.ssl_context()) as resp:
                 body = resp.read()
         except urllib.error.HTTPError as exc:  # 503 while no replica is live
             body = exc.read()
