@@ -65,7 +65,12 @@ class StabilisedPolicy(ScalingPolicy):
         if self._last_now is not None and demand.now < self._last_now:
             raise ValueError(f"demand went back in time: {demand.now} after {self._last_now}")
         self._last_now = demand.now
-        current = self._current if self._current is not None else demand.ready_replicas + demand.starting_replicas
+        if self._current is None:
+            # The size found at the first call counts as a recommendation, so a fresh policy
+            # (a restarted autoscaler) waits a whole scale-down window before shrinking the fleet.
+            self._current = demand.ready_replicas + demand.starting_replicas
+            self._history.append((demand.now, self._current))
+        current = self._current
         busy = demand.in_flight > 0 or demand.queued > 0 or demand.arrival_rate > 0
         if busy or self._last_busy is None:
             self._last_busy = demand.now
