@@ -238,7 +238,7 @@ class FleetSimulator:
         self.decisions: list[tuple[float, int, str]] = []
         self.samples: list[tuple[float, float, int, int]] = []  # (t, rate, ready, starting) per tick
         self._next_arrival = 0
-        self._next_tick = 0.0
+        self._next_tick = tick_s  # at t=0 nothing has arrived yet: a rate of 0 is no information
 
     # -- replicas ---------------------------------------------------------------------------
 
@@ -416,5 +416,31 @@ def simulate(policy: ScalingPolicy, arrivals: Sequence[Arrival], fleet: FleetMod
     return FleetSimulator(policy, arrivals, fleet, **options).run()  # type: ignore[arg-type]
 
 
-__all__ = ["Arrival", "FleetModel", "FleetSimulator", "ScalingLimits", "SimResult", "Spike", "TraceSpec",
-           "generate_arrivals", "load_trace", "simulate"]
+
+
+def warm_start_replicas(arrivals: Sequence[Arrival], fleet: FleetModel, limits: ScalingLimits,
+                        target_utilisation: float = 0.7, over_s: float = 60.0) -> int:
+    """Replicas a fleet would already run for the trace's opening minute (so a comparison
+    measures the spikes, not every policy's start from a cold, undersized fleet)."""
+    opening = [a for a in arrivals if a.t < over_s]
+    if not opening:
+        return limits.clamp(max(1, limits.min_replicas))
+    rate = len(opening) / over_s
+    mean_prompt = float(np.mean([a.prompt_tokens for a in arrivals]))
+    mean_output = float(np.mean([a.output_tokens for a in arrivals]))
+    need = rate / (fleet.service_rate_per_replica(mean_prompt, mean_output) * target_utilisation)
+    return limits.clamp(max(1, math.ceil(need)))
+
+
+def compare(policies: dict[str, dict[str, object]], arrivals: Sequence[Arrival], fleet: FleetModel,
+            limits: ScalingLimits, **options: float) -> list[SimResult]:
+    """Each policy (name → its options) on the same arrivals, fleet and limits; a fresh
+    policy object per run. `initial_replicas` defaults to `warm_start_replicas`."""
+    from . import make_scaling_policy
+    options.setdefault("initial_replicas", warm_start_replicas(arrivals, fleet, limits))
+    return [simulate(make_scaling_policy(name, limits, **opts), arrivals, fleet, **options)
+            for name, opts in policies.items()]
+
+
+__all__ = ["Arrival", "FleetModel", "FleetSimulator", "ScalingLimits", "SimResult", "Spike", "TraceSpec", "compare",
+           "generate_arrivals", "load_trace", "simulate", "warm_start_replicas"]
