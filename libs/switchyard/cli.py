@@ -239,6 +239,15 @@ def _report_command():  # type: ignore[no-untyped-def]
 app.command("report", help="Latency percentiles, cost and tail attribution of a run folder.")(_report_command())
 
 
+def _simulate_command():  # type: ignore[no-untyped-def]
+    from switchyard.autoscaling.simulate_cli import simulate_command
+    return simulate_command
+
+
+app.command("simulate", help="Scaling policies side by side on a simulated fleet (docs/autoscaling.md).")(
+    _simulate_command())
+
+
 def _service(module: str):  # type: ignore[no-untyped-def]
     def run(ctx: typer.Context) -> None:
         import importlib
