@@ -343,3 +343,48 @@ def test_experiment_table_says_significant_only_when_it_is():
     assert "significant (p < 0.05)" in rows["ttft_s"] and "not significant" not in rows["ttft_s"]
     assert "not significant (p >= 0.05)" in rows["score"]
     assert str(sig.needed_per_arm) in rows["ttft_s"]
+
+
+# ---------------------------------------------------------------- early rollback on errors (opt-in)
+
+def test_early_fail_rolls_back_a_failing_candidate_before_min_requests():
+    t = Thresholds(min_requests=20, early_fail_p=1e-3)
+    assert compare(arm(500), arm(1, errors=1), t).outcome == "wait"  # one failure proves nothing
+    v = compare(arm(500), arm(3, errors=3), t)  # 0.02**3 = 8e-6
+    assert v.outcome == "fail" and "3/3 (100%)" in v.reasons[0] and "binomial p = 8e-06" in v.reasons[0]
+    assert v.figures["early_fail_p"] == pytest.approx(0.02 ** 3)
+    assert compare(arm(500), arm(3, errors=3), Thresholds(min_requests=20)).outcome == "wait"  # opt-in
+    ctl = CanaryController(CanaryPlan(thresholds=t), step_started_at=0.0)
+    a = ctl.tick(2.0, arm(500), arm(3, errors=3))
+    assert (a.kind, a.weight) == ("rollback", 0.0) and "before 20 requests" in a.reason
+
+
+def test_early_fail_rarely_fails_a_candidate_as_good_as_the_baseline():
+    """Both arms fail 2% of requests; the candidate is judged after each of its first 19 requests
+    (every look the canary loop would take). Early failures must stay under the union bound."""
+    t = Thresholds(min_requests=20, early_fail_p=1e-3)
+    rng = np.random.default_rng(4)
+    runs, failed = 2000, 0
+    for _ in range(runs):
+        base = ArmSamples(requests=1000, errors=int(rng.binomial(1000, 0.02)))
+        cand = ArmSamples()
+        for _ in range(19):
+            cand.add(error=bool(rng.random() < 0.02), ttft_s=0.2)
+            if compare(base, cand, t).outcome == "fail":
+                failed += 1
+                break
+    assert failed / runs <= 19 * 1e-3, failed
+
+
+def test_compare_metrics_tests_shared_metrics_and_names_the_untestable():
+    from switchyard.rollouts.experiments import compare_metrics
+    rng = np.random.default_rng(8)
+    a = {"ttft_s": list(rng.normal(0.10, 0.02, 200)), "score": [1.0, None, float("nan")]}
+    b = {"ttft_s": list(rng.normal(0.13, 0.02, 200)), "score": [0.5, 0.7, 0.9], "e2e_s": [1.0, 2.0]}
+    done, skipped = compare_metrics(a, b, "v1", "v2")
+    assert [c.metric for c in done] == ["ttft_s"] and done[0].significant
+    assert skipped == {"score": "too few samples (1 in v1, 3 in v2; need 2 each)",
+                       "e2e_s": "too few samples (0 in v1, 2 in v2; need 2 each)"}
+    text = _render(experiment_table(done, skipped=skipped))
+    assert "not tested: too few samples (1 in v1" in text
+    assert "v1: 100." in text and " ms" in text  # both arms of a row in one unit

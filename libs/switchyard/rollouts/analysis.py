@@ -15,7 +15,8 @@ What is compared (all thresholds in `Thresholds`, defaults below):
 Percentiles are numpy's default (linear interpolation), as in the reporting package.
 
 Below `min_requests` on either arm the verdict is "wait": a p99 of a handful of samples is
-their maximum, and one slow request would fail a good candidate.
+their maximum, and one slow request would fail a good candidate. Errors are the exception when
+`Thresholds.early_fail_p` is set: a count of failures can be conclusive long before a p99 is.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import numpy as np
+from scipy import stats
 
 
 @dataclass
@@ -75,6 +77,12 @@ class Thresholds:
     # A latency ratio breach also needs candidate p99 - baseline p99 above this many seconds:
     # at sub-millisecond ITLs a x1.5 ratio is scheduler noise. 0.0 = ratio alone decides.
     min_latency_increase_s: float = 0.0
+    # Opt-in early rollback on errors before min_requests: when the candidate's errors so far make
+    # "its error rate is within max_error_rate_increase of the baseline's" implausible (one-sided
+    # binomial test, p below this), fail at once. E.g. 4 failures out of 4 against a 0% baseline
+    # gives p = 0.02**4 = 1.6e-7. Cuts the requests a broken canary serves at a 1% weight from
+    # min_requests to a handful. None = always wait for min_requests.
+    early_fail_p: float | None = None
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.max_error_rate_increase <= 1.0):
@@ -87,6 +95,8 @@ class Thresholds:
             raise ValueError(f"min_requests must be >= 1, got {self.min_requests}")
         if not (math.isfinite(self.min_latency_increase_s) and self.min_latency_increase_s >= 0):
             raise ValueError(f"min_latency_increase_s must be >= 0, got {self.min_latency_increase_s}")
+        if self.early_fail_p is not None and not (0.0 < self.early_fail_p < 0.5):
+            raise ValueError(f"early_fail_p must be in (0, 0.5) or None, got {self.early_fail_p}")
 
 
 @dataclass(frozen=True)
@@ -131,6 +141,26 @@ def _judge_latency(label: str, base: float, cand: float, limit: float, floor_s: 
     return ratio
 
 
+def _early_error_breach(baseline: ArmSamples, candidate: ArmSamples,
+                        thresholds: Thresholds) -> tuple[str, float] | None:
+    """(reason, p) when the candidate's errors already prove a breach (see Thresholds.early_fail_p)."""
+    if thresholds.early_fail_p is None or candidate.errors == 0:
+        return None
+    # The test is repeated at every tick as requests accrue (several looks), so keep early_fail_p
+    # small (1e-3): by a union bound over the <= min_requests looks, a candidate as good as the
+    # baseline is failed early with probability <= min_requests * early_fail_p (2% at the defaults).
+    base_rate = baseline.error_rate if baseline.requests else 0.0
+    bound = base_rate + thresholds.max_error_rate_increase
+    if bound >= 1.0:
+        return None
+    p = float(stats.binomtest(candidate.errors, candidate.requests, bound, alternative="greater").pvalue)
+    if p >= thresholds.early_fail_p:
+        return None
+    return (f"error rate {candidate.errors}/{candidate.requests} ({candidate.error_rate:.0%}) already above "
+            f"{base_rate:.1%} baseline +{thresholds.max_error_rate_increase * 100:g} pts before "
+            f"{thresholds.min_requests} requests (binomial p = {p:.2g} < {thresholds.early_fail_p:g})", p)
+
+
 def compare(baseline: ArmSamples, candidate: ArmSamples, thresholds: Thresholds) -> Verdict:
     """Compare the candidate against the baseline on one window.
 
@@ -157,6 +187,10 @@ def compare(baseline: ArmSamples, candidate: ArmSamples, thresholds: Thresholds)
              for name, arm in (("baseline", baseline), ("candidate", candidate))
              if arm.requests < thresholds.min_requests]
     if short:
+        early = _early_error_breach(baseline, candidate, thresholds)
+        if early is not None:
+            figures["early_fail_p"] = early[1]
+            return Verdict("fail", [early[0]], figures)
         return Verdict("wait", ["not enough data: " + "; ".join(short)], figures)
 
     breaches: list[str] = []

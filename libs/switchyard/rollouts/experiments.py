@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
@@ -152,3 +152,21 @@ def welch_compare(a: Sequence[float], b: Sequence[float], metric: str, arm_a: st
         difference=diff, ci_low=lo, ci_high=hi, p_value=p, alpha=alpha, significant=bool(p < alpha),
         needed_per_arm=needed_per_arm(diff, math.sqrt(va), math.sqrt(vb), alpha) if se > 0 else None,
     )
+
+
+def compare_metrics(a: Mapping[str, Sequence[float]], b: Mapping[str, Sequence[float]], arm_a: str,
+                    arm_b: str, alpha: float = 0.05) -> tuple[list[ArmComparison], dict[str, str]]:
+    """`welch_compare` for every metric both arms have (e.g. "ttft_s", "e2e_s", "score"), in
+    `a`'s order. Metrics that cannot be tested yet come back in the second value with the reason
+    (the report shows them rather than dropping them silently). Each metric is tested at `alpha`
+    on its own: with k metrics, expect about k * alpha false positives under A/A."""
+    done: list[ArmComparison] = []
+    skipped: dict[str, str] = {}
+    for metric in [*a, *(m for m in b if m not in a)]:
+        xa = [float(x) for x in a.get(metric, ()) if x is not None and math.isfinite(x)]
+        xb = [float(x) for x in b.get(metric, ()) if x is not None and math.isfinite(x)]
+        if len(xa) < 2 or len(xb) < 2:
+            skipped[metric] = f"too few samples ({len(xa)} in {arm_a}, {len(xb)} in {arm_b}; need 2 each)"
+            continue
+        done.append(welch_compare(xa, xb, metric, arm_a, arm_b, alpha))
+    return done, skipped

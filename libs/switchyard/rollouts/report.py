@@ -8,7 +8,7 @@ are (ms below 0.1 s, seconds above), so the table and the log lines read the sam
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from rich.table import Table
 
@@ -89,25 +89,40 @@ def rollout_table(*, model: str, baseline: str, candidate: str, mode: str, weigh
     return table
 
 
-def experiment_table(comparisons: Sequence[ArmComparison], title: str = "experiment report") -> Table:
+def _is_time(metric: str) -> bool:
+    return metric.endswith("_s") or metric in ("ttft", "itl", "e2e")
+
+
+def experiment_table(comparisons: Sequence[ArmComparison], title: str = "experiment report",
+                     skipped: Mapping[str, str] | None = None) -> Table:
     """One row per metric: arm means and sizes, B - A with its CI, Welch p-value, the verdict
-    ("significant" only when p < alpha) and the per-arm n the observed effect would need."""
+    ("significant" only when p < alpha) and the per-arm n the observed effect would need.
+    Time metrics (names ending in _s) share one unit per row; `skipped` rows say why untested."""
     table = Table(title=title, show_header=True, header_style="bold")
     for col in ("metric", "arm A", "arm B", "B - A", "CI", "p (Welch)", "verdict", "n/arm needed"):
         table.add_column(col, justify="left" if col in ("metric", "verdict") else "right")
     for c in comparisons:
-        fmt = _s if c.metric.endswith("_s") or c.metric in ("ttft", "itl", "e2e") else _num
-        diff = fmt(c.difference) if fmt is _num else ("+" if c.difference >= 0 else "") + _s(c.difference)
+        if _is_time(c.metric):
+            big = max(abs(c.mean_a), abs(c.mean_b)) >= 1.0
+            scale, unit, digits = (1.0, " s", 3) if big else (1000.0, " ms", 1)
+
+            def fmt(x: float, sign: bool = False) -> str:
+                return f"{x * scale:{'+' if sign else ''}.{digits}f}{unit}"
+        else:
+            def fmt(x: float, sign: bool = False) -> str:
+                return f"{x:{'+' if sign else ''}.4g}"
         verdict = (f"[bold green]significant[/] (p < {c.alpha:g})" if c.significant
                    else f"not significant (p >= {c.alpha:g})")
         table.add_row(
             c.metric,
             f"{c.arm_a}: {fmt(c.mean_a)} (n={c.n_a})",
             f"{c.arm_b}: {fmt(c.mean_b)} (n={c.n_b})",
-            diff,
-            f"{c.confidence:.0%}: {fmt(c.ci_low)} .. {fmt(c.ci_high)}",
+            fmt(c.difference, sign=True),
+            f"{c.confidence:.0%}: {fmt(c.ci_low, sign=True)} .. {fmt(c.ci_high, sign=True)}",
             f"{c.p_value:.3g}",
             verdict,
             "-" if c.needed_per_arm is None else str(c.needed_per_arm),
         )
+    for metric, why in (skipped or {}).items():
+        table.add_row(metric, "", "", "", "", "", f"not tested: {why}", "")
     return table
