@@ -34,7 +34,7 @@ class StabilisedPolicy(ScalingPolicy):
         self.tolerance = tolerance
         self.scale_up_window_s = scale_up_window_s
         self.scale_down_window_s = scale_down_window_s
-        self._history: deque[tuple[float, int]] = deque()  # (now, raw recommendation)
+        self._history: deque[tuple[float, int, bool]] = deque()  # (now, raw recommendation, seeded)
         self._current: int | None = None  # the last decision (what the fleet converges to)
         self._last_busy: float | None = None
         self._last_now: float | None = None
@@ -69,7 +69,7 @@ class StabilisedPolicy(ScalingPolicy):
             # The size found at the first call counts as a recommendation, so a fresh policy
             # (a restarted autoscaler) waits a whole scale-down window before shrinking the fleet.
             self._current = demand.ready_replicas + demand.starting_replicas
-            self._history.append((demand.now, self._current))
+            self._history.append((demand.now, self._current, True))  # holds scale-down only
         current = self._current
         busy = demand.in_flight > 0 or demand.queued > 0 or demand.arrival_rate > 0
         if busy or self._last_busy is None:
@@ -78,7 +78,7 @@ class StabilisedPolicy(ScalingPolicy):
         raw, why = self.recommend(demand, current)
         floor = max(1, self.limits.min_replicas)  # 0 only through the idle timer below
         raw = self.limits.clamp(max(raw, floor))
-        self._history.append((demand.now, raw))
+        self._history.append((demand.now, raw, False))
         horizon = max(self.scale_up_window_s, self.scale_down_window_s)
         while self._history and self._history[0][0] < demand.now - horizon:
             self._history.popleft()
@@ -94,8 +94,8 @@ class StabilisedPolicy(ScalingPolicy):
                 return self._set(raw, f"wake from zero to {raw}: {why}")
             return self._set(0, "at zero, idle")
 
-        up = min(r for t, r in self._history if t >= demand.now - self.scale_up_window_s)
-        down = max(r for t, r in self._history if t >= demand.now - self.scale_down_window_s)
+        up = min(r for t, r, seeded in self._history if t >= demand.now - self.scale_up_window_s and not seeded)
+        down = max(r for t, r, _ in self._history if t >= demand.now - self.scale_down_window_s)
         if current < up:
             return self._set(up, f"scale up {current} → {up}: {why}")
         if current > down:

@@ -14,8 +14,9 @@ the level and trend already track tick by tick, and spikes that are not periodic
 seasonal term would add state and warm-up time without forecasting the spikes. The trend is
 estimated per second (samples may come at uneven intervals) and the forecast is never below 0.
 
-Replicas = ceil(forecast × headroom / service_rate_per_replica), and the decision is the larger
-of that and the reactive recommendation for demand already here (a forecast that lags a sudden
+Replicas = ceil(forecast × headroom / (service_rate_per_replica × target_utilisation)) — the
+reactive rule applied to the forecast rate, with `headroom` on top — and the decision is the
+larger of that and the reactive recommendation for demand already here (a forecast that lags a sudden
 step never leaves the queue unserved). The same HPA stabilisation applies, so scale-down waits
 the same window as the reactive policy; the price of pre-warming is paid in replica-seconds.
 """
@@ -33,7 +34,7 @@ class PredictivePolicy(StabilisedPolicy):
 
     def __init__(self, limits: ScalingLimits, *, target_utilisation: float = 0.7, tolerance: float = 0.1,
                  scale_up_window_s: float = 10.0, scale_down_window_s: float = 180.0,
-                 alpha: float = 0.5, beta: float = 0.2, headroom: float = 1.3,
+                 alpha: float = 0.5, beta: float = 0.2, headroom: float = 1.0,
                  decision_interval_s: float | None = None) -> None:
         super().__init__(limits, target_utilisation=target_utilisation, tolerance=tolerance,
                          scale_up_window_s=scale_up_window_s, scale_down_window_s=scale_down_window_s)
@@ -73,8 +74,8 @@ class PredictivePolicy(StabilisedPolicy):
         interval = self.decision_interval_s if self.decision_interval_s is not None else self._interval
         horizon = demand.cold_start_s + interval
         expected = self.forecast(horizon)
-        ahead = (math.ceil(expected * self.headroom / demand.service_rate_per_replica - 1e-9)
-                 if demand.service_rate_per_replica > 0 else 0)
+        per_replica = demand.service_rate_per_replica * self.target_utilisation
+        ahead = math.ceil(expected * self.headroom / per_replica - 1e-9) if per_replica > 0 else 0
         why = (f"forecast {expected:.2f} req/s in {horizon:.0f} s (level {self.level or 0.0:.2f}, "
                f"trend {self.trend:+.3f}/s) → {ahead} with headroom {self.headroom:.2f}; now → {now_replicas}: {now_why}")
         return max(now_replicas, ahead), why
