@@ -16,6 +16,9 @@ from rich.console import Console
 app = typer.Typer(help="Switchyard: an open LLM serving fabric.", no_args_is_help=True)
 model_app = typer.Typer(help="Build model folders (ONNX + tokenizer).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+from switchyard.rollouts.cli import experiment_app, rollout_app  # noqa: E402  (docs/rollouts.md)
+app.add_typer(rollout_app, name="rollout")
+app.add_typer(experiment_app, name="experiment")
 console = Console(stderr=True)
 
 FP32 = "smollm2-135m-instruct"

@@ -58,8 +58,17 @@ class RouterConfig:
         "help": "a request for a model with no live replica waits up to this long (and its deadline) for one to "
                 "join instead of failing at once: scale from zero (0: fail at once)"})
     demand_interval_s: float = field(default=1.0, metadata={"help": "seconds between per-model demand reports for the autoscaler"})
+    rollout_interval_s: float = field(default=1.0, metadata={
+        "help": "seconds between canary analyses (a breach rolls back within one); docs/rollouts.md"})
+    shadow_max_inflight: int = field(default=4, metadata={
+        "help": "shadow copies in flight at most; more are dropped (never queued behind the primary)"})
+    admin_key: str = field(default="", repr=False, metadata={
+        "help": "bearer key of the admin API (/admin/rollouts); set it in the environment "
+                "(SWITCHYARD_ADMIN_KEY), not as a flag. Empty: admin API off"})
 
     def validate(self) -> None:
+        if self.rollout_interval_s <= 0 or self.shadow_max_inflight < 0:
+            raise ConfigError("rollout_interval_s must be positive and shadow_max_inflight non-negative")
         from switchyard.tls import check_pair
         check_pair("router public API", self.tls_cert, self.tls_key)
         check_pair("router NATS client", self.tls_client_cert, self.tls_client_key, self.tls_ca)

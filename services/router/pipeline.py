@@ -28,6 +28,7 @@ from .dispatch import Dispatcher
 from .errors import ErrorKind, RequestError, invalid
 from .limits import AdmissionControl, RateLimiter
 from .observe import Observation, RequestObserver
+from .rollouts import RequestTap, Resolution, RolloutManager
 from .tenants import Tenant, TenantDirectory
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class PreparedRequest:
     prompt_ids: list[int]
     max_tokens: int
     difficulty: float | None = None  # set when a virtual model chose `entry` by difficulty
+    rollout: Resolution | None = None  # the version a rollout chose (services/router/rollouts.py)
 
     @property
     def model(self) -> str:
@@ -191,8 +193,9 @@ class RequestPipeline:
                  routing: RoutingTable, tenants: TenantDirectory | None = None,
                  limiter: RateLimiter | None = None, admission: AdmissionControl | None = None,
                  observer: RequestObserver | None = None, model_router: ModelRouter | None = None,
-                 resilience: ResilienceConfig | None = None) -> None:
+                 resilience: ResilienceConfig | None = None, rollouts: RolloutManager | None = None) -> None:
         self.catalog = catalog
+        self.rollouts = rollouts or RolloutManager("", catalog)  # no rollout state: names resolve to themselves
         res = resilience or ResilienceConfig()
         self.max_failovers = res.max_failovers
         self.stall_timeout_s = res.stall_timeout_s
@@ -226,7 +229,8 @@ class RequestPipeline:
         """Validate and tokenize; raises RequestError naming the field to fix."""
         if not req.model:
             raise invalid("model", "required; call ListModels for the served models")
-        entry = self.catalog.get(req.model)
+        resolution = self.rollouts.resolve(req.model, req.session_id, req.request_id)  # name → name@version
+        entry = self.rollouts.entry(resolution.served)
         model_route = self.model_router.get(req.model) if entry is None else None
         if model_route is not None:
             entry = self.catalog.get(model_route.large)  # the small model shares its tokenizer and template
@@ -283,12 +287,14 @@ class RequestPipeline:
             raise invalid("stop_token_ids", f"ids must be in [0, {manifest.config.vocab_size})")
         if req.timeout_s is not None and req.timeout_s <= 0:
             raise RequestError(ErrorKind.DEADLINE_EXCEEDED, "deadline already expired")
-        return PreparedRequest(req, entry, prompt_ids, max_tokens, difficulty)
+        return PreparedRequest(req, entry, prompt_ids, max_tokens, difficulty, resolution)
 
     def model_label(self, model: str) -> str:
         """`model` as a metric label: an installed or virtual model's name, else "unknown" (labels
         from client input stay bounded, and a name that is not valid UTF-8 never reaches them)."""
         if self.catalog.get(model) is not None or self.model_router.get(model) is not None:
+            return model
+        if "@" in model and self.fleet.live(model):  # a served version, pinned (bounded by the fleet)
             return model
         return UNKNOWN_MODEL
 
@@ -422,6 +428,7 @@ class RequestPipeline:
                 if prepare_span is not None:
                     prepare_span.end()
             self.demand.started(prepared.model)
+            tap = self.rollouts.begin(prepared.rollout, prepared) if prepared.rollout else None
             try:
                 # aclosing: the relay's cleanup (cancel on the replica) runs now, not whenever
                 # the garbage collector finalizes it.
@@ -430,11 +437,21 @@ class RequestPipeline:
                         if isinstance(event, TokenDelta):
                             if event.token_ids:
                                 obs.on_tokens(len(event.token_ids))
+                                if tap is not None:
+                                    tap.tokens(event.token_ids)
                         else:
                             done = event
                         yield event
                 code = "OK" if done is not None else "CANCELLED"
+            except RequestError as error:
+                code = error.kind.name
+                raise
+            except (GeneratorExit, asyncio.CancelledError):
+                code = "CANCELLED"
+                raise
             finally:
+                if tap is not None:
+                    tap.finish("OK" if done is not None else code, done)
                 self.demand.ended(prepared.model)
                 self.admission.leave(prepared.model, len(prepared.prompt_ids) + prepared.max_tokens,
                                      completed=done is not None)

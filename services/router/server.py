@@ -38,6 +38,7 @@ from .grpc_api import GenerationServicer, add_generation_servicer, enable_reflec
 from .http_api import create_http_app
 from .limits import AdmissionControl, RateLimiter
 from .pipeline import RequestPipeline, ResilienceConfig
+from .rollouts import RolloutManager, add_rollout_routes
 from .observe import RequestObserver
 from .tenants import TenantDirectory
 
@@ -100,7 +101,10 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await dispatcher.start()
     routing = RoutingTable(fleet, config.balancing, parse_overrides(config.routing_policies))
     tenants = TenantDirectory.load(config.tenants_file) if config.tenants_file else TenantDirectory.disabled()
-    pipeline = RequestPipeline(ModelCatalog(config.models_dir), fleet, dispatcher, routing,
+    catalog = ModelCatalog(config.models_dir)
+    rollouts = RolloutManager(router_id, catalog, config.rollout_interval_s, config.shadow_max_inflight,
+                              config.records_dir)
+    pipeline = RequestPipeline(catalog, fleet, dispatcher, routing, rollouts=rollouts,
                                tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit, config.token_queue_factor),
                                observer=RequestObserver(writer),
                                model_router=ModelRouter.from_config(config.model_routes),
@@ -111,6 +115,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     demand = DemandPublisher(nc, pipeline.demand, router_id, config.demand_interval_s)
     pipeline.demand_wake = demand.wake
     demand.start()
+    await rollouts.start(js, pipeline)  # rollout state read before serving, then watched
 
     server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
     add_generation_servicer(GenerationServicer(pipeline, config.write_timeout_s), server)
@@ -124,9 +129,10 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await server.start()
     http = None
     if config.http_port >= 0:
-        http = HttpFrontEnd(create_http_app(pipeline, max_body_bytes=config.max_body_bytes,
-                                            request_timeout_s=config.request_timeout_s,
-                                            write_timeout_s=config.write_timeout_s), config.host, config.http_port,
+        app = create_http_app(pipeline, max_body_bytes=config.max_body_bytes,
+                              request_timeout_s=config.request_timeout_s, write_timeout_s=config.write_timeout_s)
+        add_rollout_routes(app, rollouts, pipeline, config.admin_key)
+        http = HttpFrontEnd(app, config.host, config.http_port,
                             grace_s=config.grace_s, tls=gateway_tls)
         await http.start()
     for name in ("", GENERATION_SERVICE):
@@ -145,6 +151,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         await http.stop()
     await server.stop(config.grace_s)
     await demand.stop()
+    await rollouts.stop()
     await nc.drain()
     if writer is not None:
         for usage in fleet.usage():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,13 @@ class WorkerConfig:
     grace_s: float = field(default=5.0, metadata={"help": "seconds to finish calls on SIGTERM"})
     lease_s: float = field(default=30.0, metadata={"help": "free held sequences after this long without a call "
                                                    "from the batcher (it is gone)"})
+    served_name: str = field(default="", metadata={
+        "help": "serve the model under this name, e.g. name@version for a rollout (default: the manifest's name)"})
+    # Test-only fault injection (docs/rollouts.md): off by default; never set them in production.
+    fault_delay_per_token_ms: float = field(default=0.0, metadata={
+        "help": "TEST ONLY: sleep this long per generated token (a planted slow version)"})
+    fault_fail_fraction: float = field(default=0.0, metadata={
+        "help": "TEST ONLY: refuse this fraction of sequences (chosen by a hash of the sequence id)"})
 
     def validate(self) -> None:
         from switchyard.tls import check_pair
@@ -50,5 +58,10 @@ class WorkerConfig:
             raise ConfigError("prefix_cache_mib must be non-negative")
         if self.lease_s <= 0:
             raise ConfigError("lease_s must be positive")
+        if self.fault_delay_per_token_ms < 0 or not 0.0 <= self.fault_fail_fraction <= 1.0:
+            raise ConfigError("fault_delay_per_token_ms must be ≥ 0 and fault_fail_fraction in [0, 1]")
+        if self.served_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9._-]{1,64})?",
+                                                 self.served_name):
+            raise ConfigError(f"served_name {self.served_name!r} must be a model name, optionally @version")
         if self.provider not in ("auto", "cpu", "cuda"):
             raise ConfigError("provider must be auto, cpu or cuda")

@@ -4,10 +4,12 @@ health checks and cancellations are answered while a step computes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -59,8 +61,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """Registered before the model loads (so health answers during a slow load); calls get
     UNAVAILABLE until `engine` is set."""
 
-    def __init__(self, executor: ThreadPoolExecutor, engine: Engine | None = None) -> None:
+    def __init__(self, executor: ThreadPoolExecutor, engine: Engine | None = None,
+                 fault_delay_per_token_s: float = 0.0, fault_fail_fraction: float = 0.0) -> None:
         self.engine = engine
+        self.fault_delay_per_token_s = fault_delay_per_token_s  # test-only faults (WorkerConfig)
+        self.fault_fail_fraction = fault_fail_fraction
         self._executor = executor
         self.last_call = time.monotonic()  # of the batcher's last engine call (the lease)
 
@@ -92,8 +97,17 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 blocks_stored=s.stored_blocks, blocks_evicted=s.evicted_blocks))
         return info
 
+    def _planted_failure(self, sequence_id: str) -> bool:
+        """Test-only: the same sequence always fails (the batcher's one-by-one retry of a refused
+        batch sees the same answer), a `fault_fail_fraction` share of them."""
+        return (self.fault_fail_fraction > 0
+                and zlib.crc32(sequence_id.encode()) / 2**32 < self.fault_fail_fraction)
+
     def _add(self, specs: Any) -> int:
         """All or none: a refused request leaves no sequence of it behind."""
+        for spec in specs:
+            if self._planted_failure(spec.sequence_id):
+                raise EngineError(f"planted fault: sequence {spec.sequence_id} refused (--fault-fail-fraction)")
         self._engine.add_many([dict(sequence_id=spec.sequence_id, prompt=list(spec.prompt_token_ids),
                                     params=sampling_from_proto(spec.sampling), seed=spec.seed,
                                     traceparent=spec.traceparent, generated_offset=spec.generated_offset)
@@ -127,6 +141,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             result = await self._call(step)
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.fault_delay_per_token_s and result.tokens:  # test-only: a planted slow version
+            await asyncio.sleep(self.fault_delay_per_token_s * max(request.decode_steps, 1))
         e = self._engine
         record_step(e.manifest.name, result.prefill_s, result.decode_s, result.decode_batch_size, e.kv_tokens,
                     len(e.sequences), e.max_sequences * e.context_length)
@@ -187,7 +203,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
             if config.tls_cert and config.tls_key else server.add_insecure_port(address))
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-    servicer = WorkerServicer(executor)
+    servicer = WorkerServicer(executor, fault_delay_per_token_s=config.fault_delay_per_token_ms / 1000,
+                              fault_fail_fraction=config.fault_fail_fraction)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     await server.start()
     try:
@@ -200,6 +217,11 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
         await stop.wait()
         await server.stop(config.grace_s)
         return
+    if config.served_name:  # heartbeats, metrics and prefix-cache hashes under name@version
+        engine.manifest = dataclasses.replace(engine.manifest, name=config.served_name)
+    if config.fault_delay_per_token_ms or config.fault_fail_fraction:
+        log.warning("TEST-ONLY faults on: %.1f ms per token, %.0f%% of sequences refused",
+                    config.fault_delay_per_token_ms, 100 * config.fault_fail_fraction)
     servicer.engine = engine
     for name in ("", worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -30,6 +30,11 @@ from switchyard.tls import TlsDir, client_context, grpc_channel_credentials
 log = logging.getLogger(__name__)
 
 
+def model_folder(served: str) -> str:
+    """The model folder of a served name: `name@version` is a version of folder `name`."""
+    return served.partition("@")[0]
+
+
 @dataclass
 class Service:
     name: str
@@ -112,6 +117,9 @@ class StackSpec:
     # A `switchyard certs` folder: TLS on every hop (gateway HTTP and gRPC, NATS with client
     # certificates, worker gRPC with the batcher's client certificate). None: plaintext.
     tls: Path | None = None
+    # Extra worker flags per `replicas` key (rollout tests plant faults in one version this way).
+    # A key `name@version` serves the folder `name` under that versioned name (docs/rollouts.md).
+    worker_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 class LocalStack:
@@ -271,9 +279,9 @@ class LocalStack:
         users = [router, observer_user()]
         self._secret_env["router"] = {"SWITCHYARD_NATS_USER": router.user, "SWITCHYARD_NATS_PASSWORD": router.password}
         for model, count in self.spec.replicas.items():
-            manifest = self.spec.models_dir / model / "switchyard.json"
-            try:  # heartbeats are published under the model's own name
-                served_as = str(json.loads(manifest.read_text()).get("name") or model)
+            manifest = self.spec.models_dir / model_folder(model) / "switchyard.json"
+            try:  # heartbeats are published under the model's own name (name@version as given)
+                served_as = model if "@" in model else str(json.loads(manifest.read_text()).get("name") or model)
             except (OSError, ValueError):
                 served_as = model
             for i in range(count):
@@ -313,9 +321,11 @@ class LocalStack:
                     token = new_secret()
                     self._secret_env.setdefault(f"worker-{model}-{i}", {})["SWITCHYARD_AUTH_TOKEN"] = token
                     self._secret_env.setdefault(f"batcher-{model}-{i}", {})["SWITCHYARD_WORKER_TOKEN"] = token
+                versioned = ["--served-name", model] if "@" in model else []
                 self.workers.append(self._spawn(f"worker-{model}-{i}", "services.worker", [
-                    "--model-dir", str(spec.models_dir / model), "--host", spec.internal_host, "--port", "0",
-                    "--threads", str(threads), "--max-sequences", str(spec.max_batch_size), *self._metrics_args()]))
+                    "--model-dir", str(spec.models_dir / model_folder(model)), "--host", spec.internal_host, "--port", "0",
+                    "--threads", str(threads), "--max-sequences", str(spec.max_batch_size), *self._metrics_args(),
+                    *versioned, *spec.worker_args.get(model, ())]))
         for worker in self.workers:
             worker.wait_port(timeout_s)
         for worker in self.workers:

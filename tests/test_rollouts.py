@@ -1,0 +1,348 @@
+"""Rollouts on the real stack (docs/rollouts.md): one tiny model folder served as three
+versions — v1 and v2 healthy, v3 with planted faults (slow tokens, refused sequences) — behind
+one router whose rollout state lives in the stack's NATS KV. Plus unit tests of the state,
+resolution and compare-and-set with hand-built inputs and a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY
+from switchyard.bus.server import NatsServer
+from switchyard.rollouts.state import (Decision, RolloutState, RolloutStore, StaleRevision, new_rollout, operate,
+                                       versioned)
+from switchyard.runtime.stack import LocalStack, StackSpec
+
+ADMIN_KEY = "test-admin-key-0123456789"
+V1, V2, BAD = versioned(TINY, "v1"), versioned(TINY, "v2"), versioned(TINY, "v3")
+
+
+# ---- unit: state, operations, resolution -------------------------------------------------
+@pytest.mark.unit
+def test_state_round_trips_and_validates() -> None:
+    state = new_rollout("m", "v1", "v2", "canary", steps=[0.1, 0.5, 1.0], step_duration_s=5,
+                        thresholds={"min_requests": 3})
+    assert state.weight == 0.1 and state.history[-1].kind == "start"
+    assert RolloutState.from_json(state.to_json()) == state
+    with pytest.raises(ValueError, match="mode"):
+        new_rollout("m", "v1", "v2", "nope")
+    with pytest.raises(ValueError, match="differ"):
+        new_rollout("m", "v1", "v1")
+    with pytest.raises(ValueError, match="candidate"):
+        new_rollout("m", "v1", "v2@x")
+
+
+@pytest.mark.unit
+def test_operator_actions() -> None:
+    bg = new_rollout("m", "blue", "green", "bluegreen")
+    assert bg.active() == "blue"
+    assert operate(bg, "promote", "t").kind == "switch" and bg.active() == "green"
+    assert operate(bg, "rollback", "t").kind == "rollback" and bg.active() == "blue"  # switch back
+    with pytest.raises(ValueError):
+        operate(bg, "promote", "t")  # finished: start a new rollout instead
+    canary = new_rollout("m", "v1", "v2")
+    operate(canary, "abort", "t")
+    assert canary.status == "aborted" and canary.active() == "v1"
+
+
+@pytest.mark.unit
+def test_resolution(tiny_models_dir: Path) -> None:
+    from services.router.rollouts import RolloutManager
+    from switchyard.model.catalog import ModelCatalog
+    manager = RolloutManager("r", ModelCatalog(tiny_models_dir))
+    assert manager.resolve(TINY, "", "req").served == TINY  # no rollout: the name itself
+    assert manager.resolve(V2, "", "req").served == V2  # pinned
+    manager.states[TINY] = new_rollout(TINY, "v1", "v2", "canary", steps=[0.25, 1.0])
+    picks = collections.Counter(manager.resolve(TINY, "", f"r{i}").served for i in range(4000))
+    assert 0.21 < picks[V2] / 4000 < 0.29
+    manager.states[TINY] = new_rollout(TINY, "v1", "v2", "ab", weight=0.5)
+    users = {f"user{i}": manager.resolve(TINY, f"user{i}", f"a{i}").served for i in range(200)}
+    assert all(manager.resolve(TINY, u, "other").served == v for u, v in users.items())  # sticky
+    assert 70 < sum(v == V2 for v in users.values()) < 130
+    entry = manager.entry(V2)
+    assert entry is not None and entry.name == V2 and manager.entry(TINY).name == TINY  # type: ignore[union-attr]
+
+
+@pytest.mark.integration
+def test_compare_and_set_one_writer_wins() -> None:
+    async def run(url: str) -> tuple[int, int]:
+        import nats
+        nc = await nats.connect(url)
+        try:
+            store = await RolloutStore.open(nc.jetstream())
+            await store.put_new(new_rollout("m", "v1", "v2"))
+            state, revision = await store.get("m")  # type: ignore[misc]
+            results = []
+            for by in ("router-a", "router-b"):  # both decided on the same revision
+                s = RolloutState.from_json(state.to_json())
+                s.weight = 0.05
+                s.record("advance", f"by {by}", by)
+                try:
+                    await store.update(s, revision)
+                    results.append(1)
+                except StaleRevision:
+                    results.append(0)
+            with pytest.raises(ValueError, match="running"):
+                await store.put_new(new_rollout("m", "v1", "v3"))
+            return sum(results), len(results)
+        finally:
+            await nc.close()
+    with NatsServer() as server:
+        assert asyncio.run(run(server.url)) == (1, 2)
+
+
+# ---- the real stack ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stack(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    tmp = tmp_path_factory.mktemp("rollouts")
+    # heartbeats every 0.5 s and requests that wait up to 5 s for a replica: a busy 2-core
+    # machine must not drop a replica from the fleet between two requests of a test
+    spec = StackSpec(models_dir=tiny_models_dir, replicas={V1: 1, V2: 1, BAD: 1}, heartbeat_s=0.5, log_dir=tmp,
+                     records_dir=tmp / "run", extra_env={"SWITCHYARD_ADMIN_KEY": ADMIN_KEY},
+                     router_args=("--rollout-interval-s", "0.25", "--replica-wait-s", "5"),
+                     worker_args={BAD: ("--fault-fail-fraction", "0.5", "--fault-delay-per-token-ms", "40")})
+    s = LocalStack(spec).start()
+    yield s
+    s.stop()
+
+
+def kv(stack: LocalStack, fn: Callable[[RolloutStore], Any]) -> Any:
+    """Run `fn(store)` against the stack's rollout bucket (what the CLI does)."""
+    async def go() -> Any:
+        import nats
+        assert stack.nats is not None
+        nc = await nats.connect(stack.nats.url, **nats_credentials(stack))
+        try:
+            store = await RolloutStore.open(nc.jetstream())
+            return await fn(store)
+        finally:
+            await nc.close()
+    return asyncio.run(go())
+
+
+def nats_credentials(stack: LocalStack) -> dict[str, str]:
+    """With internal auth on, an operator uses credentials allowed the rollout buckets (the
+    router's here; docs/rollouts.md)."""
+    assert stack.nats is not None
+    if not stack.nats.users:
+        return {}
+    user = stack.nats.user("router")
+    return {"user": user.user, "password": user.password, "inbox_prefix": user.inbox_prefix}
+
+
+def start(stack: LocalStack, state: RolloutState) -> None:
+    async def put(store: RolloutStore) -> None:
+        current = await store.get(state.model)
+        if current is not None and current[0].running:
+            await store.change(state.model, lambda s: operate(s, "abort", "test"))
+        await store.put_new(state)
+    kv(stack, put)
+    wait_until(lambda: state_of(stack)["started_at"] == state.started_at, 5)  # the router has it
+
+
+def state_of(stack: LocalStack) -> dict[str, Any]:
+    return admin(stack, "GET", f"/admin/rollouts/{TINY}").json()
+
+
+def admin(stack: LocalStack, method: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.request(method, stack.http_url + path, headers={"authorization": f"Bearer {ADMIN_KEY}"},
+                         timeout=10, **kw)
+
+
+def wait_until(cond: Callable[[], bool], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if cond():
+                return
+        except (httpx.HTTPError, KeyError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"condition not met within {timeout_s}s")
+
+
+def complete(stack: LocalStack, prompt: str = "hello there", max_tokens: int = 12, **extra: Any) -> httpx.Response:
+    body = {"model": TINY, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+    return httpx.post(stack.http_url + "/v1/completions", json=body, timeout=60)
+
+
+@pytest.mark.integration
+def test_versions_are_served_and_pinnable(stack: LocalStack) -> None:
+    for version in (V1, V2):
+        r = httpx.post(stack.http_url + "/v1/completions", json={"model": version, "prompt": "hi", "max_tokens": 4},
+                       timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == version
+    assert httpx.get(stack.http_url + "/admin/rollouts", timeout=5).status_code == 401  # admin key required
+    assert admin(stack, "GET", "/admin/rollouts").status_code == 200
+
+
+@pytest.mark.integration
+def test_bad_canary_is_rolled_back_automatically(stack: LocalStack) -> None:
+    start(stack, new_rollout(TINY, "v1", "v3", "canary", steps=[0.5, 1.0], step_duration_s=60,
+                             thresholds={"min_requests": 8}))
+    served: collections.Counter[str] = collections.Counter()
+    began = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        while time.monotonic() - began < 60 and state_of(stack)["status"] == "running":
+            for r in pool.map(lambda i: complete(stack, f"canary {i}"), range(8)):
+                served[r.json()["model"] if r.status_code == 200 else "error"] += 1
+    state = state_of(stack)
+    assert state["status"] == "rolled_back", state
+    assert state["weight"] == 0.0 and state["active"] == "v1"
+    last = state["history"][-1]
+    assert last["kind"] == "rollback" and ("error" in last["reason"].lower() or "p99" in last["reason"].lower())
+    assert served["error"] > 0 and served[BAD] + served["error"] < 120  # exposure bounded by the analysis
+    after = [complete(stack, f"after {i}").json()["model"] for i in range(6)]
+    assert after == [V1] * 6  # every new request back on the baseline
+    lines = (Path(stack.spec.records_dir) / "rollouts.jsonl").read_text().splitlines()  # type: ignore[arg-type]
+    assert any(json.loads(line)["kind"] == "rollback" for line in lines)
+
+
+@pytest.mark.integration
+def test_healthy_canary_reaches_full_traffic(stack: LocalStack) -> None:
+    start(stack, new_rollout(TINY, "v1", "v2", "canary", steps=[0.3, 0.6, 1.0], step_duration_s=1.5,
+                             thresholds={"min_requests": 5, "max_ttft_p99_ratio": 20, "max_itl_p99_ratio": 20,
+                                         "max_error_rate_increase": 0.2}))
+    began = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        while time.monotonic() - began < 60 and state_of(stack)["status"] == "running":
+            assert all(r.status_code == 200 for r in pool.map(lambda i: complete(stack, f"ok {i}", 6), range(8)))
+    state = state_of(stack)
+    assert state["status"] == "promoted", state
+    assert [d["kind"] for d in state["history"]][-3:] == ["start", "advance", "promote"]
+    assert {complete(stack, f"now {i}").json()["model"] for i in range(4)} == {V2}
+
+
+def served_by(stack: LocalStack, response_id: str) -> str:
+    """The version that served a request, from the router's request records."""
+    rid = response_id.split("-", 1)[1]
+    path = Path(stack.spec.records_dir) / "requests.jsonl"  # type: ignore[arg-type]
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record["request_id"] == rid:
+            return str(record["model"])
+    raise KeyError(rid)
+
+
+def stream(stack: LocalStack, i: int, started: Any) -> tuple[str, int, str | None]:
+    """One streamed completion: (id, tokens received, finish reason)."""
+    body = {"model": TINY, "prompt": f"stream {i}", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    model, tokens, finish = "", 0, None
+    with httpx.stream("POST", stack.http_url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if not model:
+                started.release()  # its first chunk
+            model = chunk.get("id") or model
+            for choice in chunk.get("choices", []):
+                finish = choice.get("finish_reason") or finish
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return model, tokens, finish
+
+
+@pytest.mark.integration
+def test_blue_green_switch_keeps_streams_in_flight(stack: LocalStack) -> None:
+    import threading
+    start(stack, new_rollout(TINY, "v1", "v2", "bluegreen"))
+    started = threading.Semaphore(0)
+    with ThreadPoolExecutor(20) as pool:
+        futures = [pool.submit(stream, stack, i, started) for i in range(20)]
+        for _ in range(20):  # every stream has its first chunk before the switch
+            assert started.acquire(timeout=60)
+        kv(stack, lambda store: store.change(TINY, lambda s: operate(s, "promote", "test")))
+        wait_until(lambda: state_of(stack)["active"] == "v2", 5)
+        new = [complete(stack, f"new {i}").json()["model"] for i in range(4)]
+        results = [f.result(timeout=120) for f in futures]
+    assert new == [V2] * 4
+    assert [r for r in results if r[1:] != (40, "length")] == []  # none lost or cut
+    assert {served_by(stack, r[0]) for r in results} == {V1}  # each finished on the version it started on
+    kv(stack, lambda store: store.change(TINY, lambda s: operate(s, "rollback", "test")))  # the switch back
+    wait_until(lambda: state_of(stack)["active"] == "v1", 5)
+    assert complete(stack, "back").json()["model"] == V1
+
+
+@pytest.mark.integration
+def test_shadow_never_changes_answers_and_is_reported(stack: LocalStack) -> None:
+    start(stack, new_rollout(TINY, "v1", "v2", "bluegreen"))  # shadow off, v1 serving
+    prompts = [f"shadow prompt {i}" for i in range(10)]
+    plain = [complete(stack, p).json()["choices"][0]["text"] for p in prompts]
+    start(stack, new_rollout(TINY, "v1", "v2", "shadow", shadow_fraction=1.0))
+    mirrored = [complete(stack, p).json() for p in prompts]
+    assert [m["choices"][0]["text"] for m in mirrored] == plain
+    assert {m["model"] for m in mirrored} == {V1}
+    wait_until(lambda: state_of(stack)["shadow"]["compared"] == 10, 20)
+    report = state_of(stack)["shadow"]
+    assert report["mirrored"] + report["dropped"] == 10 and report["mirrored"] == 10
+    assert report["agreement"] == 1.0  # same weights, greedy: the candidate agrees token for token
+    assert report["shadow_ttft_s"]["n"] == 10 and report["errors"] == 0
+
+
+@pytest.mark.integration
+def test_ab_sticky_feedback_and_report(stack: LocalStack) -> None:
+    from switchyard.rollouts.cli import rollout_app
+    start(stack, new_rollout(TINY, "v1", "v2", "ab", weight=0.5))
+    arm_of: dict[str, str] = {}
+    for user in range(24):
+        for turn in range(2):
+            r = complete(stack, f"user {user} turn {turn}", 4, user=f"user-{user}")
+            model = r.json()["model"]
+            assert arm_of.setdefault(f"user-{user}", model) == model  # sticky across requests
+            score = (4.0 if model == V2 else 2.0) + (0.5 if turn else -0.5)  # planted: B scores higher
+            f = httpx.post(stack.http_url + "/v1/feedback", json={"request_id": r.json()["id"], "score": score},
+                           timeout=10)
+            assert f.status_code == 200, f.text
+    assert set(arm_of.values()) == {V1, V2}
+    bad = httpx.post(stack.http_url + "/v1/feedback", json={"request_id": "x", "score": "great"}, timeout=10)
+    assert bad.status_code == 400 and "score" in bad.text
+    from switchyard.rollouts.cli import compare_arms, experiment_samples
+
+    async def report() -> list[Any]:
+        import nats
+        assert stack.nats is not None
+        nc = await nats.connect(stack.nats.url, **nats_credentials(stack))
+        try:
+            return compare_arms(await experiment_samples(nc.jetstream(), TINY), "v1", "v2")
+        finally:
+            await nc.close()
+    time.sleep(0.6)  # the router publishes its samples every interval
+    rows = {r.metric: r for r in asyncio.run(report())}
+    assert rows["score"].significant and rows["score"].difference == pytest.approx(2.0)
+    assert rows["score"].n_a + rows["score"].n_b == 48
+    assert rows["ttft_s"].n_a + rows["ttft_s"].n_b == 48
+    assert stack.nats is not None
+    creds = nats_credentials(stack)
+    result = CliRunner().invoke(rollout_app, ["status", TINY, "--nats-url", stack.nats.url],
+                                env={"SWITCHYARD_NATS_USER": creds.get("user", ""),
+                                     "SWITCHYARD_NATS_PASSWORD": creds.get("password", "")})
+    assert result.exit_code == 0 and "ab" in result.output
+
+
+@pytest.mark.integration
+def test_rollout_state_survives_a_router_restart(stack: LocalStack) -> None:
+    start(stack, new_rollout(TINY, "v1", "v2", "bluegreen"))
+    kv(stack, lambda store: store.change(TINY, lambda s: operate(s, "promote", "test")))
+    wait_until(lambda: state_of(stack)["active"] == "v2", 5)
+    router = stack.router
+    assert router is not None
+    router.process.kill()
+    router.process.wait()
+    stack._respawn(router, time.monotonic())
+    router.wait_port(60)
+    stack.wait_ready(60)
+    assert [complete(stack, f"restarted {i}").json()["model"] for i in range(4)] == [V2] * 4
