@@ -1,0 +1,104 @@
+"""Autoscaler configuration: one dataclass from flags and SWITCHYARD_* env, validated at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from switchyard.autoscaling.policy import ScalingLimits
+from switchyard.config import ConfigError
+
+BACKENDS = ("local", "kubernetes", "observe")
+DEFAULT_POLICY = "reactive"
+
+
+@dataclass(frozen=True)
+class ModelScaling:
+    """One model's bounds and policy, from `name=min:max[:policy[:scale_to_zero_after_s]]`."""
+
+    model: str
+    limits: ScalingLimits
+    policy: str = DEFAULT_POLICY
+
+    @classmethod
+    def parse(cls, text: str) -> "ModelScaling":
+        name, sep, rest = text.partition("=")
+        parts = rest.split(":")
+        if not sep or not name.strip() or not 2 <= len(parts) <= 4:
+            raise ConfigError(f"models: {text!r} is not name=min:max[:policy[:scale_to_zero_after_s]]")
+        try:
+            lo, hi = int(parts[0]), int(parts[1])
+            idle = float(parts[3]) if len(parts) == 4 and parts[3] else None
+            limits = ScalingLimits(min_replicas=lo, max_replicas=hi, scale_to_zero_after_s=idle)
+        except ValueError as exc:
+            raise ConfigError(f"models: {text!r}: {exc}") from None
+        if idle is not None and idle <= 0:
+            raise ConfigError(f"models: {text!r}: scale_to_zero_after_s must be positive")
+        return cls(name.strip(), limits, (parts[2] if len(parts) >= 3 and parts[2] else DEFAULT_POLICY))
+
+
+@dataclass(frozen=True)
+class AutoscalerConfig:
+    """Decides a replica count per model from demand and the fleet, and converges to it."""
+
+    nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL"})
+    nats_user: str = field(default="", metadata={"help": "NATS user (empty: connect without credentials)"})
+    nats_password: str = field(default="", repr=False, metadata={
+        "help": "NATS password; set it in the environment, not as a flag (flags show in ps)"})
+    models: tuple[str, ...] = field(default=(), metadata={
+        "help": "models to scale: name=min:max[:policy[:scale_to_zero_after_s]],... (policy: reactive, predictive)"})
+    policy_options: tuple[str, ...] = field(default=(), metadata={
+        "help": "key=value options passed to every policy (numbers as floats), e.g. scale_down_window_s=30"})
+    backend: str = field(default="observe", metadata={
+        "help": "local (inside `switchyard up` only), kubernetes (Deployment scale), observe (decide and export "
+                "metrics, change nothing)"})
+    tick_s: float = field(default=1.0, metadata={"help": "seconds between decisions"})
+    k8s_namespace: str = field(default="switchyard", metadata={"help": "Kubernetes namespace of the replica Deployments"})
+    k8s_deployment: str = field(default="switchyard-replica-{model}", metadata={
+        "help": "Deployment name per model ({model} is replaced by the model name)"})
+    cold_start_file: Path | None = field(default=None, metadata={
+        "help": "JSON file keeping the last measured cold start per model across restarts (unset: memory only)"})
+    default_cold_start_s: float = field(default=10.0, metadata={
+        "help": "cold start assumed for a model until one is measured"})
+    service_rate_per_replica: float = field(default=2.0, metadata={
+        "help": "requests/s one replica completes at full batch (the policies' capacity unit)"})
+    default_slots: int = field(default=32, metadata={"help": "slots per replica assumed before a replica reports its batch"})
+    retry_base_s: float = field(default=1.0, metadata={"help": "first wait before retrying after a failed start (doubles)"})
+    retry_max_s: float = field(default=60.0, metadata={"help": "longest wait between retries of failed starts"})
+    heartbeat_misses: float = field(default=3.0, metadata={"help": "drop a replica after this many missed heartbeats"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address of the gRPC health endpoint"})
+    grpc_port: int = field(default=50071, metadata={"help": "gRPC health port (0 picks a free one)"})
+    metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
+    port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON"})
+
+    def scaling(self) -> list[ModelScaling]:
+        return [ModelScaling.parse(text) for text in self.models]
+
+    def options(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for item in self.policy_options:
+            key, sep, value = item.partition("=")
+            try:
+                out[key.strip()] = float(value)
+            except ValueError:
+                raise ConfigError(f"policy_options: {item!r} is not key=number") from None
+            if not sep or not key.strip():
+                raise ConfigError(f"policy_options: {item!r} is not key=number")
+        return out
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ConfigError("models: name at least one model to scale (name=min:max[:policy])")
+        names = [m.model for m in self.scaling()]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"models: a model is named twice in {names}")
+        self.options()
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}")
+        if self.tick_s <= 0 or self.default_cold_start_s <= 0 or self.service_rate_per_replica <= 0:
+            raise ConfigError("tick_s, default_cold_start_s and service_rate_per_replica must be positive")
+        if self.default_slots < 1 or self.retry_base_s <= 0 or self.retry_max_s < self.retry_base_s:
+            raise ConfigError("default_slots ≥ 1 and 0 < retry_base_s ≤ retry_max_s are required")
+        if "{model}" not in self.k8s_deployment:
+            raise ConfigError("k8s_deployment must contain {model}")

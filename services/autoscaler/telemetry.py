@@ -1,0 +1,11 @@
+"""The autoscaler's Prometheus metrics."""
+
+from prometheus_client import Counter, Gauge
+
+DESIRED = Gauge("switchyard_autoscaler_desired_replicas", "Replicas the policy wants", ["model"])
+READY = Gauge("switchyard_autoscaler_ready_replicas", "Live replicas taking traffic (fleet view)", ["model"])
+STARTING = Gauge("switchyard_autoscaler_starting_replicas", "Replicas asked for and not live yet", ["model"])
+DECISIONS = Counter("switchyard_autoscaler_decisions", "Decisions per model and reason", ["model", "reason"])
+START_FAILURES = Counter("switchyard_autoscaler_start_failures", "Replicas that failed to start", ["model"])
+COLD_START = Gauge("switchyard_autoscaler_cold_start_seconds", "Last measured cold start (process start → serving)",
+                   ["model"])
