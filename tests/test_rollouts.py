@@ -171,9 +171,10 @@ def wait_until(cond: Callable[[], bool], timeout_s: float) -> None:
     raise AssertionError(f"condition not met within {timeout_s}s")
 
 
-def complete(stack: LocalStack, prompt: str = "hello there", max_tokens: int = 12, **extra: Any) -> httpx.Response:
+def complete(stack: LocalStack, prompt: str = "hello there", max_tokens: int = 12,
+             headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
     body = {"model": TINY, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
-    return httpx.post(stack.http_url + "/v1/completions", json=body, timeout=60)
+    return httpx.post(stack.http_url + "/v1/completions", json=body, headers=headers, timeout=60)
 
 
 @pytest.mark.integration
@@ -300,9 +301,11 @@ def test_ab_sticky_feedback_and_report(stack: LocalStack) -> None:
     arm_of: dict[str, str] = {}
     for user in range(24):
         for turn in range(2):
-            r = complete(stack, f"user {user} turn {turn}", 4, user=f"user-{user}")
+            key = f"user-{user}"  # the OpenAI `user` field, or an x-session-id header
+            r = (complete(stack, f"user {user} turn {turn}", 4, user=key) if user % 2
+                 else complete(stack, f"user {user} turn {turn}", 4, headers={"x-session-id": key}))
             model = r.json()["model"]
-            assert arm_of.setdefault(f"user-{user}", model) == model  # sticky across requests
+            assert arm_of.setdefault(key, model) == model  # sticky across requests
             score = (4.0 if model == V2 else 2.0) + (0.5 if turn else -0.5)  # planted: B scores higher
             f = httpx.post(stack.http_url + "/v1/feedback", json={"request_id": r.json()["id"], "score": score},
                            timeout=10)

@@ -34,6 +34,7 @@ FINISH = {generate_pb2.FINISH_REASON_EOS: "stop", generate_pb2.FINISH_REASON_STO
 ERROR_TYPES = {ErrorKind.INVALID_ARGUMENT: "invalid_request_error", ErrorKind.NOT_FOUND: "not_found_error",
                ErrorKind.UNAUTHENTICATED: "authentication_error", ErrorKind.RESOURCE_EXHAUSTED: "rate_limit_error",
                ErrorKind.UNAVAILABLE: "service_unavailable", ErrorKind.DEADLINE_EXCEEDED: "timeout_error"}
+SESSION_HEADER = "x-session-id"  # a session key for sticky A/B assignment and routing when `user` is unset
 TIMEOUT_HEADER = "x-request-timeout"  # seconds; lowers the server's default request timeout
 MAX_JSON_DEPTH = 32  # the deepest body a valid request has is 4 levels (messages[i].content)
 MAX_INT_DIGITS = 64  # longer integers are read as floats (inf): a type or range error at their field
@@ -387,6 +388,7 @@ def create_http_app(pipeline: RequestPipeline, *, max_body_bytes: int = 1 << 20,
         body = await parse(request, body_model)
         req = to_request(body, timeout_for(request))
         req.tenant = tenant
+        req.session_id = req.session_id or request.headers.get(SESSION_HEADER, "")[:256]  # A/B key without `user`
         rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
