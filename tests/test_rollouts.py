@@ -206,8 +206,11 @@ def test_bad_canary_is_rolled_back_automatically(stack: LocalStack) -> None:
     assert served["error"] > 0 and served[BAD] + served["error"] < 120  # exposure bounded by the analysis
     after = [complete(stack, f"after {i}").json()["model"] for i in range(6)]
     assert after == [V1] * 6  # every new request back on the baseline
-    lines = (Path(stack.spec.records_dir) / "rollouts.jsonl").read_text().splitlines()  # type: ignore[arg-type]
-    assert any(json.loads(line)["kind"] == "rollback" for line in lines)
+    from switchyard.reporting.cli import report  # `switchyard report` shows the decision
+    run_dir = Path(stack.spec.records_dir)  # type: ignore[arg-type]
+    result = report(run_dir, out=run_dir / "report")
+    assert any(d["kind"] == "rollback" and d["candidate"] == "v3" for d in result.rollouts)
+    assert "## Rollouts" in result.report_md.read_text() and "rollback" in result.report_md.read_text()
 
 
 @pytest.mark.integration

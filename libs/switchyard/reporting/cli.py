@@ -11,9 +11,10 @@ links the PNGs by file name, so all three go to the same place).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import typer
 from rich.console import Console
@@ -23,7 +24,7 @@ from switchyard.reporting.cost import (COMPONENT_LABELS, DIMENSION_LABELS, DIMEN
                                        fmt_money, load_prices)
 from switchyard.reporting.percentiles import METRIC_LABELS, METRICS, LatencyStats, PercentileReport, fmt_s, \
     percentile_report
-from switchyard.reporting.records import (REPLICAS_FILE, REQUESTS_FILE, SPANS_FILE, derive_replica_usage,
+from switchyard.reporting.records import (REPLICAS_FILE, REQUESTS_FILE, SPANS_FILE, derive_replica_usage, iter_jsonl,
                                           load_records, load_replicas)
 from switchyard.reporting.tail import HOP_LABELS, HOPS, TailReport, attribute_tail, load_spans
 
@@ -43,6 +44,7 @@ class ReportResult:
     report_md: Path
     notes: list[str] = field(default_factory=list)  # data-quality remarks (also in report.md)
     window_s: float = 0.0  # first request start → last request end
+    rollouts: list[dict[str, Any]] = field(default_factory=list)  # rollouts.jsonl: the routers' rollout decisions
 
 
 @dataclass
@@ -110,9 +112,10 @@ def report(run_dir: Path, prices: Path | None = None, out: Path | None = None) -
 
     ends = [r.started_unix_s + r.e2e_s for r in records if math.isfinite(r.e2e_s)]
     window = (max(ends) - min(r.started_unix_s for r in records)) if ends else 0.0
+    rollouts = [d for d in iter_jsonl(run_dir / "rollouts.jsonl") if d] if (run_dir / "rollouts.jsonl").exists() else []
     result = ReportResult(run_dir=run_dir, out_dir=out_dir, requests=len(records), percentiles=pct, cost=cost,
                           tail=tail, latency_png=latency_png, cost_png=cost_png, report_md=out_dir / REPORT_MD,
-                          notes=notes, window_s=max(window, 0.0))
+                          notes=notes, window_s=max(window, 0.0), rollouts=rollouts)
     result.report_md.write_text(render_markdown(result), encoding="utf-8")
     return result
 
@@ -205,6 +208,18 @@ def _md_table(tab: _Tab) -> str:
     return "\n".join(out) + "\n"
 
 
+def rollout_tables(decisions: Sequence[dict[str, Any]]) -> list[_Tab]:
+    """Rollout decisions (canary steps, promotions, rollbacks, switches) in time order."""
+    if not decisions:
+        return []
+    rows = [[time.strftime("%H:%M:%S", time.gmtime(float(d.get("at", 0)))), str(d.get("model", "")),
+             str(d.get("mode", "")), str(d.get("kind", "")), f"{d.get('baseline', '')} → {d.get('candidate', '')}",
+             f"{float(d.get('weight', 0)):.0%}", str(d.get("by", "")), str(d.get("reason", ""))[:160]]
+            for d in sorted(decisions, key=lambda d: float(d.get("at", 0)))]
+    return [_Tab("Rollout decisions", ["time (UTC)", "model", "mode", "decision", "versions", "weight", "by", "reason"],
+                 rows)]
+
+
 def render_markdown(result: ReportResult) -> str:
     parts = [f"# Switchyard run report: `{result.run_dir.name or result.run_dir}`", ""]
     parts += [f"- {line}" for line in headline(result)] + [""]
@@ -226,6 +241,8 @@ def render_markdown(result: ReportResult) -> str:
                   "scheduling (batcher.schedule outside the others), prefill (worker.prefill), decode "
                   "(worker.decode); bus + network = router.request span minus the others, clamped at 0.", ""]
         parts += [_md_table(t) for t in tail_tables(result.tail)]
+    if result.rollouts:
+        parts += ["## Rollouts", ""] + [_md_table(t) for t in rollout_tables(result.rollouts)]
     if result.notes:
         parts += ["## Notes", ""] + [f"- {n}" for n in result.notes] + [""]
     return "\n".join(parts)
@@ -247,6 +264,7 @@ def print_report(result: ReportResult, console: Console | None = None) -> None:
     tabs: Sequence[_Tab] = latency_tables(result.percentiles) + cost_tables(result.cost)
     if result.tail is not None:
         tabs = list(tabs) + tail_tables(result.tail)
+    tabs = list(tabs) + rollout_tables(result.rollouts)
     for tab in tabs:
         console.print(_rich_table(tab))
     for line in headline(result):
