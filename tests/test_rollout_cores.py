@@ -45,7 +45,7 @@ def test_compare_passes_a_healthy_candidate():
 
 
 @pytest.mark.parametrize("bad, needle", [
-    (dict(errors=10), "error rate 10.0% vs 0.0% baseline (+10.0 pts > +2 pts)"),
+    (dict(errors=10), "error rate 10.0% vs 0.0% baseline (+10.0 pts > +2 pts; 10/100 failed, binomial p = 3.4e-05)"),
     (dict(ttft=0.9), "TTFT p99"),
     (dict(itl=0.05), "ITL p99"),
 ])
@@ -55,7 +55,7 @@ def test_compare_flags_each_breach_with_its_reason(bad, needle):
     assert len(v.reasons) == 1, v.reasons  # only the breached threshold is named
     assert needle in v.reasons[0]
     if "ttft" in bad:
-        assert "baseline (x4." in v.reasons[0] and "> x1.5)" in v.reasons[0]
+        assert "baseline (x4.5 > x1.5; 100/100 samples above 0.33 s" in v.reasons[0]
 
 
 def test_compare_names_every_breach_at_once():
@@ -65,13 +65,66 @@ def test_compare_names_every_breach_at_once():
 
 
 def test_compare_thresholds_are_configurable_and_inclusive():
+    plain = Thresholds(breach_alpha=None)  # the observed figures alone decide
     base, cand = arm(100), arm(100, errors=2)  # exactly +2 points
-    assert compare(base, cand, Thresholds()).outcome == "pass"
-    assert compare(base, arm(100, errors=3), Thresholds()).outcome == "fail"
-    assert compare(base, cand, Thresholds(max_error_rate_increase=0.01)).outcome == "fail"
+    assert compare(base, cand, plain).outcome == "pass"
+    assert compare(base, arm(100, errors=3), plain).outcome == "fail"
+    assert compare(base, cand, Thresholds(max_error_rate_increase=0.01, breach_alpha=None)).outcome == "fail"
     slow = arm(100, ttft=0.3, spread=0.0)  # x1.5 exactly against a constant 0.2
     assert compare(arm(100, spread=0.0), slow, Thresholds()).outcome == "pass"
     assert compare(arm(100, spread=0.0), slow, Thresholds(max_ttft_p99_ratio=1.4)).outcome == "fail"
+
+
+def test_compare_needs_a_conclusive_breach_by_default():
+    """One failure in 20 requests is +5 pts but no evidence; 5 in 20 is. One slow outlier in 20
+    makes the p99 x2 but is what a 1% tail looks like; 5 slow ones are not."""
+    base = arm(2000, errors=10)  # 0.5% base error rate
+    one_err, five_err = arm(20, errors=1, seed=3), arm(20, errors=5, seed=3)
+    assert compare(base, one_err, Thresholds(breach_alpha=None)).outcome == "fail"
+    v = compare(base, one_err, Thresholds())
+    assert v.outcome == "pass" and any("not conclusive: 1/20 failed" in r for r in v.reasons), v.reasons
+    assert v.figures["error_breach_p"] > 0.05
+    v = compare(base, five_err, Thresholds())
+    assert v.outcome == "fail" and "5/20 failed, binomial p = " in v.reasons[0]
+    assert v.figures["error_breach_p"] < 1e-3
+
+    def with_slow(k: int) -> ArmSamples:
+        s = arm(20, spread=0.0, seed=4)
+        s.ttft_s[:k] = [0.6] * k  # x3 the baseline's 0.2 s
+        return s
+    base = arm(2000, spread=0.0)
+    assert compare(base, with_slow(1), Thresholds(breach_alpha=None)).outcome == "fail"
+    v = compare(base, with_slow(1), Thresholds())
+    assert v.outcome == "pass" and any("1/20 samples above 0.30 s" in r for r in v.reasons), v.reasons
+    v = compare(base, with_slow(5), Thresholds())
+    assert v.outcome == "fail" and "5/20 samples above 0.30 s" in v.reasons[0]
+
+
+def test_default_analysis_rarely_fails_a_healthy_candidate_across_looks():
+    """A healthy candidate (same 0.5% errors, same heavy-tailed latency as the baseline) judged
+    every 5 requests from 20 to 120, as the canary loop looks each tick: the default analysis
+    fails few runs; the plain observed-figure rule fails many of them."""
+    rng = np.random.default_rng(21)
+
+    def draw(s: ArmSamples, n: int) -> None:
+        for _ in range(n):
+            s.add(error=bool(rng.random() < 0.005), ttft_s=float(0.2 * rng.lognormal(0, 0.5)),
+                  itl_s=list(0.02 * rng.lognormal(0, 0.5, 4)))
+    runs = 100
+    failed = {"default": 0, "plain": 0}
+    for _ in range(runs):
+        base, cand = ArmSamples(), ArmSamples()
+        draw(base, 1000)
+        draw(cand, 15)
+        hit = dict.fromkeys(failed, False)
+        for _ in range(20):
+            draw(cand, 5)
+            for name, t in (("default", Thresholds()), ("plain", Thresholds(breach_alpha=None))):
+                hit[name] = hit[name] or compare(base, cand, t).outcome == "fail"
+        for name in failed:
+            failed[name] += hit[name]
+    assert failed["default"] / runs <= 0.05, failed
+    assert failed["plain"] / runs >= 0.1, failed  # the noise the default guards against is real
 
 
 def test_compare_waits_below_min_requests_even_for_a_bad_candidate():

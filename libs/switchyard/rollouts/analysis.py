@@ -14,6 +14,18 @@ What is compared (all thresholds in `Thresholds`, defaults below):
   two arms do not control).
 Percentiles are numpy's default (linear interpolation), as in the reporting package.
 
+A figure over its limit is not yet a breach: the analysis runs every tick on small windows
+(20 requests at a 1% step), where one failure is "+5 pts" and a p99 is the maximum, so a
+healthy candidate would be rolled back by noise (measured: 4 of 6 simulated healthy canaries
+at a 0.5% base error rate, bench/canary_exposure.py). With `breach_alpha` set (default 1e-3)
+a breach also needs a one-sided binomial test to say the candidate is really over the line:
+- errors: k failures in n candidate requests against a rate of baseline + max increase;
+- p99 latency: if the candidate's p99 were within `limit x baseline p99`, at most 1% of its
+  samples would lie above that line; k samples above it in n is tested against 1%.
+  (ITL samples of one request are correlated, so for ITL this test is optimistic.)
+A plainly bad candidate (half its requests failing, every token slower) is conclusive within a
+handful of requests; a marginal one needs more, which is the price of not flapping.
+
 Below `min_requests` on either arm the verdict is "wait": a p99 of a handful of samples is
 their maximum, and one slow request would fail a good candidate. Errors are the exception when
 `Thresholds.early_fail_p` is set: a count of failures can be conclusive long before a p99 is.
@@ -83,6 +95,11 @@ class Thresholds:
     # gives p = 0.02**4 = 1.6e-7. Cuts the requests a broken canary serves at a 1% weight from
     # min_requests to a handful. None = always wait for min_requests.
     early_fail_p: float | None = None
+    # A figure over its limit is a breach only when the candidate's samples make it conclusive at
+    # this level (one-sided binomial tests, see the module doc); the analysis looks again at every
+    # tick, so keep it small. None = the observed figures alone decide (noisy at small windows:
+    # one failure in 20 requests is "+5 pts").
+    breach_alpha: float | None = 0.001
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.max_error_rate_increase <= 1.0):
@@ -97,6 +114,8 @@ class Thresholds:
             raise ValueError(f"min_latency_increase_s must be >= 0, got {self.min_latency_increase_s}")
         if self.early_fail_p is not None and not (0.0 < self.early_fail_p < 0.5):
             raise ValueError(f"early_fail_p must be in (0, 0.5) or None, got {self.early_fail_p}")
+        if self.breach_alpha is not None and not (0.0 < self.breach_alpha < 0.5):
+            raise ValueError(f"breach_alpha must be in (0, 0.5) or None, got {self.breach_alpha}")
 
 
 @dataclass(frozen=True)
@@ -126,19 +145,70 @@ def _ratio(cand: float, base: float) -> float:
     return 1.0 if cand <= 0 else math.inf
 
 
-def _judge_latency(label: str, base: float, cand: float, limit: float, floor_s: float,
-                   breaches: list[str], notes: list[str]) -> float:
+def _binom_p(k: int, n: int, p0: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p0): how surprising k events in n are if the rate is p0."""
+    if k <= 0 or n <= 0:
+        return 1.0
+    if p0 <= 0.0:
+        return 0.0
+    if p0 >= 1.0:
+        return 1.0
+    return float(stats.binom.sf(k - 1, n, p0))
+
+
+def _judge_latency(label: str, key: str, base: float, cand: float, cand_samples: Sequence[float],
+                   limit: float, thresholds: Thresholds, figures: dict[str, float],
+                   breaches: list[str], notes: list[str]) -> None:
     ratio = _ratio(cand, base)
+    floor_s = thresholds.min_latency_increase_s
+    head = f"{label} p99 {_fmt_s(cand)} vs {_fmt_s(base)} baseline"
     if math.isnan(ratio):
         notes.append(f"{label} p99 not compared (baseline {_fmt_s(base)}, candidate {_fmt_s(cand)})")
-    elif ratio > limit and cand - base > floor_s:
-        breaches.append(f"{label} p99 {_fmt_s(cand)} vs {_fmt_s(base)} baseline (x{ratio:.1f} > x{limit:g})")
+        return
+    if ratio <= limit:
+        notes.append(f"{head} (x{ratio:.2f} <= x{limit:g})")
+        return
+    if cand - base <= floor_s:
+        notes.append(f"{head} (x{ratio:.2f}, but only +{_fmt_s(cand - base)} <= {_fmt_s(floor_s)})")
+        return
+    if thresholds.breach_alpha is None:
+        breaches.append(f"{head} (x{ratio:.1f} > x{limit:g})")
+        return
+    # If the candidate's true p99 were <= limit x baseline p99, at most 1% of its samples would
+    # lie above that line; count them and ask how surprising the count is.
+    line = limit * base
+    over = int(np.count_nonzero(np.asarray(cand_samples, dtype=float) > line))
+    p = _binom_p(over, len(cand_samples), 0.01)
+    figures[f"{key}_p99_breach_p"] = p
+    if p < thresholds.breach_alpha:
+        breaches.append(f"{head} (x{ratio:.1f} > x{limit:g}; {over}/{len(cand_samples)} samples above "
+                        f"{_fmt_s(line)}, binomial p = {p:.2g})")
     else:
-        notes.append(f"{label} p99 {_fmt_s(cand)} vs {_fmt_s(base)} baseline (x{ratio:.2f} <= x{limit:g})"
-                     if ratio <= limit else
-                     f"{label} p99 {_fmt_s(cand)} vs {_fmt_s(base)} baseline (x{ratio:.2f}, "
-                     f"but only +{_fmt_s(cand - base)} <= {_fmt_s(floor_s)})")
-    return ratio
+        notes.append(f"{head} (x{ratio:.2f} > x{limit:g} but not conclusive: {over}/{len(cand_samples)} "
+                     f"samples above {_fmt_s(line)}, binomial p = {p:.2g} >= {thresholds.breach_alpha:g})")
+
+
+def _judge_errors(baseline: ArmSamples, candidate: ArmSamples, thresholds: Thresholds,
+                  figures: dict[str, float], breaches: list[str], notes: list[str]) -> None:
+    b_err, c_err = baseline.error_rate, candidate.error_rate
+    delta = thresholds.max_error_rate_increase
+    increase = c_err - b_err
+    figures["error_rate_increase"] = increase
+    text = (f"error rate {c_err:.1%} vs {b_err:.1%} baseline "
+            f"({increase * 100:+.1f} pts {'>' if increase > delta else '<='} +{delta * 100:g} pts")
+    if increase <= delta:
+        notes.append(text + ")")
+        return
+    if thresholds.breach_alpha is None:
+        breaches.append(text + ")")
+        return
+    p = _binom_p(candidate.errors, candidate.requests, b_err + delta)
+    figures["error_breach_p"] = p
+    if p < thresholds.breach_alpha:
+        breaches.append(f"{text}; {candidate.errors}/{candidate.requests} failed, binomial p = {p:.2g})")
+    else:
+        notes.append(f"{text} but not conclusive: {candidate.errors}/{candidate.requests} failed, "
+                     f"binomial p = {p:.2g} >= {thresholds.breach_alpha:g})")
 
 
 def _early_error_breach(baseline: ArmSamples, candidate: ArmSamples,
@@ -151,9 +221,7 @@ def _early_error_breach(baseline: ArmSamples, candidate: ArmSamples,
     # baseline is failed early with probability <= min_requests * early_fail_p (2% at the defaults).
     base_rate = baseline.error_rate if baseline.requests else 0.0
     bound = base_rate + thresholds.max_error_rate_increase
-    if bound >= 1.0:
-        return None
-    p = float(stats.binomtest(candidate.errors, candidate.requests, bound, alternative="greater").pvalue)
+    p = _binom_p(candidate.errors, candidate.requests, bound)
     if p >= thresholds.early_fail_p:
         return None
     return (f"error rate {candidate.errors}/{candidate.requests} ({candidate.error_rate:.0%}) already above "
@@ -195,17 +263,11 @@ def compare(baseline: ArmSamples, candidate: ArmSamples, thresholds: Thresholds)
 
     breaches: list[str] = []
     notes: list[str] = []
-    b_err, c_err = baseline.error_rate, candidate.error_rate
-    increase = c_err - b_err
-    figures["error_rate_increase"] = increase
-    err_text = (f"error rate {c_err:.1%} vs {b_err:.1%} baseline "
-                f"({increase * 100:+.1f} pts {'>' if increase > thresholds.max_error_rate_increase else '<='} "
-                f"+{thresholds.max_error_rate_increase * 100:g} pts)")
-    (breaches if increase > thresholds.max_error_rate_increase else notes).append(err_text)
-    _judge_latency("TTFT", b_ttft, c_ttft, thresholds.max_ttft_p99_ratio,
-                   thresholds.min_latency_increase_s, breaches, notes)
-    _judge_latency("ITL", b_itl, c_itl, thresholds.max_itl_p99_ratio,
-                   thresholds.min_latency_increase_s, breaches, notes)
+    _judge_errors(baseline, candidate, thresholds, figures, breaches, notes)
+    _judge_latency("TTFT", "ttft", b_ttft, c_ttft, candidate.ttft_s, thresholds.max_ttft_p99_ratio,
+                   thresholds, figures, breaches, notes)
+    _judge_latency("ITL", "itl", b_itl, c_itl, candidate.itl_s, thresholds.max_itl_p99_ratio,
+                   thresholds, figures, breaches, notes)
     if breaches:
         return Verdict("fail", breaches, figures)
     return Verdict("pass", notes, figures)
