@@ -441,3 +441,16 @@ def test_compare_metrics_tests_shared_metrics_and_names_the_untestable():
     text = _render(experiment_table(done, skipped=skipped))
     assert "not tested: too few samples (1 in v1" in text
     assert "v1: 100." in text and " ms" in text  # both arms of a row in one unit
+
+
+def test_canary_holds_instead_of_advancing_on_an_inconclusive_figure():
+    base = arm(2000, errors=10)
+    ctl = CanaryController(CanaryPlan(step_duration_s=60.0), step_started_at=0.0)
+    suspect = arm(20, errors=1, seed=3)  # +4.5 pts, not conclusive
+    a = ctl.tick(30.0, base, suspect)
+    assert a.kind == "hold" and "watching: error rate 5.0%" in a.reason
+    a = ctl.tick(61.0, base, suspect)
+    assert (a.kind, a.weight) == ("hold", 0.01)
+    assert "interval over after 61 s but error rate 5.0%" in a.reason and "holding for more data" in a.reason
+    diluted = arm(60, errors=1, seed=3)  # 1.7%: within 0.5% + 2 pts
+    assert ctl.tick(70.0, base, diluted).kind == "advance"

@@ -125,6 +125,9 @@ class Verdict:
     outcome: Literal["pass", "fail", "wait"]
     reasons: list[str]  # e.g. "TTFT p99 0.91 s vs 0.20 s baseline (x4.6 > x1.5)"
     figures: dict[str, float]
+    # on "pass": figures over their limit whose breach is not conclusive yet (see breach_alpha);
+    # the canary holds rather than advancing on them
+    inconclusive: tuple[str, ...] = ()
 
 
 def _p99(samples: Sequence[float]) -> float:
@@ -270,4 +273,4 @@ def compare(baseline: ArmSamples, candidate: ArmSamples, thresholds: Thresholds)
                    thresholds, figures, breaches, notes)
     if breaches:
         return Verdict("fail", breaches, figures)
-    return Verdict("pass", notes, figures)
+    return Verdict("pass", notes, figures, tuple(n for n in notes if "not conclusive" in n))

@@ -11,8 +11,9 @@ KV bucket, and applies the returned action's weight. Rules:
   to the next weight (the caller starts a fresh window: `step_started_at` is now `now`);
 - the last step below 100% healthy → "promote" (weight 1.0). A plan's final 1.0 step is
   therefore the promotion itself: at 100% the baseline gets no traffic to compare against;
-- interval over but too few requests → "hold" at the same weight, saying so; otherwise "hold"
-  while the interval runs.
+- interval over but too few requests, or a figure over its limit that is not conclusive yet
+  (`Verdict.inconclusive`) → "hold" at the same weight, saying so: more data settles it either
+  way, and a suspect candidate never gets more traffic; otherwise "hold" while the interval runs.
 After a rollback or a promotion the controller is finished and every later tick repeats that
 action. Times are wall-clock seconds (time.time()), so a state saved by one router process is
 meaningful to the next.
@@ -124,13 +125,18 @@ class CanaryController:
             return CanaryAction("rollback", 0.0, reason, verdict)
         duration = self.plan.step_duration_s
         if elapsed < duration:
-            state = "healthy so far" if verdict.outcome == "pass" else verdict.reasons[0]
+            state = ("watching: " + "; ".join(verdict.inconclusive) if verdict.inconclusive
+                     else "healthy so far" if verdict.outcome == "pass" else verdict.reasons[0])
             return CanaryAction("hold", self.weight,
                                 f"{where}: {elapsed:.0f} s of {duration:g} s, {state}", verdict)
         if verdict.outcome == "wait":
             return CanaryAction("hold", self.weight,
                                 f"{where}: interval over after {elapsed:.0f} s but {verdict.reasons[0]}; "
                                 f"holding until there is enough", verdict)
+        if verdict.inconclusive:
+            return CanaryAction("hold", self.weight,
+                                f"{where}: interval over after {elapsed:.0f} s but "
+                                + "; ".join(verdict.inconclusive) + "; holding for more data", verdict)
         if self.step + 1 >= len(self.plan.judged_steps):
             reason = f"promoted after {where} was healthy for {elapsed:.0f} s: " + "; ".join(verdict.reasons)
             self.outcome, self.final_reason = "promoted", reason
