@@ -14,6 +14,7 @@ pytestmark = pytest.mark.unit
 
 SERVICE = 1.5  # requests/s per replica at full batch
 SLOTS = 16
+LOW = 0.9  # req/s that one replica carries under both policies (predictive adds 10% headroom)
 
 
 def demand(now: float, rate: float = 0.0, in_flight: int = 0, queued: int = 0, ready: int = 1, starting: int = 0,
@@ -51,7 +52,7 @@ def test_discovery_and_options() -> None:
 @pytest.mark.parametrize("name", ["reactive", "predictive"])
 def test_step_up_after_the_short_window(name: str) -> None:
     p = make_scaling_policy(name, ScalingLimits(1, 10), scale_up_window_s=10.0)
-    low = run(p, [1.0] * 10)
+    low = run(p, [LOW] * 10)
     assert {d.replicas for d in low} == {1}
     # 6 req/s at 70% of 1.5 req/s per replica → ceil(5.71) = 6
     high = run(p, [6.0] * 4, start=50.0, ready=1)
@@ -67,7 +68,7 @@ def test_step_down_waits_for_the_window(name: str) -> None:
     peak = high[-1].replicas
     assert peak >= 6
     last_high = 55.0
-    low = run(p, [1.0] * 20, start=60.0, ready=peak)
+    low = run(p, [LOW] * 20, start=60.0, ready=peak)
     times = [60.0 + 5 * i for i in range(20)]
     for t, d in zip(times, low):
         if t <= last_high + 60.0:
@@ -105,7 +106,7 @@ def test_min_and_max_are_respected(name: str) -> None:
 @pytest.mark.parametrize("name", ["reactive", "predictive"])
 def test_scale_to_zero_after_idle_then_wake(name: str) -> None:
     p = make_scaling_policy(name, ScalingLimits(0, 4, scale_to_zero_after_s=60.0), scale_down_window_s=30.0)
-    busy = run(p, [1.0] * 4)
+    busy = run(p, [LOW] * 4)
     assert busy[-1].replicas == 1
     idle = run(p, [0.0] * 20, start=20.0)  # last busy tick at t=15
     times = [20.0 + 5 * i for i in range(20)]

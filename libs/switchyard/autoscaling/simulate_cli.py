@@ -46,7 +46,8 @@ def results_table(results: Sequence[SimResult], slo_s: float, baseline: SimResul
     return table
 
 
-def plot_results(results: Sequence[SimResult], path: Path, slo_s: float, timeout_s: float) -> Path:
+def plot_results(results: Sequence[SimResult], path: Path, slo_s: float, timeout_s: float,
+                 title: str = "demand, replicas and TTFT p99 per policy (same trace)") -> Path:
     """Three stacked panels sharing time: demand, replicas (ready solid, ready+starting dashed),
     TTFT p99 per window (log; a window with a dropped request is drawn at the timeout, ×)."""
     import matplotlib
@@ -57,7 +58,7 @@ def plot_results(results: Sequence[SimResult], path: Path, slo_s: float, timeout
     first = results[0].series
     ax_d.plot([t / 60 for t in first["t"]], first["arrival_rate"], color="black", lw=1)
     ax_d.set_ylabel("arrivals (req/s)")
-    ax_d.set_title("demand, replicas and TTFT p99 per policy (same trace)")
+    ax_d.set_title(title)
     for i, r in enumerate(results):
         color = f"C{i}"
         minutes = [t / 60 for t in r.series["t"]]

@@ -34,7 +34,7 @@ class PredictivePolicy(StabilisedPolicy):
 
     def __init__(self, limits: ScalingLimits, *, target_utilisation: float = 0.7, tolerance: float = 0.1,
                  scale_up_window_s: float = 10.0, scale_down_window_s: float = 180.0,
-                 alpha: float = 0.5, beta: float = 0.2, headroom: float = 1.0,
+                 alpha: float = 0.5, beta: float = 0.2, headroom: float = 1.1,
                  decision_interval_s: float | None = None) -> None:
         super().__init__(limits, target_utilisation=target_utilisation, tolerance=tolerance,
                          scale_up_window_s=scale_up_window_s, scale_down_window_s=scale_down_window_s)
