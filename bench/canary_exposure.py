@@ -50,7 +50,7 @@ SCENARIOS = (Scenario("healthy", BASE_ERR, 1.0), Scenario("broken (100% errors)"
 
 
 def one_rollout(sc: Scenario, rps: float, thresholds: Thresholds, seed: int,
-                max_s: float = 600.0) -> tuple[str, float, int]:
+                max_s: float = 1800.0) -> tuple[str, float, int]:
     """(final action, seconds to it, candidate requests served) for one simulated canary."""
     rng = np.random.default_rng(seed)
     ctl = CanaryController(CanaryPlan(step_duration_s=60.0, thresholds=thresholds), step_started_at=0.0)
