@@ -226,6 +226,8 @@ def test_healthy_canary_reaches_full_traffic(stack: LocalStack) -> None:
     assert state["status"] == "promoted", state
     assert [d["kind"] for d in state["history"]][-3:] == ["start", "advance", "promote"]
     assert {complete(stack, f"now {i}").json()["model"] for i in range(4)} == {V2}
+    listed = {m["id"] for m in httpx.get(stack.http_url + "/v1/models", timeout=5).json()["data"]}
+    assert {TINY, V1, V2, BAD} <= listed  # the name clients call is listed with the versions
 
 
 def served_by(stack: LocalStack, response_id: str) -> str:

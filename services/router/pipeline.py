@@ -350,6 +350,8 @@ class RequestPipeline:
         """Model name → live replicas, virtual models included (the replicas of the models they
         route to, large first)."""
         models = self.fleet.models()
+        for name, replicas in self.rollouts.aliases(models).items():  # `name` of a rollout of name@version
+            models.setdefault(name, replicas)
         for name, route in self.model_router.routes.items():
             replicas = models.get(route.large, []) + models.get(route.small, [])
             if replicas:

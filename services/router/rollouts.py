@@ -145,7 +145,8 @@ class RolloutManager:
         self.windows: dict[str, ArmWindow] = {}
         self.ab_samples: dict[tuple[str, str], collections.deque[list[Any]]] = {}
         self.shadow: dict[str, ShadowStats] = {}
-        self.shadow_slots = asyncio.Semaphore(shadow_max_inflight)
+        self.shadow_max_inflight = shadow_max_inflight
+        self.shadow_inflight = 0  # taken when a copy is decided, so the bound is never exceeded
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._entries: dict[str, ModelEntry] = {}
         self.store: RolloutStore | None = None
@@ -219,6 +220,20 @@ class RolloutManager:
             arm = "candidate" if w >= 1.0 else ("baseline" if w <= 0.0 else
                                                  assign_arm(request_id, ["baseline", "candidate"], [1.0 - w, w]))
         return Resolution(versioned(model, state.candidate if arm == "candidate" else state.baseline), arm, state)
+
+    def aliases(self, models: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """Model name → live replicas of the versions its rollout sends traffic to (so
+        ListModels and /v1/models show the name clients call)."""
+        out: dict[str, list[Any]] = {}
+        for name, state in self.states.items():
+            if state.running and state.mode in ("canary", "ab"):
+                versions = [state.baseline, state.candidate]
+            else:
+                versions = [state.active()]
+            replicas = [r for v in versions for r in models.get(versioned(name, v), [])]
+            if replicas:
+                out[name] = replicas
+        return out
 
     def entry(self, served: str) -> ModelEntry | None:
         """The catalog entry for a served name: `name@version` is folder `name` renamed (versions
@@ -335,10 +350,11 @@ class RolloutManager:
         target = versioned(state.model, state.candidate)
         replicas = pipeline.fleet.live(target) if pipeline else []
         full = sum(r.reported_requests for r in replicas) >= sum(r.max_batch_size for r in replicas)
-        if not replicas or full or self.shadow_slots.locked():
+        if not replicas or full or self.shadow_inflight >= self.shadow_max_inflight:
             stats.dropped += 1
             SHADOW.labels(state.model, "dropped").inc()
             return
+        self.shadow_inflight += 1
         tap.primary_done = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._mirror(tap, state, target, stats), name=f"shadow-{rid}")
         self._shadow_tasks.add(task)
@@ -346,44 +362,49 @@ class RolloutManager:
 
     async def _mirror(self, tap: RequestTap, state: RolloutState, target: str, stats: ShadowStats) -> None:
         """The candidate's answer to the same request, compared with the primary's and dropped."""
+        try:
+            await self._mirror_one(tap, state, target, stats)
+        finally:
+            self.shadow_inflight -= 1
+
+    async def _mirror_one(self, tap: RequestTap, state: RolloutState, target: str, stats: ShadowStats) -> None:
         from .pipeline import Completion, TokenDelta
         assert self.pipeline is not None and tap.primary_done is not None
-        async with self.shadow_slots:
-            stats.mirrored += 1
-            SHADOW.labels(state.model, "mirrored").inc()
-            entry = self.entry(target)
-            prepared = dataclasses.replace(tap.prepared, entry=entry)
-            req = dataclasses.replace(prepared.request, request_id=prepared.request.request_id + "-shadow")
-            prepared = dataclasses.replace(prepared, request=req)
-            tokens: list[int] = []
-            done: Completion | None = None
-            try:
-                route = self.pipeline.route(prepared, "shadow")
-                async for event in self.pipeline._relay(req, prepared, route, _ShadowObservation()):
-                    if isinstance(event, TokenDelta):
-                        tokens += event.token_ids
-                    else:
-                        done = event
-            except Exception as exc:  # the candidate's failure is a finding, never the client's
-                stats.errors += 1
-                SHADOW.labels(state.model, "error").inc()
-                log.info("shadow of %s on %s failed: %s", tap.prepared.request.request_id, target, exc)
-                return
-            try:
-                primary_tokens, primary = await asyncio.wait_for(asyncio.shield(tap.primary_done), 600)
-            except TimeoutError:
-                return
-            if primary is None:
-                return
-            stats.compared += 1
-            same = primary_tokens == tokens
-            stats.matched += same
-            SHADOW.labels(state.model, "match" if same else "mismatch").inc()
-            stats.primary_ttft_s.append(primary.time_to_first_token_s)
-            stats.primary_e2e_s.append(primary.end_to_end_s)
-            if done is not None:
-                stats.shadow_ttft_s.append(done.time_to_first_token_s)
-                stats.shadow_e2e_s.append(done.end_to_end_s)
+        stats.mirrored += 1
+        SHADOW.labels(state.model, "mirrored").inc()
+        entry = self.entry(target)
+        prepared = dataclasses.replace(tap.prepared, entry=entry)
+        req = dataclasses.replace(prepared.request, request_id=prepared.request.request_id + "-shadow")
+        prepared = dataclasses.replace(prepared, request=req)
+        tokens: list[int] = []
+        done: Completion | None = None
+        try:
+            route = self.pipeline.route(prepared, "shadow")
+            async for event in self.pipeline._relay(req, prepared, route, _ShadowObservation()):
+                if isinstance(event, TokenDelta):
+                    tokens += event.token_ids
+                else:
+                    done = event
+        except Exception as exc:  # the candidate's failure is a finding, never the client's
+            stats.errors += 1
+            SHADOW.labels(state.model, "error").inc()
+            log.info("shadow of %s on %s failed: %s", tap.prepared.request.request_id, target, exc)
+            return
+        try:
+            primary_tokens, primary = await asyncio.wait_for(asyncio.shield(tap.primary_done), 600)
+        except TimeoutError:
+            return
+        if primary is None:
+            return
+        stats.compared += 1
+        same = primary_tokens == tokens
+        stats.matched += same
+        SHADOW.labels(state.model, "match" if same else "mismatch").inc()
+        stats.primary_ttft_s.append(primary.time_to_first_token_s)
+        stats.primary_e2e_s.append(primary.end_to_end_s)
+        if done is not None:
+            stats.shadow_ttft_s.append(done.time_to_first_token_s)
+            stats.shadow_e2e_s.append(done.end_to_end_s)
 
     def shadow_report(self, model: str) -> dict[str, Any]:
         return self.shadow.get(model, ShadowStats()).to_dict()
@@ -521,6 +542,10 @@ def add_rollout_routes(app: Any, manager: RolloutManager, pipeline: "RequestPipe
         check_admin(request)
         if action not in ACTIONS:
             raise RequestError(ErrorKind.NOT_FOUND, f"unknown action {action!r}; one of {list(ACTIONS)}")
+        current = manager.states.get(model)
+        if action == "promote" and current is not None and not pipeline.fleet.live(versioned(model, current.candidate)):
+            raise RequestError(ErrorKind.UNAVAILABLE, f"{versioned(model, current.candidate)} has no live replica; "
+                               "promoting it would fail every new request", retry_after_s=1.0)
         reason = str((await body_of(request)).get("reason", ""))
         assert manager.store is not None
         try:
