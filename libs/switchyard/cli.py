@@ -85,7 +85,7 @@ def up(
     wanted = parse_serve(serve)
     if replicas is not None:
         wanted = {name: replicas for name in wanted}
-    missing = [m for m in wanted if not (models_dir / m / "switchyard.json").exists()]
+    missing = [m for m in wanted if not (models_dir / m.partition("@")[0] / "switchyard.json").exists()]  # name@version: folder name
     if missing:
         console.print(f"[red]missing model folders {missing} in {models_dir}[/red]: run `make model` "
                       "(or `switchyard model convert` / `switchyard model tiny`)")
