@@ -8,10 +8,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from services.autoscaler.server import AutoscalerThread
+    from switchyard.runtime.stack import LocalStack
 
 app = typer.Typer(help="Switchyard: an open LLM serving fabric.", no_args_is_help=True)
 model_app = typer.Typer(help="Build model folders (ONNX + tokenizer).", no_args_is_help=True)
@@ -78,6 +82,10 @@ def up(
     trace_file: bool = typer.Option(False, help="also write every span to RUN_DIR/spans.jsonl (tail attribution)"),
     tls: Optional[Path] = typer.Option(None, help="TLS on every hop with the certificates in this folder "
                                        "(made by `switchyard certs` when it does not exist yet)"),
+    autoscale: str = typer.Option("", help="scale models while serving, name=min:max[:policy[:scale_to_zero_after_s]],... "
+                                  "(policy: reactive or predictive; the autoscaler runs in this process with the local "
+                                  "backend, docs/autoscaling.md)"),
+    autoscale_options: str = typer.Option("", help="policy options key=value,... (e.g. scale_down_window_s=60)"),
 ) -> None:
     """Run the local stack in the foreground: nats-server, replicas, router. Ctrl-C stops all."""
     from switchyard.runtime.stack import LocalStack, StackSpec
@@ -89,6 +97,10 @@ def up(
     if missing:
         console.print(f"[red]missing model folders {missing} in {models_dir}[/red]: run `make model` "
                       "(or `switchyard model convert` / `switchyard model tiny`)")
+        raise typer.Exit(2)
+    if autoscale and internal_auth:
+        console.print("[red]--autoscale needs --no-internal-auth[/red]: the local backend cannot add NATS users "
+                      "to a running nats-server (docs/autoscaling.md)")
         raise typer.Exit(2)
     log_dir.mkdir(parents=True, exist_ok=True)
     dev_key = None
@@ -104,7 +116,9 @@ def up(
     spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, internal_host=internal_host, tls=tls,
                      internal_auth=internal_auth, grpc_port=grpc_port, http_port=http_port,
                      nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
-                     router_args=("--model-routes", model_routes) if model_routes else (),
+                     router_args=(("--model-routes", model_routes) if model_routes else ())
+                     # with autoscaling a model may have no replica yet: its requests wait for one
+                     + (("--replica-wait-s", "120") if autoscale else ()),
                      tenants_file=tenants_file, api_key=dev_key, records_dir=run_dir, extra_env=env)
     stack = LocalStack(spec)
     stopping = threading.Event()
@@ -112,7 +126,10 @@ def up(
         signal.signal(sig, lambda *_: stopping.set())
     with console.status("starting nats-server, workers, batchers and the router…"):
         stack.start()
+    scaler = None
     try:
+        if autoscale:
+            scaler = _start_autoscaler(stack, autoscale, autoscale_options, internal_host)
         assert stack.nats is not None
         console.print(f"[green]Switchyard is up[/green]  gRPC [bold]{stack.router_address}[/bold]  "
                       f"HTTP (OpenAI API) [bold]{stack.http_url if http_port >= 0 else 'off'}/v1[/bold]  "
@@ -139,8 +156,27 @@ def up(
         pass
     finally:
         with console.status("stopping…"):
+            if scaler is not None:
+                scaler.stop()
             stack.stop()
         console.print("stopped.")
+
+
+def _start_autoscaler(stack: "LocalStack", models: str, options: str, metrics_host: str) -> "AutoscalerThread":
+    """The autoscaler loop in this process, driving the stack through the local lifecycle
+    backend (the same service `python -m services.autoscaler` runs against Kubernetes)."""
+    from services.autoscaler.config import AutoscalerConfig
+    from services.autoscaler.server import AutoscalerThread
+    from switchyard.config import load_config
+    from switchyard.runtime.lifecycle import LocalFleetBackend
+    assert stack.nats is not None
+    config = load_config(AutoscalerConfig, [], nats_url=stack.nats.url, backend="local", grpc_port=0, metrics_port=0,
+                         metrics_host=metrics_host, models=tuple(m for m in models.split(",") if m),
+                         policy_options=tuple(o for o in options.split(",") if o),
+                         cold_start_file=Path("runs") / "cold_start.json")
+    scaler = AutoscalerThread(config, LocalFleetBackend(stack)).start()
+    console.print(f"  autoscaling {', '.join(config.models)} (cold starts kept in {config.cold_start_file})")
+    return scaler
 
 
 @app.command()
