@@ -161,7 +161,7 @@ class Autoscaler:
             # Requests wait in the routers for a replica to exist: never leave them without one.
             decision = Decision(state.scaling.limits.clamp(1), "requests waiting for a replica")
         desired = state.scaling.limits.clamp(decision.replicas)
-        if desired != state.desired or (state.last_decision and decision.reason != state.last_decision.reason):
+        if desired != state.desired:
             log.info("%s: %d replicas wanted (%s); ready %d, starting %d", model, desired, decision.reason,
                      demand.ready_replicas, demand.starting_replicas)
             self.events.append(Event(now, model, "decision", f"{desired}: {decision.reason}"))
