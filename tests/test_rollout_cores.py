@@ -382,7 +382,7 @@ def test_rollout_table_shows_versions_schedule_figures_and_reason():
                                  weight=ctl.weight, state="running", reason="advanced to step 2/4 (5%)",
                                  controller=ctl, verdict=v, now=130.0))
     for needle in ("rollout of tiny", "v1", "v2", "95.0%", "5.0%", "1% → [5%] → 25% → 50% → 100%",
-                   "30 s", "TTFT p99", "x4.", "<= x1.5", "fail", "advanced to step 2/4 (5%)"):
+                   "30 s", "TTFT p99", "x4.50 (p 1e-80)", "<= x1.5", "fail", "advanced to step 2/4 (5%)"):
         assert needle in text, needle
 
 

@@ -49,14 +49,16 @@ def verdict_rows(table: Table, verdict: Verdict, thresholds: Thresholds) -> None
     inc = f.get("error_rate_increase", f.get("candidate_error_rate", math.nan) - f.get("baseline_error_rate", math.nan))
     table.add_row("requests", _num(f["baseline_requests"]), _num(f["candidate_requests"]), "",
                   f">= {thresholds.min_requests} each")
+    def p_of(key: str) -> str:  # the breach test's p-value, when a figure was over its limit
+        return f" (p {f[key]:.2g})" if key in f else ""
     table.add_row("error rate", _pct(f["baseline_error_rate"]), _pct(f["candidate_error_rate"]),
-                  "-" if math.isnan(inc) else f"{inc * 100:+.1f} pts",
+                  "-" if math.isnan(inc) else f"{inc * 100:+.1f} pts{p_of('error_breach_p')}",
                   f"<= +{thresholds.max_error_rate_increase * 100:g} pts")
     for label, key, limit in (("TTFT p99", "ttft", thresholds.max_ttft_p99_ratio),
                               ("ITL p99", "itl", thresholds.max_itl_p99_ratio)):
         r = f[f"{key}_p99_ratio"]
         table.add_row(label, _s(f[f"baseline_{key}_p99_s"]), _s(f[f"candidate_{key}_p99_s"]),
-                      "-" if math.isnan(r) else f"x{r:.2f}", f"<= x{limit:g}")
+                      "-" if math.isnan(r) else f"x{r:.2f}{p_of(f'{key}_p99_breach_p')}", f"<= x{limit:g}")
     table.add_row("E2E p99", _s(f["baseline_e2e_p99_s"]), _s(f["candidate_e2e_p99_s"]), "", "(not judged)")
 
 
