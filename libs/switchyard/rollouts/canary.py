@@ -5,8 +5,8 @@ produced since the current step began (`step_started_at`), stores `to_dict()` in
 KV bucket, and applies the returned action's weight. Rules:
 
 - a breach at any moment of any step → "rollback" at once (weight 0.0), without waiting for
-  the step's interval to end: a bad candidate is exposed for at most one tick after it has
-  `min_requests`;
+  the step's interval to end: a plainly bad candidate is rolled back at the first tick after it
+  has `min_requests` (a marginal one once its breach is conclusive, see analysis.py);
 - the step's `step_duration_s` elapsed, healthy with >= `min_requests` per arm → "advance"
   to the next weight (the caller starts a fresh window: `step_started_at` is now `now`);
 - the last step below 100% healthy → "promote" (weight 1.0). A plan's final 1.0 step is
