@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("kubernetes")
 from kubernetes import client  # noqa: E402
 
-from services.autoscaler.config import ModelScaling  # noqa: E402
+from services.autoscaler.scaling import ModelScaling  # noqa: E402
 from services.autoscaler.core import Autoscaler, ColdStartStore, default_policy_factory  # noqa: E402
 from services.autoscaler.kubernetes import KubernetesBackend  # noqa: E402
 from switchyard.fleet.view import FleetView  # noqa: E402

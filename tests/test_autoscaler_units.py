@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.autoscaler.config import AutoscalerConfig, ModelScaling
+from services.autoscaler.config import AutoscalerConfig
+from services.autoscaler.scaling import ModelScaling
 from services.autoscaler.core import Autoscaler, ColdStartStore, reason_label
 from services.router.demand import DemandTracker, demand_subject
 from switchyard.autoscaling.policy import Decision, Demand, ScalingLimits, ScalingPolicy

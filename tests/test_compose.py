@@ -351,6 +351,11 @@ def _tracing_name(module: str) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+# Services compose runs that `switchyard up` starts only on request (--autoscale runs the
+# autoscaler in its own process); their flags and SWITCHYARD_* variables are still checked.
+ON_REQUEST = {"autoscaler": "services.autoscaler"}
+
+
 def compose_drift(compose: dict, base_dir: Path = REPO) -> list[str]:
     """Problems of `compose` (a loaded docker-compose.yml) against `switchyard up`; [] if none."""
     from switchyard.model.convert import MODEL_NAMES
@@ -404,6 +409,10 @@ def compose_drift(compose: dict, base_dir: Path = REPO) -> list[str]:
             problems.append(f"{name}: runs python -m {actual.get(name) or _command(services[name])}, "
                             f"`switchyard up` runs {proc.module} for {proc.local_name}")
     for name, module in actual.items():
+        if name in ON_REQUEST:  # up starts it only when asked (checked below against its config)
+            s = load_settings(config_class(ON_REQUEST[name]), _command(services[name])[3:], _environment(services[name]), name)
+            problems += s.problems if module == ON_REQUEST[name] else [f"{name}: runs {module}, not {ON_REQUEST[name]}"]
+            continue
         if name not in expected:
             problems.append(f"{name}: runs {module}, but `switchyard up` starts no such process "
                             f"(it starts {sorted(expected)})")
@@ -501,8 +510,8 @@ def compose_drift(compose: dict, base_dir: Path = REPO) -> list[str]:
         cmd = _command(services[nats])
         local_opts = [a for a in plan.nats_argv if a.startswith("-")]
         for opt in local_opts:
-            if opt == "-a":  # listen address: the image listens on all interfaces
-                continue
+            if opt in ("-a", "-c"):  # listen address: the image listens on all interfaces; -c: the
+                continue  # generated NATS users, which compose opts out of (docs/security.md)
             if opt not in cmd:
                 problems.append(f"{nats}: command lacks {opt} (`switchyard up` runs {' '.join(plan.nats_argv)})")
         if "-js" not in cmd and "--jetstream" not in cmd:
@@ -630,7 +639,7 @@ def test_compose_matches_switchyard_up(compose: dict) -> None:
 def test_every_compose_service_is_explained(compose: dict) -> None:
     """Only the Switchyard processes, their one-shot jobs and the observability back ends."""
     plan = local_plan()
-    allowed = set(plan.by_compose_name()) | {"nats", "model-init", "tenant-init", "jaeger", "prometheus"}
+    allowed = set(plan.by_compose_name()) | {"nats", "model-init", "tenant-init", "jaeger", "prometheus"} | set(ON_REQUEST)
     assert set(compose["services"]) == allowed
 
 

@@ -21,7 +21,7 @@ from switchyard.runtime.lifecycle import FAILED, READY, STARTING, FleetBackend, 
 from switchyard.v1 import bus_pb2
 
 from . import telemetry as tm
-from .config import ModelScaling
+from .scaling import ModelScaling
 
 log = logging.getLogger(__name__)
 
