@@ -342,6 +342,39 @@ def test_ab_sticky_feedback_and_report(stack: LocalStack) -> None:
 
 
 @pytest.mark.integration
+def test_admin_api_and_cli_drive_a_rollout(stack: LocalStack) -> None:
+    from switchyard.rollouts.cli import rollout_app
+    start(stack, new_rollout(TINY, "v1", "v2", "bluegreen"))
+    kv(stack, lambda store: store.change(TINY, lambda s: operate(s, "abort", "test")))
+    bad = admin(stack, "POST", "/admin/rollouts", json={"model": TINY, "baseline": "v1", "candidate": "v1"})
+    assert bad.status_code == 400 and "differ" in bad.text
+    unknown = admin(stack, "POST", "/admin/rollouts", json={"model": "nope", "baseline": "v1", "candidate": "v2"})
+    assert unknown.status_code == 400 and "not installed" in unknown.text
+    body = {"model": TINY, "baseline": "v1", "candidate": "v9", "mode": "bluegreen"}
+    assert admin(stack, "POST", "/admin/rollouts", json=body).status_code == 201
+    wait_until(lambda: state_of(stack)["candidate"] == "v9", 5)
+    refused = admin(stack, "POST", f"/admin/rollouts/{TINY}/promote")
+    assert refused.status_code == 503 and "no live replica" in refused.text  # v9 is not served
+    wrong_key = httpx.post(f"{stack.http_url}/admin/rollouts/{TINY}/abort", headers={"authorization": "Bearer x"},
+                           timeout=5)
+    assert wrong_key.status_code == 401
+    assert admin(stack, "POST", f"/admin/rollouts/{TINY}/abort").json()["status"] == "aborted"
+    assert stack.nats is not None
+    creds = nats_credentials(stack)
+    env = {"SWITCHYARD_NATS_URL": stack.nats.url, "SWITCHYARD_NATS_USER": creds.get("user", ""),
+           "SWITCHYARD_NATS_PASSWORD": creds.get("password", "")}
+    runner = CliRunner()
+    started = runner.invoke(rollout_app, ["start", TINY, "--candidate", "v2", "--mode", "bluegreen"], env=env)
+    assert started.exit_code == 0, started.output  # baseline: the active version of the last rollout (v1)
+    assert runner.invoke(rollout_app, ["start", TINY, "--candidate", "v2"], env=env).exit_code == 2  # one at a time
+    switched = runner.invoke(rollout_app, ["promote", TINY, "--reason", "ship it"], env=env)
+    assert switched.exit_code == 0 and "promoted" in switched.output
+    wait_until(lambda: state_of(stack)["active"] == "v2", 5)
+    assert complete(stack, "after the switch").json()["model"] == V2
+    assert state_of(stack)["history"][-1]["reason"] == "ship it"
+
+
+@pytest.mark.integration
 def test_rollout_state_survives_a_router_restart(stack: LocalStack) -> None:
     start(stack, new_rollout(TINY, "v1", "v2", "bluegreen"))
     kv(stack, lambda store: store.change(TINY, lambda s: operate(s, "promote", "test")))

@@ -465,8 +465,12 @@ def emit_decision(state: RolloutState, decision: Decision, records_path: Path | 
     if records_path is not None:
         line = {**dataclasses.asdict(decision), "model": state.model, "mode": state.mode, "baseline": state.baseline,
                 "candidate": state.candidate, "status": state.status, **({"figures": figures} if figures else {})}
-        with open(records_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        try:  # the run folder may not exist before the first request record
+            records_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(records_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+        except OSError as exc:
+            log.error("rollout decision not recorded in %s: %s", records_path, exc)
 
 
 def add_rollout_routes(app: Any, manager: RolloutManager, pipeline: "RequestPipeline", admin_key: str) -> None:

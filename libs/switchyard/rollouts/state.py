@@ -236,9 +236,12 @@ class RolloutStore:
                         except (ValueError, TypeError) as exc:
                             log.error("rollout %s: unreadable state ignored: %s", entry.key, exc)
                             continue
-                    result = on_change(entry.key, state)
-                    if result is not None:
-                        await result
+                    try:
+                        result = on_change(entry.key, state)
+                        if result is not None:
+                            await result
+                    except Exception:  # one bad change must not end the watch
+                        log.exception("rollout %s: applying a change failed", entry.key)
             finally:
                 try:
                     await watcher.stop()
