@@ -68,10 +68,26 @@ def _stream_admin(*verbs: str) -> tuple[str, ...]:
     return tuple(f"{JS_API}.STREAM.{verb}.{stream}" for verb in verbs for stream in (REQUEST_STREAM, CANCEL_STREAM))
 
 
+# JetStream key-value buckets the router reads and writes (rollout state, feedback, samples).
+ROUTER_KV_BUCKETS = ("switchyard_rollouts", "switchyard_feedback", "switchyard_rollout_samples")
+
+
+def kv_access(bucket: str) -> tuple[str, ...]:
+    """Publish permissions to open (create), read, write and watch one KV bucket — and no other
+    stream: its stream, direct gets, ordered consumers on it (their flow control), its keys."""
+    stream = f"KV_{bucket}"
+    return (f"{JS_API}.STREAM.INFO.{stream}", f"{JS_API}.STREAM.CREATE.{stream}", f"{JS_API}.STREAM.UPDATE.{stream}",
+            f"{JS_API}.STREAM.MSG.GET.{stream}", f"{JS_API}.DIRECT.GET.{stream}", f"{JS_API}.DIRECT.GET.{stream}.>",
+            f"{JS_API}.CONSUMER.CREATE.{stream}", f"{JS_API}.CONSUMER.CREATE.{stream}.>",
+            f"{JS_API}.CONSUMER.INFO.{stream}.>", f"{JS_API}.CONSUMER.DELETE.{stream}.>",
+            f"$JS.FC.{stream}.>", f"$JS.ACK.{stream}.>", f"$KV.{bucket}.>")
+
+
 def router_user(password: str | None = None, user: str = "router") -> NatsUser:
-    """Publishes requests and cancels, reads replies and heartbeats."""
+    """Publishes requests and cancels, reads replies and heartbeats, uses its KV buckets."""
     return NatsUser(user, password or new_secret(),
-                    publish=(f"{REQUEST_PREFIX}.>", f"{CANCEL_PREFIX}.>", *_stream_admin("CREATE", "UPDATE", "INFO")),
+                    publish=(f"{REQUEST_PREFIX}.>", f"{CANCEL_PREFIX}.>", *_stream_admin("CREATE", "UPDATE", "INFO"),
+                             *(s for bucket in ROUTER_KV_BUCKETS for s in kv_access(bucket))),
                     subscribe=(f"{REPLY_PREFIX}.>", LOAD_ALL))
 
 
