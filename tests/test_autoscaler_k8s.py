@@ -6,6 +6,7 @@ checked, and the fake API server applies them to its Deployment scales. No clust
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
@@ -132,3 +133,40 @@ def test_autoscaler_converges_a_deployment_to_its_minimum(api_server: FakeApiSer
     assert patches == [{"spec": {"replicas": 1}}, {"spec": {"replicas": 2}}]
     scaler.tick(now=101.0)  # two asked for (starting: no pod heartbeats yet): nothing more to do
     assert [r["body"] for r in api_server.requests if r["method"] == "PATCH"] == patches
+
+
+def test_manifests_name_the_deployments_the_backend_scales_and_grant_only_that() -> None:
+    import yaml
+
+    from services.autoscaler.config import AutoscalerConfig
+    from switchyard.config import load_config
+
+    k8s = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+    docs = [d for f in sorted(k8s.glob("*.yaml")) if f.name != "kustomization.yaml"
+            for d in yaml.safe_load_all(f.read_text()) if d]
+    listed = yaml.safe_load((k8s / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(f.name for f in k8s.glob("*.yaml") if f.name != "kustomization.yaml")
+    by_kind: dict[str, dict[str, dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    scaler = by_kind["Deployment"]["switchyard-autoscaler"]["spec"]["template"]["spec"]
+    container = scaler["containers"][0]
+    argv = container["command"][container["command"].index("services.autoscaler") + 1:]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        config = load_config(AutoscalerConfig, argv)  # validated as the service reads it
+    assert config.backend == "kubernetes"
+    backend = KubernetesBackend(client.AppsV1Api(), config.k8s_namespace, config.k8s_deployment)
+    for scaling in config.scaling():
+        deployment = by_kind["Deployment"][backend.deployment_name(scaling.model)]
+        assert deployment["metadata"]["namespace"] == config.k8s_namespace
+        pod = deployment["spec"]["template"]["spec"]
+        worker = next(c for c in pod["containers"] if c["name"] == "worker")
+        assert f"/models/{scaling.model}" in worker["command"]
+    (role,) = by_kind["Role"].values()
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["deployments/scale"],
+                              "verbs": ["get", "patch", "update"]}]
+    (binding,) = by_kind["RoleBinding"].values()
+    assert binding["subjects"][0]["name"] == scaler["serviceAccountName"] and binding["roleRef"]["name"] == role["metadata"]["name"]
