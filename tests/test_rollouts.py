@@ -101,6 +101,30 @@ def test_compare_and_set_one_writer_wins() -> None:
         assert asyncio.run(run(server.url)) == (1, 2)
 
 
+@pytest.mark.integration
+def test_resync_applies_changes_without_the_watch(tiny_models_dir: Path) -> None:
+    """The periodic re-read is the safety net for a watch lost in a NATS outage."""
+    from services.router.rollouts import RolloutManager
+    from switchyard.model.catalog import ModelCatalog
+
+    async def run(url: str) -> tuple[str, str]:
+        import nats
+        nc = await nats.connect(url)
+        try:
+            manager = RolloutManager("r", ModelCatalog(tiny_models_dir))
+            manager.store = store = await RolloutStore.open(nc.jetstream())  # no watch started
+            await store.put_new(new_rollout(TINY, "v1", "v2", "bluegreen"))
+            await manager.resync()
+            before = manager.resolve(TINY, "", "a").served
+            await store.change(TINY, lambda s: operate(s, "promote", "cli"))
+            await manager.resync()
+            return before, manager.resolve(TINY, "", "b").served
+        finally:
+            await nc.close()
+    with NatsServer() as server:
+        assert asyncio.run(run(server.url)) == (V1, V2)
+
+
 # ---- the real stack ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:

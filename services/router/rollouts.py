@@ -54,6 +54,7 @@ ARM_REQUESTS = Counter("switchyard_rollout_requests", "Requests served by a roll
 SHADOW = Counter("switchyard_shadow_requests", "Shadow copies by outcome (mirrored, dropped, error, match, mismatch)",
                  ["model", "outcome"])
 REASON_LABELS = ("error_rate", "ttft_p99", "itl_p99", "healthy", "operator", "other")
+RESYNC_S = 5.0  # re-read every rollout this often besides the watch
 MAX_SAMPLES = 2000  # per arm, for the experiment report (newest kept)
 
 
@@ -289,8 +290,17 @@ class RolloutManager:
 
     # ---- the canary loop ----------------------------------------------------------------
     async def _loop(self) -> None:
+        last_sync = time.monotonic()
         while True:
             await asyncio.sleep(self.interval_s)
+            if time.monotonic() - last_sync >= RESYNC_S and self.store is not None:
+                # The watch is the fast path; a periodic read is the safety net (a watch lost in a
+                # NATS outage or restart would otherwise leave this router on a stale rollout).
+                last_sync = time.monotonic()
+                try:
+                    await self.resync()
+                except Exception as exc:
+                    log.warning("rollout state not re-read: %s", exc)
             for model, state in list(self.states.items()):
                 try:
                     if state.running and state.mode == "canary":
@@ -301,6 +311,13 @@ class RolloutManager:
                 await self._publish_samples()
             except Exception as exc:  # the bus may be down; the samples stay in memory
                 log.warning("rollout samples not published: %s", exc)
+
+    async def resync(self) -> None:
+        """Apply every rollout newer than what this router holds (read from the bucket)."""
+        assert self.store is not None
+        for state, revision in await self.store.all():
+            if revision > self.revisions.get(state.model, 0):
+                self._apply(state, revision)
 
     async def tick(self, model: str, now: float) -> Decision | None:
         """One analysis of `model`'s canary; applies the action with compare-and-set."""
