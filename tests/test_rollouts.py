@@ -73,6 +73,24 @@ def test_resolution(tiny_models_dir: Path) -> None:
     assert entry is not None and entry.name == V2 and manager.entry(TINY).name == TINY  # type: ignore[union-attr]
 
 
+@pytest.mark.unit
+def test_worker_fault_options_are_validated_and_off_by_default(tiny_models_dir: Path) -> None:
+    from services.worker.config import WorkerConfig
+    from services.worker.server import WorkerServicer
+    from switchyard.config import ConfigError
+    off = WorkerConfig(model_dir=tiny_models_dir / TINY)
+    off.validate()
+    assert off.fault_fail_fraction == 0 and off.fault_delay_per_token_ms == 0
+    for bad in ({"fault_fail_fraction": 1.5}, {"fault_delay_per_token_ms": -1.0}, {"served_name": "a@b@c"}):
+        with pytest.raises(ConfigError):
+            WorkerConfig(model_dir=tiny_models_dir / TINY, **bad).validate()  # type: ignore[arg-type]
+    servicer = WorkerServicer(None, fault_fail_fraction=0.3)  # type: ignore[arg-type]
+    refused = [servicer._planted_failure(f"seq-{i}") for i in range(5000)]
+    assert 0.27 < sum(refused) / 5000 < 0.33
+    assert refused == [servicer._planted_failure(f"seq-{i}") for i in range(5000)]  # the same answer on retry
+    assert not any(WorkerServicer(None)._planted_failure(f"seq-{i}") for i in range(100))  # type: ignore[arg-type]
+
+
 @pytest.mark.integration
 def test_compare_and_set_one_writer_wins() -> None:
     async def run(url: str) -> tuple[int, int]:
