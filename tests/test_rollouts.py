@@ -248,6 +248,9 @@ def test_bad_canary_is_rolled_back_automatically(stack: LocalStack) -> None:
     assert served["error"] > 0 and served[BAD] + served["error"] < 120  # exposure bounded by the analysis
     after = [complete(stack, f"after {i}").json()["model"] for i in range(6)]
     assert after == [V1] * 6  # every new request back on the baseline
+    assert stack.router is not None and stack.router.metrics_port
+    metrics = httpx.get(f"http://127.0.0.1:{stack.router.metrics_port}/metrics", timeout=5).text
+    assert 'switchyard_rollout_decisions_total{kind="rollback",model="tiny-llama",reason="error_rate"}' in metrics
     from switchyard.reporting.cli import report  # `switchyard report` shows the decision
     run_dir = Path(stack.spec.records_dir)  # type: ignore[arg-type]
     result = report(run_dir, out=run_dir / "report")

@@ -430,7 +430,7 @@ class RequestPipeline:
                 if prepare_span is not None:
                     prepare_span.end()
             self.demand.started(prepared.model)
-            tap = self.rollouts.begin(prepared.rollout, prepared) if prepared.rollout else None
+            tap = self.rollouts.begin(prepared.rollout, prepared, obs.span) if prepared.rollout else None
             try:
                 # aclosing: the relay's cleanup (cancel on the replica) runs now, not whenever
                 # the garbage collector finalizes it.

@@ -252,11 +252,14 @@ class RolloutManager:
             self._entries[served] = renamed
         return renamed
 
-    def begin(self, resolution: Resolution, prepared: "PreparedRequest") -> RequestTap | None:
+    def begin(self, resolution: Resolution, prepared: "PreparedRequest", span: Any = None) -> RequestTap | None:
         """Called once the request is routed; None when no rollout is involved."""
         state = resolution.rollout
         if state is None:
             return None
+        if span is not None:
+            span.set_attributes({"switchyard.rollout.mode": state.mode, "switchyard.rollout.status": state.status,
+                                 "switchyard.rollout.arm": resolution.arm or "active"})
         tap = RequestTap(self, resolution, prepared)
         if state.running and state.mode == "shadow" and state.shadow_fraction > 0:
             self._maybe_mirror(tap, state)
