@@ -363,26 +363,26 @@ def test_ab_sticky_feedback_and_report(stack: LocalStack) -> None:
     assert set(arm_of.values()) == {V1, V2}
     bad = httpx.post(stack.http_url + "/v1/feedback", json={"request_id": "x", "score": "great"}, timeout=10)
     assert bad.status_code == 400 and "score" in bad.text
-    from switchyard.rollouts.cli import compare_arms, experiment_samples
-
-    async def report() -> list[Any]:
-        import nats
-        assert stack.nats is not None
-        nc = await nats.connect(stack.nats.url, **nats_credentials(stack))
-        try:
-            return compare_arms(await experiment_samples(nc.jetstream(), TINY), "v1", "v2")
-        finally:
-            await nc.close()
-    time.sleep(0.6)  # the router publishes its samples every interval
-    rows = {r.metric: r for r in asyncio.run(report())}
-    assert rows["score"].significant and rows["score"].difference == pytest.approx(2.0)
-    assert rows["score"].n_a + rows["score"].n_b == 48
-    assert rows["ttft_s"].n_a + rows["ttft_s"].n_b == 48
+    from switchyard.cli import app
     assert stack.nats is not None
     creds = nats_credentials(stack)
-    result = CliRunner().invoke(rollout_app, ["status", TINY, "--nats-url", stack.nats.url],
-                                env={"SWITCHYARD_NATS_USER": creds.get("user", ""),
-                                     "SWITCHYARD_NATS_PASSWORD": creds.get("password", "")})
+    env = {"SWITCHYARD_NATS_URL": stack.nats.url, "SWITCHYARD_NATS_USER": creds.get("user", ""),
+           "SWITCHYARD_NATS_PASSWORD": creds.get("password", "")}
+    time.sleep(0.6)  # the router publishes its samples every interval
+    printed = CliRunner().invoke(app, ["experiment", "report", TINY, "--json"], env=env)
+    assert printed.exit_code == 0, printed.output
+    rows = {r["metric"]: r for r in json.loads(printed.output)}
+    assert rows["score"]["significant"] and rows["score"]["difference"] == pytest.approx(2.0)
+    assert rows["score"]["n_a"] + rows["score"]["n_b"] == 48
+    assert rows["ttft_s"]["n_a"] + rows["ttft_s"]["n_b"] == 48
+    verdict = state_of(stack)["history"][-1]  # recorded: logs, metrics, spans, `switchyard report`
+    parts = {part.split(":")[0].strip(): part for part in verdict["reason"].split(";")}
+    assert verdict["kind"] == "verdict" and parts["score"].strip().startswith("score: v2 - v1 = +2 (95% CI")
+    assert ", significant at alpha 0.05" in parts["score"]
+    assert stack.router is not None and stack.router.metrics_port
+    wait_until(lambda: 'kind="verdict",model="tiny-llama",reason="significant"' in httpx.get(
+        f"http://127.0.0.1:{stack.router.metrics_port}/metrics", timeout=5).text, 5)
+    result = CliRunner().invoke(rollout_app, ["status", TINY], env=env)
     assert result.exit_code == 0 and "ab" in result.output
 
 

@@ -53,14 +53,16 @@ ARM_REQUESTS = Counter("switchyard_rollout_requests", "Requests served by a roll
                        ["model", "arm", "outcome"])
 SHADOW = Counter("switchyard_shadow_requests", "Shadow copies by outcome (mirrored, dropped, error, match, mismatch)",
                  ["model", "outcome"])
-REASON_LABELS = ("error_rate", "ttft_p99", "itl_p99", "healthy", "operator", "other")
+REASON_LABELS = ("error_rate", "ttft_p99", "itl_p99", "healthy", "operator", "significant", "not_significant", "other")
 RESYNC_S = 5.0  # re-read every rollout this often besides the watch
 MAX_SAMPLES = 2000  # per arm, for the experiment report (newest kept)
 
 
-def reason_label(reason: str) -> str:
+def reason_label(reason: str, kind: str = "") -> str:
     """A bounded label value for a decision's free-text reason."""
     text = reason.lower()
+    if kind == "verdict":  # an experiment's verdict: did any metric differ significantly
+        return "significant" if ", significant" in text else "not_significant"
     for label, words in (("error_rate", ("error",)), ("ttft_p99", ("ttft",)), ("itl_p99", ("itl", "inter-token")),
                          ("operator", ("operator", "admin", "cli")), ("healthy", ("pass", "healthy", "advance", "promot"))):
         if any(w in text for w in words):
@@ -473,7 +475,7 @@ class _ShadowObservation:
 def emit_decision(state: RolloutState, decision: Decision, records_path: Path | None = None,
                   figures: dict[str, Any] | None = None) -> None:
     """Log event + Prometheus counter + span + a line in the run's rollouts.jsonl."""
-    label = reason_label(decision.reason)
+    label = reason_label(decision.reason, decision.kind)
     DECISIONS.labels(state.model, decision.kind, label).inc()
     WEIGHT.labels(state.model).set(decision.weight)
     log.warning("rollout %s: %s (%s → %s, weight %.0f%%): %s", state.model, decision.kind.upper(), state.baseline,

@@ -224,6 +224,8 @@ def experiment_report(
     model: str = typer.Argument(..., help="the model name clients ask for"),
     alpha: float = typer.Option(0.05, help="significance level"),
     as_json: bool = typer.Option(False, "--json", help="print the comparisons as JSON"),
+    record: bool = typer.Option(True, help="record the verdict as a decision of the experiment (logs, metrics, "
+                                "spans and `switchyard report` on every router)"),
     nats_url: str = NATS_URL, nats_user: str = NATS_USER, nats_password: str = NATS_PASSWORD,
 ) -> None:
     """Per metric (TTFT, e2e latency, client score, error rate): B - A, its CI, Welch's
@@ -237,7 +239,11 @@ def experiment_report(
                 raise KeyError(f"no experiment of {model}")
             state = got[0]
             arms = await experiment_samples(js, model)
-            return state, compare_arms(arms, state.baseline, state.candidate, alpha)
+            rows = compare_arms(arms, state.baseline, state.candidate, alpha)
+            if record and rows:
+                verdict = "; ".join(r.summary() for r in rows)
+                await (await RolloutStore.open(js)).change(model, lambda s: s.record("verdict", verdict, "cli"))
+            return state, rows
         finally:
             await nc.close()
     state, rows = _run(go())
