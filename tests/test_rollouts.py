@@ -264,9 +264,13 @@ def test_healthy_canary_reaches_full_traffic(stack: LocalStack) -> None:
                              thresholds={"min_requests": 5, "max_ttft_p99_ratio": 20, "max_itl_p99_ratio": 20,
                                          "max_error_rate_increase": 0.2}))
     began = time.monotonic()
+    seen: list[dict[str, Any] | None] = []
     with ThreadPoolExecutor(4) as pool:
         while time.monotonic() - began < 60 and state_of(stack)["status"] == "running":
             assert all(r.status_code == 200 for r in pool.map(lambda i: complete(stack, f"ok {i}", 6), range(8)))
+            seen.append(state_of(stack)["analysis"])  # the router's live view of the step
+    assert any(a is not None and a["outcome"] in ("wait", "pass") and a["figures"] for a in seen), seen
+    assert all(a is None or a["outcome"] != "fail" for a in seen)
     state = state_of(stack)
     assert state["status"] == "promoted", state
     assert [d["kind"] for d in state["history"]][-3:] == ["start", "advance", "promote"]

@@ -293,6 +293,17 @@ class RolloutManager:
             window = self.windows[state.model] = ArmWindow(key, ArmSamples(), ArmSamples())
         return window
 
+    def analysis(self, model: str) -> dict[str, Any] | None:
+        """This router's view of the running canary step: the verdict on its window so far."""
+        from switchyard.rollouts.analysis import Thresholds, compare
+        state, window = self.states.get(model), self.windows.get(model)
+        if state is None or window is None or not state.running or state.mode != "canary":
+            return None
+        verdict = compare(window.baseline, window.candidate, Thresholds(**state.thresholds))
+        return {"outcome": verdict.outcome, "reasons": verdict.reasons,
+                "figures": {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
+                            for k, v in verdict.figures.items()}}
+
     # ---- the canary loop ----------------------------------------------------------------
     async def _loop(self) -> None:
         last_sync = time.monotonic()
@@ -543,6 +554,7 @@ def add_rollout_routes(app: Any, manager: RolloutManager, pipeline: "RequestPipe
         if state is None:
             raise RequestError(ErrorKind.NOT_FOUND, f"no rollout of {model!r}", field="model")
         return JSONResponse({**describe(state), "shadow": manager.shadow_report(model),
+                             "analysis": manager.analysis(model),
                              "history": [dataclasses.asdict(d) for d in state.history]})
 
     @app.post("/admin/rollouts")
