@@ -169,9 +169,9 @@ async def capacity(address: str, args: argparse.Namespace) -> float:
 
 
 async def replay(address: str, nats_url: str, trace: list[TraceRequest], args: argparse.Namespace,
-                 run: PolicyRun, progress: Progress) -> None:
+                 run: PolicyRun, progress: Progress, nats_kwargs: dict | None = None) -> None:
     task = progress.add_task(f"{run.policy}", total=len(trace))
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **(nats_kwargs or {}))  # the stack's observer user
     t0 = time.monotonic()
 
     async def on_load(msg: object) -> None:
@@ -229,7 +229,7 @@ def run_policy(policy: str, trace: list[TraceRequest], args: argparse.Namespace,
         with LocalStack(stack_spec(args, policy, log_dir)) as stack:
             asyncio.run(warm_up(stack.router_address, args))
             assert stack.nats is not None
-            asyncio.run(replay(stack.router_address, stack.nats.url, trace, args, run, progress))
+            asyncio.run(replay(stack.router_address, stack.nats.url, trace, args, run, progress, stack.nats_observer))
     except (RuntimeError, TimeoutError) as exc:  # e.g. a policy name this router does not know
         run.failed = str(exc)
         console.print(f"[red]{policy}: stack failed: {exc}[/red]")

@@ -80,7 +80,7 @@ def test_eight_concurrent_requests_complete_and_share_decode_steps(tiny_stack: L
     batches: list[int] = []
 
     async def watch(stop: threading.Event) -> None:
-        nc = await nats.connect(tiny_stack.nats.url)  # type: ignore[union-attr]
+        nc = await nats.connect(tiny_stack.nats.url, **tiny_stack.nats_observer)  # type: ignore[union-attr]
         async def on_load(msg: nats.aio.msg.Msg) -> None:
             batches.append(bus_pb2.LoadReport.FromString(msg.data).max_decode_batch)
         await nc.subscribe(subjects.LOAD_ALL, cb=on_load)
@@ -130,7 +130,8 @@ def worker_active(stack: LocalStack) -> int:
     total = 0
     for w in stack.workers:
         with grpc.insecure_channel(f"127.0.0.1:{w.port}") as ch:
-            total += worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=5).active_sequences
+            total += worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=5,
+                                                            metadata=stack.worker_metadata(w)).active_sequences
     return total
 
 

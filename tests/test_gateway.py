@@ -216,7 +216,8 @@ def test_malformed_bodies_are_rejected_and_the_gateway_keeps_serving(gateway: Lo
 
 def worker_active(stack: LocalStack) -> int:
     with grpc.insecure_channel(f"127.0.0.1:{stack.workers[0].port}") as ch:
-        return worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=5).active_sequences
+        return worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), timeout=5,
+                                                   metadata=stack.worker_metadata(stack.workers[0])).active_sequences
 
 
 def wait_idle(stack: LocalStack, timeout_s: float = 5.0) -> int:

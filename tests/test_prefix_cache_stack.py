@@ -83,7 +83,7 @@ def test_load_reports_carry_the_cached_blocks(stack: LocalStack, tiny_models_dir
     replica = stack.batchers[0].name.replace("batcher-", "", 1)
 
     async def next_report_holding(hashes: list[int]) -> bus_pb2.LoadReport:
-        nc = await nats.connect(stack.nats.url)  # type: ignore[union-attr]
+        nc = await nats.connect(stack.nats.url, **stack.nats_observer)  # type: ignore[union-attr]
         try:
             sub = await nc.subscribe(subjects.load_subject(TINY, replica))
             async with asyncio.timeout(10):

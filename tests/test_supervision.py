@@ -81,5 +81,6 @@ def test_a_killed_batcher_loses_nothing_and_leaves_nothing_on_its_worker(supervi
 
     def idle() -> bool:
         with grpc.insecure_channel(f"127.0.0.1:{stack.workers[0].port}") as ch:
-            return worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest()).active_sequences == 0
+            return worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), metadata=stack.worker_metadata(
+                stack.workers[0])).active_sequences == 0
     wait_until(idle, 30, "the worker to hold no sequence")

@@ -34,17 +34,18 @@ def test_worker_step_with_a_bad_add_leaves_no_sequence_behind(tiny_stack) -> Non
     spec = worker_pb2.SequenceSpec(sequence_id="atomic-good", prompt_token_ids=[5, 6, 7],
                                    sampling=generate_pb2.SamplingParams(), seed=1)
     bad = worker_pb2.SequenceSpec(sequence_id="atomic-bad", prompt_token_ids=[], seed=1)
+    token = tiny_stack.worker_metadata(tiny_stack.workers[0])
     with grpc.insecure_channel(f"127.0.0.1:{tiny_stack.workers[0].port}") as ch:
         worker = worker_pb2_grpc.WorkerStub(ch)
         try:
             with pytest.raises(grpc.RpcError) as err:
-                worker.Step(worker_pb2.StepRequest(add=[spec, bad]), timeout=10)
+                worker.Step(worker_pb2.StepRequest(add=[spec, bad]), timeout=10, metadata=token)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             with pytest.raises(grpc.RpcError) as err:  # a prefill chunk for no sequence: adds undone
                 worker.Step(worker_pb2.StepRequest(add=[spec], prefill=[worker_pb2.PrefillChunk(
-                    sequence_id="nobody", max_tokens=0)]), timeout=10)
+                    sequence_id="nobody", max_tokens=0)]), timeout=10, metadata=token)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             # what the batcher does next: add the good one alone — not "already exists"
-            worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=[spec]), timeout=10)
+            worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=[spec]), timeout=10, metadata=token)
         finally:
-            worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(sequence_ids=["atomic-good"]), timeout=10)
+            worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(sequence_ids=["atomic-good"]), timeout=10, metadata=token)

@@ -64,8 +64,9 @@ def up(
     host: str = typer.Option("127.0.0.1", help="address the public API (router gRPC and HTTP) listens on"),
     internal_host: str = typer.Option("127.0.0.1", help="address of NATS, the workers and every /metrics "
                                       "(not for clients; keep it private)"),
-    internal_auth: bool = typer.Option(False, help="per-service NATS users with subject permissions and a "
-                                       "token per worker, generated at start (docs/security.md)"),
+    internal_auth: bool = typer.Option(True, "--internal-auth/--no-internal-auth",
+                                       help="per-service NATS users with subject permissions and a token per "
+                                       "worker, generated at start (docs/security.md)"),
     grpc_port: int = typer.Option(50051, help="router gRPC port"),
     http_port: int = typer.Option(8000, help="router OpenAI-compatible HTTP port (-1 disables)"),
     tenants_file: Optional[Path] = typer.Option(None, help="tenants TOML (default: a dev tenant in runs/)"),

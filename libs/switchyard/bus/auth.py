@@ -68,6 +68,7 @@ def _stream_admin(*verbs: str) -> tuple[str, ...]:
     return tuple(f"{JS_API}.STREAM.{verb}.{stream}" for verb in verbs for stream in (REQUEST_STREAM, CANCEL_STREAM))
 
 
+DEMAND_ALL = "switchyard.demand.>"  # per-model demand, router → autoscaler (services/router/demand.py)
 # JetStream key-value buckets the router reads and writes (rollout state, feedback, samples).
 ROUTER_KV_BUCKETS = ("switchyard_rollouts", "switchyard_feedback", "switchyard_rollout_samples")
 
@@ -84,9 +85,11 @@ def kv_access(bucket: str) -> tuple[str, ...]:
 
 
 def router_user(password: str | None = None, user: str = "router") -> NatsUser:
-    """Publishes requests and cancels, reads replies and heartbeats, uses its KV buckets."""
+    """Publishes requests, cancels and demand reports, reads replies and heartbeats, uses its
+    KV buckets."""
     return NatsUser(user, password or new_secret(),
-                    publish=(f"{REQUEST_PREFIX}.>", f"{CANCEL_PREFIX}.>", *_stream_admin("CREATE", "UPDATE", "INFO"),
+                    publish=(f"{REQUEST_PREFIX}.>", f"{CANCEL_PREFIX}.>", DEMAND_ALL,
+                             *_stream_admin("CREATE", "UPDATE", "INFO"),
                              *(s for bucket in ROUTER_KV_BUCKETS for s in kv_access(bucket))),
                     subscribe=(f"{REPLY_PREFIX}.>", LOAD_ALL))
 
