@@ -9,6 +9,13 @@ Admission: a model takes at most what its replicas can hold soon — batch slots
 queue, and KV tokens (prompt + max_tokens) plus a bounded share as queue; past that, requests
 are shed immediately with a retry delay measured from the completion rate, instead of queueing
 without bound and letting latency grow.
+
+Fair share: when a model is contended, no tenant holds more than its share of that capacity
+(max-min fair, weighted by the tenant's `weight`). A tenant below its share is admitted even
+when others have filled the model (its requests queue, they are not shed), while a tenant above
+it is shed at the limit; an idle system still lets one tenant use everything. So a tenant
+flooding a model cannot lock out a second one; the price is that in-flight work may exceed the
+limit by the newcomers' shares until the flood's requests finish.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ class TokenBucket:
 class Reservation:
     tenant: Tenant
     tokens: int
+    request_taken: bool = False  # by take_request, before the tokens were known
 
 
 class RateLimiter:
@@ -89,6 +97,44 @@ class RateLimiter:
         budget.take(tokens)
         return Reservation(tenant, tokens)
 
+    def take_request(self, tenant: Tenant, min_tokens: int = 0) -> Reservation:
+        """Charge one request before any expensive work (rendering, tokenizing): a tenant over its
+        requests-per-minute limit — or whose token budget cannot cover even `min_tokens`, a lower
+        bound of the request's size — is refused before it costs the router anything, also when
+        its request would turn out invalid. `reserve_tokens` then charges the exact size."""
+        if tenant.requests_per_minute == float("inf") and tenant.tokens_per_minute == float("inf"):
+            return Reservation(tenant, 0)
+        requests, budget = self._buckets(tenant)
+        wait = max(requests.wait_for(1), budget.wait_for(min(min_tokens, budget.capacity)))
+        if wait > 0:
+            which = "requests" if requests.wait_for(1) > 0 else "tokens"
+            raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
+                               f"tenant {tenant.name} is over its {which}-per-minute limit; retry in {wait:.1f}s",
+                               retry_after_s=wait)
+        requests.take(1)
+        return Reservation(tenant, 0, request_taken=True)
+
+    def reserve_tokens(self, reservation: Reservation, tokens: int) -> None:
+        """The request's exact size (prompt + max_tokens), once known, on a `take_request`
+        reservation; refused when the budget cannot hold it. The request place stays spent:
+        the request was rendered and tokenized, which is what the requests limit bounds."""
+        tenant = reservation.tenant
+        if tenant.requests_per_minute == float("inf") and tenant.tokens_per_minute == float("inf"):
+            return
+        budget = self._buckets(tenant)[1]
+        if tokens > budget.capacity:
+            raise RequestError(ErrorKind.INVALID_ARGUMENT,
+                               f"max_tokens: request needs {tokens} tokens (prompt + max_tokens) but tenant "
+                               f"{tenant.name} may use {budget.capacity:.0f} per minute; lower max_tokens",
+                               field="max_tokens")
+        wait = budget.wait_for(tokens)
+        if wait > 0:
+            raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
+                               f"tenant {tenant.name} is over its tokens-per-minute limit; retry in {wait:.1f}s",
+                               retry_after_s=wait)
+        budget.take(tokens)
+        reservation.tokens = tokens
+
     def settle(self, reservation: Reservation, used_tokens: int) -> None:
         """Give back what the request reserved but did not use."""
         if reservation.tokens and used_tokens < reservation.tokens:
@@ -97,11 +143,12 @@ class RateLimiter:
     def refund(self, reservation: Reservation) -> None:
         """The request was shed before any work (the model is full): it costs the tenant
         nothing, neither its tokens nor its place in the requests-per-minute limit."""
-        if not reservation.tokens:
+        if not reservation.tokens and not reservation.request_taken:
             return
         requests, budget = self._buckets(reservation.tenant)
         requests.give_back(1)
         budget.give_back(reservation.tokens)
+        reservation.tokens, reservation.request_taken = 0, False
 
 
 class AdmissionControl:
@@ -119,6 +166,8 @@ class AdmissionControl:
         self.window_s = window_s
         self.inflight: dict[str, int] = {}
         self.inflight_tokens: dict[str, int] = {}
+        # model → tenant → [requests, tokens, weight] in flight (fair share between tenants)
+        self.by_tenant: dict[str, dict[str, list[float]]] = {}
         self._done: dict[str, deque[tuple[float, int]]] = {}  # model → (finish time, tokens) of recent completions
 
     def _rates(self, model: str, now: float) -> tuple[float, float]:
@@ -143,22 +192,41 @@ class AdmissionControl:
             waits.append(excess_tokens / tok_rate)
         return min(max(waits), 60.0)
 
+    def share(self, model: str, tenant: str, weight: float = 1.0) -> float:
+        """`tenant`'s fraction of `model`'s capacity: its weight over the weights of every tenant
+        with requests in flight there, itself included (1.0 when it is alone)."""
+        active = {t: w for t, (n, _, w) in self.by_tenant.get(model, {}).items() if n > 0}
+        active[tenant] = weight
+        return weight / sum(active.values())
+
+    def within_share(self, model: str, tenant: str, tokens: int, limit: int, token_limit: int,
+                     weight: float = 1.0) -> bool:
+        """Whether one more request of `tokens` keeps `tenant` within its fair share of the
+        model's request and token limits (always room for one request of its own)."""
+        n, held, _ = self.by_tenant.get(model, {}).get(tenant, (0, 0, weight))
+        share = self.share(model, tenant, weight)
+        if n + 1 > max(1, int(share * limit)):
+            return False
+        return token_limit <= 0 or n == 0 or held + tokens <= share * token_limit
+
     def enter(self, model: str, capacity: int, tokens: int = 0, token_capacity: int = 0,
-              timeout_s: float | None = None) -> None:
+              timeout_s: float | None = None, tenant: str = "", weight: float = 1.0) -> None:
         """Admit one request of `tokens` (prompt + max_tokens) for `model`, or shed it — also
         when its deadline (`timeout_s`) ends before the queue ahead of it would drain: admitting
-        it would only spend capacity on work that times out (bench/retry_storm.py)."""
+        it would only spend capacity on work that times out (bench/retry_storm.py). A tenant
+        within its fair share passes the model's limits (see the module docstring)."""
         current = self.inflight.get(model, 0)
         held = self.inflight_tokens.get(model, 0)
         limit = capacity + self.queue_limit
         token_limit = int(token_capacity * (1 + self.token_queue_factor))
-        if current >= limit:
+        fair = current > 0 and self.within_share(model, tenant, tokens, limit, token_limit, weight)
+        if current >= limit and not fair:
             wait = self.retry_after_s(model, current + 1 - limit, 0)
             raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
                                f"model {model} is at capacity ({current} requests in flight, limit {limit}); "
                                f"retry in {wait:.1f}s", retry_after_s=wait)
         # A request alone is always admitted (the batcher runs a lone request whatever its size).
-        if token_capacity > 0 and current > 0 and held + tokens > token_limit:
+        if token_capacity > 0 and current > 0 and held + tokens > token_limit and not fair:
             wait = self.retry_after_s(model, 0, held + tokens - token_limit)
             raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
                                f"model {model} is at capacity ({held} tokens reserved in flight, room for "
@@ -178,10 +246,18 @@ class AdmissionControl:
                                    retry_after_s=min(wait, 60.0))
         self.inflight[model] = current + 1
         self.inflight_tokens[model] = held + tokens
+        mine = self.by_tenant.setdefault(model, {}).setdefault(tenant, [0, 0, weight])
+        mine[0], mine[1], mine[2] = mine[0] + 1, mine[1] + tokens, weight
 
-    def leave(self, model: str, tokens: int = 0, completed: bool = True) -> None:
+    def leave(self, model: str, tokens: int = 0, completed: bool = True, tenant: str = "") -> None:
         """The request ended; `completed` ones feed the measured completion rate."""
         self.inflight[model] = max(self.inflight.get(model, 1) - 1, 0)
         self.inflight_tokens[model] = max(self.inflight_tokens.get(model, tokens) - tokens, 0)
+        tenants = self.by_tenant.get(model, {})
+        mine = tenants.get(tenant)
+        if mine is not None:
+            mine[0], mine[1] = max(mine[0] - 1, 0), max(mine[1] - tokens, 0)
+            if mine[0] == 0:
+                del tenants[tenant]
         if completed:
             self._done.setdefault(model, deque(maxlen=10_000)).append((time.monotonic(), tokens))

@@ -412,17 +412,25 @@ class RequestPipeline:
         try:
             prepare_span = self.observer.prepare_span(obs)
             try:
+                # The requests-per-minute limit is charged before rendering and tokenizing: a
+                # tenant's invalid or oversized requests spend its quota too (issue 10 §2).
+                reservation = self.limiter.take_request(tenant, min_tokens=1 + max(req.max_tokens or 0, 0))
                 # Long inputs are tokenized off the event loop, so other streams keep flowing.
                 prepared = (await asyncio.to_thread(self.prepare, req)
                             if self.input_chars(req) > OFFLOAD_TOKENIZE_CHARS else self.prepare(req))
                 obs.routed(prepared.model, prepared.difficulty)
                 self.demand.arrived(prepared.model)
-                route = await self.route_when_live(prepared, tenant.name, req.timeout_s, obs.started)
-                reservation = self.limiter.reserve(tenant, len(prepared.prompt_ids) + prepared.max_tokens)
+                try:
+                    route = await self.route_when_live(prepared, tenant.name, req.timeout_s, obs.started)
+                except RequestError:
+                    self.limiter.refund(reservation)  # no live replica: not the tenant's doing
+                    raise
+                self.limiter.reserve_tokens(reservation, len(prepared.prompt_ids) + prepared.max_tokens)
                 try:
                     self.admission.enter(prepared.model, self.fleet.capacity(prepared.model),
                                          len(prepared.prompt_ids) + prepared.max_tokens,
-                                         self.fleet.token_capacity(prepared.model), req.timeout_s)
+                                         self.fleet.token_capacity(prepared.model), req.timeout_s,
+                                         tenant=tenant.name, weight=tenant.weight)
                 except RequestError:
                     self.limiter.refund(reservation)
                     raise
@@ -456,7 +464,7 @@ class RequestPipeline:
                     tap.finish("OK" if done is not None else code, done)
                 self.demand.ended(prepared.model)
                 self.admission.leave(prepared.model, len(prepared.prompt_ids) + prepared.max_tokens,
-                                     completed=done is not None)
+                                     completed=done is not None, tenant=tenant.name)
                 self.limiter.settle(reservation, len(prepared.prompt_ids) + obs.completion_tokens)
         except RequestError as error:
             code, message = error.kind.name, error.message

@@ -6,6 +6,7 @@ secret and a key never reaches a log.
     key_sha256 = ["<hex digest>", ...]   # `switchyard tenants add acme` prints a new key
     requests_per_minute = 600
     tokens_per_minute = 200000           # prompt + max_tokens reserved, settled to actual use
+    weight = 1.0                         # share of a contended model's admission capacity
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Tenant:
     name: str
     requests_per_minute: float
     tokens_per_minute: float
+    weight: float = 1.0  # its share of a contended model's capacity, relative to the others in flight
 
 
 ANONYMOUS = Tenant("anonymous", float("inf"), float("inf"))
@@ -94,8 +96,11 @@ class TenantDirectory:
         tenants: dict[str, Tenant] = {}
         digests: dict[str, str] = {}
         for name, entry in data.get("tenants", {}).items():
+            weight = float(entry.get("weight", 1.0))
+            if not 0 < weight < float("inf"):
+                raise ValueError(f"tenant {name}: weight must be a positive number")
             tenants[name] = Tenant(name, float(entry.get("requests_per_minute", 600)),
-                                   float(entry.get("tokens_per_minute", 1_000_000)))
+                                   float(entry.get("tokens_per_minute", 1_000_000)), weight)
             keys = entry.get("key_sha256", [])
             for digest in [keys] if isinstance(keys, str) else keys:
                 if len(digest) != 64:
@@ -118,9 +123,10 @@ class TenantDirectory:
 
 
 def write_tenant(path: Path, name: str, key: str, requests_per_minute: int = 600,
-                 tokens_per_minute: int = 200_000) -> None:
+                 tokens_per_minute: int = 200_000, weight: float = 1.0) -> None:
     """Append a tenant with one key (stored hashed) to a tenants file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(f'\n[tenants.{name}]\nkey_sha256 = ["{hash_key(key)}"]\n'
-                f"requests_per_minute = {requests_per_minute}\ntokens_per_minute = {tokens_per_minute}\n")
+                f"requests_per_minute = {requests_per_minute}\ntokens_per_minute = {tokens_per_minute}\n"
+                f"weight = {weight}\n")
