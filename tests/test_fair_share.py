@@ -209,3 +209,21 @@ def test_rate_limit_is_charged_before_tokenizing_over_context_prompts(tenants_st
     assert set(codes) <= {400, 429}, codes
     assert codes[:10] == [400] * 10, codes
     assert codes.count(429) >= 19, codes  # a bucket of 10 refills 1 per 6 s
+
+
+# ---- the development key ----------------------------------------------------------------------
+
+@pytest.mark.unit
+def test_dev_key_is_stored_0600_and_reported_as_new_only_once(tmp_path: Path) -> None:
+    import stat
+
+    from switchyard.cli import dev_tenant
+    tenants, key, created = dev_tenant(tmp_path)
+    key_file = tmp_path / "dev-key"
+    assert created and key.startswith("sy-") and key_file.read_text().strip() == key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert key not in tenants.read_text()  # the tenants file holds its digest only
+    key_file.chmod(0o644)  # a key file left readable by an older version
+    again = dev_tenant(tmp_path)
+    assert again == (tenants, key, False)  # the same key, not shown again
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600

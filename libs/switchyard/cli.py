@@ -31,18 +31,21 @@ DEFAULT_SERVE = f"{INT4}=2,{FP32}=1"
 DEV_KEY_FILE = Path("runs/dev-key")
 
 
-def dev_tenant(run_dir: Path) -> tuple[Path, str]:
-    """A development tenant whose key persists in runs/dev-key (git-ignored), so the key
-    that `make run` prints keeps working across restarts."""
+def dev_tenant(run_dir: Path) -> tuple[Path, str, bool]:
+    """A development tenant whose key persists in runs/dev-key (git-ignored, 0600 from
+    creation), so the key keeps working across restarts. Returns (tenants file, key, whether
+    it was created now): `up` prints the key to the terminal only then, never to a log."""
     from services.router.tenants import new_key, write_tenant
+    from switchyard.bus.auth import write_private
     key_file, tenants = run_dir / "dev-key", run_dir / "tenants.toml"
-    if not key_file.exists() or not tenants.exists():
+    created = not key_file.exists() or not tenants.exists()
+    if created:
         key = new_key()
         tenants.unlink(missing_ok=True)
         write_tenant(tenants, "dev", key, requests_per_minute=6000, tokens_per_minute=2_000_000)
-        key_file.write_text(key + "\n")
-        key_file.chmod(0o600)
-    return tenants, key_file.read_text().strip()
+        write_private(key_file, key + "\n")
+    key_file.chmod(0o600)  # a key file from an older version may be group- or world-readable
+    return tenants, key_file.read_text().strip(), created
 
 
 def parse_serve(spec: str) -> dict[str, int]:
@@ -104,9 +107,9 @@ def up(
                       "to a running nats-server (docs/autoscaling.md)")
         raise typer.Exit(2)
     log_dir.mkdir(parents=True, exist_ok=True)
-    dev_key = None
+    dev_key, dev_key_created = None, False
     if tenants_file is None:
-        tenants_file, dev_key = dev_tenant(DEV_KEY_FILE.parent)
+        tenants_file, dev_key, dev_key_created = dev_tenant(DEV_KEY_FILE.parent)
     run_dir = run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {"SWITCHYARD_SPANS_FILE": str(run_dir.resolve() / "spans.jsonl")} if trace_file else {}
@@ -135,8 +138,11 @@ def up(
         console.print(f"[green]Switchyard is up[/green]  gRPC [bold]{stack.router_address}[/bold]  "
                       f"HTTP (OpenAI API) [bold]{stack.http_url if http_port >= 0 else 'off'}/v1[/bold]  "
                       f"NATS {stack.nats.url}  logs {log_dir}/")
-        if dev_key:
-            console.print(f"  development API key: [bold]{dev_key}[/bold]  (export SWITCHYARD_API_KEY={dev_key})")
+        if dev_key_created:  # shown once, on the terminal; kept in runs/dev-key (0600)
+            console.print(f"  new development API key: [bold]{dev_key}[/bold]  (shown once; kept in {DEV_KEY_FILE}, "
+                          f"mode 0600: export SWITCHYARD_API_KEY=$(cat {DEV_KEY_FILE}))")
+        elif dev_key:
+            console.print(f"  development API key in {DEV_KEY_FILE} (export SWITCHYARD_API_KEY=$(cat {DEV_KEY_FILE}))")
         console.print("  metrics: " + "  ".join(f"{s.name} :{s.metrics_port}" for s in stack.services() if s.metrics_port))
         console.print(f"  request records in {run_dir}/ — `switchyard report {run_dir}` after a run")
         for name, count in wanted.items():
@@ -144,7 +150,7 @@ def up(
         console.print(f"  try: switchyard generate --address {stack.router_address} "
                       f"--model {next(iter(wanted))} 'What is the capital of France?'")
         if http_port >= 0:
-            console.print(f"   or: curl {stack.http_url}/v1/chat/completions -H 'Authorization: Bearer {dev_key or '<key>'}' "
+            console.print(f"   or: curl {'--cacert ' + str(tls / 'ca.pem') + ' ' if tls else ''}{stack.http_url}/v1/chat/completions -H \"Authorization: Bearer $SWITCHYARD_API_KEY\" "
                           f"-H 'Content-Type: application/json' -d '{{\"model\": \"{next(iter(wanted))}\", "
                           f"\"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}], \"stream\": true}}'")
         console.print("Ctrl-C stops every process.")
