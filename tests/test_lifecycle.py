@@ -97,3 +97,27 @@ def test_a_replica_that_cannot_start_is_reported_failed(tiny_models_dir: Path, t
         assert [r.replica_id for r in backend.replicas(TINY)] == [f"{TINY}-0"]
     finally:
         stack.stop()
+
+
+def test_removing_a_replica_with_a_long_queue_loses_none_of_it(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """More requests queued on the removed replica than the router's retry budget allows for
+    failures (10 per 10 s): moving them off a draining replica is not a retry of a failure."""
+    stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path, max_batch_size=1, balancing="round_robin",
+                        router_args=("--heartbeat-misses", "10", "--queue-limit", "200"))  # 80 clients on 2 cores
+    try:
+        backend = LocalFleetBackend(stack)
+        wait_for_replicas(stack, 2)
+        with ThreadPoolExecutor(1) as pool:
+            results = pool.submit(complete_all, stack.router_address, 80, 250)
+            time.sleep(3.0)  # ~1/8 of the work done: dozens still queued for each replica
+            backend.remove_replica(TINY, f"{TINY}-1")
+            done = results.result(timeout=180)
+        errors = [r for r in done if isinstance(r, str)]
+        assert not errors, errors[:3]
+        assert all(r.summary.usage.completion_tokens == 250 for r in done)  # type: ignore[union-attr]
+        assert stack.router is not None and stack.router.log_path is not None
+        moved = [line for line in stack.router.log_path.read_text().splitlines()
+                 if f"replica {TINY}-1 left the fleet" in line or f"replica {TINY}-1 stalled" in line]
+        assert len(moved) > 10  # more re-dispatches than the retry budget's floor: none refused
+    finally:
+        stack.stop()

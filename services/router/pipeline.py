@@ -169,10 +169,13 @@ REPLICA_FAULTS = frozenset({generate_pb2.ERROR_CODE_UNAVAILABLE, generate_pb2.ER
 class ReplicaFailure(Exception):
     """The replica serving a dispatch failed it (error, gone, stalled)."""
 
-    def __init__(self, replica_id: str, reason: str) -> None:
+    def __init__(self, replica_id: str, reason: str, departed: bool = False) -> None:
         super().__init__(f"replica {replica_id} {reason}")
         self.replica_id = replica_id
         self.reason = reason
+        # The replica left the fleet or drains (scaled down, stopped): moving what it held is
+        # not a retry of a failure, and a scale-down may move more than the retry budget allows.
+        self.departed = departed
 
 
 @dataclass
@@ -509,7 +512,8 @@ class RequestPipeline:
                 # could pile onto a sick fleet); a continuation finishes a stream already owed to
                 # its client and is bounded by max_failovers alone.
                 before_first_token = not progress.generated
-                if failovers >= self.max_failovers or (before_first_token and not self.retry_budget.try_retry()):
+                spends_budget = before_first_token and not failure.departed
+                if failovers >= self.max_failovers or (spends_budget and not self.retry_budget.try_retry()):
                     raise RequestError(ErrorKind.UNAVAILABLE, f"replica {failure.replica_id} {failure.reason}; "
                                        f"gave up after {failovers} failover(s)", retry_after_s=1.0) from None
                 if before_first_token:
@@ -631,12 +635,12 @@ class RequestPipeline:
                     return await queue.get()
             except TimeoutError:
                 if not self.fleet.is_live(replica.replica_id):
-                    raise ReplicaFailure(replica.replica_id, "left the fleet") from None
+                    raise ReplicaFailure(replica.replica_id, "left the fleet", departed=True) from None
                 state = self.fleet.get(replica.replica_id)
                 silent = time.monotonic() - last_event
                 if state is not None and state.draining and silent >= self.stall_timeout_s:
                     raise ReplicaFailure(replica.replica_id, f"stalled: no progress for {silent:.1f}s while "
-                                         "it reports it cannot serve") from None
+                                         "it reports it cannot serve", departed=True) from None
 
     @staticmethod
     def _completion(reason: int, prepared: PreparedRequest, completion_tokens: int, started: float,
