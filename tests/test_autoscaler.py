@@ -33,7 +33,9 @@ FAST = ("scale_up_window_s=0", "scale_down_window_s=1", "target_utilisation=1.0"
 
 def autoscaler(stack: LocalStack, models: str, backend: LocalFleetBackend | None = None, **kw: object) -> AutoscalerThread:
     assert stack.nats is not None
+    creds = stack.nats_credentials("autoscaler")
     config = load_config(AutoscalerConfig, [], nats_url=stack.nats.url, models=(models,), backend="local",
+                         nats_user=creds.get("user"), nats_password=creds.get("password"),
                          grpc_port=0, tick_s=0.2, policy_options=FAST, service_rate_per_replica=1000.0, **kw)
     return AutoscalerThread(config, backend or LocalFleetBackend(stack)).start()
 

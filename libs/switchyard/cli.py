@@ -102,9 +102,8 @@ def up(
         console.print(f"[red]missing model folders {missing} in {models_dir}[/red]: run `make model` "
                       "(or `switchyard model convert` / `switchyard model tiny`)")
         raise typer.Exit(2)
-    if autoscale and internal_auth:
-        console.print("[red]--autoscale needs --no-internal-auth[/red]: the local backend cannot add NATS users "
-                      "to a running nats-server (docs/autoscaling.md)")
+    if autoscale and tls:
+        console.print("[red]--autoscale does not run with --tls yet[/red]: the autoscaler has no NATS TLS settings")
         raise typer.Exit(2)
     log_dir.mkdir(parents=True, exist_ok=True)
     dev_key, dev_key_created = None, False
@@ -177,7 +176,9 @@ def _start_autoscaler(stack: "LocalStack", models: str, options: str, metrics_ho
     from switchyard.config import load_config
     from switchyard.runtime.lifecycle import LocalFleetBackend
     assert stack.nats is not None
+    creds = stack.nats_credentials("autoscaler")  # replicas it adds get theirs from the stack
     config = load_config(AutoscalerConfig, [], nats_url=stack.nats.url, backend="local", grpc_port=0, metrics_port=0,
+                         nats_user=creds.get("user"), nats_password=creds.get("password"),
                          metrics_host=metrics_host, models=tuple(m for m in models.split(",") if m),
                          policy_options=tuple(o for o in options.split(",") if o),
                          cold_start_file=Path("runs") / "cold_start.json")

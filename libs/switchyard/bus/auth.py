@@ -112,6 +112,11 @@ def observer_user(password: str | None = None) -> NatsUser:
     return NatsUser("observer", password or new_secret(), subscribe=(f"{LOAD_PREFIX}.>",))
 
 
+def autoscaler_user(password: str | None = None) -> NatsUser:
+    """Reads heartbeats and the routers' demand reports; publishes nothing."""
+    return NatsUser("autoscaler", password or new_secret(), subscribe=(LOAD_ALL, DEMAND_ALL))
+
+
 def authorization_block(users: list[NatsUser]) -> str:
     """The nats-server configuration text for `users` (JSON values are valid NATS config)."""
     entries = ",\n    ".join(json.dumps(u.config_entry()) for u in users)

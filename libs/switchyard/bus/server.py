@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -87,6 +88,33 @@ class NatsServer:
         if self.config_path is not None:
             argv += ["-c", str(self.config_path)]  # the users; the flags above still win
         return argv
+
+    def add_users(self, users: list[NatsUser], timeout_s: float = 5.0) -> None:
+        """Let `users` connect from now on: the configuration is rewritten and the running
+        server reloads it (SIGHUP; existing connections stay up). Waits for the reload when the
+        server logs to a file."""
+        self.users.extend(users)
+        if self.process is None or self.process.poll() is not None or self.config_path is None:
+            return  # the next start() writes them
+        from switchyard.tls import nats_tls_block
+        write_private(self.config_path, authorization_block(self.users)
+                      + (nats_tls_block(self.tls) if self.tls else ""))
+        marker = "Reloaded server configuration"
+        before = self._log_count(marker)
+        self.process.send_signal(signal.SIGHUP)
+        if before is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        while (self._log_count(marker) or 0) <= before and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def _log_count(self, text: str) -> int | None:
+        if self.log_path is None:
+            return None
+        try:
+            return self.log_path.read_text(errors="replace").count(text)
+        except OSError:
+            return None
 
     def user(self, name: str) -> NatsUser:
         return next(u for u in self.users if u.user == name)

@@ -104,12 +104,10 @@ class LocalFleetBackend(FleetBackend):
     replica, services/router/pipeline._next_event); then the worker is stopped. Replica ids
     are never reused, so a leftover queued message can never reach a later replica.
 
-    Not supported: a stack with internal auth (its NATS users are fixed when nats-server starts)."""
+    With internal auth, each added replica gets its worker token and batcher NATS user from the
+    stack when its worker is spawned (LocalStack._provision_replica reloads nats-server)."""
 
     def __init__(self, stack: "LocalStack", start_timeout_s: float = 120.0, drain_timeout_s: float = 30.0) -> None:
-        if stack.spec.internal_auth:
-            raise ValueError("the local backend cannot add replicas to a stack with internal auth "
-                             "(NATS users are fixed at start); run without --internal-auth")
         self.stack = stack
         self.start_timeout_s = start_timeout_s
         self.drain_timeout_s = drain_timeout_s

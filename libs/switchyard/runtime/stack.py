@@ -22,7 +22,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from switchyard.bus.auth import NatsUser, batcher_user, new_secret, observer_user, router_user
+from switchyard.bus.auth import NatsUser, autoscaler_user, batcher_user, new_secret, observer_user, router_user
 from switchyard.bus.server import NatsServer
 from switchyard.runtime.children import orphan_proof
 from switchyard.tls import TlsDir, client_context, grpc_channel_credentials
@@ -109,11 +109,10 @@ class StackSpec:
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     # Internal traffic authenticated (docs/security.md): per-service NATS users with subject
-    # permissions (switchyard.bus.auth) and a token per worker, generated at start. Off by
-    # default until docker-compose.yml provisions the same (its drift test holds `up` and
-    # compose to one nats-server command line) and the tests that call workers or NATS directly
-    # pass `worker_metadata()` / `nats_observer`.
-    internal_auth: bool = False
+    # permissions (switchyard.bus.auth) and a token per worker, generated at start. On by
+    # default; tests and tools that call workers or NATS directly pass `worker_metadata()` /
+    # `nats_observer`. docker-compose.yml is the documented opt-out (docs/security.md).
+    internal_auth: bool = True
     # A `switchyard certs` folder: TLS on every hop (gateway HTTP and gRPC, NATS with client
     # certificates, worker gRPC with the batcher's client certificate). None: plaintext.
     tls: Path | None = None
@@ -196,6 +195,8 @@ class LocalStack:
         pf = self.run_dir / f"{name}.port" if port_file else None
         log_path = self.log_dir / f"{name}.log"
         argv = [sys.executable, "-m", module, *args, *self._tls_args(module)] + (["--port-file", str(pf)] if pf else [])
+        if module == "services.worker":
+            self._provision_replica(name.removeprefix("worker-"), args)
         env = {**os.environ, **self.spec.extra_env, **self._secret_env.get(name, {})}
         argv, orphan_kwargs = orphan_proof(argv)
         with open(log_path, "ab") as log_file:
@@ -276,7 +277,7 @@ class LocalStack:
         """A NATS user per service (switchyard.bus.auth), its credentials in its environment;
         plus an observer (reads heartbeats) for tests and tools: `nats_observer`."""
         router = router_user()
-        users = [router, observer_user()]
+        users = [router, observer_user(), autoscaler_user()]
         self._secret_env["router"] = {"SWITCHYARD_NATS_USER": router.user, "SWITCHYARD_NATS_PASSWORD": router.password}
         for model, count in self.spec.replicas.items():
             manifest = self.spec.models_dir / model_folder(model) / "switchyard.json"
@@ -291,6 +292,43 @@ class LocalStack:
                 self._secret_env.setdefault(f"batcher-{replica}", {}).update(
                     SWITCHYARD_NATS_USER=user.user, SWITCHYARD_NATS_PASSWORD=user.password)
         return users
+
+    def _provision_replica(self, replica: str, worker_args: list[str]) -> None:
+        """Credentials for a replica added while the stack runs (the lifecycle backend, the
+        autoscaler): a token shared by its worker and batcher, and a NATS user for the batcher,
+        added to the running nats-server by a configuration reload. Made when its worker is
+        spawned, so the reload is done long before the batcher (spawned once the worker
+        listens) connects. Replicas known at start, and restarts, already have theirs."""
+        if not self.spec.internal_auth or self.nats is None or not self.nats.users:
+            return
+        worker_env = self._secret_env.setdefault(f"worker-{replica}", {})
+        batcher_env = self._secret_env.setdefault(f"batcher-{replica}", {})
+        if "SWITCHYARD_AUTH_TOKEN" not in worker_env:
+            token = new_secret()
+            worker_env["SWITCHYARD_AUTH_TOKEN"] = batcher_env["SWITCHYARD_WORKER_TOKEN"] = token
+        if "SWITCHYARD_NATS_USER" in batcher_env:
+            return
+        flags = dict(zip(worker_args[::2], worker_args[1::2]))
+        served_as = flags.get("--served-name", "")
+        if not served_as:
+            try:
+                manifest = Path(flags.get("--model-dir", "")) / "switchyard.json"
+                served_as = str(json.loads(manifest.read_text()).get("name") or "")
+            except (OSError, ValueError):
+                served_as = ""
+        user = batcher_user(replica, served_as or replica.rsplit("-", 1)[0])
+        batcher_env.update(SWITCHYARD_NATS_USER=user.user, SWITCHYARD_NATS_PASSWORD=user.password)
+        self.nats.add_users([user])
+
+    def nats_credentials(self, user: str) -> dict[str, object]:
+        """`nats.connect(stack.nats.url, **stack.nats_credentials("autoscaler"))`: that user's
+        credentials and inbox prefix, and a TLS context when TLS is on ({} without either)."""
+        assert self.nats is not None
+        tls = {"tls": self.ssl_context("observer")} if self.spec.tls else {}
+        if not self.nats.users:
+            return tls
+        u = self.nats.user(user)
+        return {"user": u.user, "password": u.password, "inbox_prefix": u.inbox_prefix, **tls}
 
     @property
     def nats_observer(self) -> dict[str, str]:
