@@ -147,6 +147,7 @@ def up(
         for name, count in wanted.items():
             console.print(f"  model [bold]{name}[/bold] × {count} replica(s)")
         console.print(f"  try: switchyard generate --address {stack.router_address} "
+                      + (f"--tls-ca {tls / 'ca.pem'} " if tls else "") +
                       f"--model {next(iter(wanted))} 'What is the capital of France?'")
         if http_port >= 0:
             console.print(f"   or: curl {'--cacert ' + str(tls / 'ca.pem') + ' ' if tls else ''}{stack.http_url}/v1/chat/completions -H \"Authorization: Bearer $SWITCHYARD_API_KEY\" "
@@ -201,6 +202,8 @@ def generate(
     stop: list[str] = typer.Option([], help="stop string (repeatable)"),
     timeout: Optional[float] = typer.Option(None, help="deadline in seconds"),
     api_key: Optional[str] = typer.Option(None, envvar="SWITCHYARD_API_KEY", help="API key (default: runs/dev-key)"),
+    tls_ca: Optional[Path] = typer.Option(None, envvar="SWITCHYARD_TLS_CA",
+                                          help="CA to trust: the router serves TLS (`switchyard up --tls DIR`: DIR/ca.pem)"),
 ) -> None:
     """Stream a completion from a running stack to stdout."""
     import grpc
@@ -214,7 +217,12 @@ def generate(
         request.chat.messages.add(role="user", content=prompt)
     else:
         request.text = prompt
-    with grpc.insecure_channel(address) as channel:
+    if tls_ca is not None and not tls_ca.is_file():
+        console.print(f"[red]--tls-ca {tls_ca} does not exist[/red]")
+        raise typer.Exit(2)
+    channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_ca.read_bytes())) if tls_ca
+               else grpc.insecure_channel(address))
+    with channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
         key = api_key or (DEV_KEY_FILE.read_text().strip() if DEV_KEY_FILE.exists() else None)
         metadata = (("authorization", f"Bearer {key}"),) if key else ()
