@@ -67,7 +67,7 @@ def wait_for_replicas(stack: LocalStack, n: int, timeout_s: float = 30.0) -> Non
     import time
 
     from switchyard.v1 import generate_pb2, generate_pb2_grpc
-    with grpc.insecure_channel(stack.router_address) as ch:
+    with stack.grpc_channel() as ch:  # TLS when the stack runs it
         stub = generate_pb2_grpc.GenerationStub(ch)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
