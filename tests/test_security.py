@@ -270,3 +270,33 @@ def test_worker_refuses_calls_without_its_token(secure_stack: LocalStack) -> Non
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert stub.Info(worker_pb2.InfoRequest(), timeout=5, metadata=(("authorization", f"Bearer {token}"),)).model == TINY
+
+
+def test_a_user_added_while_running_can_connect_within_its_permissions(tmp_path: Path) -> None:
+    """A replica added at runtime (lifecycle backend, autoscaler) gets a NATS user by a config
+    reload: it connects, is confined like the others, and existing connections stay up."""
+    observer = observer_user()
+    with NatsServer(users=[observer], log_path=tmp_path / "nats.log") as srv:
+        late = batcher_user("late-0", MODEL)
+
+        async def main() -> None:
+            watcher = await nats.connect(srv.url, user=observer.user, password=observer.password,
+                                         inbox_prefix=observer.inbox_prefix, allow_reconnect=False)
+            with pytest.raises(Exception):  # not a user yet
+                await nats.connect(srv.url, user=late.user, password=late.password, allow_reconnect=False)
+            srv.add_users([late])
+            assert "Reloaded server configuration" in (tmp_path / "nats.log").read_text()
+            nc = await nats.connect(srv.url, user=late.user, password=late.password,
+                                    inbox_prefix=late.inbox_prefix, allow_reconnect=False)
+            sub = await watcher.subscribe(subjects.LOAD_ALL)
+            await flushed(watcher)
+            await nc.publish(subjects.load_subject(MODEL, "late-0"), b"own heartbeat")
+            await nc.publish(subjects.load_subject(MODEL, OTHER), b"forged")  # denied
+            await nc.flush()
+            assert (await sub.next_msg(timeout=5)).data == b"own heartbeat"
+            with pytest.raises(nats.errors.TimeoutError):
+                await sub.next_msg(timeout=0.5)
+            assert watcher.is_connected  # the reload kept existing connections
+            await nc.close()
+            await watcher.close()
+        asyncio.run(main())
