@@ -82,8 +82,8 @@ def wait_until(what: str, check: "callable[[], bool]", timeout_s: float = 60.0) 
 
 def test_load_step_scales_up_and_load_removal_scales_down_completing_every_request(
         tiny_models_dir: Path, tmp_path: Path) -> None:
-    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path, max_batch_size=2,
-                        router_args=("--demand-interval-s", "0.2"))
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path, max_batch_size=2,  # 8 clients on 2 shared cores
+                        router_args=("--demand-interval-s", "0.2", "--heartbeat-misses", "10"))  # delay heartbeats
     counts: list[int] = []
     sampling = threading.Event()
     try:

@@ -43,7 +43,8 @@ def wait_state(backend: LocalFleetBackend, rid: str, state: str, timeout_s: floa
 
 
 def test_add_then_remove_a_replica_under_load_loses_no_request(tiny_models_dir: Path, tmp_path: Path) -> None:
-    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path, max_batch_size=2)
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path, max_batch_size=2,
+                        router_args=("--heartbeat-misses", "10"))  # a busy machine delays heartbeats
     try:
         backend = LocalFleetBackend(stack)
         assert [r.replica_id for r in backend.replicas(TINY)] == [f"{TINY}-0"]
