@@ -123,7 +123,7 @@ class LocalFleetBackend(FleetBackend):
         for batcher in stack.batchers:  # the replicas the stack started with
             rid = batcher.name.replace("batcher-", "", 1)
             worker = next(w for w in stack.workers if w.name == f"worker-{rid}")
-            model = rid.rsplit("-", 1)[0]
+            model = rid.rsplit("-", 1)[0]  # LocalStack names its replicas <model>-<i>
             self._replicas[rid] = _LocalReplica(Replica(rid, model, READY, now, now), worker, batcher)
         stack.on_stop.append(self.close)
 
@@ -133,7 +133,8 @@ class LocalFleetBackend(FleetBackend):
                           key=lambda r: r.started_at)
 
     def add_replica(self, model: str) -> str:
-        if not (self.stack.spec.models_dir / model).is_dir():
+        from switchyard.runtime.stack import model_folder
+        if not (self.stack.spec.models_dir / model_folder(model)).is_dir():
             raise ValueError(f"no model folder {model!r} under {self.stack.spec.models_dir}")
         with self._lock:
             self._counter += 1
@@ -183,12 +184,15 @@ class LocalFleetBackend(FleetBackend):
         thread.start()
 
     def _spawn_worker(self, model: str, rid: str) -> "Service":
+        from switchyard.runtime.stack import model_folder
         spec, stack = self.stack.spec, self.stack
         total = max(sum(spec.replicas.values()), 1)
         threads = spec.worker_threads or max(1, (os.cpu_count() or 1) // total)
+        versioned = ["--served-name", model] if "@" in model else []  # as LocalStack starts its own
         return stack._spawn(f"worker-{rid}", "services.worker", [
-            "--model-dir", str(spec.models_dir / model), "--host", spec.internal_host, "--port", "0",
-            "--threads", str(threads), "--max-sequences", str(spec.max_batch_size), *stack._metrics_args()])
+            "--model-dir", str(spec.models_dir / model_folder(model)), "--host", spec.internal_host, "--port", "0",
+            "--threads", str(threads), "--max-sequences", str(spec.max_batch_size), *stack._metrics_args(),
+            *versioned, *spec.worker_args.get(model, ())])
 
     def _spawn_batcher(self, worker: "Service", rid: str) -> "Service":
         spec, stack = self.stack.spec, self.stack
