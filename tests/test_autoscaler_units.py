@@ -188,3 +188,66 @@ def test_reason_labels_stay_bounded() -> None:
     assert reason_label("scale up 1 → 3: utilisation 1.40 of target 0.70") == "scale_up"
     assert reason_label("hold 2: within tolerance") == "hold"
     assert reason_label("") == "unspecified"
+
+
+@pytest.mark.integration
+def test_the_autoscaler_process_serves_health_and_metrics_and_stops_on_sigterm(nats_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`python -m services.autoscaler` as its own process (the observe backend: compose's mode):
+    health SERVING, a router's demand report for a model at zero turns into a decision of one
+    replica on /metrics, SIGTERM stops it cleanly."""
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    import httpx
+    import nats
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port_file = tmp_path / "ports.json"
+    proc = subprocess.Popen([sys.executable, "-m", "services.autoscaler", "--models", "tiny=0:2:reactive:5",
+                             "--backend", "observe", "--grpc-port", "0", "--metrics-port", "0", "--tick-s", "0.2",
+                             "--nats-url", nats_server.url, "--port-file", str(port_file)],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("SWITCHYARD_")})
+    try:
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text()) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()  # type: ignore[union-attr]
+            time.sleep(0.05)
+        ports = json.loads(port_file.read_text())
+        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+
+        def desired() -> float | None:
+            text = httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=5).text
+            line = next((x for x in text.splitlines() if x.startswith('switchyard_autoscaler_desired_replicas{model="tiny"}')), None)
+            return float(line.rsplit(" ", 1)[1]) if line else None
+
+        deadline = time.monotonic() + 10
+        while desired() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert desired() == 0.0  # min 0, no demand: nothing wanted
+
+        async def demand() -> None:
+            nc = await nats.connect(nats_server.url)
+            report = bus_pb2.DemandReport(model="tiny", router_id="r1", waiting=1, in_flight=1, arrival_rate=0.5,
+                                          interval_s=1.0)
+            for _ in range(10):
+                await nc.publish(demand_subject("tiny"), report.SerializeToString())
+                await asyncio.sleep(0.2)
+            await nc.drain()
+        asyncio.run(demand())
+        assert desired() == 1.0  # a request waits for a replica of a model at zero
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        out = proc.stdout.read().decode()  # type: ignore[union-attr]
+        assert "tiny: 1 replicas wanted" in out and "autoscaler stopping" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -37,17 +37,19 @@ log = logging.getLogger(__name__)
 
 
 class ObserveBackend(FleetBackend):
-    """Changes nothing: the decisions show in logs and metrics only (compose, dry runs)."""
+    """Changes nothing: the decisions show in logs (the autoscaler logs each change of the
+    count it wants) and metrics only (compose, dry runs). Having started nothing, it is asked
+    again every tick, so these calls log at debug level."""
 
     def replicas(self, model: str) -> list[Replica]:
         return []
 
     def add_replica(self, model: str) -> str:
-        log.info("observe: would add a replica of %s", model)
+        log.debug("observe: would add a replica of %s", model)
         return ""
 
     def remove_replica(self, model: str, replica_id: str) -> None:
-        log.info("observe: would remove replica %s of %s", replica_id, model)
+        log.debug("observe: would remove replica %s of %s", replica_id, model)
 
 
 def make_backend(config: AutoscalerConfig) -> FleetBackend:
