@@ -29,6 +29,13 @@ from .scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 
+# Reconnect to the worker within 0.1-1 s, not gRPC's default 1 s doubling to 2 min: a batcher
+# started beside its worker (the lifecycle API's parallel start) or outliving a worker restart
+# would otherwise wait out a backoff long after the worker listens.
+WORKER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+                          ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
 async def wait_for_serving(channel: grpc.aio.Channel, timeout_s: float = 300.0) -> None:
     """Block until the worker's health says SERVING (a model load can take a while)."""
     health = health_pb2_grpc.HealthStub(channel)
@@ -66,9 +73,10 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     interceptors = [BearerToken(config.worker_token)] if config.worker_token else None
     if config.tls_ca:  # mTLS: the worker checks our certificate, we check its
         channel = grpc.aio.secure_channel(config.worker, grpc_channel_credentials(
-            config.tls_ca, config.tls_client_cert, config.tls_client_key), interceptors=interceptors)
+            config.tls_ca, config.tls_client_cert, config.tls_client_key), interceptors=interceptors,
+            options=WORKER_CHANNEL_OPTIONS)
     else:
-        channel = grpc.aio.insecure_channel(config.worker, interceptors=interceptors)
+        channel = grpc.aio.insecure_channel(config.worker, interceptors=interceptors, options=WORKER_CHANNEL_OPTIONS)
     await wait_for_serving(channel)
     worker = worker_pb2_grpc.WorkerStub(channel)
     info = await worker.Info(worker_pb2.InfoRequest())

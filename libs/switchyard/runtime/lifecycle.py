@@ -107,8 +107,14 @@ class LocalFleetBackend(FleetBackend):
     With internal auth, each added replica gets its worker token and batcher NATS user from the
     stack when its worker is spawned (LocalStack._provision_replica reloads nats-server)."""
 
-    def __init__(self, stack: "LocalStack", start_timeout_s: float = 120.0, drain_timeout_s: float = 30.0) -> None:
+    def __init__(self, stack: "LocalStack", start_timeout_s: float = 120.0, drain_timeout_s: float = 30.0,
+                 parallel_start: bool = True) -> None:
         self.stack = stack
+        # Start the batcher with its worker instead of after it: the batcher's own interpreter
+        # start, imports and NATS set-up (~0.5 s, half a tiny model's cold start) then overlap
+        # the worker's weights load; it waits for the worker to serve anyway. The worker's port
+        # is picked up front for that (a port taken in between fails the start, which is retried).
+        self.parallel_start = parallel_start
         self.start_timeout_s = start_timeout_s
         self.drain_timeout_s = drain_timeout_s
         self._lock = threading.Lock()
@@ -139,8 +145,13 @@ class LocalFleetBackend(FleetBackend):
         with self._lock:
             self._counter += 1
             rid = f"{model}-s{self._counter}"  # s: started by the lifecycle API; never reused
-            worker = self._spawner.submit(self._spawn_worker, model, rid).result()
-            rec = _LocalReplica(Replica(rid, model, STARTING, time.monotonic()), worker)
+            started = time.monotonic()
+            port = _free_port(self.stack.spec.internal_host) if self.parallel_start else 0
+            worker = self._spawner.submit(self._spawn_worker, model, rid, port).result()
+            rec = _LocalReplica(Replica(rid, model, STARTING, started), worker)
+            if port:
+                worker.port = port
+                rec.batcher = self._spawner.submit(self._spawn_batcher, worker, rid).result()
             self._replicas[rid] = rec
         self._background(self._bring_up, rec, name=f"start-{rid}")
         log.info("replica %s of %s starting", rid, model)
@@ -183,14 +194,14 @@ class LocalFleetBackend(FleetBackend):
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
 
-    def _spawn_worker(self, model: str, rid: str) -> "Service":
+    def _spawn_worker(self, model: str, rid: str, port: int = 0) -> "Service":
         from switchyard.runtime.stack import model_folder
         spec, stack = self.stack.spec, self.stack
         total = max(sum(spec.replicas.values()), 1)
         threads = spec.worker_threads or max(1, (os.cpu_count() or 1) // total)
         versioned = ["--served-name", model] if "@" in model else []  # as LocalStack starts its own
         return stack._spawn(f"worker-{rid}", "services.worker", [
-            "--model-dir", str(spec.models_dir / model_folder(model)), "--host", spec.internal_host, "--port", "0",
+            "--model-dir", str(spec.models_dir / model_folder(model)), "--host", spec.internal_host, "--port", str(port),
             "--threads", str(threads), "--max-sequences", str(spec.max_batch_size), *stack._metrics_args(),
             *versioned, *spec.worker_args.get(model, ())])
 
@@ -210,7 +221,8 @@ class LocalFleetBackend(FleetBackend):
             with self._lock:
                 if rec.info.state != STARTING:  # removed while starting
                     return
-                rec.batcher = self._spawner.submit(self._spawn_batcher, rec.worker, rid).result()
+                if rec.batcher is None:  # sequential start: the worker's port is known now
+                    rec.batcher = self._spawner.submit(self._spawn_batcher, rec.worker, rid).result()
             rec.batcher.wait_port(max(deadline - time.monotonic(), 0.1))
         except (RuntimeError, TimeoutError) as exc:
             with self._lock:
@@ -232,12 +244,24 @@ class LocalFleetBackend(FleetBackend):
         log.info("replica %s ready after %.2fs", rid, rec.info.cold_start_s or 0.0)
 
     def _drain_and_stop(self, rec: _LocalReplica) -> None:
-        if rec.batcher is not None:
-            rec.batcher.stop(timeout_s=self.drain_timeout_s)  # SIGTERM: drain, then exit
-        rec.worker.stop(timeout_s=10.0)
+        if rec.info.ready_at is None:  # removed while starting: nothing to drain
+            for svc in (rec.worker, rec.batcher):
+                if svc is not None:
+                    svc.stop(timeout_s=5.0)
+        else:
+            if rec.batcher is not None:
+                rec.batcher.stop(timeout_s=self.drain_timeout_s)  # SIGTERM: drain, then exit
+            rec.worker.stop(timeout_s=10.0)
         with self._lock:
             self._replicas.pop(rec.info.replica_id, None)
         log.info("replica %s stopped", rec.info.replica_id)
+
+
+def _free_port(host: str) -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _log_tail(rec: _LocalReplica, lines: int = 3) -> str:
