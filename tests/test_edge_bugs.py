@@ -88,7 +88,7 @@ def test_successful_non_streamed_requests_are_recorded_ok_with_their_latency(edg
     chat = post(edge, "/v1/chat/completions", {"model": TINY, "messages": [{"role": "user", "content": "hi"}],
                                                "max_tokens": 3, "ignore_eos": True})
     text = post(edge, "/v1/completions", {"model": TINY, "prompt": "hello", "max_tokens": 3, "ignore_eos": True})
-    assert chat.status_code == 200 and text.status_code == 200
+    assert chat.status_code == 200 and text.status_code == 200, (chat.text, text.text)
     with grpc.insecure_channel(edge.router_address) as ch:
         done = generate_pb2_grpc.GenerationStub(ch).Complete(
             generate_pb2.GenerateRequest(model=TINY, text="hey", max_tokens=3,

@@ -31,6 +31,8 @@ from .observe import Observation, RequestObserver
 from .rollouts import RequestTap, Resolution, RolloutManager
 from .tenants import Tenant, TenantDirectory
 
+REJOIN_GRACE_S = 0.5  # how long a request waits for an expired replica's late heartbeat
+
 log = logging.getLogger(__name__)
 
 MAX_TEMPERATURE = 2.0
@@ -391,9 +393,13 @@ class RequestPipeline:
         starting) makes the request wait for one — up to `replica_wait_s` and its deadline —
         and tells the autoscaler at once: the client sees a longer TTFT, not an error."""
         model = prepared.entry.name
-        if self.replica_wait_s <= 0 or self.fleet.live(model):
+        if self.fleet.live(model):
             return self.route(prepared, tenant)
-        wait_until = time.monotonic() + self.replica_wait_s
+        # Even without replica_wait_s, a short grace: a replica expired at read time may only be
+        # one whose heartbeats wait unread behind this router's own busy loop (a first request's
+        # work), and it rejoins as soon as they are read — failing at once would 503 a request
+        # that a live replica can serve.
+        wait_until = time.monotonic() + max(self.replica_wait_s, REJOIN_GRACE_S)
         if timeout_s is not None:
             wait_until = min(wait_until, started + timeout_s)
         self.demand.wait_begins(model)
