@@ -35,6 +35,11 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
 from switchyard.model.catalog import ModelCatalog, ModelEntry
+# Imported here, not on a request's path: the first import (scipy) takes ~0.5 s, and on a
+# request it blocked the router's event loop long enough for replicas to expire.
+from switchyard.rollouts.analysis import ArmSamples, Thresholds, compare
+from switchyard.rollouts.canary import CanaryController, CanaryPlan
+from switchyard.rollouts.experiments import assign_arm
 from switchyard.rollouts.state import (ACTIONS, FEEDBACK_BUCKET, SAMPLES_BUCKET, Decision, RolloutState, RolloutStore,
                                        StaleRevision, describe, kv_key, new_rollout, open_bucket, operate, versioned)
 
@@ -208,7 +213,6 @@ class RolloutManager:
         """The version serving this request: pinned (`name@version`) as asked; else the
         rollout's choice — canary by the request (a fresh draw per request), A/B by the
         user/session key (sticky), blue-green and shadow all to the active side."""
-        from switchyard.rollouts.experiments import assign_arm
         if "@" in model:
             return Resolution(model)
         state = self.states.get(model)
@@ -286,7 +290,6 @@ class RolloutManager:
             self._samples_dirty.add(state.model)
 
     def _window(self, state: RolloutState) -> ArmWindow:
-        from switchyard.rollouts.analysis import ArmSamples
         key = (state.step, state.step_started_at, state.candidate)
         window = self.windows.get(state.model)
         if window is None or window.key != key:
@@ -295,7 +298,6 @@ class RolloutManager:
 
     def analysis(self, model: str) -> dict[str, Any] | None:
         """This router's view of the running canary step: the verdict on its window so far."""
-        from switchyard.rollouts.analysis import Thresholds, compare
         state, window = self.states.get(model), self.windows.get(model)
         if state is None or window is None or not state.running or state.mode != "canary":
             return None
@@ -337,8 +339,6 @@ class RolloutManager:
 
     async def tick(self, model: str, now: float) -> Decision | None:
         """One analysis of `model`'s canary; applies the action with compare-and-set."""
-        from switchyard.rollouts.analysis import Thresholds
-        from switchyard.rollouts.canary import CanaryController, CanaryPlan
         state, revision = self.states[model], self.revisions.get(model, 0)
         window = self._window(state)
         plan = CanaryPlan(steps=tuple(state.steps), step_duration_s=state.step_duration_s,
@@ -374,7 +374,6 @@ class RolloutManager:
 
     # ---- shadow -------------------------------------------------------------------------
     def _maybe_mirror(self, tap: RequestTap, state: RolloutState) -> None:
-        from switchyard.rollouts.experiments import assign_arm
         rid = tap.prepared.request.request_id
         if assign_arm(rid, ["skip", "mirror"], [1 - state.shadow_fraction, state.shadow_fraction], salt="shadow") != "mirror":
             return
