@@ -142,7 +142,9 @@ def test_scale_to_zero_then_one_request_succeeds_after_a_cold_start(tiny_models_
             wait_until("the cold start measured (next tick)", lambda: costs.get(TINY) != costs.default_s, timeout_s=5)
             cold = costs.get(TINY)
             assert 0 < cold < waited  # the request waited out the cold start
-            assert reply.summary.timings.time_to_first_token_s > cold
+            # The cold start is read at an autoscaler tick (tick_s=0.2 here), so it can read up to
+            # a tick late; the request's TTFT holds the whole real cold start.
+            assert reply.summary.timings.time_to_first_token_s > cold - 0.2
             assert json.loads(cold_file.read_text())[TINY] == pytest.approx(cold)
             assert any(e.kind == "decision" and "zero" in e.detail for e in scaler.autoscaler.events)
     finally:
