@@ -59,6 +59,16 @@ class TokenBucket:
         self.level = min(self.capacity, self.level + amount)
 
 
+def _refuse_if_over(tenant: Tenant, requests: TokenBucket, budget: TokenBucket, tokens: float) -> None:
+    """RESOURCE_EXHAUSTED with the wait until one request and `tokens` fit, if they do not now."""
+    wait = max(requests.wait_for(1), budget.wait_for(tokens))
+    if wait > 0:
+        which = "requests" if requests.wait_for(1) > 0 else "tokens"
+        raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
+                           f"tenant {tenant.name} is over its {which}-per-minute limit; retry in {wait:.1f}s",
+                           retry_after_s=wait)
+
+
 @dataclass
 class Reservation:
     tenant: Tenant
@@ -87,12 +97,7 @@ class RateLimiter:
                                f"max_tokens: request needs {tokens} tokens (prompt + max_tokens) but tenant "
                                f"{tenant.name} may use {budget.capacity:.0f} per minute; lower max_tokens",
                                field="max_tokens")
-        wait = max(requests.wait_for(1), budget.wait_for(tokens))
-        if wait > 0:
-            which = "requests" if requests.wait_for(1) > 0 else "tokens"
-            raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
-                               f"tenant {tenant.name} is over its {which}-per-minute limit; retry in {wait:.1f}s",
-                               retry_after_s=wait)
+        _refuse_if_over(tenant, requests, budget, tokens)
         requests.take(1)
         budget.take(tokens)
         return Reservation(tenant, tokens)
@@ -105,12 +110,7 @@ class RateLimiter:
         if tenant.requests_per_minute == float("inf") and tenant.tokens_per_minute == float("inf"):
             return Reservation(tenant, 0)
         requests, budget = self._buckets(tenant)
-        wait = max(requests.wait_for(1), budget.wait_for(min(min_tokens, budget.capacity)))
-        if wait > 0:
-            which = "requests" if requests.wait_for(1) > 0 else "tokens"
-            raise RequestError(ErrorKind.RESOURCE_EXHAUSTED,
-                               f"tenant {tenant.name} is over its {which}-per-minute limit; retry in {wait:.1f}s",
-                               retry_after_s=wait)
+        _refuse_if_over(tenant, requests, budget, min(min_tokens, budget.capacity))
         requests.take(1)
         return Reservation(tenant, 0, request_taken=True)
 

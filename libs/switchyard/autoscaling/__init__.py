@@ -7,9 +7,9 @@ file there. The same objects run in the autoscaler service and in `switchyard si
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
+
+from switchyard.discovery import discover
 
 from . import policies
 from .policy import Decision, Demand, ScalingLimits, ScalingPolicy
@@ -18,20 +18,7 @@ __all__ = ["Decision", "Demand", "ScalingLimits", "ScalingPolicy", "make_scaling
            "scaling_policy_names"]
 
 
-def _discover() -> dict[str, type[ScalingPolicy]]:
-    found: dict[str, type[ScalingPolicy]] = {}
-    for module_info in pkgutil.iter_modules(policies.__path__):
-        module = importlib.import_module(f"{policies.__name__}.{module_info.name}")
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, ScalingPolicy) and not inspect.isabstract(value) \
-                    and value.__module__ == module.__name__:
-                if value.name in found:
-                    raise RuntimeError(f"two scaling policies are named {value.name!r}")
-                found[value.name] = value
-    return found
-
-
-POLICIES: dict[str, type[ScalingPolicy]] = _discover()
+POLICIES: dict[str, type[ScalingPolicy]] = discover(policies, ScalingPolicy, "scaling")
 
 
 def scaling_policy_names() -> list[str]:

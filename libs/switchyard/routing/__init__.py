@@ -6,9 +6,7 @@ modules of `switchyard.routing.policies`, so a new policy is one new file there.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from switchyard.discovery import discover
 from switchyard.fleet.view import FleetView
 
 from . import policies
@@ -17,20 +15,7 @@ from .policy import Inflight, NoReplicaError, RoutingPolicy, RoutingRequest
 __all__ = ["Inflight", "NoReplicaError", "RoutingPolicy", "RoutingRequest", "make_policy", "policy_names"]
 
 
-def _discover() -> dict[str, type[RoutingPolicy]]:
-    found: dict[str, type[RoutingPolicy]] = {}
-    for module_info in pkgutil.iter_modules(policies.__path__):
-        module = importlib.import_module(f"{policies.__name__}.{module_info.name}")
-        for value in vars(module).values():
-            if isinstance(value, type) and issubclass(value, RoutingPolicy) and value is not RoutingPolicy \
-                    and value.__module__ == module.__name__:
-                if value.name in found:
-                    raise RuntimeError(f"two routing policies are named {value.name!r}")
-                found[value.name] = value
-    return found
-
-
-POLICIES: dict[str, type[RoutingPolicy]] = _discover()
+POLICIES: dict[str, type[RoutingPolicy]] = discover(policies, RoutingPolicy, "routing")
 
 
 def policy_names() -> list[str]:
