@@ -102,9 +102,6 @@ def up(
         console.print(f"[red]missing model folders {missing} in {models_dir}[/red]: run `make model` "
                       "(or `switchyard model convert` / `switchyard model tiny`)")
         raise typer.Exit(2)
-    if autoscale and tls:
-        console.print("[red]--autoscale does not run with --tls yet[/red]: the autoscaler has no NATS TLS settings")
-        raise typer.Exit(2)
     log_dir.mkdir(parents=True, exist_ok=True)
     dev_key, dev_key_created = None, False
     if tenants_file is None:
@@ -116,6 +113,10 @@ def up(
         from switchyard.tls import make_dev_ca
         make_dev_ca(tls)
         console.print(f"development CA and certificates written to {tls}/ (trust {tls}/ca.pem in clients)")
+    elif tls is not None:  # a folder made before a role existed (autoscaler): issue its certificate from that CA
+        from switchyard.tls import add_missing_client_certs
+        for role in add_missing_client_certs(tls):
+            console.print(f"issued a client certificate for {role} in {tls}/ from its CA")
     spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, internal_host=internal_host, tls=tls,
                      internal_auth=internal_auth, grpc_port=grpc_port, http_port=http_port,
                      nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
@@ -177,9 +178,12 @@ def _start_autoscaler(stack: "LocalStack", models: str, options: str, metrics_ho
     from switchyard.config import load_config
     from switchyard.runtime.lifecycle import LocalFleetBackend
     assert stack.nats is not None
-    creds = stack.nats_credentials("autoscaler")  # replicas it adds get theirs from the stack
+    creds = stack.nats_credentials("autoscaler")  # replicas it adds get theirs (and TLS flags) from the stack
+    tls = stack.tls
+    tls_files = {"tls_ca": tls.ca, "tls_client_cert": tls.client_cert("autoscaler"),
+                 "tls_client_key": tls.client_key("autoscaler")} if tls else {}
     config = load_config(AutoscalerConfig, [], nats_url=stack.nats.url, backend="local", grpc_port=0, metrics_port=0,
-                         nats_user=creds.get("user"), nats_password=creds.get("password"),
+                         nats_user=creds.get("user"), nats_password=creds.get("password"), **tls_files,
                          metrics_host=metrics_host, models=tuple(m for m in models.split(",") if m),
                          policy_options=tuple(o for o in options.split(",") if o),
                          cold_start_file=Path("runs") / "cold_start.json")

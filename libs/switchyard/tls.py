@@ -4,7 +4,8 @@ credentials the services and clients build from its files.
 One folder holds the CA, one server certificate (localhost, 127.0.0.1 and any extra names)
 presented by the gateway, nats-server and the workers, and one client certificate per service
 role for mutual TLS: the router and the batchers to NATS, the batchers to their worker, and an
-`observer` for tests and tools. Private keys are written 0600 from creation. A development CA
+`observer` for tests and tools, and the `autoscaler` (it reads heartbeats and demand from NATS).
+Private keys are written 0600 from creation. A development CA
 is not a production PKI: the point is that the same code paths (verify the peer, present a
 client certificate) run in development and tests as they would with real certificates.
 """
@@ -21,7 +22,7 @@ from typing import Iterable
 from switchyard.bus.auth import write_private
 from switchyard.config import ConfigError
 
-CLIENT_ROLES = ("router", "batcher", "observer")
+CLIENT_ROLES = ("router", "batcher", "observer", "autoscaler")
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -138,24 +139,59 @@ def make_dev_ca(out: Path, hosts: Iterable[str] = DEFAULT_HOSTS, days: int = 365
 
     def issue(cn: str, usage: x509.ObjectIdentifier, cert_path: Path, key_path: Path,
               sans: list | None = None) -> None:  # type: ignore[type-arg]
-        key = _new_key()
-        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_name)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(start).not_valid_after(end)
-                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                   .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                                  critical=False))
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        _write_key(key_path, key)
-        _write_cert(cert_path, builder.sign(ca_key, hashes.SHA256()))
+        _issue(ca_key, ca_name, cn, usage, cert_path, key_path, start, end, sans)
 
     hosts = list(dict.fromkeys(hosts))
     issue("switchyard-server", ExtendedKeyUsageOID.SERVER_AUTH, tls.server_cert, tls.server_key, _sans(hosts))
     for role in CLIENT_ROLES:
         issue(f"switchyard-{role}", ExtendedKeyUsageOID.CLIENT_AUTH, tls.client_cert(role), tls.client_key(role))
     return tls
+
+
+def _issue(ca_key, ca_name, cn: str, usage, cert_path: Path, key_path: Path,  # type: ignore[no-untyped-def]
+           start: datetime.datetime, end: datetime.datetime, sans: list | None = None) -> None:  # type: ignore[type-arg]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+    key = _new_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Switchyard development"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(end)
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                              critical=False))
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    _write_key(key_path, key)
+    _write_cert(cert_path, builder.sign(ca_key, hashes.SHA256()))
+
+
+def add_missing_client_certs(path: Path, days: int = 365) -> list[str]:
+    """Issue, from the CA in `path`, a client certificate for each role that has none yet (a
+    folder made before a role existed, e.g. `autoscaler`); returns the roles issued. Why: the
+    certificates already handed out stay valid, unlike a fresh `switchyard certs`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    tls = TlsDir(path)
+    missing = [r for r in CLIENT_ROLES if not (tls.client_cert(r).is_file() and tls.client_key(r).is_file())]
+    if not missing:
+        return []
+    if not (tls.ca.is_file() and tls.ca_key.is_file()):
+        raise ConfigError(f"TLS folder {path}: no ca.pem and ca-key.pem to issue {missing} from; "
+                          f"create the folder with `switchyard certs --out {path}`")
+    ca_cert = x509.load_pem_x509_certificate(tls.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(tls.ca_key.read_bytes(), password=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), min(now + datetime.timedelta(days=days),
+                                                           ca_cert.not_valid_after_utc)
+    for role in missing:
+        _issue(ca_key, ca_cert.subject, f"switchyard-{role}", ExtendedKeyUsageOID.CLIENT_AUTH,
+               tls.client_cert(role), tls.client_key(role), start, end)
+    return missing
 
 
 # ---- use -----------------------------------------------------------------------------------

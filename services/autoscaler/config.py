@@ -20,6 +20,11 @@ class AutoscalerConfig:
     nats_user: str = field(default="", metadata={"help": "NATS user (empty: connect without credentials)"})
     nats_password: str = field(default="", repr=False, metadata={
         "help": "NATS password; set it in the environment, not as a flag (flags show in ps)"})
+    tls_ca: Path | None = field(default=None, metadata={
+        "help": "CA that signed nats-server's certificate (set: NATS over TLS)"})
+    tls_client_cert: Path | None = field(default=None, metadata={
+        "help": "client certificate presented to nats-server (mTLS; `switchyard certs` writes autoscaler.pem)"})
+    tls_client_key: Path | None = field(default=None, metadata={"help": "private key of tls_client_cert"})
     models: tuple[str, ...] = field(default=(), metadata={
         "help": "models to scale: name=min:max[:policy[:scale_to_zero_after_s]],... (policy: reactive, predictive)"})
     policy_options: tuple[str, ...] = field(default=(), metadata={
@@ -63,6 +68,10 @@ class AutoscalerConfig:
         return out
 
     def validate(self) -> None:
+        from switchyard.tls import check_pair
+        check_pair("autoscaler NATS client", self.tls_client_cert, self.tls_client_key, self.tls_ca)
+        if self.tls_client_cert and not self.tls_ca:
+            raise ConfigError("autoscaler: tls_client_cert needs tls_ca (the CA that signed nats-server's certificate)")
         if not self.models:
             raise ConfigError("models: name at least one model to scale (name=min:max[:policy])")
         names = [m.model for m in self.scaling()]

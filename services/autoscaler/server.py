@@ -26,6 +26,7 @@ from switchyard.fleet.view import FleetView
 from switchyard.runtime.lifecycle import FleetBackend, Replica, setup_logging, stop_event
 from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.metrics import serve_metrics
+from switchyard.tls import client_context
 from switchyard.v1 import bus_pb2
 
 from services.router.demand import DEMAND_ALL
@@ -94,7 +95,9 @@ async def serve(config: AutoscalerConfig, backend: FleetBackend | None = None, s
             if report.waiting and not fleet.live(report.model):
                 wake.set()  # scale from zero now, not at the next tick
 
-    nc = await connect(config.nats_url, name="autoscaler", user=config.nats_user, password=config.nats_password)
+    tls = client_context(config.tls_ca, config.tls_client_cert, config.tls_client_key) if config.tls_ca else None
+    nc = await connect(config.nats_url, name="autoscaler", user=config.nats_user, password=config.nats_password,
+                       tls=tls)
     await fleet.subscribe(nc)
     await nc.subscribe(DEMAND_ALL, cb=on_demand)
     server = grpc.aio.server()
@@ -105,9 +108,10 @@ async def serve(config: AutoscalerConfig, backend: FleetBackend | None = None, s
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     if config.port_file:
         config.port_file.write_text(json.dumps({"grpc": grpc_port, "metrics": metrics_port}))
-    log.info("autoscaler: %s via %s backend, tick %.1fs, health %s:%d",
+    log.info("autoscaler: %s via %s backend, tick %.1fs, health %s:%d, NATS %s",
              ", ".join(f"{s.model}={s.limits.min_replicas}..{s.limits.max_replicas} {s.policy}"
-                       for s in config.scaling()), config.backend, config.tick_s, config.host, grpc_port)
+                       for s in config.scaling()), config.backend, config.tick_s, config.host, grpc_port,
+             "over TLS" if tls else "plaintext")
     if ready is not None:
         ready.set()
     stopper = asyncio.ensure_future(stop.wait())

@@ -182,6 +182,9 @@ class LocalStack:
             return ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key), "--tls-ca", str(tls.ca),
                     "--tls-client-cert", str(tls.client_cert("router")),
                     "--tls-client-key", str(tls.client_key("router"))]
+        if module == "services.autoscaler":
+            return ["--tls-ca", str(tls.ca), "--tls-client-cert", str(tls.client_cert("autoscaler")),
+                    "--tls-client-key", str(tls.client_key("autoscaler"))]
         return []
 
     def auth_metadata(self) -> tuple[tuple[str, str], ...]:
@@ -322,9 +325,11 @@ class LocalStack:
 
     def nats_credentials(self, user: str) -> dict[str, object]:
         """`nats.connect(stack.nats.url, **stack.nats_credentials("autoscaler"))`: that user's
-        credentials and inbox prefix, and a TLS context when TLS is on ({} without either)."""
+        credentials and inbox prefix, and a TLS context when TLS is on ({} without either),
+        presenting that role's client certificate when `switchyard certs` issues one."""
+        from switchyard.tls import CLIENT_ROLES
         assert self.nats is not None
-        tls = {"tls": self.ssl_context("observer")} if self.spec.tls else {}
+        tls = {"tls": self.ssl_context(user if user in CLIENT_ROLES else "observer")} if self.spec.tls else {}
         if not self.nats.users:
             return tls
         u = self.nats.user(user)
