@@ -25,6 +25,7 @@ from switchyard.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 
 from .config import WorkerConfig
 from .engine import Engine, EngineError
+from .providers import ProviderError, assert_provider, resolve_provider
 from .sampling import SamplingParams
 from .telemetry import record_prefix_cache, record_sequence_spans, record_step
 
@@ -208,10 +209,19 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     await server.start()
     try:
+        # "auto" resolved here (logged: which and why); CUDA asked for and not loadable, or a
+        # session that fell back to the CPU, is a ProviderError: the worker refuses to start.
+        provider = resolve_provider(config.provider)
         engine = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
-                                     threads=config.threads, provider=config.provider, spin=config.spin,
+                                     threads=config.threads, provider=provider, spin=config.spin,
                                      prefix_cache_bytes=config.prefix_cache_mib << 20))
+        assert_provider([engine.provider], provider)
+    except ProviderError as exc:
+        log.error("worker refuses to start: %s", exc)
+        await server.stop(0)
+        executor.shutdown(wait=False)
+        raise
     except Exception:
         log.exception("model %s cannot run; health stays NOT_SERVING", config.model_dir)
         await stop.wait()
@@ -254,4 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     from switchyard.config import load_config
     import sys
     setup_logging("worker")
-    run_loop(serve(load_config(WorkerConfig, sys.argv[1:] if argv is None else argv)))
+    try:
+        run_loop(serve(load_config(WorkerConfig, sys.argv[1:] if argv is None else argv)))
+    except ProviderError:  # already logged with its reason; health never said SERVING
+        sys.exit(3)
