@@ -43,6 +43,9 @@ class WorkerConfig:
         "help": "TEST ONLY: sleep this long per generated token (a planted slow version)"})
     fault_fail_fraction: float = field(default=0.0, metadata={
         "help": "TEST ONLY: refuse this fraction of sequences (chosen by a hash of the sequence id)"})
+    fault_start_delay_s: float = field(default=0.0, metadata={
+        "help": "TEST ONLY: wait this long after loading the model before serving (a longer cold start, "
+                "as a production-size model's weights load would take; bench/autoscaling_live.py)"})
 
     def validate(self) -> None:
         from switchyard.tls import check_pair
@@ -60,6 +63,8 @@ class WorkerConfig:
             raise ConfigError("lease_s must be positive")
         if self.fault_delay_per_token_ms < 0 or not 0.0 <= self.fault_fail_fraction <= 1.0:
             raise ConfigError("fault_delay_per_token_ms must be ≥ 0 and fault_fail_fraction in [0, 1]")
+        if self.fault_start_delay_s < 0:
+            raise ConfigError("fault_start_delay_s must be ≥ 0")
         if self.served_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9._-]{1,64})?",
                                                  self.served_name):
             raise ConfigError(f"served_name {self.served_name!r} must be a model name, optionally @version")

@@ -232,6 +232,12 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     if config.fault_delay_per_token_ms or config.fault_fail_fraction:
         log.warning("TEST-ONLY faults on: %.1f ms per token, %.0f%% of sequences refused",
                     config.fault_delay_per_token_ms, 100 * config.fault_fail_fraction)
+    if config.fault_start_delay_s:  # test-only: a longer cold start (health stays NOT_SERVING meanwhile)
+        log.warning("TEST-ONLY start delay: serving in %.1fs", config.fault_start_delay_s)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=config.fault_start_delay_s)
+        except TimeoutError:
+            pass
     servicer.engine = engine
     for name in ("", worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
