@@ -62,6 +62,10 @@ from rich.table import Table  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from services.worker.sampling import SamplingParams  # noqa: E402
 from switchyard.model.convert import MODEL_NAMES, convert_gguf, is_complete  # noqa: E402
+
+# Plain-op builds of the same variants (build_llama_onnx graph="plain"): our engine's baseline
+# with --plain, and what onnxruntime-genai runs (it cannot feed the fused graph's inputs).
+PLAIN_MODELS = REPO / ".cache" / "plain-models"
 from switchyard.model.gguf_source import ensure_gguf  # noqa: E402
 
 console = Console(stderr=True)
@@ -256,10 +260,10 @@ def run_engine(engine: Engine, prompts: list[list[int]], new_tokens: int, prefil
             "wall_s": max(last), "tokens0": tokens0}
 
 
-def bench_ours(models_dir: Path, variants: list[str], prompts: list[list[int]], args, progress: Progress) -> list[Run]:
+def bench_ours(targets: list[tuple[str, Path]], prompts: list[list[int]], args, progress: Progress) -> list[Run]:
+    """Our engine on each (label, model folder)."""
     runs = []
-    for variant in variants:
-        folder = models_dir / MODEL_NAMES[variant]
+    for variant, folder in targets:
         task = progress.add_task(f"switchyard {variant}: load", total=None)
         engine = Engine(folder, threads=args.threads, max_sequences=max(args.concurrency), provider="cpu",
                         spin=args.spin)
@@ -482,6 +486,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration; the fastest decode is kept")
     ap.add_argument("--skip-worker", action="store_true", help="skip the worker cold start / memory part")
     ap.add_argument("--skip-genai", action="store_true")
+    ap.add_argument("--plain", action="store_true", help="also run our engine on the plain-op graph of each "
+                    "variant (the fused graph's baseline, same weights)")
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--markdown", action="store_true", help="also print the tables as markdown")
     ap.add_argument("--json", type=Path, help="write every number (and raw timelines) here")
@@ -496,6 +502,10 @@ def main() -> int:
         console.print(f"[yellow]building model folders in {models_dir}…")
         convert_gguf(models_dir, variants=variants)
     gguf = ensure_gguf()
+    plain_dir = PLAIN_MODELS
+    if args.plain or (args.reference_python and not args.skip_genai):
+        console.print(f"plain-op graphs of {variants} in {plain_dir} (our --plain baseline, onnxruntime-genai)")
+        convert_gguf(plain_dir, variants=variants, graph="plain")
     snap_dir = tempfile.TemporaryDirectory(prefix="bench-models-")
     if not args.no_snapshot:
         for v in variants:
@@ -530,14 +540,17 @@ def main() -> int:
         prompts_file = Path(tmp) / "prompts.json"
         prompts_file.write_text(json.dumps({"prompts": prompts}))
 
-        runs += bench_ours(models_dir, variants, prompts, args, progress)
+        targets = [(v, models_dir / MODEL_NAMES[v]) for v in variants]
+        if args.plain:
+            targets += [(f"{v} plain", plain_dir / MODEL_NAMES[v]) for v in variants]
+        runs += bench_ours(targets, prompts, args, progress)
 
         if args.reference_python:
             if not args.skip_llama:
                 refs.append(bench_reference(args.reference_python, "llama", gguf, "gguf", prompts_file, args, progress))
             if not args.skip_genai:
                 for v in variants:
-                    refs.append(bench_reference(args.reference_python, "genai", models_dir / MODEL_NAMES[v],
+                    refs.append(bench_reference(args.reference_python, "genai", plain_dir / MODEL_NAMES[v],
                                                 v, prompts_file, args, progress))
         else:
             console.print("[yellow]--reference-python not given: llama.cpp and onnxruntime-genai skipped")

@@ -50,7 +50,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from int4_agreement import PROMPTS, common_prefix, decode_rate, greedy_all  # noqa: E402
 from services.worker.engine import Engine  # noqa: E402
 from switchyard.model.catalog import ModelCatalog  # noqa: E402
-from switchyard.model.config import LlamaConfig  # noqa: E402
+from switchyard.model.config import LlamaConfig, ModelManifest  # noqa: E402
+from switchyard.model.graph_io import empty_past, present_names, step_feeds  # noqa: E402
 from switchyard.model.convert import INT4_MODEL_NAME, convert_gguf, model_name  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -70,21 +71,18 @@ def params_per_token(c: LlamaConfig, bridged: bool = False) -> tuple[int, int]:
     return per_layer * c.num_hidden_layers + bridge, c.vocab_size * c.hidden_size
 
 
-def heldout_loglik(session: ort.InferenceSession, c: LlamaConfig, ids: list[int], row: int = 128
+def heldout_loglik(session: ort.InferenceSession, manifest: ModelManifest, ids: list[int], row: int = 128
                    ) -> tuple[float, int]:
     """Mean log p(token | preceding tokens of its row), teacher-forced one position per call
     (the graph returns last-position logits only); the text is cut into rows of ``row`` tokens
     decoded together as one batch."""
     rows = len(ids) // row
     batch = np.array(ids[: rows * row], dtype=np.int64).reshape(rows, row)
-    past = {f"past_key_values.{i}.{k}": np.zeros((rows, c.num_key_value_heads, 0, c.head_dim), np.float32)
-            for i in range(c.num_hidden_layers) for k in ("key", "value")}
-    out_names = ["logits"] + [n.replace("past_key_values", "present") for n in past]
+    past = empty_past(manifest, rows, row)
+    out_names = ["logits"] + present_names(manifest)
     total, n = 0.0, 0
     for t in range(row - 1):
-        feeds = {"input_ids": batch[:, t:t + 1], "attention_mask": np.ones((rows, t + 1), np.int64),
-                 "position_ids": np.full((rows, 1), t, np.int64), **past}
-        logits, *present = session.run(out_names, feeds)
+        logits, *present = session.run(out_names, step_feeds(manifest, batch[:, t:t + 1], t, past))
         z = logits[:, -1, :].astype(np.float64)
         m = z.max(axis=-1, keepdims=True)
         logp = z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
@@ -158,7 +156,7 @@ def main() -> None:
                 times.append(time.perf_counter() - s)
             progress.advance(task)
             progress.update(task, description=f"{d.name}: held-out text")
-            loglik, _ = heldout_loglik(engine.session, c, text_ids)
+            loglik, _ = heldout_loglik(engine.session, engine.manifest, text_ids)
             progress.advance(task)
             ref = outputs[INT4_MODEL_NAME]
             n = len(prompts)

@@ -28,6 +28,21 @@ def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_fused_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model (same weights, same name) built as the fused graph
+    (GroupQueryAttention, KV pool); engine and stack tests run on both graphs."""
+    models = tmp_path_factory.mktemp("models-fused")
+    build_tiny_model(models, name=TINY, seed=0, graph="fused")
+    return models
+
+
+@pytest.fixture(scope="session", params=["plain", "fused"])
+def tiny_graph_models_dir(request: pytest.FixtureRequest) -> Path:
+    """tiny_models_dir, then tiny_fused_models_dir: a test using it runs once per graph kind."""
+    return request.getfixturevalue("tiny_models_dir" if request.param == "plain" else "tiny_fused_models_dir")
+
+
+@pytest.fixture(scope="session")
 def real_models_dir() -> Path:
     """The real SmolLM2 models, converted once per machine into the same folder `make run`
     uses (override with SWITCHYARD_TEST_MODELS_DIR)."""

@@ -19,8 +19,8 @@ TEXTS = ["hello world", "the quick brown fox jumps over the lazy dog", "a", "ser
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_models_dir: Path) -> Engine:
-    return Engine(tiny_models_dir / TINY, max_sequences=16)
+def engine(tiny_graph_models_dir: Path) -> Engine:
+    return Engine(tiny_graph_models_dir / TINY, max_sequences=16)
 
 
 @pytest.fixture(scope="module")

@@ -104,8 +104,8 @@ def check_reuse(engine: Engine, system: list[int], questions: list[list[int]], n
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_models_dir: Path) -> Engine:
-    return Engine(tiny_models_dir / TINY, max_sequences=16, prefix_cache_bytes=64 * MIB)
+def tiny(tiny_graph_models_dir: Path) -> Engine:
+    return Engine(tiny_graph_models_dir / TINY, max_sequences=16, prefix_cache_bytes=64 * MIB)
 
 
 def tiny_tokens(seed: int, n: int, vocab: int) -> list[int]:
@@ -138,10 +138,10 @@ def test_tiny_prefill_computes_only_the_uncached_rest(tiny: Engine) -> None:
 
 
 @pytest.mark.unit
-def test_tiny_eviction_under_a_small_budget_keeps_results_correct(tiny_models_dir: Path) -> None:
-    probe = Engine(tiny_models_dir / TINY, max_sequences=1).config
+def test_tiny_eviction_under_a_small_budget_keeps_results_correct(tiny_graph_models_dir: Path) -> None:
+    probe = Engine(tiny_graph_models_dir / TINY, max_sequences=1).config
     block_bytes = 2 * probe.num_hidden_layers * probe.num_key_value_heads * BLOCK_SIZE * probe.head_dim * 4
-    engine = Engine(tiny_models_dir / TINY, max_sequences=16, prefix_cache_bytes=3 * block_bytes)  # three blocks
+    engine = Engine(tiny_graph_models_dir / TINY, max_sequences=16, prefix_cache_bytes=3 * block_bytes)  # three blocks
     v = engine.config.vocab_size
     check_reuse(engine, tiny_tokens(10, 40, v), [tiny_tokens(i, 9 + i, v) for i in range(11, 15)], 10,
                 roomy=False)

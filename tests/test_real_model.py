@@ -24,6 +24,7 @@ from services.worker.engine import Engine
 from services.worker.sampling import SamplingParams
 from switchyard.model.catalog import ModelCatalog, ModelEntry
 from switchyard.model.config import MODEL_FILE, ModelManifest
+from switchyard.model.graph_io import prompt_feeds
 from switchyard.model.convert import (
     FP32_MODEL_NAME,
     INT4_FAST_MODEL_NAME,
@@ -115,14 +116,7 @@ def _last_logits(folder: Path, ids: list[int], accuracy_level: int | None = None
                     a.i = accuracy_level
         model = proto.SerializeToString()
     sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    c = ModelManifest.load(folder).config
-    feeds = {"input_ids": np.array([ids], np.int64),
-             "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
-    for i in range(c.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
-    return sess.run(["logits"], feeds)[0][0, 0]
+    return sess.run(["logits"], prompt_feeds(ModelManifest.load(folder), ids))[0][0, 0]
 
 
 def _run_batch(engine: Engine, jobs: dict[str, tuple[list[int], SamplingParams, int, int]],

@@ -15,6 +15,7 @@ from onnx import numpy_helper
 from services.worker.engine import Engine
 from switchyard.model.catalog import ModelCatalog
 from switchyard.model.config import MODEL_FILE, ModelManifest
+from switchyard.model.graph_io import prompt_feeds
 from switchyard.model.convert import (
     DEFAULT_VARIANTS,
     INT4_MODEL_NAME,
@@ -76,13 +77,7 @@ def _last_logits(folder: Path, ids: list[int]) -> np.ndarray:
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     sess = ort.InferenceSession(str(folder / MODEL_FILE), so, providers=["CPUExecutionProvider"])
-    c = ModelManifest.load(folder).config
-    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids), dtype=np.int64)[None]}
-    for i in range(c.num_hidden_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
-    return sess.run(["logits"], feeds)[0][0, 0]
+    return sess.run(["logits"], prompt_feeds(ModelManifest.load(folder), ids))[0][0, 0]
 
 
 @pytest.mark.slow

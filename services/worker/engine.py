@@ -1,13 +1,10 @@
-"""The inference engine of one replica: ONNX Runtime session, per-sequence KV cache, sampling.
+"""The inference engine of one replica: ONNX Runtime session, sequences, sampling.
 
-Ragged batching without a per-sequence loop: every running sequence lives in one decode
-batch whose KV tensors are [batch, kv_heads, T, head_dim]. A sequence shorter than T is
-left-padded and its padding masked by `attention_mask`; its rotary positions come from its
-own length, so padding never changes its results. A decode step is one ONNX Runtime call for
-the whole batch, and its `present.*` outputs become the next step's `past_key_values.*`
-inputs as OrtValues (I/O binding), so on CUDA the cache stays on the device and per step
-only token ids go in and only logits come out. Joins and leaves (rare next to steps) rebuild
-the batch tensors on the host.
+Ragged batching without a per-sequence loop: every running sequence is a row of one decode
+batch, and a decode step is one ONNX Runtime call for the whole batch. Where the rows' KV lives
+and how a step extends it depends on the graph (decode_batch.py): `FusedBatch` for graphs on
+ONNX Runtime's fused operators (KV in a preallocated device pool, appended in place),
+`PlainBatch` for plain-op graphs (left-padded rows, KV concatenated per step).
 
 Prefix cache (`prefix_cache.py`): a new sequence whose leading 16-token blocks are cached
 starts with their KV and prefills only the rest. Blocks are copied into the cache only when a
@@ -26,8 +23,12 @@ import numpy as np
 import onnxruntime as ort
 
 from switchyard.model.config import MODEL_FILE, ModelManifest
+from switchyard.model.folder import graph_kind
 from switchyard.prefix.blocks import BLOCK_SIZE, block_hashes
 
+from .decode_batch import DecodeBatch
+from .fused_batch import FusedBatch
+from .plain_batch import PlainBatch
 from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, sample_token
 
@@ -48,7 +49,7 @@ class Sequence:
     params: SamplingParams
     seed: int
     processed: int = 0  # prompt tokens whose KV is cached
-    private_kv: list[ort.OrtValue] | None = None  # KV while prefilling (before joining the batch)
+    private_kv: Any = None  # the decode batch's own KV of this sequence while its prompt is prefilled in chunks
     generated: list[int] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)
     traceparent: str = ""
@@ -125,23 +126,24 @@ class Engine:
         # between steps (on 2 shared cores it doubled the stack's p90 step latency); a worker
         # with cores of its own decodes ~25% faster with spinning on (`spin`).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+        providers = choose_providers(provider)
         self.session = ort.InferenceSession(str(self.model_dir / MODEL_FILE), sess_options=options,
-                                            providers=choose_providers(provider))
+                                            providers=providers)
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         n = self.config.num_hidden_layers
-        self._past_names = [f"past_key_values.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
-        self._present_names = [f"present.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
-        self._kv_shape = (self.config.num_key_value_heads, self.config.head_dim)
+        self.graph = graph_kind(self.manifest)
         self.sequences: dict[str, Sequence] = {}
-        # The decode batch: ids in row order, KV per past name, attention mask [B, T].
-        self._batch_ids: list[str] = []
-        self._batch_kv: list[ort.OrtValue] = []
-        self._batch_mask = np.zeros((0, 0), dtype=np.int64)
+        kv_heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
+        self.batch: DecodeBatch = (
+            FusedBatch(self.session, providers, self.device, n, kv_heads, head_dim,
+                       max_rows=max_sequences, max_length=self.context_length)
+            if self.graph == "fused" else PlainBatch(self.session, self.device, n, kv_heads, head_dim))
         # KV of finished and prefilled prefixes, named by chained block hashes in the model's
         # namespace (the router computes the same hashes to find the replica holding a prefix).
         self.prefix_cache = PrefixCache(prefix_cache_bytes, BLOCK_SIZE) if prefix_cache_bytes > 0 else None
-        log.info("engine ready: model=%s provider=%s layers=%d", self.manifest.name, self.provider, n)
+        log.info("engine ready: model=%s graph=%s provider=%s layers=%d", self.manifest.name, self.graph,
+                 self.provider, n)
 
     # ---- bookkeeping -------------------------------------------------------------------
     @property
@@ -202,9 +204,7 @@ class Engine:
         n = self.prefix_cache.lookup(wanted)
         if n == 0:
             return
-        kv = self.prefix_cache.assemble(wanted[:n])
-        seq.private_kv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(kv[i][None]), self.device, 0)
-                          for i in range(len(self._past_names))]
+        self.batch.seed(seq, self.prefix_cache.assemble(wanted[:n]))
         seq.processed = seq.cached_tokens = n * BLOCK_SIZE
 
     def _keep_prefix(self, hashes: list[int], kv: list[np.ndarray]) -> None:
@@ -218,36 +218,28 @@ class Engine:
         and generated tokens) goes to the prefix cache first: a chat's next turn repeats this
         prompt and answer."""
         gone = [seq for sid in sequence_ids if (seq := self.sequences.pop(sid, None)) is not None]
-        ids = {seq.sequence_id for seq in gone}
-        rows = [i for i, sid in enumerate(self._batch_ids) if sid in ids]
-        # The batch's KV on the host, once: for the cache and for the rows that stay.
-        needed = rows and (self.prefix_cache is not None or len(rows) < len(self._batch_ids))
-        host = self._host_kv() if needed else None
+        in_batch = set(self.batch.ids)
         if self.prefix_cache is not None:
             for seq in gone:
                 if seq.private_kv is not None and seq.processed >= BLOCK_SIZE:  # left mid-prefill
-                    self._keep_prefix(self._hashes(seq.prompt[:seq.processed]),
-                                      [v.numpy()[0] for v in seq.private_kv])
-            by_id = {seq.sequence_id: seq for seq in gone}
-            for row in rows:
-                self._keep_row(by_id[self._batch_ids[row]], row, host)  # type: ignore[arg-type]
-        if rows:
-            self._drop_rows(rows, host)
+                    self._keep_prefix(self._hashes(seq.prompt[:seq.processed]), self.batch.private_kv(seq))
+                elif seq.sequence_id in in_batch:
+                    self._keep_row(seq)
+        self.batch.drop({seq.sequence_id for seq in gone})
         return gone
 
-    def _keep_row(self, seq: Sequence, row: int, host: list[np.ndarray]) -> None:
-        """Cache the blocks of a decode-batch row: its last cache_length columns (rows are
-        left-padded, the mask is 1 on them) hold the KV of its prompt and generated tokens but
-        the last."""
-        n = int(self._batch_mask[row].sum())
-        if n != seq.cache_length:  # never expected; a wrong block would corrupt later outputs
-            log.warning("not caching %s: %d KV columns for %d tokens", seq.sequence_id, n, seq.cache_length)
-            return
+    def _keep_row(self, seq: Sequence) -> None:
+        """Cache the blocks of a decode-batch row: the KV of its prompt and generated tokens but
+        the last (cache_length positions)."""
+        n = seq.cache_length
         if n < BLOCK_SIZE:
             return
+        kv = self.batch.row_kv(seq.sequence_id, n)
+        if kv is None:  # never expected; a wrong block would corrupt later outputs
+            log.warning("not caching %s: its row does not hold %d KV positions", seq.sequence_id, n)
+            return
         tokens = np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)])[:n]
-        width = host[0].shape[2]
-        self._keep_prefix(self._hashes(tokens), [a[row, :, width - n:, :] for a in host])
+        self._keep_prefix(self._hashes(tokens), kv)
 
     # ---- one iteration -----------------------------------------------------------------
     def step(self, prefill: list[tuple[str, int]], decode: bool, decode_steps: int = 1) -> StepResult:
@@ -255,8 +247,8 @@ class Engine:
         each), then prompt chunks (sequence id, max tokens or 0 for all remaining); a sequence
         whose prompt completes here joins the batch and decodes from the next step on."""
         result = StepResult(tokens=[], prefill_remaining={})
-        if decode and self._batch_ids:
-            room = min(self.context_length - 1 - self.sequences[sid].cache_length for sid in self._batch_ids)
+        if decode and self.batch.ids:
+            room = min(self.context_length - 1 - self.sequences[sid].cache_length for sid in self.batch.ids)
             for _ in range(max(1, min(decode_steps, room))):
                 self._decode(result)
         t0 = time.perf_counter()
@@ -273,13 +265,13 @@ class Engine:
             if seq.processed == 0 and n == len(seq.prompt):
                 whole.append(seq)
                 continue
-            logits = self._prefill_chunk(seq, n)
+            logits = self.batch.prefill_chunk(seq, n)
+            seq.processed += n
             if seq.prefill_remaining == 0:
-                self._first_token(seq, logits[0, -1], result)
-                own = [v.numpy() for v in seq.private_kv or []]
-                seq.private_kv = None
-                self._keep_prefix(seq.prompt_hashes, [a[0] for a in own])
-                self._join_rows([seq.sequence_id], own, np.ones((1, own[0].shape[2]), dtype=np.int64))
+                self._first_token(seq, logits, result)
+                if self.prefix_cache is not None and seq.prompt_hashes:
+                    self._keep_prefix(seq.prompt_hashes, self.batch.private_kv(seq))
+                self.batch.join(seq)
             else:
                 result.prefill_remaining[seq.sequence_id] = seq.prefill_remaining
         for group in _prefill_groups(whole):
@@ -287,86 +279,50 @@ class Engine:
         result.prefill_s = time.perf_counter() - t0
         return result
 
-    def _first_token(self, seq: Sequence, logits: np.ndarray, result: StepResult) -> None:
+    def _first_token(self, seq: Sequence, logits: np.ndarray, result: StepResult, best: int | None = None) -> None:
+        """Sample (or take the graph's argmax ``best`` for plain greedy) the prompt's first token."""
         t_s = time.perf_counter()
-        token = self._sample(seq, logits)
+        if best is not None and seq.params.plain_greedy:
+            token = best
+            seq.generated.append(token)
+            seq.seen.add(token)
+        else:
+            token = self._sample(seq, logits)
         seq.first_token_ns = time.time_ns()
         result.sample_s += time.perf_counter() - t_s
         result.tokens.append((seq.sequence_id, token, True))
         result.cached_prompt_tokens[seq.sequence_id] = seq.cached_tokens
 
     def _prefill_together(self, seqs: list[Sequence], result: StepResult) -> None:
-        """Whole prompts in one ONNX Runtime call: left-padded to the longest, padding masked,
-        positions counted per row. The rows come out laid out as the decode batch wants them
-        (padding on the left), so they join it as they are."""
-        lengths = [len(s.prompt) for s in seqs]
-        width = max(lengths)
-        ids = np.zeros((len(seqs), width), dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        positions = np.zeros((len(seqs), width), dtype=np.int64)
-        for row, (seq, length) in enumerate(zip(seqs, lengths)):
-            ids[row, width - length:] = seq.prompt
-            mask[row, width - length:] = 1
-            positions[row, width - length:] = np.arange(length)
-        logits, present = self._run({"input_ids": ids, "attention_mask": mask, "position_ids": positions},
-                                    self._empty_kv(len(seqs), 0))
-        kv = [p.numpy() for p in present]
-        for row, (seq, length) in enumerate(zip(seqs, lengths)):
-            seq.processed = length
-            self._first_token(seq, logits[row, -1], result)
-            self._keep_prefix(seq.prompt_hashes, [a[row, :, width - length:, :] for a in kv])
-        self._join_rows([s.sequence_id for s in seqs], kv, mask)
-
-    def _run(self, feeds: dict[str, np.ndarray], past: list[ort.OrtValue]) -> tuple[np.ndarray, list[ort.OrtValue]]:
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        for name, value in zip(self._past_names, past):
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
-        for name in self._present_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        return outputs[0].numpy(), list(outputs[1:])
-
-    def _empty_kv(self, batch: int, length: int) -> list[ort.OrtValue]:
-        zeros = np.zeros((batch, *self._kv_shape[:1], length, self._kv_shape[1]), dtype=np.float32)
-        return [ort.OrtValue.ortvalue_from_numpy(zeros, self.device, 0) for _ in self._past_names]
-
-    def _prefill_chunk(self, seq: Sequence, n: int) -> np.ndarray:
-        start = seq.processed
-        ids = seq.prompt[start:start + n][None, :]
-        past = seq.private_kv if seq.private_kv is not None else self._empty_kv(1, 0)
-        feeds = {
-            "input_ids": np.ascontiguousarray(ids),
-            "attention_mask": np.ones((1, start + n), dtype=np.int64),
-            "position_ids": np.arange(start, start + n, dtype=np.int64)[None, :],
-        }
-        logits, seq.private_kv = self._run(feeds, past)
-        seq.processed += n
-        return logits
+        """Whole prompts in one ONNX Runtime call; their rows join the decode batch."""
+        logits, best = self.batch.prefill_whole(seqs)
+        for row, seq in enumerate(seqs):
+            seq.processed = len(seq.prompt)
+            self._first_token(seq, logits[row], result, None if best is None else int(best[row]))
+        if self.prefix_cache is not None:
+            for seq in seqs:
+                if seq.prompt_hashes:
+                    kv = self.batch.row_kv(seq.sequence_id, len(seq.prompt))
+                    if kv is not None:
+                        self._keep_prefix(seq.prompt_hashes, kv)
 
     def _decode(self, result: StepResult) -> None:
         """One batched ONNX Runtime call over every sequence in the batch."""
         t0 = time.perf_counter()
-        seqs = [self.sequences[sid] for sid in self._batch_ids]
-        ids = np.array([[s.generated[-1]] for s in seqs], dtype=np.int64)
-        positions = np.array([[s.cache_length] for s in seqs], dtype=np.int64)
-        mask = np.concatenate([self._batch_mask, np.ones((len(seqs), 1), dtype=np.int64)], axis=1)
-        logits, present = self._run(
-            {"input_ids": ids, "attention_mask": mask, "position_ids": positions}, self._batch_kv)
-        self._batch_kv, self._batch_mask = present, mask
+        seqs = [self.sequences[sid] for sid in self.batch.ids]
+        logits, best = self.batch.decode(seqs)
         result.decode_s += time.perf_counter() - t0
         result.decode_batch_size = len(seqs)
         result.decode_steps += 1
         t_s = time.perf_counter()
-        last = logits[:, -1, :]
         greedy_rows = [i for i, s in enumerate(seqs) if s.params.plain_greedy]
-        picked = dict(zip(greedy_rows, np.argmax(last[greedy_rows], axis=-1).tolist())) if greedy_rows else {}
+        if best is not None:
+            picked = {row: int(best[row]) for row in greedy_rows}
+        else:
+            picked = dict(zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist())) if greedy_rows else {}
         for row, seq in enumerate(seqs):
             token = picked[row] if row in picked else sample_token(
-                last[row], seq.params, seq.seen, seq.token_rng())
+                logits[row], seq.params, seq.seen, seq.token_rng())
             seq.generated.append(token)
             seq.seen.add(token)
             seq.decode_steps += 1
@@ -379,42 +335,6 @@ class Engine:
         seq.generated.append(token)
         seq.seen.add(token)
         return token
-
-    # ---- batch membership ----------------------------------------------------------------
-    def _host_kv(self) -> list[np.ndarray]:
-        return [v.numpy() for v in self._batch_kv]
-
-    def _set_batch(self, ids: list[str], kv: list[np.ndarray], mask: np.ndarray) -> None:
-        self._batch_ids = ids
-        self._batch_mask = np.ascontiguousarray(mask)
-        self._batch_kv = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.device, 0) for a in kv]
-
-    def _join_rows(self, ids: list[str], kv: list[np.ndarray], mask: np.ndarray) -> None:
-        """Append rows (KV per past name [rows, kv_heads, T, head_dim] and their mask) to the
-        decode batch, left-padding whichever side is shorter."""
-        if not self._batch_ids:
-            self._set_batch(list(ids), kv, mask)
-            return
-        batch_kv = self._host_kv()
-        target = max(batch_kv[0].shape[2], kv[0].shape[2])
-        self._set_batch(self._batch_ids + list(ids),
-                        [np.concatenate([_left_pad(a, target), _left_pad(b, target)], axis=0)
-                         for a, b in zip(batch_kv, kv)],
-                        np.concatenate([_left_pad_mask(self._batch_mask, target), _left_pad_mask(mask, target)], axis=0))
-
-    def _drop_rows(self, rows: list[int], host: list[np.ndarray] | None = None) -> None:
-        dropped = set(rows)
-        keep = [i for i in range(len(self._batch_ids)) if i not in dropped]
-        if not keep:
-            self._batch_ids, self._batch_kv = [], []
-            self._batch_mask = np.zeros((0, 0), dtype=np.int64)
-            return
-        mask = self._batch_mask[keep]
-        # Columns that are padding in every remaining row are dropped (compaction).
-        first = int(np.argmax(mask.any(axis=0)))
-        self._set_batch([self._batch_ids[i] for i in keep],
-                        [a[keep][:, :, first:, :] for a in (host if host is not None else self._host_kv())],
-                        mask[:, first:])
 
     # ---- convenience ---------------------------------------------------------------------
     def generate(self, prompt: list[int], max_tokens: int, params: SamplingParams | None = None,
@@ -446,15 +366,3 @@ def _prefill_groups(seqs: list[Sequence], max_padding: float = 0.5) -> list[list
         else:
             groups.append([seq])
     return groups
-
-
-def _left_pad(a: np.ndarray, width: int) -> np.ndarray:
-    pad = width - a.shape[2]
-    if pad == 0:
-        return a
-    return np.pad(a, ((0, 0), (0, 0), (pad, 0), (0, 0)))
-
-
-def _left_pad_mask(mask: np.ndarray, width: int) -> np.ndarray:
-    pad = width - mask.shape[1]
-    return mask if pad == 0 else np.pad(mask, ((0, 0), (pad, 0)))

@@ -88,6 +88,9 @@ INT4_ACCURACY_LEVEL = 0
 # `switchyard model convert --variant int4-fast`) computes with int8 activations — the
 # arithmetic llama.cpp's Q4_1 kernels use — and keeps the GGUF's Q8_0 lm_head as 8-bit blocks:
 # 44% identical greedy continuations, 98% identical first tokens (bench/int4_agreement.py).
+# The graph every variant is built as (manifest extra["graph"], build_llama_onnx's ``graph``):
+# "fused" (ONNX Runtime's contrib operators, KV pool; faster, see docs/benchmarks.md) or "plain".
+DEFAULT_GRAPH = "fused"
 INT4_SETTINGS = {"int4": (INT4_ACCURACY_LEVEL, 8 if INT4_ACCURACY_LEVEL == 4 else 32), "int4-fast": (4, 8)}
 
 
@@ -205,12 +208,13 @@ def is_complete(folder: Path) -> bool:
     return (Path(folder) / MANIFEST_FILE).is_file()
 
 
-def is_current(folder: Path) -> bool:
-    """Complete and written by this FORMAT_VERSION (an unreadable manifest counts as stale)."""
+def is_current(folder: Path, graph: str = DEFAULT_GRAPH) -> bool:
+    """Complete, written by this FORMAT_VERSION as ``graph`` (an unreadable manifest counts as stale)."""
     if not is_complete(folder):
         return False
     try:
-        return ModelManifest.load(folder).extra.get("format_version") == FORMAT_VERSION
+        extra = ModelManifest.load(folder).extra
+        return extra.get("format_version") == FORMAT_VERSION and extra.get("graph", "plain") == graph
     except (OSError, ValueError, TypeError, KeyError):
         return False
 
@@ -222,7 +226,7 @@ def prequantized_weights(model: GgufModel) -> dict[str, BlockQuantized]:
 
 
 def make_manifest(model: GgufModel, variant: str, source: Path | str,
-                  bridge_info: Mapping[str, object] | None = None) -> ModelManifest:
+                  bridge_info: Mapping[str, object] | None = None, graph: str = DEFAULT_GRAPH) -> ModelManifest:
     cfg = model.config
     meta = model.metadata
     layers = truncated_layers(variant)
@@ -246,6 +250,7 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str,
         source=str(source),
         extra={
             "format_version": FORMAT_VERSION,
+            "graph": graph,
             "gguf_name": meta.get("name"),
             "gguf_quant_types": meta.get("quant_types"),
             "tokenizer_pre": meta.get("tokenizer_pre"),
@@ -265,6 +270,7 @@ def convert_gguf(
     gguf_path: Path | None = None,
     progress: ProgressFn | None = None,
     bridge_cache: Path | None = BRIDGE_CACHE,
+    graph: str = DEFAULT_GRAPH,
 ) -> list[Path]:
     """Write ``models_dir/<name>`` for every variant; returns the folders in ``variants`` order.
 
@@ -281,7 +287,7 @@ def convert_gguf(
     for v in variants:
         model_name(v)  # validate early
     targets = {v: models_dir / model_name(v) for v in variants}
-    todo = [v for v in variants if not is_current(targets[v])]
+    todo = [v for v in variants if not is_current(targets[v], graph)]
     if not todo:
         return [targets[v] for v in variants]
 
@@ -297,7 +303,7 @@ def convert_gguf(
     for v in todo:
         final = targets[v]
         bridge = bridges.get(truncated_layers(v)) if is_bridged(v) else None
-        manifest = make_manifest(model, v, src, bridge.info if bridge else None)
+        manifest = make_manifest(model, v, src, bridge.info if bridge else None, graph)
         staging = models_dir / f".{final.name}.tmp-{os.getpid()}"
         if staging.exists():
             shutil.rmtree(staging)
@@ -343,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", action="append", dest="variants",
                         help=f"one of {sorted(MODEL_NAMES)}, int4-l<N> or int4-l<N>b (repeatable)")
     parser.add_argument("--gguf", type=Path, default=None)
+    parser.add_argument("--graph", choices=("fused", "plain"), default=DEFAULT_GRAPH)
     args = parser.parse_args(argv)
 
     last: dict[str, int] = {}
@@ -353,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
 
     for path in convert_gguf(args.models_dir, variants=tuple(args.variants or DEFAULT_VARIANTS),
-                             gguf_path=args.gguf, progress=report):
+                             gguf_path=args.gguf, progress=report, graph=args.graph):
         print(path)
 
 

@@ -141,6 +141,7 @@ def write_model_folder(
         prequantized=prequantized if manifest.variant == "int4" else None,
         lm_head_bits=None if lm_head_bits is None else int(lm_head_bits),
         bridge=bridge,
+        graph=graph_kind(manifest),
     )
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(
@@ -149,6 +150,11 @@ def write_model_folder(
     (out_dir / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(manifest), indent=2))
     manifest.save(out_dir)
     return out_dir
+
+
+def graph_kind(manifest: ModelManifest) -> str:
+    """"plain" or "fused" (manifest.extra["graph"]; folders written before it are plain)."""
+    return str(manifest.extra.get("graph", "plain"))
 
 
 def load_manifest(folder: Path) -> ModelManifest:

@@ -55,6 +55,7 @@ OPSET = 17
 MS_DOMAIN = "com.microsoft"
 MASK_VALUE = -1e9  # finite "minus infinity": fully masked rows stay NaN-free
 VARIANTS = ("fp32", "int4")
+GRAPHS = ("plain", "fused")
 LM_HEAD_BITS = (8, 32)  # int4 variant's lm_head: MatMulNBits bits=8, or float32
 
 Progress = Callable[[str, int, int], None]
@@ -142,6 +143,7 @@ def build_llama_onnx(
     lm_head_bits: int | None = None,
     bridge: tuple[np.ndarray, np.ndarray] | None = None,
     hidden_outputs: Sequence[int] = (),
+    graph: str = "plain",
 ) -> Path:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) for ``config`` and return its path.
 
@@ -175,9 +177,20 @@ def build_llama_onnx(
     before any bridge or norm) whose residual stream is added as an extra graph output
     ``hidden.{i}`` [B, S, hidden] at every position — what the bridge is fitted on. Serving
     graphs have none.
+
+    ``graph``: "plain" (standard ONNX ops, the I/O contract in config.py; what the numpy
+    reference tests check) or "fused" (ONNX Runtime's contrib operators and the fused I/O
+    contract, ``FUSED_CONTRACT`` in config.py: GroupQueryAttention with rotary inside and the KV
+    in a preallocated buffer that is past and present at once, SimplifiedLayerNormalization /
+    SkipSimplifiedLayerNormalization, one packed q/k/v projection, greedy ArgMax in the graph).
     """
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    fused = graph == "fused"
+    if fused and hidden_outputs:
+        raise ValueError("hidden_outputs need the plain graph (the bridge is fitted on it)")
     hidden_outputs = sorted(set(hidden_outputs))
     if any(not 0 <= i <= config.num_hidden_layers for i in hidden_outputs):
         raise ValueError(f"hidden_outputs {hidden_outputs} outside 0..{config.num_hidden_layers}")
@@ -200,7 +213,7 @@ def build_llama_onnx(
     model.ir_version = 8  # opset 17 era; understood by every ORT >= 1.14
     model.producer_name = "switchyard"
     model.opset_import.append(helper.make_opsetid("", OPSET))
-    if variant == "int4":
+    if variant == "int4" or fused:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     model.graph.name = "llama"
     g = _Graph(model)
@@ -240,16 +253,23 @@ def build_llama_onnx(
             return g.op("MatMul", [x, g.init(f"{name}.weight", w)], name)
         return nbits(x, quantized(w_in_out, bits, source), name)
 
-    def linears(x: str, parts: list[tuple[np.ndarray, str, str]]) -> list[str]:
+    def linears(x: str, parts: list[tuple[np.ndarray, str, str]], *, split: bool = True) -> list[str] | str:
         """Several 4-bit projections of the same x: in the int4 variant one MatMulNBits over
-        the concatenated weights, then Split (fewer kernel launches and block-offset nodes)."""
+        the concatenated weights, then Split (fewer kernel launches and block-offset nodes).
+        ``split=False`` returns the packed output [..., sum of N] (the fused graph's q/k/v,
+        which GroupQueryAttention takes packed); fp32 then concatenates the weights."""
+        name = parts[0][1].rsplit(".", 1)[0] + "." + "_".join(n.rsplit(".", 1)[1] for _, n, _ in parts)
         if variant == "fp32":
+            if not split:
+                return linear(x, np.concatenate([w for w, _, _ in parts], axis=1), name)
             return [linear(x, w, name, source=src) for w, name, src in parts]
         bqs = [quantized(w, 4, src) for w, name, src in parts]
         if len({(b.bits, b.block_size) for b in bqs}) > 1:
-            return [nbits(x, bq, name) for bq, (_, name, _) in zip(bqs, parts)]
-        name = parts[0][1].rsplit(".", 1)[0] + "." + "_".join(n.rsplit(".", 1)[1] for _, n, _ in parts)
+            outs = [nbits(x, bq, name) for bq, (_, name, _) in zip(bqs, parts)]
+            return outs if split else g.op("Concat", outs, f"{name}.packed", axis=-1)
         y = nbits(x, concat_outputs(bqs), name)
+        if not split:
+            return y
         return g.op("Split", [y, g.const([b.n for b in bqs])], f"{name}.split",
                     n_out=len(parts), axis=-1)
 
@@ -267,9 +287,6 @@ def build_llama_onnx(
             y = g.op("Add", [y, corr], f"{name}.exact")
         return y
 
-    eps = g.const(np.float32(c.rms_norm_eps), np.float32)
-    two = g.const(np.float32(2.0), np.float32)
-
     def rms_norm(x: str, w: np.ndarray, name: str) -> str:
         # Pow → ReduceMean → Add → Sqrt → Div → Mul: the pattern ORT fuses into
         # SimplifiedLayerNormalization at ORT_ENABLE_EXTENDED and above.
@@ -278,6 +295,24 @@ def build_llama_onnx(
         std = g.op("Sqrt", [g.op("Add", [mean, eps], f"{name}.add")], f"{name}.sqrt")
         normed = g.op("Div", [x, std], f"{name}.div")
         return g.op("Mul", [normed, g.init(f"{name}.weight", w.astype(np.float32))], name)
+
+    def lm_head(x: str, embed: np.ndarray, embed_name: str) -> str:
+        """x [B, 1, hid] → logits [B, 1, vocab]."""
+        lm = embed if c.tie_word_embeddings else _get(weights, "lm_head.weight", (vocab, hid))
+        lm_source = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        if (variant == "fp32" or lm_head_bits == 32) and c.tie_word_embeddings:
+            # Share the embedding initializer: Gemm with transB on [B, hid] → [B, vocab].
+            x2 = g.op("Reshape", [x, g.const([-1, hid])], "lm_head.in2d")
+            y = g.op("Gemm", [x2, embed_name], "lm_head", transB=1)
+            return g.op("Unsqueeze", [y, g.const([1])], "lm_head.out3d")
+        return linear(x, lm.T, "lm_head", bits=lm_head_bits, source=lm_source)
+
+    if fused:
+        _fused_body(g, model, c, weights, linear, linears, lm_head, bridge, report)
+        return _save(model, out_dir, report)
+
+    eps = g.const(np.float32(c.rms_norm_eps), np.float32)
+    two = g.const(np.float32(2.0), np.float32)
 
     # ---- graph inputs / outputs -------------------------------------------------------------
     gi, go = model.graph.input, model.graph.output
@@ -412,17 +447,12 @@ def build_llama_onnx(
         last = g.op("MatMul", [last, g.init("bridge.weight", np.asarray(bw, np.float32))], "bridge.matmul")
         last = g.op("Add", [last, g.init("bridge.bias", np.asarray(bb, np.float32))], "bridge")
     x = rms_norm(last, _get(weights, "model.norm.weight", (hid,)), "model.norm")
-    lm = embed if c.tie_word_embeddings else _get(weights, "lm_head.weight", (vocab, hid))
-    lm_source = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-    if (variant == "fp32" or lm_head_bits == 32) and c.tie_word_embeddings:
-        # Share the embedding initializer: Gemm with transB on [B, hid] → [B, vocab].
-        x2 = g.op("Reshape", [x, g.const([-1, hid])], "lm_head.in2d")
-        y = g.op("Gemm", [x2, embed_name], "lm_head", transB=1)
-        logits_src = g.op("Unsqueeze", [y, g.const([1])], "lm_head.out3d")
-    else:
-        logits_src = linear(x, lm.T, "lm_head", bits=lm_head_bits, source=lm_source)
+    logits_src = lm_head(x, embed, embed_name)
     model.graph.node.append(helper.make_node("Identity", [logits_src], ["logits"], name="logits"))
+    return _save(model, out_dir, report)
 
+
+def _save(model: onnx.ModelProto, out_dir: Path, report: Progress) -> Path:
     report("save", 0, 1)
     path = out_dir / MODEL_FILE
     data_path = out_dir / DATA_FILE
@@ -434,3 +464,102 @@ def build_llama_onnx(
     )
     report("save", 1, 1)
     return path
+
+
+def _fused_body(g: _Graph, model: onnx.ModelProto, c: LlamaConfig, weights: Mapping[str, np.ndarray],
+                linear: Callable[..., str], linears: Callable[..., list[str] | str],
+                lm_head: Callable[[str, np.ndarray, str], str], bridge: tuple[np.ndarray, np.ndarray] | None, report: Progress) -> None:
+    """The decoder on ONNX Runtime's contrib operators (I/O: ``FUSED_CONTRACT`` in config.py).
+
+    Per layer: SkipSimplifiedLayerNormalization (the residual add and the RMSNorm in one node;
+    the first layer has no skip yet, so plain SimplifiedLayerNormalization) → one packed q/k/v
+    projection → GroupQueryAttention (rotary inside, HF rotate_half layout; KV appended in place
+    into the buffer bound as both past and present at row b's position seqlens_k[b] + 1 - S) →
+    o_proj → SkipSimplifiedLayerNormalization → gate/up → SiLU · up → down. Rows are
+    right-padded: row b's new tokens are its first (seqlens_k[b] + 1 - past_b) positions of S,
+    and ``last_token_index`` names the one whose logits are returned.
+    """
+    hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    hid, inter, vocab, n_layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    q_dim, kv_dim = nh * hd, nkv * hd
+    gi, go = model.graph.input, model.graph.output
+    gi.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
+    gi.append(helper.make_tensor_value_info("last_token_index", TensorProto.INT64, ["batch_size"]))
+    gi.append(helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]))
+    gi.append(helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []))
+    kv = ["batch_size", nkv, "max_sequence_length", hd]
+    for i in range(n_layers):
+        for kind in ("key", "value"):
+            gi.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
+    go.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, vocab]))
+    go.append(helper.make_tensor_value_info("next_token", TensorProto.INT64, ["batch_size"]))
+    for i in range(n_layers):
+        for kind in ("key", "value"):
+            go.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv))
+
+    embed = _get(weights, "model.embed_tokens.weight", (vocab, hid)).astype(np.float32, copy=False)
+    embed_name = g.init("model.embed_tokens.weight", embed)
+    h = g.op("Gather", [embed_name, "input_ids"], "embed", axis=0)  # [B, S, hid]
+    inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    freqs = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inv_freq)  # [maxpos, hd/2]
+    cos_cache = g.init("rope.cos_cache", np.cos(freqs).astype(np.float32))
+    sin_cache = g.init("rope.sin_cache", np.sin(freqs).astype(np.float32))
+    eps = float(c.rms_norm_eps)
+
+    def norm(x: str, w: np.ndarray, name: str) -> str:
+        return g.op("SimplifiedLayerNormalization", [x, g.init(f"{name}.weight", w.astype(np.float32))],
+                    name, axis=-1, epsilon=eps, stash_type=1)
+
+    def skip_norm(x: str, skip: str, w: np.ndarray, name: str) -> tuple[str, str]:
+        """(RMSNorm(x + skip) * w, x + skip) in one node."""
+        outs = g.op("SkipSimplifiedLayerNormalization", [x, skip, g.init(f"{name}.weight", w.astype(np.float32))],
+                    name, n_out=4, domain=MS_DOMAIN, epsilon=eps)
+        return outs[0], outs[3]
+
+    delta: str | None = None  # the last sub-layer's output, not yet added to h
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        w_in = _get(weights, f"{p}.input_layernorm.weight", (hid,))
+        if delta is None:
+            x = norm(h, w_in, f"{p}.input_layernorm")
+        else:
+            x, h = skip_norm(h, delta, w_in, f"{p}.input_layernorm")
+        qkv = linears(x, [(_get(weights, f"{p}.self_attn.{n}.weight", (o, hid)).T, f"{p}.self_attn.{n}",
+                           f"{p}.self_attn.{n}.weight")
+                          for n, o in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim))], split=False)
+        attn = f"{p}.attn"
+        model.graph.node.append(helper.make_node(
+            "GroupQueryAttention",
+            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
+             "total_sequence_length", cos_cache, sin_cache],
+            [attn, f"present.{i}.key", f"present.{i}.value"], name=f"{p}.gqa", domain=MS_DOMAIN,
+            num_heads=nh, kv_num_heads=nkv, do_rotary=1, rotary_interleaved=0, scale=1.0 / math.sqrt(hd)))
+        wo = _get(weights, f"{p}.self_attn.o_proj.weight", (hid, q_dim))
+        o = linear(attn, wo.T, f"{p}.self_attn.o_proj", source=f"{p}.self_attn.o_proj.weight")
+        x, h = skip_norm(h, o, _get(weights, f"{p}.post_attention_layernorm.weight", (hid,)),
+                         f"{p}.post_attention_layernorm")
+        gate, up = linears(x, [(_get(weights, f"{p}.mlp.{n}.weight", (inter, hid)).T, f"{p}.mlp.{n}",
+                                f"{p}.mlp.{n}.weight") for n in ("gate_proj", "up_proj")])
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp.sigmoid")], f"{p}.mlp.silu")
+        act = g.op("Mul", [act, up], f"{p}.mlp.swiglu")
+        wd = _get(weights, f"{p}.mlp.down_proj.weight", (hid, inter))
+        delta = linear(act, wd.T, f"{p}.mlp.down_proj", source=f"{p}.mlp.down_proj.weight")
+        report("layers", i + 1, n_layers)
+
+    # ---- head: one position per row (last_token_index), then norm and lm_head -------------
+    h = g.op("Add", [h, delta], "final_residual") if delta is not None else h
+    index = g.op("Expand", [g.op("Reshape", ["last_token_index", g.const([-1, 1, 1])], "last_index_3d"),
+                            g.op("Concat", [g.op("Shape", ["last_token_index"], "batch_shape"),
+                                            g.const([1, hid])], "last_index_shape", axis=0)], "last_index")
+    last = g.op("GatherElements", [h, index], "last", axis=1)  # [B, 1, hid]
+    if bridge is not None:
+        bw, bb = bridge
+        if np.shape(bw) != (hid, hid) or np.shape(bb) != (hid,):
+            raise ValueError(f"bridge must be ([{hid}, {hid}], [{hid}]), got {np.shape(bw)}, {np.shape(bb)}")
+        last = g.op("MatMul", [last, g.init("bridge.weight", np.asarray(bw, np.float32))], "bridge.matmul")
+        last = g.op("Add", [last, g.init("bridge.bias", np.asarray(bb, np.float32))], "bridge")
+    x = norm(last, _get(weights, "model.norm.weight", (hid,)), "model.norm")
+    logits_src = lm_head(x, embed, embed_name)
+    model.graph.node.append(helper.make_node("Identity", [logits_src], ["logits"], name="logits"))
+    best = g.op("ArgMax", ["logits"], "argmax", axis=-1, keepdims=0)  # [B, 1]
+    model.graph.node.append(helper.make_node("Reshape", [best, g.const([-1])], ["next_token"], name="next_token"))

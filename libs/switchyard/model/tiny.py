@@ -131,7 +131,8 @@ def byte_tokenizer(vocab_size: int = TINY_CONFIG.vocab_size) -> tokenizers.Token
     return tok
 
 
-def tiny_manifest(name: str = "tiny-llama", seed: int = 0, variant: str = "fp32") -> ModelManifest:
+def tiny_manifest(name: str = "tiny-llama", seed: int = 0, variant: str = "fp32",
+                  graph: str = "plain") -> ModelManifest:
     return ModelManifest(
         name=name,
         config=TINY_CONFIG,
@@ -142,11 +143,12 @@ def tiny_manifest(name: str = "tiny-llama", seed: int = 0, variant: str = "fp32"
         eos_token_ids=(SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")),
         chat_template=CHATML_TEMPLATE,
         source=f"random(seed={seed})",
+        extra={"graph": graph} if graph != "plain" else {},
     )
 
 
 def build_tiny_model(
-    models_dir: Path, name: str = "tiny-llama", seed: int = 0, *, variant: str = "fp32"
+    models_dir: Path, name: str = "tiny-llama", seed: int = 0, *, variant: str = "fp32", graph: str = "plain"
 ) -> Path:
     """Write ``models_dir/name`` (a full model folder) unless it already has switchyard.json.
 
@@ -161,7 +163,7 @@ def build_tiny_model(
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
     try:
         write_model_folder(
-            tmp, tiny_manifest(name, seed, variant), random_weights(TINY_CONFIG, seed),
+            tmp, tiny_manifest(name, seed, variant, graph), random_weights(TINY_CONFIG, seed),
             byte_tokenizer(TINY_CONFIG.vocab_size),
         )
         os.chmod(tmp, 0o755)

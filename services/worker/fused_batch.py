@@ -1,0 +1,266 @@
+"""`FusedBatch`: the decode batch of a fused graph (GroupQueryAttention, FUSED_CONTRACT in
+switchyard.model.config), with its KV in a preallocated pool on the session's device.
+
+The pool holds one buffer per past name, [rows, kv_heads, length, head_dim]. Row r belongs to the
+r-th running sequence and is right-padded: its first ``lengths[r]`` positions are its tokens.
+Rows 0..B-1 are the batch; a step binds that leading slice of every buffer as both
+``past_key_values.*`` and ``present.*`` (I/O binding by address), so GroupQueryAttention appends
+each new token's K/V in place — nothing of the KV is copied or reallocated per step, and only
+token ids and a few int32 lengths go in. Whole prompts prefill straight into the rows they will
+decode in. A sequence leaving is one row copy (the last row moves into its place); a sequence
+whose prompt was prefilled in chunks (its own buffer, ``seq.private_kv``) joins with one row
+copy. The pool grows by doubling (rows up to max_sequences, length up to the context), which
+copies the live rows once per doubling.
+
+Copies run as tiny ONNX Runtime graphs (Identity, Pad, Slice) on the session's own provider
+with the same address binding, so the pool works the same on CUDA and on the CPU.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from .decode_batch import run_bound
+
+if TYPE_CHECKING:
+    from .engine import Sequence
+
+_FLOAT = np.float32
+_INITIAL_ROWS = 4
+_INITIAL_LENGTH = 256
+
+
+class KvCopier:
+    """Device-side copies between KV regions given by address and shape."""
+
+    def __init__(self, providers: list[str], device: str) -> None:
+        self.device = device
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "h", "t", "d"])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "h", "u", "d"])
+        pads = helper.make_tensor_value_info("pads", TensorProto.INT64, [8])
+        ends = helper.make_tensor_value_info("ends", TensorProto.INT64, [1])
+
+        def session(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto]) -> ort.InferenceSession:
+            graph = helper.make_graph(nodes, "kv_copy", inputs, [y])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 8
+            return ort.InferenceSession(model.SerializeToString(), providers=providers)
+
+        self._copy = session([helper.make_node("Identity", ["x"], ["y"])], [x])
+        self._pad = session([helper.make_node("Pad", ["x", "pads"], ["y"], mode="constant")], [x, pads])
+        zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
+        axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
+        self._slice = session([helper.make_node("Constant", [], ["starts"], value=zero),
+                               helper.make_node("Constant", [], ["axes"], value=axis),
+                               helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"])], [x, ends])
+
+    def copy(self, src: int, dst: int, shape: list[int]) -> None:
+        """dst[shape] = src[shape] (same layout)."""
+        b = self._copy.io_binding()
+        b.bind_input("x", self.device, 0, _FLOAT, shape, src)
+        b.bind_output("y", self.device, 0, _FLOAT, shape, dst)
+        run_bound(self._copy, b)
+
+    def widen(self, src: int, shape: list[int], dst: int, length: int) -> None:
+        """Copy [b, h, t, d] at src into [b, h, length, d] at dst (positions t.. are zero)."""
+        b = self._pad.io_binding()
+        b.bind_input("x", self.device, 0, _FLOAT, shape, src)
+        b.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, length - shape[2], 0], dtype=np.int64))
+        b.bind_output("y", self.device, 0, _FLOAT, [shape[0], shape[1], length, shape[3]], dst)
+        run_bound(self._pad, b)
+
+    def widen_value(self, value: ort.OrtValue, dst: int, length: int) -> None:
+        """Like widen, from an OrtValue (a chunked prompt's own buffer)."""
+        b = self._pad.io_binding()
+        b.bind_ortvalue_input("x", value)
+        shape = value.shape()
+        b.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, length - shape[2], 0], dtype=np.int64))
+        b.bind_output("y", self.device, 0, _FLOAT, [shape[0], shape[1], length, shape[3]], dst)
+        run_bound(self._pad, b)
+
+    def to_host(self, src: int, shape: list[int], n: int) -> np.ndarray:
+        """The first n positions of [b, h, t, d] at src, on the host."""
+        b = self._slice.io_binding()
+        b.bind_input("x", self.device, 0, _FLOAT, shape, src)
+        b.bind_cpu_input("ends", np.array([n], dtype=np.int64))
+        b.bind_output("y", "cpu")
+        return run_bound(self._slice, b)[0].numpy()
+
+
+class KvPool:
+    """One [rows, kv_heads, length, head_dim] buffer per past name, grown by doubling."""
+
+    def __init__(self, copier: KvCopier, n_buffers: int, kv_heads: int, head_dim: int, *,
+                 max_rows: int, max_length: int) -> None:
+        self.copier = copier
+        self.n_buffers, self.kv_heads, self.head_dim = n_buffers, kv_heads, head_dim
+        self.max_rows, self.max_length = max_rows, max_length
+        self.rows = min(_INITIAL_ROWS, max_rows)
+        self.length = min(_INITIAL_LENGTH, max_length)
+        self.buffers = self._allocate(self.rows, self.length)
+
+    def _allocate(self, rows: int, length: int) -> list[ort.OrtValue]:
+        shape = [rows, self.kv_heads, length, self.head_dim]
+        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, _FLOAT, self.copier.device, 0)
+                for _ in range(self.n_buffers)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.n_buffers * self.rows * self.kv_heads * self.length * self.head_dim * 4
+
+    def row_shape(self, rows: int = 1) -> list[int]:
+        return [rows, self.kv_heads, self.length, self.head_dim]
+
+    def address(self, buffer: int, row: int) -> int:
+        return self.buffers[buffer].data_ptr() + row * self.kv_heads * self.length * self.head_dim * 4
+
+    def ensure(self, rows: int, length: int, live_rows: int) -> None:
+        """Room for ``rows`` rows of ``length`` positions; the first ``live_rows`` rows keep their KV."""
+        if rows > self.max_rows or length > self.max_length:
+            raise ValueError(f"KV pool cannot hold {rows} rows × {length} positions "
+                             f"(max {self.max_rows} × {self.max_length})")
+        if rows <= self.rows and length <= self.length:
+            return
+        new_rows, new_length = self.rows, self.length
+        while new_rows < rows:
+            new_rows = min(new_rows * 2, self.max_rows)
+        while new_length < length:
+            new_length = min(new_length * 2, self.max_length)
+        fresh = self._allocate(new_rows, new_length)
+        if live_rows:
+            for old, new in zip(self.buffers, fresh):
+                self.copier.widen(old.data_ptr(), self.row_shape(live_rows), new.data_ptr(), new_length)
+        self.buffers, self.rows, self.length = fresh, new_rows, new_length
+
+
+class FusedBatch:
+    """Right-padded rows in a KV pool; GroupQueryAttention appends in place."""
+
+    def __init__(self, session: ort.InferenceSession, providers: list[str], device: str, n_layers: int,
+                 kv_heads: int, head_dim: int, *, max_rows: int, max_length: int) -> None:
+        self.session = session
+        self.device = device
+        self._past_names = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+        self._present_names = [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+        self._kv_heads, self._head_dim = kv_heads, head_dim
+        self.copier = KvCopier(providers, device)
+        self.pool = KvPool(self.copier, len(self._past_names), kv_heads, head_dim,
+                           max_rows=max_rows, max_length=max_length)
+        self.ids: list[str] = []
+        self.lengths: list[int] = []  # KV positions held per row
+
+    # ---- model calls ---------------------------------------------------------------------
+    def _bind_rows(self, binding: ort.IOBinding, first: int, rows: int) -> None:
+        shape = self.pool.row_shape(rows)
+        for k, (past, present) in enumerate(zip(self._past_names, self._present_names)):
+            address = self.pool.address(k, first)
+            binding.bind_input(past, self.device, 0, _FLOAT, shape, address)
+            binding.bind_output(present, self.device, 0, _FLOAT, shape, address)
+
+    def _run(self, ids: np.ndarray, last: np.ndarray, seqlens: np.ndarray, total: int,
+             bind_kv) -> tuple[np.ndarray, np.ndarray]:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input("last_token_index", np.ascontiguousarray(last, dtype=np.int64))
+        binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens, dtype=np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
+        binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
+        binding.bind_output("next_token", "cpu")
+        bind_kv(binding)
+        outputs = run_bound(self.session, binding)
+        return outputs[0].numpy()[:, 0, :], outputs[1].numpy()
+
+    def prefill_whole(self, seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded to the longest, straight into rows B..B+n-1 of the pool."""
+        lengths = [len(s.prompt) for s in seqs]
+        width, first, n = max(lengths), len(self.ids), len(seqs)
+        self.pool.ensure(first + n, width, first)
+        ids = np.zeros((n, width), dtype=np.int64)
+        for row, seq in enumerate(seqs):
+            ids[row, :len(seq.prompt)] = seq.prompt
+        last = np.array(lengths, dtype=np.int64) - 1
+        logits, best = self._run(ids, last, last.astype(np.int32), width,
+                                 lambda b: self._bind_rows(b, first, n))
+        self.ids += [s.sequence_id for s in seqs]
+        self.lengths += lengths
+        return logits, best
+
+    def _private(self, seq: "Sequence") -> ort.OrtValue:
+        """A chunked prompt's own buffer [1, kv_heads, len(prompt), head_dim] per past name."""
+        if seq.private_kv is None:
+            shape = [1, self._kv_heads, len(seq.prompt), self._head_dim]
+            seq.private_kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, _FLOAT, self.device, 0)
+                              for _ in self._past_names]
+        return seq.private_kv
+
+    def seed(self, seq: "Sequence", kv: list[np.ndarray]) -> None:
+        host = np.zeros((1, self._kv_heads, len(seq.prompt), self._head_dim), dtype=_FLOAT)
+        values = []
+        for a in kv:
+            host[0, :, :a.shape[1], :] = a
+            values.append(ort.OrtValue.ortvalue_from_numpy(host.copy(), self.device, 0))
+        seq.private_kv = values
+
+    def prefill_chunk(self, seq: "Sequence", n: int) -> np.ndarray:
+        start = seq.processed
+        own = self._private(seq)
+
+        def bind(binding: ort.IOBinding) -> None:
+            for past, present, value in zip(self._past_names, self._present_names, own):
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+
+        logits, _ = self._run(seq.prompt[start:start + n][None, :], np.array([n - 1]),
+                              np.array([start + n - 1]), start + n, bind)
+        return logits[0]
+
+    def private_kv(self, seq: "Sequence") -> list[np.ndarray]:
+        return [v.numpy()[0, :, :seq.processed, :] for v in seq.private_kv or []]
+
+    def join(self, seq: "Sequence") -> None:
+        own = self._private(seq)
+        row = len(self.ids)
+        self.pool.ensure(row + 1, len(seq.prompt), row)
+        for k, value in enumerate(own):
+            self.copier.widen_value(value, self.pool.address(k, row), self.pool.length)
+        seq.private_kv = None
+        self.ids.append(seq.sequence_id)
+        self.lengths.append(seq.processed)
+
+    def decode(self, seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray]:
+        rows = len(seqs)
+        seqlens = np.array(self.lengths, dtype=np.int32)
+        total = int(seqlens.max()) + 1
+        self.pool.ensure(rows, total, rows)
+        ids = np.array([[s.generated[-1]] for s in seqs], dtype=np.int64)
+        out = self._run(ids, np.zeros(rows, dtype=np.int64), seqlens, total,
+                        lambda b: self._bind_rows(b, 0, rows))
+        self.lengths = [n + 1 for n in self.lengths]
+        return out
+
+    # ---- rows ----------------------------------------------------------------------------
+    def row_kv(self, sequence_id: str, n: int) -> list[np.ndarray] | None:
+        row = self.ids.index(sequence_id)
+        if self.lengths[row] != n:
+            return None
+        return [self.copier.to_host(self.pool.address(k, row), self.pool.row_shape(), n)[0]
+                for k in range(len(self._past_names))]
+
+    def drop(self, sequence_ids: set[str]) -> None:
+        """Each leaving row takes the last row's KV (one row copy), highest rows first."""
+        for row in sorted((r for r, sid in enumerate(self.ids) if sid in sequence_ids), reverse=True):
+            last = len(self.ids) - 1
+            if row != last:
+                for k in range(len(self._past_names)):
+                    self.copier.copy(self.pool.address(k, last), self.pool.address(k, row), self.pool.row_shape())
+                self.ids[row], self.lengths[row] = self.ids[last], self.lengths[last]
+            self.ids.pop()
+            self.lengths.pop()
+
+    def kv_device(self) -> str:
+        return self.pool.buffers[0].device_name().lower() if self.ids else ""

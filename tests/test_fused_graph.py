@@ -1,0 +1,212 @@
+"""The fused graph (ONNX Runtime contrib operators, KV pool) against the plain-op graph built from
+the same weights: same logits within float tolerance, the same greedy tokens, and a KV pool that
+is appended to in place (no reallocation per step) and survives rows joining, leaving and the
+pool growing. The tiny model runs always; the real SmolLM2 folders are `slow`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from services.worker.engine import Engine
+from services.worker.fused_batch import FusedBatch
+from services.worker.sampling import SamplingParams
+from switchyard.model.catalog import ModelCatalog
+from switchyard.model.config import MODEL_FILE
+from switchyard.model.folder import write_model_folder
+from switchyard.model.tiny import TINY_CONFIG, byte_tokenizer, random_weights, tiny_manifest
+
+from conftest import TINY
+
+LOGIT_TOLERANCE = 1e-4  # float32 both ways; only the order of float additions differs
+
+
+def _build(tmp: Path, variant: str, graph: str) -> Path:
+    folder = tmp / f"{variant}-{graph}"
+    manifest = tiny_manifest(variant=variant, graph=graph)
+    write_model_folder(folder, manifest, random_weights(TINY_CONFIG, 0), byte_tokenizer())
+    return folder
+
+
+@pytest.fixture(scope="module", params=["fp32", "int4"])
+def folders(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp(f"graphs-{request.param}")
+    return _build(tmp, request.param, "plain"), _build(tmp, request.param, "fused")
+
+
+def _plain_logits(session: ort.InferenceSession, prompt: np.ndarray) -> np.ndarray:
+    c = TINY_CONFIG
+    feeds = {"input_ids": prompt[None], "attention_mask": np.ones((1, len(prompt)), np.int64),
+             "position_ids": np.arange(len(prompt))[None]}
+    for i in range(c.num_hidden_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
+    return session.run(["logits"], feeds)[0][:, -1, :]
+
+
+@pytest.mark.unit
+def test_fused_graph_uses_the_contrib_operators(folders: tuple[Path, Path]) -> None:
+    plain, fused = (onnx.load(str(f / MODEL_FILE), load_external_data=False) for f in folders)
+    ops = {n.op_type for n in fused.graph.node}
+    layers = TINY_CONFIG.num_hidden_layers
+    assert sum(n.op_type == "GroupQueryAttention" for n in fused.graph.node) == layers
+    assert sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in fused.graph.node) == 2 * layers - 1
+    assert not ops & {"Softmax", "Transpose", "Pow", "Sqrt"}  # attention and norms are fused
+    kv_readers = {n.op_type for n in fused.graph.node if any(i.startswith("past_key_values.") for i in n.input)}
+    assert kv_readers == {"GroupQueryAttention"}  # no Concat of the KV: appended in place
+    assert len(fused.graph.node) * 3 < len(plain.graph.node)
+    if "int4" in folders[0].name:
+        assert "MatMulNBits" in ops
+
+
+@pytest.mark.unit
+def test_fused_logits_equal_plain_for_right_padded_rows(folders: tuple[Path, Path]) -> None:
+    """Two prompts of different lengths in one right-padded call give each prompt's own logits."""
+    plain = ort.InferenceSession(str(folders[0] / MODEL_FILE), providers=["CPUExecutionProvider"])
+    fused = ort.InferenceSession(str(folders[1] / MODEL_FILE), providers=["CPUExecutionProvider"])
+    c = TINY_CONFIG
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(0, c.vocab_size, n) for n in (9, 4, 1)]
+    width, buffer = max(map(len, prompts)), 32
+    ids = np.zeros((len(prompts), width), np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = p
+    lengths = np.array([len(p) for p in prompts])
+    feeds = {"input_ids": ids, "last_token_index": lengths - 1, "seqlens_k": (lengths - 1).astype(np.int32),
+             "total_sequence_length": np.array(width, np.int32)}
+    for i in range(c.num_hidden_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros(
+                (len(prompts), c.num_key_value_heads, buffer, c.head_dim), np.float32)
+    logits, best = fused.run(["logits", "next_token"], feeds)
+    for row, p in enumerate(prompts):
+        want = _plain_logits(plain, p)[0]
+        assert np.abs(logits[row, 0] - want).max() < LOGIT_TOLERANCE
+        assert best[row] == int(np.argmax(want))
+
+
+@pytest.mark.unit
+def test_fused_engine_generates_what_the_plain_engine_does(folders: tuple[Path, Path]) -> None:
+    plain, fused = (Engine(f, max_sequences=8) for f in folders)
+    assert (plain.graph, fused.graph) == ("plain", "fused")
+    rng = np.random.default_rng(1)
+    for n in (1, 7, 40):
+        prompt = rng.integers(3, TINY_CONFIG.vocab_size, n).tolist()
+        assert fused.generate(prompt, 24) == plain.generate(prompt, 24)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9)
+    prompt = rng.integers(3, TINY_CONFIG.vocab_size, 12).tolist()
+    assert fused.generate(prompt, 16, sampled, seed=3) == plain.generate(prompt, 16, sampled, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fused_engine(tiny_fused_models_dir: Path) -> Engine:
+    return Engine(tiny_fused_models_dir / TINY, max_sequences=16)
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, TINY_CONFIG.vocab_size, n).tolist()
+
+
+@pytest.mark.unit
+def test_decode_appends_in_place_without_reallocating(fused_engine: Engine) -> None:
+    batch = fused_engine.batch
+    assert isinstance(batch, FusedBatch)
+    for i in range(3):
+        fused_engine.add(f"p{i}", _prompt(i, 10 + i), SamplingParams(), 0)
+    fused_engine.step([(f"p{i}", 0) for i in range(3)], decode=False)
+    addresses = [b.data_ptr() for b in batch.pool.buffers]
+    for _ in range(20):
+        fused_engine.step([], decode=True)
+    assert [b.data_ptr() for b in batch.pool.buffers] == addresses  # same buffers, appended in place
+    assert sorted(batch.ids) == ["p0", "p1", "p2"]
+    assert batch.lengths == [fused_engine.sequences[sid].cache_length for sid in batch.ids]
+    assert batch.kv_device() == "cpu"
+    fused_engine.remove([f"p{i}" for i in range(3)])
+    assert batch.ids == [] and batch.lengths == []
+
+
+@pytest.mark.unit
+def test_rows_leaving_from_the_middle_leave_the_others_unchanged(fused_engine: Engine) -> None:
+    prompts = [_prompt(10 + i, 5 + 3 * i) for i in range(4)]
+    alone = [fused_engine.generate(p, 20) for p in prompts]
+    for i, p in enumerate(prompts):
+        fused_engine.add(f"m{i}", p, SamplingParams(), 0)
+    outs: dict[str, list[int]] = {f"m{i}": [] for i in range(4)}
+    for sid, token, _ in fused_engine.step([(f"m{i}", 0) for i in range(4)], decode=False).tokens:
+        outs[sid].append(token)
+    for step in range(19):
+        if step == 6:
+            fused_engine.remove(["m0", "m2"])  # row 0 takes the last row's KV; row 2 is then last
+        for sid, token, _ in fused_engine.step([], decode=True).tokens:
+            outs[sid].append(token)
+    fused_engine.remove(["m1", "m3"])
+    assert outs["m1"] == alone[1] and outs["m3"] == alone[3]
+    assert outs["m0"] == alone[0][:7] and outs["m2"] == alone[2][:7]
+
+
+@pytest.mark.unit
+def test_pool_growth_keeps_every_row(tiny_fused_models_dir: Path, tiny_models_dir: Path) -> None:
+    """Rows past the initial 4 and positions past the initial 256 reallocate the pool (copying the
+    live rows); every sequence still gets exactly the plain engine's tokens."""
+    fused = Engine(tiny_fused_models_dir / TINY, max_sequences=8)
+    plain = Engine(tiny_models_dir / TINY, max_sequences=8)
+    prompts = [_prompt(20 + i, 200 + i) for i in range(2)] + [_prompt(30 + i, 8) for i in range(5)]
+    results = []
+    for engine in (fused, plain):
+        for i, p in enumerate(prompts):
+            engine.add(f"g{i}", p, SamplingParams(), 0)
+        outs: dict[str, list[int]] = {f"g{i}": [] for i in range(len(prompts))}
+        for sid, token, _ in engine.step([("g0", 64), ("g1", 0)], decode=False).tokens:
+            outs[sid].append(token)
+        for _ in range(4):
+            result = engine.step([("g0", 64)] + [(f"g{i}", 0) for i in range(2, len(prompts))], decode=True)
+            for sid, token, _ in result.tokens:
+                outs[sid].append(token)
+        for _ in range(70):  # the 200-token prompts pass 256 positions
+            for sid, token, _ in engine.step([], decode=True).tokens:
+                outs[sid].append(token)
+        engine.remove(list(outs))
+        results.append(outs)
+    assert isinstance(fused.batch, FusedBatch)
+    assert fused.batch.pool.rows == 8 and fused.batch.pool.length == 512
+    assert results[0] == results[1]
+
+
+@pytest.mark.unit
+def test_chunked_prompt_joins_with_a_cached_prefix(tiny_fused_models_dir: Path) -> None:
+    """A prompt seeded from the prefix cache, prefilled in chunks, then joined: same tokens as
+    without the cache."""
+    engine = Engine(tiny_fused_models_dir / TINY, max_sequences=4, prefix_cache_bytes=16 << 20)
+    prompt = _prompt(40, 70)
+    first = engine.generate(prompt, 12)
+    engine.add("again", prompt, SamplingParams(), 0)
+    assert engine.sequences["again"].cached_tokens == 64
+    out = [t for _, t, _ in engine.step([("again", 3)], decode=False).tokens]
+    while len(out) < 12:
+        out += [t for _, t, _ in engine.step([("again", 0)], decode=True).tokens]
+    engine.remove(["again"])
+    assert out[:12] == first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["int4", "fp32"])
+def test_real_model_fused_equals_plain(real_models_dir: Path, tmp_path: Path, variant: str) -> None:
+    """SmolLM2 as both graphs from the same GGUF: the same greedy tokens on chat prompts."""
+    from switchyard.model.convert import convert_gguf, model_name
+
+    fused_dir = real_models_dir / model_name(variant)
+    (plain_dir,) = convert_gguf(tmp_path, variants=[variant], graph="plain")
+    entry = ModelCatalog(real_models_dir).get(model_name(variant))
+    assert entry is not None
+    fused, plain = (Engine(d, threads=2, provider="cpu") for d in (fused_dir, plain_dir))
+    assert (fused.graph, plain.graph) == ("fused", "plain")
+    for question in ("What is the capital of France?", "Write a haiku about trains.",
+                     "List three prime numbers.", "Explain what a KV cache is in one sentence."):
+        ids = entry.encode_chat([("user", question)])
+        assert fused.generate(ids, 32) == plain.generate(ids, 32), question
+    assert dataclasses.asdict(fused.config) == dataclasses.asdict(plain.config)
