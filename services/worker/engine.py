@@ -30,6 +30,7 @@ from .decode_batch import DecodeBatch
 from .fused_batch import FusedBatch
 from .plain_batch import PlainBatch
 from .prefix_cache import PrefixCache
+from .providers import assert_provider, choose_providers
 from .sampling import SamplingParams, sample_token
 
 log = logging.getLogger(__name__)
@@ -95,18 +96,6 @@ class StepResult:
     sample_s: float = 0.0
 
 
-def choose_providers(preference: str = "auto") -> list[str]:
-    """CUDA when available (or asked for), CPU otherwise."""
-    available = ort.get_available_providers()
-    if preference == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if preference == "cuda":
-        raise EngineError(f"CUDAExecutionProvider is not available (have {available})")
-    return ["CPUExecutionProvider"]
-
-
 class Engine:
     """Owns the ONNX Runtime session and every sequence's KV cache. Not thread-safe: the
     worker server calls it from one thread."""
@@ -129,6 +118,7 @@ class Engine:
         providers = choose_providers(provider)
         self.session = ort.InferenceSession(str(self.model_dir / MODEL_FILE), sess_options=options,
                                             providers=providers)
+        assert_provider(self.session, providers)  # ORT falls back to the CPU silently
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
         n = self.config.num_hidden_layers
