@@ -1,0 +1,382 @@
+"""GPU benchmark (issue 13 §6, `make gpu-bench`): one run, one JSON file.
+
+What it measures, all with the Engine's public API (`Engine(model_dir, provider=...,
+max_sequences=...)`, `add`, `step`, `remove`, `generate`) so that it keeps working while the
+engine's internals change:
+
+- correctness: greedy tokens of a few chat prompts on the requested provider equal the CPU
+  engine's, token for token, per model variant (int4 and fp32 by default);
+- decode: aggregate tokens/s and step time at batch 1/16/64/256 (same-length prompts, all
+  prefilled first, then timed decode steps);
+- TTFT: one prompt of 128 and of 1,024 tokens, from `add` to its first token (prefill);
+- the whole stack (LocalStack: router → NATS → batcher → worker on `--provider`) at 64 and 256
+  concurrent gRPC streams: tokens/s, TTFT p50/p99, errors — next to the engine's own rate at
+  that batch size;
+- GPU memory (nvidia-smi: the device and this process), process RSS, machine and versions.
+
+On the GPU machine (through ../shared/gpu's kit, a few minutes):
+
+    python3 bench/gpu_bench.py --provider cuda --out $OUT/gpu_bench.json
+
+Here, as a check of the script itself (tests/test_gpu_bench.py runs it this way):
+
+    .venv/bin/python bench/gpu_bench.py --provider cpu --quick --out /tmp/gpu_bench.json
+
+A section that fails is recorded in the JSON under "errors" and the run goes on; the exit code
+is 1 when any section failed or the outputs differ from the CPU engine's, 2 when the provider
+cannot run at all (the reason is in the JSON's "errors").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+for p in (REPO, REPO / "libs"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import numpy as np  # noqa: E402
+
+CHAT_PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea and the wind that blows across it at night:",
+    "List three prime numbers greater than one hundred, then explain how you checked that each "
+    "of them is prime, step by step, without using a calculator.",
+    "def fibonacci(n):",
+]
+FULL = {"batches": [1, 16, 64, 256], "ttft_prompts": [128, 1024], "streams": [64, 256],
+        "decode_steps": 32, "prompt_tokens": 32, "stream_tokens": 128, "correct_tokens": 32}
+QUICK = {"batches": [1, 2, 4], "ttft_prompts": [16, 64], "streams": [2, 4],
+         "decode_steps": 8, "prompt_tokens": 16, "stream_tokens": 16, "correct_tokens": 8}
+
+
+def model_folder(models_dir: Path, variant: str) -> Path:
+    """int4 / fp32 (the converted SmolLM2 folders) or any folder name under models_dir."""
+    from switchyard.model.convert import MODEL_NAMES
+    return models_dir / MODEL_NAMES.get(variant, variant)
+
+
+def pct(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def _run(cmd: list[str]) -> str | None:
+    if not shutil.which(cmd[0]):
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        return None
+
+
+def gpu_memory() -> dict[str, Any]:
+    """Device memory now: the whole device and this process's share (nvidia-smi)."""
+    out: dict[str, Any] = {"method": "nvidia-smi"}
+    dev = _run(["nvidia-smi", "--query-gpu=memory.used,memory.total", "--format=csv,noheader,nounits"])
+    if dev is None:
+        return {"method": None, "reason": "no nvidia-smi on this machine"}
+    used, total = (float(x) for x in dev.splitlines()[0].split(","))
+    out.update(device_used_mib=used, device_total_mib=total)
+    apps = _run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]) or ""
+    procs = {int(pid): float(mib) for pid, mib in (line.split(",") for line in apps.splitlines() if line.strip())}
+    out["processes_mib"] = procs  # by pid: this process's engines, or the stack's workers
+    out["this_process_mib"] = procs.get(os.getpid())
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from services.worker import providers
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(), "platform": platform.platform(), "python": sys.version.split()[0],
+        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "onnxruntime": ort.__version__, "onnxruntime_packages": providers.ort_packages(),
+        "onnxruntime_cuda_version": getattr(ort, "cuda_version", "") or None,
+        "available_providers": ort.get_available_providers(), "numpy": np.__version__,
+        "git_commit": _run(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
+    }
+    gpus = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader"])
+    info["gpus"] = gpus.splitlines() if gpus else []
+    return info
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def section(report: dict[str, Any], name: str) -> Iterator[None]:
+    """Run one part; a failure is recorded and the run goes on to the next part."""
+    t0 = time.perf_counter()
+    print(f"== {name}", flush=True)
+    try:
+        yield
+    except Exception as exc:  # recorded, not fatal: the other figures still come back
+        report["errors"].append({"section": name, "error": f"{type(exc).__name__}: {exc}",
+                                 "traceback": traceback.format_exc(limit=8)})
+        print(f"   FAILED: {type(exc).__name__}: {exc}", flush=True)
+    report["section_s"][name] = round(time.perf_counter() - t0, 2)
+
+
+def chat_prompts(folder: Path) -> list[list[int]]:
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return [tok.encode(p).ids for p in CHAT_PROMPTS]
+
+
+def random_prompt(rng: np.random.Generator, vocab: int, n: int) -> list[int]:
+    return rng.integers(10, vocab - 1, n).tolist()
+
+
+def correctness(engine: Any, reference: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    """Greedy outputs one prompt at a time, then all together (a ragged batch), against the CPU engine."""
+    from services.worker.sampling import SamplingParams
+
+    def batch(e: Any) -> list[list[int]]:
+        ids = [f"bench-ok-{i}" for i in range(len(prompts))]
+        for sid, p in zip(ids, prompts):
+            e.add(sid, p, SamplingParams(), 0)
+        outs: dict[str, list[int]] = {sid: [] for sid in ids}
+        try:
+            result = e.step([(sid, 0) for sid in ids], decode=False)
+            while True:
+                for sid, token, _ in result.tokens:
+                    outs[sid].append(token)
+                if min(len(o) for o in outs.values()) >= max_tokens:
+                    return [outs[sid][:max_tokens] for sid in ids]
+                result = e.step([], decode=True)
+        finally:
+            e.remove(ids)
+
+    single = [(engine.generate(p, max_tokens), reference.generate(p, max_tokens)) for p in prompts]
+    ragged = list(zip(batch(engine), batch(reference)))
+    return {
+        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "max_tokens": max_tokens,
+        "single_equal": [a == b for a, b in single], "ragged_batch_equal": [a == b for a, b in ragged],
+        "equal": all(a == b for a, b in single + ragged),
+        "outputs": [a for a, _ in single], "reference_outputs": [b for _, b in single],
+    }
+
+
+def decode_rate(engine: Any, batch: int, prompt_tokens: int, steps: int, rng: np.random.Generator) -> dict[str, Any]:
+    """`batch` sequences prefilled, then `steps` timed decode steps (warm-up steps excluded)."""
+    from services.worker.sampling import SamplingParams
+    ids = [f"bench-dec-{i}" for i in range(batch)]
+    for sid in ids:
+        engine.add(sid, random_prompt(rng, engine.config.vocab_size, prompt_tokens), SamplingParams(), 0)
+    try:
+        t0 = time.perf_counter()
+        first = engine.step([(sid, 0) for sid in ids], decode=False)
+        prefill_s = time.perf_counter() - t0
+        assert len(first.tokens) == batch, f"{len(first.tokens)} first tokens for {batch} sequences"
+        for _ in range(2):  # warm-up: shapes seen for the first time
+            engine.step([], decode=True)
+        times, tokens = [], 0
+        for _ in range(steps):
+            t = time.perf_counter()
+            tokens += len(engine.step([], decode=True).tokens)
+            times.append(time.perf_counter() - t)
+    finally:
+        engine.remove(ids)
+    total = sum(times)
+    return {"batch": batch, "prompt_tokens": prompt_tokens, "steps": steps, "tokens": tokens,
+            "tokens_per_s": tokens / total, "step_ms_mean": 1000 * total / steps,
+            "step_ms_p50": 1000 * pct(times, 50), "step_ms_p90": 1000 * pct(times, 90),
+            "prefill_s": prefill_s}
+
+
+def ttft(engine: Any, prompt_tokens: int, rng: np.random.Generator, repeats: int = 3) -> dict[str, Any]:
+    """From add to the first token of one prompt (whole-prompt prefill), best and median of `repeats`."""
+    from services.worker.sampling import SamplingParams
+    samples = []
+    for r in range(repeats + 1):  # the first is a warm-up for this shape
+        sid = f"bench-ttft-{prompt_tokens}-{r}"
+        prompt = random_prompt(rng, engine.config.vocab_size, prompt_tokens)
+        t0 = time.perf_counter()
+        engine.add(sid, prompt, SamplingParams(), 0)
+        result = engine.step([(sid, 0)], decode=False)
+        while not result.tokens:  # an engine that prefills in chunks
+            result = engine.step([(sid, 0)], decode=False)
+        elapsed = time.perf_counter() - t0
+        engine.remove([sid])
+        if r:
+            samples.append(elapsed)
+    return {"prompt_tokens": prompt_tokens, "repeats": repeats, "ttft_ms_min": 1000 * min(samples),
+            "ttft_ms_p50": 1000 * pct(samples, 50)}
+
+
+async def drive_stack(address: str, metadata: tuple, model: str, streams: int, prompt_tokens: int,
+                      max_tokens: int, vocab: int) -> dict[str, Any]:
+    """`streams` concurrent gRPC Generate streams, one request each, EOS ignored."""
+    import grpc
+
+    from switchyard.v1 import generate_pb2, generate_pb2_grpc
+    rng = np.random.default_rng(streams)
+    ttfts: list[float] = []
+    ends: list[float] = []
+    tokens = 0
+    errors: list[str] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+
+        async def one(i: int) -> None:
+            nonlocal tokens
+            req = generate_pb2.GenerateRequest(
+                model=model, max_tokens=max_tokens, stop=generate_pb2.StopConditions(ignore_eos=True),
+                token_ids=generate_pb2.TokenIds(ids=random_prompt(rng, vocab, prompt_tokens)))
+            start, first, got = time.perf_counter(), None, 0
+            try:
+                async for event in stub.Generate(req, metadata=metadata):
+                    if event.HasField("tokens"):
+                        first = first or time.perf_counter()
+                        got += len(event.tokens.token_ids)
+            except grpc.aio.AioRpcError as exc:
+                errors.append(f"{exc.code().name}: {exc.details()}")
+            tokens += got
+            if first is not None:
+                ttfts.append(first - start)
+            ends.append(time.perf_counter())
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(streams)))
+        wall = time.perf_counter() - t0
+    return {"streams": streams, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "tokens": tokens,
+            "expected_tokens": streams * max_tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "ttft_s_p50": pct(ttfts, 50), "ttft_s_p99": pct(ttfts, 99), "errors": len(errors),
+            "error_samples": errors[:5]}
+
+
+def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: int, max_tokens: int,
+                replicas: int, vocab: int) -> dict[str, Any]:
+    """The whole stack (router → NATS → batcher → worker on `provider`), one model folder."""
+    from switchyard.runtime.stack import LocalStack, StackSpec
+    log_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-logs-"))
+    name = folder.name
+    spec = StackSpec(models_dir=folder.parent, replicas={name: replicas}, max_batch_size=max(streams),
+                     worker_args={name: ("--provider", provider)}, log_dir=log_dir)
+    out: dict[str, Any] = {"model": name, "replicas": replicas, "provider": provider, "log_dir": str(log_dir),
+                           "runs": []}
+    with LocalStack(spec) as stack:
+        asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, 2, prompt_tokens, 4, vocab))
+        for n in streams:
+            run = asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, n, prompt_tokens,
+                                          max_tokens, vocab))
+            print(f"   stack {n} streams: {run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, "
+                  f"errors {run['errors']}", flush=True)
+            out["runs"].append(run)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="the JSON file to write")
+    ap.add_argument("--provider", choices=("cuda", "cpu", "auto"), default="cuda")
+    ap.add_argument("--models-dir", type=Path, default=REPO / "models")
+    ap.add_argument("--variants", default=None, help="int4,fp32 (default) or folder names under --models-dir")
+    ap.add_argument("--stack-variant", default=None, help="the model the stack serves (default: the first variant)")
+    ap.add_argument("--replicas", type=int, default=1, help="replicas of the stack's model")
+    ap.add_argument("--quick", action="store_true", help="small batches, short prompts (a CPU check of the script)")
+    ap.add_argument("--skip-stack", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads of the in-process engines")
+    args = ap.parse_args()
+
+    import onnxruntime as ort  # noqa: F401  (imported before the engine: preload order)
+
+    from services.worker.engine import Engine
+    from services.worker.providers import ProviderError, resolve_provider
+
+    cfg = dict(QUICK if args.quick else FULL)
+    variants = [v for v in (args.variants or ("int4" if args.quick else "int4,fp32")).split(",") if v]
+    report: dict[str, Any] = {
+        "schema": 1, "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": args.quick, "config": cfg,
+        "requested_provider": args.provider, "variants": variants, "machine": machine(), "errors": [],
+        "section_s": {}, "correctness": {}, "decode": {}, "ttft": {}, "stack": None, "gpu_memory": {},
+    }
+    t_all = time.perf_counter()
+    try:
+        provider = resolve_provider(args.provider)
+    except ProviderError as exc:  # CUDA asked for and not loadable: say why, in the JSON too
+        report["errors"].append({"section": "provider", "error": str(exc)})
+        report["passed"] = False
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"{exc}\nwrote {args.out}", file=sys.stderr)
+        return 2
+    report["provider"] = provider
+    rng = np.random.default_rng(0)
+    for variant in variants:
+        folder = model_folder(args.models_dir, variant)
+        engine = reference = None
+        with section(report, f"{variant}: load"):
+            max_seq = max(max(cfg["batches"]), len(CHAT_PROMPTS))
+            engine = Engine(folder, provider=provider, max_sequences=max_seq, threads=args.threads)
+            report.setdefault("engine_provider", {})[variant] = engine.provider
+            report["gpu_memory"][f"{variant}_after_load"] = gpu_memory()
+        if engine is None:
+            continue
+        with section(report, f"{variant}: correctness"):
+            reference = Engine(folder, provider="cpu", max_sequences=len(CHAT_PROMPTS), threads=args.threads)
+            res = correctness(engine, reference, chat_prompts(folder), cfg["correct_tokens"])
+            report["correctness"][variant] = res
+            print(f"   equal to the CPU engine: {res['equal']}", flush=True)
+            del reference
+        with section(report, f"{variant}: decode"):
+            rows = report["decode"].setdefault(variant, [])
+            for batch in cfg["batches"]:
+                row = decode_rate(engine, batch, cfg["prompt_tokens"], cfg["decode_steps"], rng)
+                rows.append(row)
+                print(f"   batch {batch:4d}: {row['tokens_per_s']:9.1f} tok/s, {row['step_ms_p50']:.2f} ms/step",
+                      flush=True)
+        with section(report, f"{variant}: ttft"):
+            rows = report["ttft"].setdefault(variant, [])
+            for n in cfg["ttft_prompts"]:
+                row = ttft(engine, n, rng)
+                rows.append(row)
+                print(f"   {n:5d}-token prompt: TTFT {row['ttft_ms_p50']:.1f} ms", flush=True)
+        report["gpu_memory"][f"{variant}_after_runs"] = gpu_memory()
+        del engine
+    report["process_max_rss_mib"] = rss_mib()
+    if not args.skip_stack:
+        stack_variant = args.stack_variant or variants[0]
+        with section(report, f"stack ({stack_variant})"):
+            folder = model_folder(args.models_dir, stack_variant)
+            from switchyard.model.config import ModelManifest
+            vocab = ModelManifest.load(folder).config.vocab_size
+            report["stack"] = bench_stack(folder, provider, cfg["streams"], cfg["prompt_tokens"],
+                                          cfg["stream_tokens"], args.replicas, vocab)
+            engine_rates = {r["batch"]: r["tokens_per_s"] for r in report["decode"].get(stack_variant, [])}
+            for run in report["stack"]["runs"]:
+                base = engine_rates.get(run["streams"])
+                run["engine_tokens_per_s_same_batch"] = base
+                run["stack_over_engine"] = run["tokens_per_s"] / base if base else None
+            report["gpu_memory"]["device_after_stack"] = gpu_memory()
+    report["elapsed_s"] = round(time.perf_counter() - t_all, 1)
+    report["passed"] = not report["errors"] and all(c["equal"] for c in report["correctness"].values()) \
+        and len(report["correctness"]) == len(variants)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}: passed={report['passed']}, {report['elapsed_s']} s", flush=True)
+    return 0 if report["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

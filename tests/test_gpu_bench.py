@@ -1,0 +1,81 @@
+"""bench/gpu_bench.py run the way tests can run it here (--provider cpu --quick): one JSON file
+whose every section is filled with figures that agree with each other."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from services.worker import providers
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "gpu_bench.py"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "gpu_bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--provider", "cpu", "--quick", "--threads", "2",
+                           "--models-dir", str(real_models_dir), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    cfg = r["config"]
+    assert r["passed"] is True and r["errors"] == [] and r["quick"] is True
+    assert r["provider"] == "cpu" and r["engine_provider"] == {"int4": "CPUExecutionProvider"}
+    assert r["machine"]["onnxruntime"] == ort.__version__ and r["machine"]["cores"] >= 1
+    assert r["machine"]["onnxruntime_packages"] == providers.ort_packages()
+
+    ok = r["correctness"]["int4"]
+    assert ok["equal"] is True and ok["prompts"] == 4
+    assert ok["single_equal"] == [True] * 4 and ok["ragged_batch_equal"] == [True] * 4
+    assert all(len(o) == cfg["correct_tokens"] for o in ok["outputs"])
+    assert ok["outputs"] == ok["reference_outputs"]
+
+    decode = r["decode"]["int4"]
+    assert [row["batch"] for row in decode] == cfg["batches"]
+    for row in decode:
+        assert row["tokens"] == row["batch"] * row["steps"] == row["batch"] * cfg["decode_steps"]
+        assert row["tokens_per_s"] == pytest.approx(row["tokens"] / (row["steps"] * row["step_ms_mean"] / 1000))
+        assert 0 < row["step_ms_p50"] <= row["step_ms_p90"] and row["prefill_s"] > 0
+
+    ttft = r["ttft"]["int4"]
+    assert [row["prompt_tokens"] for row in ttft] == cfg["ttft_prompts"]
+    assert all(0 < row["ttft_ms_min"] <= row["ttft_ms_p50"] for row in ttft)
+
+    stack = r["stack"]
+    assert stack["model"] == "smollm2-135m-instruct-int4" and stack["provider"] == "cpu"
+    assert [run["streams"] for run in stack["runs"]] == cfg["streams"]
+    for run in stack["runs"]:
+        assert run["errors"] == 0, run["error_samples"]
+        assert run["tokens"] == run["expected_tokens"] == run["streams"] * cfg["stream_tokens"]
+        assert run["tokens_per_s"] == pytest.approx(run["tokens"] / run["wall_s"])
+        assert 0 < run["ttft_s_p50"] <= run["ttft_s_p99"] < run["wall_s"]
+        engine_rate = {row["batch"]: row["tokens_per_s"] for row in decode}[run["streams"]]
+        assert run["stack_over_engine"] == pytest.approx(run["tokens_per_s"] / engine_rate)
+
+    memory = r["gpu_memory"]
+    assert set(memory) == {"int4_after_load", "int4_after_runs", "device_after_stack"}
+    for m in memory.values():  # no GPU here: said so, not a made-up zero
+        assert (m["method"] is None and "nvidia-smi" in m["reason"]) or m["device_total_mib"] > 0
+    assert r["process_max_rss_mib"] > 0 and r["elapsed_s"] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(providers.cuda_unavailable_reason() is None, reason="CUDA loads on this machine")
+def test_gpu_bench_on_cuda_without_cuda_says_why(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--provider", "cuda", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["passed"] is False and r["decode"] == {} and r["stack"] is None
+    assert r["errors"] == [{"section": "provider",
+                            "error": f"--provider cuda cannot run: {providers.cuda_unavailable_reason()}"}]
+    assert "cuda cannot run" in proc.stderr
