@@ -41,7 +41,13 @@ class AutoscalerConfig:
     default_cold_start_s: float = field(default=10.0, metadata={
         "help": "cold start assumed for a model until one is measured"})
     service_rate_per_replica: float = field(default=2.0, metadata={
-        "help": "requests/s one replica completes at full batch (the policies' capacity unit)"})
+        "help": "requests/s one replica completes at full batch (the policies' capacity unit); with "
+                "measure_service_rate, used only until it is measured"})
+    measure_service_rate: bool = field(default=True, metadata={
+        "help": "measure the service rate per replica from heartbeats (completions/s while a replica is full) "
+                "and give that to the policy instead of service_rate_per_replica"})
+    service_rate_window_s: float = field(default=60.0, metadata={
+        "help": "seconds of heartbeats the measured service rate is taken over"})
     default_slots: int = field(default=32, metadata={"help": "slots per replica assumed before a replica reports its batch"})
     retry_base_s: float = field(default=1.0, metadata={"help": "first wait before retrying after a failed start (doubles)"})
     retry_max_s: float = field(default=60.0, metadata={"help": "longest wait between retries of failed starts"})
@@ -80,6 +86,8 @@ class AutoscalerConfig:
         self.options()
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}")
+        if self.service_rate_window_s <= 0:
+            raise ConfigError("service_rate_window_s must be positive")
         if self.tick_s <= 0 or self.default_cold_start_s <= 0 or self.service_rate_per_replica <= 0:
             raise ConfigError("tick_s, default_cold_start_s and service_rate_per_replica must be positive")
         if self.default_slots < 1 or self.retry_base_s <= 0 or self.retry_max_s < self.retry_base_s:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from switchyard.autoscaling.capacity import ServiceRateEstimator
 from switchyard.autoscaling.policy import Decision, Demand, ScalingLimits, ScalingPolicy
 from switchyard.fleet.view import FleetView
 from switchyard.runtime.lifecycle import FAILED, READY, STARTING, FleetBackend, Replica
@@ -74,6 +75,7 @@ class _ModelState:
     desired: int | None = None
     last_decision: Decision | None = None
     measured: set[str] = field(default_factory=set)  # replicas whose cold start was recorded
+    rates: ServiceRateEstimator | None = None  # completions/s per replica at capacity, from heartbeats
 
 
 @dataclass
@@ -96,7 +98,8 @@ class Autoscaler:
     def __init__(self, scaling: list[ModelScaling], backend: FleetBackend, fleet: FleetView,
                  cold_starts: ColdStartStore, policy_factory: PolicyFactory,
                  service_rate_per_replica: float = 2.0, default_slots: int = 32,
-                 retry_base_s: float = 1.0, retry_max_s: float = 60.0) -> None:
+                 retry_base_s: float = 1.0, retry_max_s: float = 60.0,
+                 measure_service_rate: bool = True, service_rate_window_s: float = 60.0) -> None:
         self.backend = backend
         self.fleet = fleet
         self.cold_starts = cold_starts
@@ -104,7 +107,10 @@ class Autoscaler:
         self.default_slots = default_slots
         self.retry_base_s = retry_base_s
         self.retry_max_s = retry_max_s
-        self.models = {s.model: _ModelState(s, policy_factory(s.policy, s.limits)) for s in scaling}
+        self.models = {s.model: _ModelState(s, policy_factory(s.policy, s.limits),
+                                            rates=ServiceRateEstimator(window_s=service_rate_window_s,
+                                                                       min_saturated_s=min(5.0, service_rate_window_s))
+                                            if measure_service_rate else None) for s in scaling}
         self.demand: dict[str, dict[str, tuple[bus_pb2.DemandReport, float]]] = {}  # model → router → (report, at)
         self.events: list[Event] = []
 
@@ -139,8 +145,24 @@ class Autoscaler:
             queued=sum(r.waiting for r in reports) + sum(r.report.queue_depth for r in live),
             ready_replicas=len(live), starting_replicas=starting,
             slots_per_replica=state.slots or self.default_slots,
-            service_rate_per_replica=self.service_rate_per_replica,
+            service_rate_per_replica=self.service_rate(model),
             cold_start_s=self.cold_starts.get(model))
+
+    def service_rate(self, model: str) -> float:
+        """Completions/s one replica of `model` manages at capacity: measured from the
+        heartbeats once replicas have been seen saturated, the configured figure before."""
+        state = self.models[model]
+        if state.rates is None:
+            return self.service_rate_per_replica
+        live = self.fleet.live(model)
+        for r in live:
+            rep = r.report
+            state.rates.observe(r.replica_id, rep.sent_unix_s, rep.completed,
+                                ServiceRateEstimator.saturated(rep.running, rep.max_batch_size, rep.queue_depth))
+        state.rates.forget({r.replica_id for r in live})
+        measured = state.rates.rate()
+        tm.SERVICE_RATE.labels(model).set(measured or self.service_rate_per_replica)
+        return measured if measured else self.service_rate_per_replica
 
     # ---- the tick -------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> dict[str, Decision]:

@@ -68,7 +68,9 @@ def build(config: AutoscalerConfig, backend: FleetBackend, fleet: FleetView,
     return Autoscaler(config.scaling(), backend, fleet, ColdStartStore(config.cold_start_file, config.default_cold_start_s),
                       policy_factory or default_policy_factory(config.options()),
                       service_rate_per_replica=config.service_rate_per_replica, default_slots=config.default_slots,
-                      retry_base_s=config.retry_base_s, retry_max_s=config.retry_max_s)
+                      retry_base_s=config.retry_base_s, retry_max_s=config.retry_max_s,
+                      measure_service_rate=config.measure_service_rate,
+                      service_rate_window_s=config.service_rate_window_s)
 
 
 async def serve(config: AutoscalerConfig, backend: FleetBackend | None = None, stop: asyncio.Event | None = None,

@@ -9,3 +9,6 @@ DECISIONS = Counter("switchyard_autoscaler_decisions", "Decisions per model and 
 START_FAILURES = Counter("switchyard_autoscaler_start_failures", "Replicas that failed to start", ["model"])
 COLD_START = Gauge("switchyard_autoscaler_cold_start_seconds", "Last measured cold start (process start → serving)",
                    ["model"])
+SERVICE_RATE = Gauge("switchyard_autoscaler_service_rate_per_replica",
+                     "Completions/s per replica at capacity the policy uses (measured from heartbeats once seen "
+                     "saturated, else configured)", ["model"])
