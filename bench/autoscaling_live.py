@@ -264,6 +264,7 @@ class LiveRun:
     decisions: list[tuple[float, str]]  # (t, "N: reason") whenever the decision changed
     cold_starts: list[float] = field(default_factory=list)  # of the replicas the autoscaler added
     duration_s: float = 0.0
+    measured_rate: float | None = None  # service rate per replica the autoscaler measured from heartbeats
 
 
 def run_live(models_dir: Path, model: str, policy: str, arrivals: list[Arrival], calib: Calibration,
@@ -306,7 +307,9 @@ def run_live(models_dir: Path, model: str, policy: str, arrivals: list[Arrival],
             start = t0_box[0]
             decisions = [(e.at - start, e.detail) for e in scaler.autoscaler.events[events_from:]
                          if e.kind == "decision"]
-    return LiveRun(policy, outcomes, samples, decisions, sorted(cold.values()), args.duration)
+        rates = scaler.autoscaler.models[model].rates
+        measured = rates.rate() if rates is not None else None
+    return LiveRun(policy, outcomes, samples, decisions, sorted(cold.values()), args.duration, measured)
 
 
 def live_result(run: LiveRun, slo_s: float, window_s: float) -> SimResult:
@@ -454,7 +457,9 @@ def main() -> None:
         run = run_live(models_dir, model, policy, arrivals, calib, args, options, log_dir)
         runs.append(run)
         console.print(f"{policy} live done: {sum(1 for o in run.outcomes if o.error)} errors, "
-                      f"cold starts measured by the autoscaler {[round(c, 2) for c in run.cold_starts]}")
+                      f"cold starts measured by the autoscaler {[round(c, 2) for c in run.cold_starts]}, "
+                      f"service rate it measured from heartbeats "
+                      f"{'none (never saturated 5 s)' if run.measured_rate is None else f'{run.measured_rate:.2f} req/s'}")
     measured_cold = [c for r in runs for c in r.cold_starts] or [calib.cold_start_s]
     cold = statistics.median([calib.cold_start_s, *measured_cold])
     fleet = calib.fleet(cold, args.slo_s, args.timeout_s)
