@@ -22,9 +22,9 @@ Phases, all in one invocation:
 3. The simulator on the same arrivals, fleet calibrated from phase 1 and the cold starts the
    autoscaler measured in phase 2.
 
-The trace is the simulator's generator (`TraceSpec`) compressed in time: ~100 s with two spikes
-that ramp up in 5-8 s, base rate a fraction of the measured service rate. A real cold start here
-is ~1 s, shorter than a spike's ramp, so the replicas' workers wait `--start-delay-s` after
+The trace is the simulator's generator (`TraceSpec`) compressed in time: 120 s with two ×3
+spikes that ramp up in 6 and 10 s, the base rate 0.4 of the measured service rate. A real cold
+start here is ~1 s, shorter than a spike's ramp, so the replicas' workers wait `--start-delay-s` after
 loading the model (the worker's TEST-ONLY `--fault-start-delay-s`) — a stand-in for a
 production-size model's load; the cold start used everywhere is the one measured with it.
 
@@ -394,7 +394,7 @@ def main() -> None:
     ap.add_argument("--model", default=REAL, help="model folder under --models-dir (tiny-llama: built in a temp dir)")
     ap.add_argument("--policies", default="reactive,predictive")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--duration", type=float, default=110.0, help="trace length, s (per policy)")
+    ap.add_argument("--duration", type=float, default=120.0, help="trace length, s (per policy)")
     ap.add_argument("--base-util", type=float, default=0.4, help="base arrival rate as a share of one replica's measured service rate")
     ap.add_argument("--spike", type=float, default=3.0, help="spike multiplier over the base rate")
     ap.add_argument("--slots", type=int, default=8, help="max batch per replica")
@@ -445,12 +445,12 @@ def main() -> None:
     base = args.base_util * calib.service_rate_1
     d = args.duration
     spec = TraceSpec(duration_s=d, base_rate=base, diurnal_amplitude=0.0,
-                     spikes=(Spike(0.14 * d, 0.055 * d, 0.18 * d, args.spike), Spike(0.64 * d, 0.09 * d, 0.14 * d, args.spike)),
+                     spikes=(Spike(0.12 * d, 0.05 * d, 0.17 * d, args.spike), Spike(0.68 * d, 0.08 * d, 0.12 * d, args.spike)),
                      prompt_tokens=args.prompt_tokens, output_tokens_mean=args.output_tokens,
                      output_tokens_max=3 * args.output_tokens)
     arrivals = generate_arrivals(spec, args.seed)
     console.print(f"trace: {len(arrivals)} requests over {d:g} s, base {base:.2f} req/s, two ×{args.spike:g} spikes "
-                  f"(ramp {0.055 * d:.0f} s at {0.14 * d:.0f} s, {0.09 * d:.0f} s at {0.64 * d:.0f} s); TTFT SLO {args.slo_s:g} s")
+                  f"(ramp {0.05 * d:.0f} s at {0.12 * d:.0f} s, {0.08 * d:.0f} s at {0.68 * d:.0f} s); TTFT SLO {args.slo_s:g} s")
 
     runs = []
     for policy in policies:
