@@ -9,17 +9,33 @@ PROTO_OUT := libs/switchyard/v1
 
 BENCH_VENV ?= .venv-bench
 
-.PHONY: all venv proto model tiny-model certs run test test-fast fuzz chaos bench bench-deps bench-model gpu-check clean
+.PHONY: all venv proto model tiny-model certs run test test-fast fuzz chaos bench bench-deps bench-model gpu-deps gpu-check gpu-bench clean
 
 all: proto
 
+# onnxruntime-gpu (the CPU provider included) replaces onnxruntime: both install the
+# `onnxruntime` module, so a venv made before the switch has plain onnxruntime removed and
+# onnxruntime-gpu reinstalled over the files the two shared.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install -e '.[test]'
+	if $(PIP) show onnxruntime >/dev/null 2>&1; then \
+	  $(PIP) uninstall -y onnxruntime && \
+	  $(PIP) install --force-reinstall --no-deps "onnxruntime-gpu==$$($(PY) -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))')"; \
+	fi
+	$(PY) -c 'import onnxruntime'
 	touch $@
 
 venv: $(VENV)/.installed
+
+# On a machine with an NVIDIA GPU (nvidia-smi lists one): CUDA and cuDNN as pip packages (the
+# `gpu` extra), found by the worker through onnxruntime's preload_dlls. Nothing elsewhere.
+gpu-deps: $(VENV)/.installed
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  if [ ! -f $(VENV)/.gpu-installed ] || [ pyproject.toml -nt $(VENV)/.gpu-installed ]; then \
+	    $(PIP) install -e '.[test,gpu]' && touch $(VENV)/.gpu-installed; fi; \
+	fi
 
 # Generated protobuf package: git-ignored, rebuilt when a .proto changes.
 $(PROTO_OUT)/__init__.py: $(PROTO_SRC) $(VENV)/.installed
@@ -41,7 +57,7 @@ tiny-model: proto
 certs: proto
 	$(PY) -m switchyard.cli certs --out runs/certs
 
-run: model
+run: model gpu-deps
 	$(PY) -m switchyard.cli up --models-dir $(MODELS)
 
 test: proto
@@ -77,8 +93,15 @@ bench-deps: $(BENCH_VENV)/.installed
 bench-model: model bench-deps
 	$(PY) bench/model_throughput.py --reference-python $(BENCH_VENV)/bin/python
 
-gpu-check: model
+gpu-check: model gpu-deps
 	$(PY) bench/gpu_check.py
+
+# The GPU benchmark (bench/gpu_bench.py): correctness against the CPU engine, decode tok/s at
+# batch 1-256, TTFT, the whole stack at 64/256 streams, GPU memory; one JSON file.
+GPU_BENCH_OUT ?= runs/gpu_bench.json
+GPU_BENCH_ARGS ?= --provider cuda
+gpu-bench: model gpu-deps
+	$(PY) bench/gpu_bench.py $(GPU_BENCH_ARGS) --out $(GPU_BENCH_OUT)
 
 clean:
 	rm -rf $(PROTO_OUT) build *.egg-info

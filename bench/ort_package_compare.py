@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -95,12 +96,15 @@ def main() -> int:
                       f"{r['decode_tok_s']:.1f} tok/s ({r['step_ms']:.1f} ms/step)", flush=True)
     print(f"\nbest of {args.rounds} rounds; {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
           f"{args.threads} threads")
-    print(f"{'model':6s} {'batch':>5s} {'baseline tok/s':>15s} {'other tok/s':>12s} {'other/baseline':>15s}")
+    print(f"{'model':6s} {'batch':>5s} {'baseline tok/s':>15s} {'other tok/s':>12s} {'other/baseline':>15s}"
+          f" {'median ratio':>13s}")
     for variant, batch in configs:
-        best = {label: max(r["decode_tok_s"] for r in runs if r["label"] == label and r["variant"] == variant
-                           and r["batch"] == batch) for label in pythons}
+        rates = {label: [r["decode_tok_s"] for r in runs if r["label"] == label and r["variant"] == variant
+                         and r["batch"] == batch] for label in pythons}
+        best = {label: max(v) for label, v in rates.items()}
+        median = {label: statistics.median(v) for label, v in rates.items()}
         print(f"{variant:6s} {batch:5d} {best['baseline']:15.1f} {best['other']:12.1f} "
-              f"{best['other'] / best['baseline']:14.2f}×")
+              f"{best['other'] / best['baseline']:14.2f}× {median['other'] / median['baseline']:12.2f}×")
     versions = {label: next(r["ort"] for r in runs if r["label"] == label) for label in pythons}
     print("versions:", ", ".join(f"{k}: onnxruntime {v} ({pythons[k]})" for k, v in versions.items()))
     if args.json:

@@ -127,11 +127,12 @@ def cuda_unavailable_reason() -> str | None:
         parts = [f"ONNX Runtime's CUDA provider ({installed}) cannot load: {exc}"]
         if missing:
             parts.append("missing libraries: " + ", ".join(missing))
-            if "libcuda.so.1" in missing:
-                parts.append("libcuda.so.1 is the NVIDIA driver: this machine has no NVIDIA driver/GPU")
+        if "libcuda.so.1" in missing:
+            parts.append("libcuda.so.1 is the NVIDIA driver: this machine has no NVIDIA driver/GPU")
         if cuda_major:
             parts.append(f"this build wants CUDA {cuda_major}")
-        parts.append(INSTALL_HINT)
+        if missing != ["libcuda.so.1"]:  # CUDA/cuDNN themselves are missing, not only the driver
+            parts.append(INSTALL_HINT)
         if preload_msgs and not missing:
             parts.append("preload_dlls said: " + " | ".join(preload_msgs))
         return "; ".join(parts)
