@@ -20,6 +20,7 @@ import ctypes
 import functools
 import io
 import logging
+import mmap
 import struct
 from importlib import metadata
 from pathlib import Path
@@ -74,9 +75,15 @@ def elf_needed(path: Path) -> list[str]:
     """DT_NEEDED entries (shared libraries a library links against) of a 64-bit little-endian
     ELF file; [] when it is not one. Used to name every missing CUDA library, not only the
     first one the dynamic loader stops at."""
-    data = path.read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return []
+    with open(path, "rb") as f:  # mapped, not read: the CUDA provider library is ~300 MB
+        if f.read(6) != b"\x7fELF\x02\x01":
+            return []
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _dt_needed(data)
+
+
+def _dt_needed(data: Any) -> list[str]:
+    """The DT_NEEDED strings of an ELF64 image: its SHT_DYNAMIC section, names in the linked strtab."""
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
@@ -90,7 +97,7 @@ def elf_needed(path: Path) -> list[str]:
             if tag == 0:
                 break
             if tag == 1:  # DT_NEEDED
-                end = data.index(b"\0", strtab + value)
+                end = data.find(b"\0", strtab + value)
                 needed.append(data[strtab + value:end].decode())
     return needed
 
