@@ -208,21 +208,24 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
                               fault_fail_fraction=config.fault_fail_fraction)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     await server.start()
+    provider = config.provider
     try:
-        # "auto" resolved here (logged: which and why); CUDA asked for and not loadable, or a
-        # session that fell back to the CPU, is a ProviderError: the worker refuses to start.
+        # "auto" resolved here (logged: which and why); CUDA asked for and not loadable, a CUDA
+        # session that cannot be made, or one that fell back to the CPU: the worker refuses to start.
         provider = resolve_provider(config.provider)
         engine = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
                                      threads=config.threads, provider=provider, spin=config.spin,
                                      prefix_cache_bytes=config.prefix_cache_mib << 20))
         assert_provider([engine.provider], provider)
-    except ProviderError as exc:
-        log.error("worker refuses to start: %s", exc)
-        await server.stop(0)
-        executor.shutdown(wait=False)
-        raise
-    except Exception:
+    except Exception as exc:
+        if isinstance(exc, ProviderError) or provider == "cuda":
+            refusal = exc if isinstance(exc, ProviderError) else ProviderError(
+                f"the engine could not start on CUDA: {type(exc).__name__}: {exc}")
+            log.error("worker refuses to start: %s", refusal)
+            await server.stop(0)
+            executor.shutdown(wait=False)
+            raise refusal from None if refusal is exc else exc
         log.exception("model %s cannot run; health stays NOT_SERVING", config.model_dir)
         await stop.wait()
         await server.stop(config.grace_s)
