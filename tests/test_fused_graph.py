@@ -13,12 +13,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from services.worker.engine import Engine
+from services.worker.engine import Engine, EngineError
 from services.worker.fused_batch import FusedBatch
 from services.worker.sampling import SamplingParams
 from switchyard.model.catalog import ModelCatalog
-from switchyard.model.config import MODEL_FILE
+from switchyard.model.config import FP16_MODEL_FILE, MODEL_FILE
 from switchyard.model.folder import write_model_folder
+from switchyard.model.graph_io import prompt_feeds
 from switchyard.model.tiny import TINY_CONFIG, byte_tokenizer, random_weights, tiny_manifest
 
 from conftest import TINY
@@ -101,6 +102,38 @@ def test_fused_engine_generates_what_the_plain_engine_does(folders: tuple[Path, 
     sampled = SamplingParams(temperature=0.8, top_p=0.9)
     prompt = rng.integers(3, TINY_CONFIG.vocab_size, 12).tolist()
     assert fused.generate(prompt, 16, sampled, seed=3) == plain.generate(prompt, 16, sampled, seed=3)
+
+
+FP16_RELATIVE_TOLERANCE = 5e-3  # |Δlogit| / max|logit|: float16 weights, activations and KV
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("variant", ["fp32", "int4"])
+def test_float16_twin_stays_within_tolerance_and_decodes_the_same(tmp_path: Path, variant: str) -> None:
+    """The CUDA twin (model-fp16.onnx) runs on the CPU provider too: its float32 logits are within
+    the stated tolerance of model.onnx's and its greedy tokens the same on the tiny model."""
+    manifest = tiny_manifest(variant=variant, graph="fused")
+    manifest.extra["fp16_graph"] = True
+    folder = write_model_folder(tmp_path / variant, manifest, random_weights(TINY_CONFIG, 0), byte_tokenizer())
+    f32 = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
+    f16 = ort.InferenceSession(str(folder / FP16_MODEL_FILE), providers=["CPUExecutionProvider"])
+    assert {i.type for i in f16.get_inputs() if i.name.startswith("past_")} == {"tensor(float16)"}
+    rng = np.random.default_rng(2)
+    for n in (3, 33):
+        feeds = prompt_feeds(manifest, rng.integers(3, TINY_CONFIG.vocab_size, n).tolist())
+        want = f32.run(["logits"], feeds)[0]
+        got = f16.run(["logits"], {k: v.astype(np.float16) if v.dtype == np.float32 else v
+                                   for k, v in feeds.items()})[0]
+        assert got.dtype == np.float32
+        assert np.abs(got - want).max() <= FP16_RELATIVE_TOLERANCE * np.abs(want).max()
+    e32, e16 = (Engine(folder, max_sequences=4, precision=p) for p in ("float32", "float16"))
+    assert (e32.model_file, e16.model_file) == (MODEL_FILE, FP16_MODEL_FILE)
+    assert isinstance(e16.batch, FusedBatch) and e16.batch.dtype == np.float16
+    for n in (4, 30):
+        prompt = rng.integers(3, TINY_CONFIG.vocab_size, n).tolist()
+        assert e16.generate(prompt, 20) == e32.generate(prompt, 20)
+    with pytest.raises(EngineError, match="no float16 graph"):
+        Engine(_build(tmp_path, variant, "fused"), precision="float16")
 
 
 @pytest.fixture(scope="module")
@@ -210,3 +243,17 @@ def test_real_model_fused_equals_plain(real_models_dir: Path, tmp_path: Path, va
         ids = entry.encode_chat([("user", question)])
         assert fused.generate(ids, 32) == plain.generate(ids, 32), question
     assert dataclasses.asdict(fused.config) == dataclasses.asdict(plain.config)
+
+
+@pytest.mark.slow
+def test_real_model_float16_twin_decodes_like_float32(tmp_path: Path) -> None:
+    """SmolLM2 int4 with its float16 twin (what a CUDA worker runs), here on the CPU provider."""
+    from switchyard.model.convert import convert_gguf, model_name
+
+    (folder,) = convert_gguf(tmp_path, variants=["int4"], fp16=True)
+    entry = ModelCatalog(tmp_path).get(model_name("int4"))
+    assert entry is not None
+    e32, e16 = (Engine(folder, threads=2, provider="cpu", precision=p) for p in ("float32", "float16"))
+    for question in ("What is the capital of France?", "List three prime numbers."):
+        ids = entry.encode_chat([("user", question)])
+        assert e16.generate(ids, 32) == e32.generate(ids, 32), question

@@ -30,7 +30,6 @@ from .decode_batch import run_bound
 if TYPE_CHECKING:
     from .engine import Sequence
 
-_FLOAT = np.float32
 _INITIAL_ROWS = 4
 _INITIAL_LENGTH = 256
 
@@ -38,10 +37,11 @@ _INITIAL_LENGTH = 256
 class KvCopier:
     """Device-side copies between KV regions given by address and shape."""
 
-    def __init__(self, providers: list[str], device: str) -> None:
-        self.device = device
-        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "h", "t", "d"])
-        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "h", "u", "d"])
+    def __init__(self, providers: list[str], device: str, dtype: type = np.float32) -> None:
+        self.device, self.dtype = device, dtype
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        x = helper.make_tensor_value_info("x", elem, ["b", "h", "t", "d"])
+        y = helper.make_tensor_value_info("y", elem, ["b", "h", "u", "d"])
         pads = helper.make_tensor_value_info("pads", TensorProto.INT64, [8])
         ends = helper.make_tensor_value_info("ends", TensorProto.INT64, [1])
 
@@ -62,16 +62,16 @@ class KvCopier:
     def copy(self, src: int, dst: int, shape: list[int]) -> None:
         """dst[shape] = src[shape] (same layout)."""
         b = self._copy.io_binding()
-        b.bind_input("x", self.device, 0, _FLOAT, shape, src)
-        b.bind_output("y", self.device, 0, _FLOAT, shape, dst)
+        b.bind_input("x", self.device, 0, self.dtype, shape, src)
+        b.bind_output("y", self.device, 0, self.dtype, shape, dst)
         run_bound(self._copy, b)
 
     def widen(self, src: int, shape: list[int], dst: int, length: int) -> None:
         """Copy [b, h, t, d] at src into [b, h, length, d] at dst (positions t.. are zero)."""
         b = self._pad.io_binding()
-        b.bind_input("x", self.device, 0, _FLOAT, shape, src)
+        b.bind_input("x", self.device, 0, self.dtype, shape, src)
         b.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, length - shape[2], 0], dtype=np.int64))
-        b.bind_output("y", self.device, 0, _FLOAT, [shape[0], shape[1], length, shape[3]], dst)
+        b.bind_output("y", self.device, 0, self.dtype, [shape[0], shape[1], length, shape[3]], dst)
         run_bound(self._pad, b)
 
     def widen_value(self, value: ort.OrtValue, dst: int, length: int) -> None:
@@ -80,13 +80,13 @@ class KvCopier:
         b.bind_ortvalue_input("x", value)
         shape = value.shape()
         b.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, length - shape[2], 0], dtype=np.int64))
-        b.bind_output("y", self.device, 0, _FLOAT, [shape[0], shape[1], length, shape[3]], dst)
+        b.bind_output("y", self.device, 0, self.dtype, [shape[0], shape[1], length, shape[3]], dst)
         run_bound(self._pad, b)
 
     def to_host(self, src: int, shape: list[int], n: int) -> np.ndarray:
         """The first n positions of [b, h, t, d] at src, on the host."""
         b = self._slice.io_binding()
-        b.bind_input("x", self.device, 0, _FLOAT, shape, src)
+        b.bind_input("x", self.device, 0, self.dtype, shape, src)
         b.bind_cpu_input("ends", np.array([n], dtype=np.int64))
         b.bind_output("y", "cpu")
         return run_bound(self._slice, b)[0].numpy()
@@ -106,18 +106,22 @@ class KvPool:
 
     def _allocate(self, rows: int, length: int) -> list[ort.OrtValue]:
         shape = [rows, self.kv_heads, length, self.head_dim]
-        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, _FLOAT, self.copier.device, 0)
+        return [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.copier.dtype, self.copier.device, 0)
                 for _ in range(self.n_buffers)]
 
     @property
     def nbytes(self) -> int:
-        return self.n_buffers * self.rows * self.kv_heads * self.length * self.head_dim * 4
+        return self.n_buffers * self.rows * self.kv_heads * self.length * self.head_dim * self.itemsize
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.copier.dtype).itemsize
 
     def row_shape(self, rows: int = 1) -> list[int]:
         return [rows, self.kv_heads, self.length, self.head_dim]
 
     def address(self, buffer: int, row: int) -> int:
-        return self.buffers[buffer].data_ptr() + row * self.kv_heads * self.length * self.head_dim * 4
+        return self.buffers[buffer].data_ptr() + row * self.kv_heads * self.length * self.head_dim * self.itemsize
 
     def ensure(self, rows: int, length: int, live_rows: int) -> None:
         """Room for ``rows`` rows of ``length`` positions; the first ``live_rows`` rows keep their KV."""
@@ -148,7 +152,9 @@ class FusedBatch:
         self._past_names = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
         self._present_names = [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
         self._kv_heads, self._head_dim = kv_heads, head_dim
-        self.copier = KvCopier(providers, device)
+        kv_type = next(i.type for i in session.get_inputs() if i.name == self._past_names[0])
+        self.dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
+        self.copier = KvCopier(providers, device, self.dtype)
         self.pool = KvPool(self.copier, len(self._past_names), kv_heads, head_dim,
                            max_rows=max_rows, max_length=max_length)
         self.ids: list[str] = []
@@ -159,8 +165,8 @@ class FusedBatch:
         shape = self.pool.row_shape(rows)
         for k, (past, present) in enumerate(zip(self._past_names, self._present_names)):
             address = self.pool.address(k, first)
-            binding.bind_input(past, self.device, 0, _FLOAT, shape, address)
-            binding.bind_output(present, self.device, 0, _FLOAT, shape, address)
+            binding.bind_input(past, self.device, 0, self.dtype, shape, address)
+            binding.bind_output(present, self.device, 0, self.dtype, shape, address)
 
     def _run(self, ids: np.ndarray, last: np.ndarray, seqlens: np.ndarray, total: int,
              bind_kv) -> tuple[np.ndarray, np.ndarray]:
@@ -194,12 +200,12 @@ class FusedBatch:
         """A chunked prompt's own buffer [1, kv_heads, len(prompt), head_dim] per past name."""
         if seq.private_kv is None:
             shape = [1, self._kv_heads, len(seq.prompt), self._head_dim]
-            seq.private_kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, _FLOAT, self.device, 0)
+            seq.private_kv = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
                               for _ in self._past_names]
         return seq.private_kv
 
     def seed(self, seq: "Sequence", kv: list[np.ndarray]) -> None:
-        host = np.zeros((1, self._kv_heads, len(seq.prompt), self._head_dim), dtype=_FLOAT)
+        host = np.zeros((1, self._kv_heads, len(seq.prompt), self._head_dim), dtype=self.dtype)
         values = []
         for a in kv:
             host[0, :, :a.shape[1], :] = a

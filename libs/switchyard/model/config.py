@@ -23,6 +23,23 @@ Graph I/O contract (names as onnxruntime-genai expects them):
 The new tokens always occupy the last `seq` key positions; padding may sit anywhere before
 them (the worker keeps ragged sequences in one batch by masking). Query s may attend to key t
 when attention_mask[b, t] == 1 and t <= past + s.
+
+FUSED_CONTRACT — the fused graph (manifest extra["graph"] == "fused"; ONNX Runtime contrib
+operators, GroupQueryAttention), rows right-padded, KV appended in place:
+    inputs   input_ids                 int64   [batch, seq]   row b's new tokens first, then padding
+             last_token_index          int64   [batch]        which of the seq positions' logits to return
+             seqlens_k                 int32   [batch]        row b's tokens after this call, minus 1
+             total_sequence_length     int32   []             max over rows of seqlens_k + 1
+             past_key_values.{i}.key   T       [batch, kv_heads, max_len, head_dim]  a buffer: row b's
+             past_key_values.{i}.value T       [batch, kv_heads, max_len, head_dim]  first positions hold its KV
+    outputs  logits                    float32 [batch, 1, vocab]
+             next_token                int64   [batch]        argmax of logits (greedy, on the device)
+             present.{i}.key/value     T       [batch, kv_heads, max_len, head_dim]  the same buffer when
+                                                              bound to the same memory as past (ORT then
+                                                              writes the new tokens' KV in place)
+Row b's rotary positions are its KV positions: the new tokens sit at positions
+seqlens_k[b] + 1 - (its new tokens) onward. T is float32 (model.onnx) or float16 (FP16_MODEL_FILE,
+the CUDA twin, when manifest extra["fp16_graph"] is set).
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ from typing import Any
 
 MANIFEST_FILE = "switchyard.json"
 MODEL_FILE = "model.onnx"
+FP16_MODEL_FILE = "model-fp16.onnx"  # the fused graph in float16, for CUDA (extra["fp16_graph"])
 
 
 @dataclass(frozen=True)

