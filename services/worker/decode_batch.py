@@ -40,8 +40,11 @@ class DecodeBatch(Protocol):
     def join(self, seq: "Sequence") -> None:
         """Move a fully prefilled sequence's private KV into the batch (a new last row)."""
 
-    def decode(self, seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray | None]:
-        """One step of every row (``seqs`` in row order): logits [B, vocab], argmax [B] or None."""
+    def decode(self, seqs: list["Sequence"], logits_on_host: bool = True
+               ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One step of every row (``seqs`` in row order): logits [B, vocab], argmax [B] or None.
+        ``logits_on_host=False`` (every row greedy): a batch whose graph computes the argmax may
+        leave the logits on the device and return None for them."""
 
     def private_kv(self, seq: "Sequence") -> list[np.ndarray]:
         """A prefilling sequence's cached tokens' KV on the host, per past name [kv_heads, T, head_dim]."""

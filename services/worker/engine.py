@@ -311,7 +311,7 @@ class Engine:
         """One batched ONNX Runtime call over every sequence in the batch."""
         t0 = time.perf_counter()
         seqs = [self.sequences[sid] for sid in self.batch.ids]
-        logits, best = self.batch.decode(seqs)
+        logits, best = self.batch.decode(seqs, logits_on_host=not all(s.params.plain_greedy for s in seqs))
         result.decode_s += time.perf_counter() - t0
         result.decode_batch_size = len(seqs)
         result.decode_steps += 1
@@ -320,6 +320,7 @@ class Engine:
         if best is not None:
             picked = {row: int(best[row]) for row in greedy_rows}
         else:
+            assert logits is not None
             picked = dict(zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist())) if greedy_rows else {}
         for row, seq in enumerate(seqs):
             token = picked[row] if row in picked else sample_token(

@@ -18,7 +18,7 @@ with the same address binding, so the pool works the same on CUDA and on the CPU
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx
@@ -159,6 +159,7 @@ class FusedBatch:
                            max_rows=max_rows, max_length=max_length)
         self.ids: list[str] = []
         self.lengths: list[int] = []  # KV positions held per row
+        self._decode_binding: tuple[tuple, ort.IOBinding] | None = None  # (shape key, binding)
 
     # ---- model calls ---------------------------------------------------------------------
     def _bind_rows(self, binding: ort.IOBinding, first: int, rows: int) -> None:
@@ -168,18 +169,23 @@ class FusedBatch:
             binding.bind_input(past, self.device, 0, self.dtype, shape, address)
             binding.bind_output(present, self.device, 0, self.dtype, shape, address)
 
-    def _run(self, ids: np.ndarray, last: np.ndarray, seqlens: np.ndarray, total: int,
-             bind_kv) -> tuple[np.ndarray, np.ndarray]:
+    def _new_binding(self, bind_kv: Callable[[ort.IOBinding], None], logits_on_host: bool = True) -> ort.IOBinding:
         binding = self.session.io_binding()
+        # Outputs bound first: get_outputs() follows binding order. Logits not wanted on the host
+        # stay on the device (on CUDA: no [batch, vocab] copy per step, only the token ids).
+        binding.bind_output("logits", "cpu" if logits_on_host else self.device)
+        binding.bind_output("next_token", "cpu")
+        bind_kv(binding)
+        return binding
+
+    def _run(self, binding: ort.IOBinding, ids: np.ndarray, last: np.ndarray, seqlens: np.ndarray,
+             total: int, logits_on_host: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
         binding.bind_cpu_input("last_token_index", np.ascontiguousarray(last, dtype=np.int64))
         binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens, dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        binding.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
-        binding.bind_output("next_token", "cpu")
-        bind_kv(binding)
         outputs = run_bound(self.session, binding)
-        return outputs[0].numpy()[:, 0, :], outputs[1].numpy()
+        return (outputs[0].numpy()[:, 0, :] if logits_on_host else None), outputs[1].numpy()
 
     def prefill_whole(self, seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded to the longest, straight into rows B..B+n-1 of the pool."""
@@ -190,8 +196,8 @@ class FusedBatch:
         for row, seq in enumerate(seqs):
             ids[row, :len(seq.prompt)] = seq.prompt
         last = np.array(lengths, dtype=np.int64) - 1
-        logits, best = self._run(ids, last, last.astype(np.int32), width,
-                                 lambda b: self._bind_rows(b, first, n))
+        binding = self._new_binding(lambda b: self._bind_rows(b, first, n))
+        logits, best = self._run(binding, ids, last, last.astype(np.int32), width)
         self.ids += [s.sequence_id for s in seqs]
         self.lengths += lengths
         return logits, best
@@ -221,8 +227,9 @@ class FusedBatch:
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
 
-        logits, _ = self._run(seq.prompt[start:start + n][None, :], np.array([n - 1]),
-                              np.array([start + n - 1]), start + n, bind)
+        logits, _ = self._run(self._new_binding(bind), seq.prompt[start:start + n][None, :], np.array([n - 1]),
+                              np.array([start + n - 1]), start + n)
+        assert logits is not None
         return logits[0]
 
     def private_kv(self, seq: "Sequence") -> list[np.ndarray]:
@@ -238,14 +245,19 @@ class FusedBatch:
         self.ids.append(seq.sequence_id)
         self.lengths.append(seq.processed)
 
-    def decode(self, seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, seqs: list["Sequence"], logits_on_host: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """One step of rows 0..B-1. The binding of the KV (120 addresses for 30 layers) is kept
+        from step to step while the batch and the pool keep their shape; only the ids and
+        lengths are bound anew."""
         rows = len(seqs)
         seqlens = np.array(self.lengths, dtype=np.int32)
         total = int(seqlens.max()) + 1
         self.pool.ensure(rows, total, rows)
+        key = (rows, self.pool.length, self.pool.buffers[0].data_ptr(), logits_on_host)
+        if self._decode_binding is None or self._decode_binding[0] != key:
+            self._decode_binding = (key, self._new_binding(lambda b: self._bind_rows(b, 0, rows), logits_on_host))
         ids = np.array([[s.generated[-1]] for s in seqs], dtype=np.int64)
-        out = self._run(ids, np.zeros(rows, dtype=np.int64), seqlens, total,
-                        lambda b: self._bind_rows(b, 0, rows))
+        out = self._run(self._decode_binding[1], ids, np.zeros(rows, dtype=np.int64), seqlens, total, logits_on_host)
         self.lengths = [n + 1 for n in self.lengths]
         return out
 

@@ -92,7 +92,7 @@ class PlainBatch:
         seq.private_kv = None
         self._join_rows([seq.sequence_id], own, np.ones((1, own[0].shape[2]), dtype=np.int64))
 
-    def decode(self, seqs: list["Sequence"]) -> tuple[np.ndarray, None]:
+    def decode(self, seqs: list["Sequence"], logits_on_host: bool = True) -> tuple[np.ndarray, None]:
         ids = np.array([[s.generated[-1]] for s in seqs], dtype=np.int64)
         positions = np.array([[s.cache_length] for s in seqs], dtype=np.int64)
         mask = np.concatenate([self._mask, np.ones((len(seqs), 1), dtype=np.int64)], axis=1)
