@@ -11,6 +11,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
+from conftest import TINY
 from services.worker import providers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,7 @@ def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tm
         assert row["tokens"] == row["batch"] * row["steps"] == row["batch"] * cfg["decode_steps"]
         assert row["tokens_per_s"] == pytest.approx(row["tokens"] / (row["steps"] * row["step_ms_mean"] / 1000))
         assert 0 < row["step_ms_p50"] <= row["step_ms_p90"] and row["prefill_s"] > 0
+        assert row["tokens_per_s_at_p50_step"] == pytest.approx(row["batch"] * 1000 / row["step_ms_p50"])
 
     ttft = r["ttft"]["int4"]
     assert [row["prompt_tokens"] for row in ttft] == cfg["ttft_prompts"]
@@ -65,6 +67,28 @@ def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tm
     for m in memory.values():  # no GPU here: said so, not a made-up zero
         assert (m["method"] is None and "nvidia-smi" in m["reason"]) or m["device_total_mib"] > 0
     assert r["process_max_rss_mib"] > 0 and r["elapsed_s"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_gpu_bench_full_sizes_on_the_tiny_model(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """The GPU run's sizes (batch 256, 256 streams through the stack) on the tiny model: every
+    stream is admitted and complete, and a prompt over the context is reported, not failed."""
+    out = tmp_path / "gpu_bench.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--provider", "cpu", "--models-dir", str(tiny_models_dir),
+                           "--variants", TINY, "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["passed"] is True and r["quick"] is False and r["correctness"][TINY]["equal"] is True
+    assert [row["batch"] for row in r["decode"][TINY]] == [1, 16, 64, 256]
+    assert all(row["tokens"] == row["batch"] * 32 for row in r["decode"][TINY])
+    short, long = r["ttft"][TINY]
+    assert short["prompt_tokens"] == 128 and short["ttft_ms_p50"] > 0
+    assert long == {"prompt_tokens": 1024, "skipped": "context is 512 tokens"}
+    runs = r["stack"]["runs"]
+    assert [run["streams"] for run in runs] == [64, 256]
+    assert all(run["errors"] == 0 and run["tokens"] == run["streams"] * 128 for run in runs)
 
 
 @pytest.mark.integration
