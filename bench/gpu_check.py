@@ -55,9 +55,7 @@ def run_batch(engine, prompts: list[list[int]], max_tokens: int) -> tuple[list[l
             result = engine.step([], decode=True)
             decode_s += time.perf_counter() - t0
             decode_tokens += len(result.tokens)
-            kv = getattr(engine, "_batch_kv", None)
-            if kv:
-                kv_device = kv[0].device_name()
+            kv_device = engine.batch.kv_device() or kv_device
     finally:
         engine.remove(ids)
     return [outs[sid][:max_tokens] for sid in ids], decode_tokens / decode_s if decode_s else 0.0, kv_device
