@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -218,14 +219,16 @@ class Calibration:
         """Decode-token units per prompt token (the simulator's unit of work)."""
         return self.ttft_1_s * self.decode_1_tok_s / self.prompt_tokens
 
-    def fleet(self, cold_start_s: float, slo_s: float, timeout_s: float) -> FleetModel:
+    def fleet(self, cold_start_s: float, slo_s: float, timeout_s: float, shared: bool = False) -> FleetModel:
         """The simulator's replica: single-stream rate at batch 1, and at full batch the rate that
-        reproduces the measured completions/s for requests of the calibration's size."""
+        reproduces the measured completions/s for requests of the calibration's size. `shared`:
+        two busy replicas together complete what two were measured to (they share the cores)."""
         work = self.prompt_tokens * self.prefill_cost + self.output_tokens
         full = max(self.service_rate_1 * work, self.decode_1_tok_s * 1.0001)
         points = ((1, self.decode_1_tok_s), (self.slots, full)) if self.slots > 1 else ((1, full),)
         return FleetModel(slots_per_replica=self.slots, batch_points=points, prefill_cost=self.prefill_cost,
-                          cold_start_s=cold_start_s, queue_timeout_s=timeout_s, ttft_slo_s=slo_s)
+                          cold_start_s=cold_start_s, queue_timeout_s=timeout_s, ttft_slo_s=slo_s,
+                          replica_scaling=(1.0, self.service_rate_2 / self.service_rate_1) if shared else ())
 
 
 def calibrate(models_dir: Path, model: str, args: argparse.Namespace, log_dir: Path) -> Calibration:
@@ -454,26 +457,35 @@ def main() -> None:
 
     runs = []
     for policy in policies:
+        before = os.getloadavg()[0]
         run = run_live(models_dir, model, policy, arrivals, calib, args, options, log_dir)
         runs.append(run)
-        console.print(f"{policy} live done: {sum(1 for o in run.outcomes if o.error)} errors, "
+        console.print(f"{policy} live done (load average {before:.2f} before, {os.getloadavg()[0]:.2f} after): "
+                      f"{sum(1 for o in run.outcomes if o.error)} errors, "
                       f"cold starts measured by the autoscaler {[round(c, 2) for c in run.cold_starts]}, "
                       f"service rate it measured from heartbeats "
                       f"{'none (never saturated 5 s)' if run.measured_rate is None else f'{run.measured_rate:.2f} req/s'}")
     measured_cold = [c for r in runs for c in r.cold_starts] or [calib.cold_start_s]
     cold = statistics.median([calib.cold_start_s, *measured_cold])
-    fleet = calib.fleet(cold, args.slo_s, args.timeout_s)
     limits = ScalingLimits(1, args.max_replicas)
-    pairs = []
+    runs.sort(key=lambda r: (r.policy != "reactive", r.policy))  # the baseline first, whatever ran first
+    pairs, independent = [], []
     for run in runs:
         opts: dict[str, object] = {"scale_up_window_s": args.scale_up_window_s, "scale_down_window_s": args.scale_down_window_s}
-        sim = simulate(make_scaling_policy(run.policy, limits, **opts), arrivals, fleet, tick_s=args.tick_s,
-                       rate_window_s=RATE_WINDOW_S, window_s=args.window_s, initial_replicas=1, duration_s=d)
-        sim.policy = f"{run.policy} (simulator)"
-        pairs.append((sim, live_result(run, args.slo_s, args.window_s)))
+        sims = []
+        for shared in (False, True):
+            sim = simulate(make_scaling_policy(run.policy, limits, **opts), arrivals,
+                           calib.fleet(cold, args.slo_s, args.timeout_s, shared=shared), tick_s=args.tick_s,
+                           rate_window_s=RATE_WINDOW_S, window_s=args.window_s, initial_replicas=1, duration_s=d)
+            sim.policy = f"{run.policy} (simulator)"
+            sims.append(sim)
+        independent.append(sims[0])
+        pairs.append((sims[1], live_result(run, args.slo_s, args.window_s)))
     elapsed = time.monotonic() - started
+    scaling = calib.service_rate_2 / calib.service_rate_1
 
-    base_rs = {src: pairs[0][i].replica_seconds for i, src in enumerate(("sim", "live"))}
+    base_rs = {"independent": independent[0].replica_seconds, "shared": pairs[0][0].replica_seconds,
+               "live": pairs[0][1].replica_seconds}
     table = Table(title=f"{model}, {len(arrivals)} requests, TTFT SLO {args.slo_s:g} s, cold start {cold:.2f} s "
                         f"(measured), service rate {calib.service_rate_1:.2f} req/s/replica (measured); {elapsed:.0f} s")
     cols = ("policy", "source", "within SLO", "dropped / errors", "replica-s", f"× {pairs[0][1].policy.split()[0]}",
@@ -486,9 +498,10 @@ def main() -> None:
         counts = [1] + [n for _, n, _ in res.decisions]
         return sum(a != b for a, b in zip(counts, counts[1:]))
 
-    for sim, live in pairs:
-        for res, src in ((sim, "simulator"), (live, "live")):
-            key = "sim" if src == "simulator" else "live"
+    for (sim, live), alone in zip(pairs, independent):
+        for res, src, key in ((alone, "simulator, replicas add up", "independent"),
+                              (sim, f"simulator, 2 replicas = {scaling:.2f}× one (measured)", "shared"),
+                              (live, "live", "live")):
             cells = (res.policy.split()[0], src, f"{100 * res.slo_attainment:.1f}%", str(res.dropped),
                      f"{res.replica_seconds:.0f}", f"{res.replica_seconds / base_rs[key]:.2f}",
                      f"{res.ttft_p50_s:.2f} s", f"{res.ttft_p99_s:.2f} s", str(res.max_replicas), str(changes(res)))
@@ -497,7 +510,7 @@ def main() -> None:
     console.print(table)
 
     timeline = Table(title=f"timeline per {args.window_s:g} s window: arrivals/s, replicas ready(+starting), TTFT p99 "
-                           "(sim / live; inf = an error in the window)")
+                           f"(simulator with 2 replicas = {scaling:.2f}× one / live; inf = an error in the window)")
     tcols = ["t (s)", "arrivals/s"] + [f"{p[1].policy.split()[0]} {k}" for p in pairs for k in ("replicas", "p99 TTFT")]
     for c in tcols:
         timeline.add_column(c, justify="right")
@@ -528,7 +541,8 @@ def main() -> None:
         console.print("\n".join(tmd), soft_wrap=True)
     if args.plot:
         plot(pairs, args.plot, args.slo_s, args.timeout_s,
-             f"{model}, cold start {cold:.1f} s (start delay {args.start_delay_s:g} s)")
+             f"{model}, cold start {cold:.1f} s (start delay {args.start_delay_s:g} s); simulator: 2 replicas = "
+             f"{scaling:.2f}× one")
         console.print(f"plot: {args.plot}")
 
 

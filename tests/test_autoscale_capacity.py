@@ -106,3 +106,23 @@ def test_the_policy_gets_the_measured_rate_instead_of_the_configured_one(measure
         scaler.tick(now=1.0 + i)
     expected = pytest.approx(3.5, rel=0.05) if measure else 2.0
     assert policies[0].seen[-1].service_rate_per_replica == expected
+
+
+def test_the_simulator_slows_replicas_that_share_a_machine_by_the_measured_scaling() -> None:
+    from switchyard.autoscaling import make_scaling_policy
+    from switchyard.autoscaling.simulator import Arrival, FleetModel, FleetSimulator
+    both = [Arrival(1.0, 0, 100), Arrival(1.0, 0, 100)]  # two requests at once, one per replica (1 slot each)
+    alone = [Arrival(1.0, 0, 100)]
+
+    def durations(arrivals: list[Arrival], scaling: tuple[float, ...]) -> list[float]:
+        fleet = FleetModel(slots_per_replica=1, batch_points=((1, 50.0),), prefill_cost=0.0, replica_scaling=scaling)
+        sim = FleetSimulator(make_scaling_policy("reactive", ScalingLimits(2, 2)), arrivals, fleet, tick_s=1.0,
+                             initial_replicas=2)
+        sim.run()
+        return [q.done - q.arrival for q in sim.requests]  # type: ignore[operator]
+
+    assert durations(both, ()) == pytest.approx([2.0, 2.0])  # independent machines: 100 tokens at 50/s each
+    assert durations(both, (1.0, 1.5)) == pytest.approx([2.0 / 0.75, 2.0 / 0.75])  # two together: 1.5× one
+    assert durations(alone, (1.0, 1.5)) == pytest.approx([2.0])  # one busy replica runs at full speed
+    with pytest.raises(ValueError):
+        FleetModel(replica_scaling=(0.9, 1.5))

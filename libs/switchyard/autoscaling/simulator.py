@@ -57,6 +57,10 @@ class FleetModel:
     cold_start_s: float = INT4_COLD_START_S
     queue_timeout_s: float = 30.0
     ttft_slo_s: float = 2.0
+    # Capacity of n busy replicas together relative to one, measured (e.g. (1.0, 1.41): two
+    # replicas sharing a 2-core machine complete 1.41× what one does). Empty: replicas are
+    # independent machines and add up. Beyond the last figure, adding replicas adds nothing.
+    replica_scaling: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.slots_per_replica < 1:
@@ -65,6 +69,15 @@ class FleetModel:
             raise ValueError("batch_points must be (batch >= 1, tokens/s > 0) pairs")
         if self.cold_start_s < 0 or self.queue_timeout_s <= 0 or self.ttft_slo_s <= 0:
             raise ValueError("cold_start_s must be >= 0, queue_timeout_s and ttft_slo_s > 0")
+        if any(x <= 0 for x in self.replica_scaling) or (self.replica_scaling and self.replica_scaling[0] != 1.0):
+            raise ValueError("replica_scaling must start at 1.0 (one replica) and be positive")
+
+    def efficiency(self, busy: int) -> float:
+        """Share of its own speed each of `busy` replicas runs at when they share machines."""
+        if not self.replica_scaling or busy <= 1:
+            return 1.0
+        total = self.replica_scaling[min(busy, len(self.replica_scaling)) - 1]
+        return total / busy
 
     def aggregate_rate(self, batch: int) -> float:
         """Decode tokens/s of one replica running `batch` sequences (linear between measured points)."""
@@ -244,7 +257,12 @@ class FleetSimulator:
 
     def _rate(self, replica: _Replica) -> float:
         b = len(replica.running)
-        return self.fleet.aggregate_rate(b) / b if b else 0.0
+        if not b:
+            return 0.0
+        rate = self.fleet.aggregate_rate(b) / b
+        if self.fleet.replica_scaling:  # busy replicas share the machine (rates change only at events)
+            rate *= self.fleet.efficiency(sum(1 for r in self.replicas if r.running))
+        return rate
 
     def _advance(self, t: float) -> None:
         for r in self.replicas:
