@@ -22,7 +22,7 @@ Phases, all in one invocation:
 3. The simulator on the same arrivals, fleet calibrated from phase 1 and the cold starts the
    autoscaler measured in phase 2.
 
-The trace is the simulator's generator (`TraceSpec`) compressed in time: 120 s with two ×3
+The trace is the simulator's generator (`TraceSpec`) compressed in time: 120 s with two ×2.5
 spikes that ramp up in 6 and 10 s, the base rate 0.4 of the measured service rate. A real cold
 start here is ~1 s, shorter than a spike's ramp, so the replicas' workers wait `--start-delay-s` after
 loading the model (the worker's TEST-ONLY `--fault-start-delay-s`) — a stand-in for a
@@ -399,7 +399,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--duration", type=float, default=120.0, help="trace length, s (per policy)")
     ap.add_argument("--base-util", type=float, default=0.4, help="base arrival rate as a share of one replica's measured service rate")
-    ap.add_argument("--spike", type=float, default=3.0, help="spike multiplier over the base rate")
+    ap.add_argument("--spike", type=float, default=2.5, help="spike multiplier over the base rate")
     ap.add_argument("--slots", type=int, default=8, help="max batch per replica")
     ap.add_argument("--max-replicas", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=32)
@@ -416,6 +416,7 @@ def main() -> None:
     ap.add_argument("--calibrate-only", action="store_true", help="stop after the calibration (to size a trace)")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write the calibration, arrivals, outcomes and samples here")
     args = ap.parse_args()
     started = time.monotonic()
 
@@ -536,6 +537,16 @@ def main() -> None:
         errs = [o.error for o in run.outcomes if o.error]
         if errs:
             console.print(f"  errors: {len(errs)}, first: {errs[:3]}")
+    if args.json:
+        import dataclasses
+        import json
+        args.json.write_text(json.dumps({
+            "args": {k: str(v) for k, v in vars(args).items()}, "model": model, "calibration": dataclasses.asdict(calib),
+            "cold_start_s": cold, "arrivals": [dataclasses.asdict(a) for a in arrivals],
+            "runs": [{"policy": r.policy, "outcomes": [dataclasses.asdict(o) for o in r.outcomes], "samples": r.samples,
+                      "decisions": r.decisions, "cold_starts": r.cold_starts, "measured_rate": r.measured_rate}
+                     for r in runs]}))
+        console.print(f"raw data: {args.json}")
     if args.markdown:
         console.print("\n".join(md), soft_wrap=True)
         console.print("\n".join(tmd), soft_wrap=True)
