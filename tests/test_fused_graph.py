@@ -17,7 +17,7 @@ from services.worker.engine import Engine, EngineError
 from services.worker.fused_batch import FusedBatch
 from services.worker.sampling import SamplingParams
 from switchyard.model.catalog import ModelCatalog
-from switchyard.model.config import FP16_MODEL_FILE, MODEL_FILE
+from switchyard.model.config import FP16_MODEL_FILE, MODEL_FILE, ModelManifest
 from switchyard.model.folder import write_model_folder
 from switchyard.model.graph_io import prompt_feeds
 from switchyard.model.tiny import TINY_CONFIG, byte_tokenizer, random_weights, tiny_manifest
@@ -136,6 +136,47 @@ def test_float16_twin_stays_within_tolerance_and_decodes_the_same(tmp_path: Path
         Engine(_build(tmp_path, variant, "fused"), precision="float16")
 
 
+def _q4_1_blocks(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """ggml Q4_1 blocks [rows, cols / 32, 20]: f16 d, f16 m, 16 bytes of nibbles (w = d·q + m)."""
+    kb = cols // 32
+    d = rng.uniform(0.01, 0.05, (rows, kb)).astype(np.float16)
+    m = rng.uniform(-0.3, 0.05, (rows, kb)).astype(np.float16)
+    nibbles = rng.integers(0, 256, (rows, kb, 16), dtype=np.uint8)
+    return np.concatenate([d[..., None].view(np.uint8), m[..., None].view(np.uint8), nibbles], axis=2)
+
+
+@pytest.mark.unit
+def test_float16_twin_folds_q4_1_offsets_into_float_zero_points(tmp_path: Path) -> None:
+    """GGUF Q4_1 blocks carried into MatMulNBits: the float32 graph adds blocksum(x) @ offsets
+    (integer zero points stay on the CPU's fast path), the float16 twin folds the offsets into
+    float zero points (no offset nodes) — and both compute the same logits within tolerance."""
+    from switchyard.model.quantize import from_ggml
+
+    rng = np.random.default_rng(4)
+    weights = random_weights(TINY_CONFIG, 0)
+    prequantized = {}
+    for name, w in weights.items():
+        if ".layers." in name and w.ndim == 2:
+            bq = from_ggml("Q4_1", _q4_1_blocks(*w.shape, rng))
+            prequantized[name] = bq
+            weights[name] = bq.dequantize().T  # the HF-layout float values the blocks hold
+    manifest = tiny_manifest(variant="int4", graph="fused")
+    manifest.extra["fp16_graph"] = True
+    folder = write_model_folder(tmp_path / "q4_1", manifest, weights, byte_tokenizer(), prequantized=prequantized)
+    inits = {f: {i.name for i in onnx.load(str(folder / f), load_external_data=False).graph.initializer}
+             for f in (MODEL_FILE, FP16_MODEL_FILE)}
+    assert any(n.endswith(".offsets") for n in inits[MODEL_FILE]) and not any(n.endswith(".fzeros") for n in inits[MODEL_FILE])
+    assert any(n.endswith(".fzeros") for n in inits[FP16_MODEL_FILE]) and not any(n.endswith(".offsets") for n in inits[FP16_MODEL_FILE])
+    f32 = ort.InferenceSession(str(folder / MODEL_FILE), providers=["CPUExecutionProvider"])
+    f16 = ort.InferenceSession(str(folder / FP16_MODEL_FILE), providers=["CPUExecutionProvider"])
+    for n in (2, 21):
+        feeds = prompt_feeds(manifest, rng.integers(3, TINY_CONFIG.vocab_size, n).tolist())
+        want = f32.run(["logits"], feeds)[0]
+        got = f16.run(["logits"], {k: v.astype(np.float16) if v.dtype == np.float32 else v
+                                   for k, v in feeds.items()})[0]
+        assert np.abs(got - want).max() <= FP16_RELATIVE_TOLERANCE * np.abs(want).max()
+
+
 @pytest.fixture(scope="module")
 def fused_engine(tiny_fused_models_dir: Path) -> Engine:
     return Engine(tiny_fused_models_dir / TINY, max_sequences=16)
@@ -246,14 +287,28 @@ def test_real_model_fused_equals_plain(real_models_dir: Path, tmp_path: Path, va
 
 
 @pytest.mark.slow
-def test_real_model_float16_twin_decodes_like_float32(tmp_path: Path) -> None:
-    """SmolLM2 int4 with its float16 twin (what a CUDA worker runs), here on the CPU provider."""
+def test_real_model_float16_twin_is_within_tolerance(tmp_path: Path) -> None:
+    """SmolLM2 int4 with its float16 twin (what a CUDA worker runs; Q4_1 offsets folded into float
+    zero points), here on the CPU provider: prompt logits within the stated tolerance of the
+    float32 graph's, the same first token through the engine. (Longer greedy continuations may
+    part where two candidates are closer than float16 rounding: 3 of 4 chat prompts kept all 32
+    tokens when this was written.)"""
     from switchyard.model.convert import convert_gguf, model_name
 
     (folder,) = convert_gguf(tmp_path, variants=["int4"], fp16=True)
+    manifest = ModelManifest.load(folder)
     entry = ModelCatalog(tmp_path).get(model_name("int4"))
     assert entry is not None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    f32, f16 = (ort.InferenceSession(str(folder / f), options, providers=["CPUExecutionProvider"])
+                for f in (MODEL_FILE, FP16_MODEL_FILE))
     e32, e16 = (Engine(folder, threads=2, provider="cpu", precision=p) for p in ("float32", "float16"))
-    for question in ("What is the capital of France?", "List three prime numbers."):
+    for question in ("What is the capital of France?", "List three prime numbers.", "Write a haiku about trains."):
         ids = entry.encode_chat([("user", question)])
-        assert e16.generate(ids, 32) == e32.generate(ids, 32), question
+        feeds = prompt_feeds(manifest, ids)
+        want = f32.run(["logits"], feeds)[0][0, 0]
+        got = f16.run(["logits"], {k: v.astype(np.float16) if v.dtype == np.float32 else v
+                                   for k, v in feeds.items()})[0][0, 0]
+        assert np.abs(got - want).max() <= FP16_RELATIVE_TOLERANCE * np.abs(want).max(), question
+        assert e16.generate(ids, 1) == e32.generate(ids, 1), question
