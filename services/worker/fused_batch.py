@@ -181,7 +181,9 @@ class FusedBatch:
     def _run(self, binding: ort.IOBinding, ids: np.ndarray, last: np.ndarray, seqlens: np.ndarray,
              total: int, logits_on_host: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
-        binding.bind_cpu_input("last_token_index", np.ascontiguousarray(last, dtype=np.int64))
+        # the graph takes an index into the flattened [rows * seq] tokens
+        flat = np.arange(len(last), dtype=np.int64) * ids.shape[1] + np.asarray(last, dtype=np.int64)
+        binding.bind_cpu_input("last_token_index", flat)
         binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens, dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         outputs = run_bound(self.session, binding)

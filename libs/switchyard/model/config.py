@@ -27,7 +27,8 @@ when attention_mask[b, t] == 1 and t <= past + s.
 FUSED_CONTRACT — the fused graph (manifest extra["graph"] == "fused"; ONNX Runtime contrib
 operators, GroupQueryAttention), rows right-padded, KV appended in place:
     inputs   input_ids                 int64   [batch, seq]   row b's new tokens first, then padding
-             last_token_index          int64   [batch]        which of the seq positions' logits to return
+             last_token_index          int64   [batch]        the token whose logits row b returns, as an
+                                                              index into the flattened [batch * seq] tokens
              seqlens_k                 int32   [batch]        row b's tokens after this call, minus 1
              total_sequence_length     int32   []             max over rows of seqlens_k + 1
              past_key_values.{i}.key   T       [batch, kv_heads, max_len, head_dim]  a buffer: row b's

@@ -77,7 +77,9 @@ MAX_OUTPUT_TOKENS = 1024
 # gate/up, 8-bit or float32 lm_head, manifest extra["int4_accuracy_level"]. 3: "int4-fast" carries
 # the GGUF's blocks over too (version 2 re-quantized its dequantized Q4_1 weights onto integer
 # zero points, off by up to half a step per weight: 2% greedy agreement with fp32).
-FORMAT_VERSION = 3
+# 4: the fused graph (GroupQueryAttention, KV pool; manifest extra["graph"]) by default, with a
+# float16 twin where CUDA loads.
+FORMAT_VERSION = 4
 # MatMulNBits accuracy_level of the int4 folder (manifest extra["int4_accuracy_level"]). 0: float32
 # compute, the int4 folder's greedy output is identical to the fp32 folder's on all 57 prompts of
 # bench/int4_agreement.py. 4 (int8 activations, ~1.4x faster batch-1 decode on CPU) kept only 44%

@@ -36,7 +36,7 @@ def step_feeds(manifest: ModelManifest, input_ids: np.ndarray, past_length: int,
     rows, new = ids.shape
     total = past_length + new
     if graph_kind(manifest) == "fused":
-        return {"input_ids": ids, "last_token_index": np.full(rows, new - 1, np.int64),
+        return {"input_ids": ids, "last_token_index": np.arange(rows, dtype=np.int64) * new + new - 1,
                 "seqlens_k": np.full(rows, total - 1, np.int32),
                 "total_sequence_length": np.array(total, np.int32), **past}
     return {"input_ids": ids, "attention_mask": np.ones((rows, total), np.int64),

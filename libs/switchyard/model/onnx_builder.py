@@ -508,7 +508,8 @@ def _fused_body(g: _Graph, model: onnx.ModelProto, c: LlamaConfig, weights: Mapp
     into the buffer bound as both past and present at row b's position seqlens_k[b] + 1 - S) →
     o_proj → SkipSimplifiedLayerNormalization → gate/up → SiLU · up → down. Rows are
     right-padded: row b's new tokens are its first (seqlens_k[b] + 1 - past_b) positions of S,
-    and ``last_token_index`` names the one whose logits are returned.
+    and ``last_token_index`` (b * S + i, into the flattened tokens) names the one whose logits
+    are returned.
     """
     hd, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
     hid, inter, vocab, n_layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
@@ -580,10 +581,11 @@ def _fused_body(g: _Graph, model: onnx.ModelProto, c: LlamaConfig, weights: Mapp
 
     # ---- head: one position per row (last_token_index), then norm and lm_head -------------
     h = g.op("Add", [h, delta], "final_residual") if delta is not None else h
-    index = g.op("Expand", [g.op("Reshape", ["last_token_index", g.const([-1, 1, 1])], "last_index_3d"),
-                            g.op("Concat", [g.op("Shape", ["last_token_index"], "batch_shape"),
-                                            g.const([1, hid])], "last_index_shape", axis=0)], "last_index")
-    last = g.op("GatherElements", [h, index], "last", axis=1)  # [B, 1, hid]
+    # A flat index into [B * S] tokens: no Shape node, so nothing of the graph is placed on the
+    # CPU beside a CUDA session (what CUDA graph capture needs).
+    flat = g.op("Reshape", [h, g.const([-1, hid])], "tokens_flat")                        # [B*S, hid]
+    last = g.op("Unsqueeze", [g.op("Gather", [flat, "last_token_index"], "last_2d", axis=0),
+                              g.const([1])], "last")                                      # [B, 1, hid]
     if bridge is not None:
         bw, bb = bridge
         if np.shape(bw) != (hid, hid) or np.shape(bb) != (hid,):
