@@ -302,6 +302,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small batches, short prompts (a CPU check of the script)")
     ap.add_argument("--skip-stack", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads of the in-process engines")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                    help="on CUDA, also measure decode replayed from captured CUDA graphs (Engine cuda_graph=True)")
     args = ap.parse_args()
 
     import onnxruntime as ort  # noqa: F401  (imported before the engine: preload order)
@@ -336,6 +338,7 @@ def main() -> int:
             max_seq = max(max(cfg["batches"]), len(CHAT_PROMPTS))
             engine = Engine(folder, provider=provider, max_sequences=max_seq, threads=args.threads)
             report.setdefault("engine_provider", {})[variant] = engine.provider
+            report.setdefault("engine_graph", {})[variant] = {"graph": engine.graph, "file": engine.model_file}
             report["gpu_memory"][f"{variant}_after_load"] = gpu_memory()
         if engine is None:
             continue
@@ -352,6 +355,21 @@ def main() -> int:
                 rows.append(row)
                 print(f"   batch {batch:4d}: {row['tokens_per_s']:9.1f} tok/s, {row['step_ms_p50']:.2f} ms/step",
                       flush=True)
+        if provider == "cuda" and args.cuda_graph:
+            with section(report, f"{variant}: decode with CUDA graphs"):
+                graphed = Engine(folder, provider=provider, max_sequences=max_seq, threads=args.threads,
+                                 cuda_graph=True)
+                res = correctness(graphed, engine, chat_prompts(folder), cfg["correct_tokens"])
+                rows = [decode_rate(graphed, batch, cfg["prompt_tokens"], cfg["decode_steps"], rng)
+                        for batch in cfg["batches"]]
+                graphs = getattr(graphed.batch, "graphs", None)
+                report.setdefault("cuda_graph", {})[variant] = {
+                    "equal_to_eager": res, "decode": rows,
+                    "still_enabled": bool(graphs is not None and graphs.enabled)}
+                for row in rows:
+                    print(f"   graphs, batch {row['batch']:4d}: {row['tokens_per_s']:9.1f} tok/s, "
+                          f"{row['step_ms_p50']:.2f} ms/step", flush=True)
+                del graphed
         with section(report, f"{variant}: ttft"):
             rows = report["ttft"].setdefault(variant, [])
             for n in cfg["ttft_prompts"]:

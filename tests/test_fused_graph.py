@@ -14,8 +14,10 @@ import onnxruntime as ort
 import pytest
 
 from services.worker.engine import Engine, EngineError
-from services.worker.fused_batch import FusedBatch
+from services.worker.config import WorkerConfig
+from services.worker.fused_batch import FusedBatch, decode_bucket
 from services.worker.sampling import SamplingParams
+from switchyard.config import ConfigError
 from switchyard.model.catalog import ModelCatalog
 from switchyard.model.config import FP16_MODEL_FILE, MODEL_FILE, ModelManifest
 from switchyard.model.folder import write_model_folder
@@ -313,3 +315,19 @@ def test_real_model_float16_twin_is_within_tolerance(tmp_path: Path) -> None:
                                    for k, v in feeds.items()})[0][0, 0]
         assert np.abs(got - want).max() <= FP16_RELATIVE_TOLERANCE * np.abs(want).max(), question
         assert e16.generate(ids, 1) == e32.generate(ids, 1), question
+
+
+@pytest.mark.unit
+def test_decode_buckets_are_powers_of_two_up_to_the_pool() -> None:
+    assert [decode_bucket(r, 64) for r in (1, 2, 3, 5, 16, 17, 64)] == [1, 2, 4, 8, 16, 32, 64]
+    assert decode_bucket(20, 24) == 24  # capped at the pool's rows
+    with pytest.raises(ValueError):
+        decode_bucket(0, 8)
+
+
+@pytest.mark.unit
+def test_cuda_graphs_are_refused_without_cuda(tiny_fused_models_dir: Path) -> None:
+    with pytest.raises(EngineError, match="CUDA graphs need the CUDA provider"):
+        Engine(tiny_fused_models_dir / TINY, provider="cpu", cuda_graph=True)
+    with pytest.raises(ConfigError, match="cuda_graph needs provider cuda"):
+        WorkerConfig(model_dir=tiny_fused_models_dir / TINY, cuda_graph=True).validate()

@@ -28,6 +28,8 @@ class WorkerConfig:
     provider: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
     spin: bool = field(default=False, metadata={"help": "let ONNX Runtime threads spin between steps "
                                                 "(faster when the worker has cores to itself)"})
+    cuda_graph: bool = field(default=False, metadata={"help": "replay decode steps from captured CUDA graphs "
+                                                      "(CUDA provider, fused graph; not yet measured on a GPU)"})
     prefix_cache_mib: int = field(default=256, metadata={"help": "MiB of KV the prefix cache may keep for reuse "
                                                           "by later prompts with the same prefix (0 disables)"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound port here"})
@@ -55,6 +57,9 @@ class WorkerConfig:
         if not (self.model_dir / "switchyard.json").exists():
             raise ConfigError(f"model_dir {self.model_dir} is not a model folder (no switchyard.json); "
                               "build one with `switchyard model convert` or `switchyard model tiny`")
+        if self.cuda_graph and self.provider != "cuda":
+            raise ConfigError("cuda_graph needs provider cuda (CUDA graphs are captured by ONNX Runtime's "
+                              f"CUDA provider), not {self.provider!r}")
         if self.max_sequences < 1:
             raise ConfigError("max_sequences must be at least 1")
         if self.prefix_cache_mib < 0:

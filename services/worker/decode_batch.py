@@ -60,7 +60,8 @@ class DecodeBatch(Protocol):
         """Where the batch's KV lives ("cpu", "cuda"); "" when the batch is empty."""
 
 
-def run_bound(session: ort.InferenceSession, binding: ort.IOBinding) -> list[ort.OrtValue]:
-    """Run a prepared I/O binding and return its outputs in graph order."""
-    session.run_with_iobinding(binding)
+def run_bound(session: ort.InferenceSession, binding: ort.IOBinding,
+              run_options: ort.RunOptions | None = None) -> list[ort.OrtValue]:
+    """Run a prepared I/O binding and return its outputs in binding order."""
+    session.run_with_iobinding(binding, run_options)
     return binding.get_outputs()

@@ -102,9 +102,10 @@ class Engine:
 
     def __init__(self, model_dir: Path, *, max_sequences: int = 32, threads: int = 0,
                  provider: str = "auto", spin: bool = False, prefix_cache_bytes: int = 0,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", cuda_graph: bool = False) -> None:
         """``precision``: "auto" runs a fused graph's float16 twin (manifest extra["fp16_graph"])
-        on CUDA and model.onnx otherwise; "float16" / "float32" pick one (float16 must exist)."""
+        on CUDA and model.onnx otherwise; "float16" / "float32" pick one (float16 must exist).
+        ``cuda_graph``: replay decode steps from captured CUDA graphs (fused graph on CUDA only)."""
         self.model_dir = Path(model_dir)
         self.manifest = ModelManifest.load(self.model_dir)
         self.config = self.manifest.config
@@ -127,8 +128,13 @@ class Engine:
         fp16 = precision == "float16" or (precision == "auto" and has_fp16
                                           and providers[0] == "CUDAExecutionProvider")
         self.model_file = FP16_MODEL_FILE if fp16 else MODEL_FILE
+        if cuda_graph and (providers[0] != "CUDAExecutionProvider" or graph_kind(self.manifest) != "fused"):
+            raise EngineError("CUDA graphs need the CUDA provider and a fused graph "
+                              f"(have {providers[0]}, {graph_kind(self.manifest)} graph)")
+        session_providers: list = ([("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), *providers[1:]]
+                                   if cuda_graph else providers)
         self.session = ort.InferenceSession(str(self.model_dir / self.model_file), sess_options=options,
-                                            providers=providers)
+                                            providers=session_providers)
         assert_provider(self.session, providers)  # ORT falls back to the CPU silently
         self.provider = self.session.get_providers()[0]
         self.device = "cuda" if self.provider == "CUDAExecutionProvider" else "cpu"
@@ -138,7 +144,7 @@ class Engine:
         kv_heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
         self.batch: DecodeBatch = (
             FusedBatch(self.session, providers, self.device, n, kv_heads, head_dim,
-                       max_rows=max_sequences, max_length=self.context_length)
+                       max_rows=max_sequences, max_length=self.context_length, cuda_graph=cuda_graph)
             if self.graph == "fused" else PlainBatch(self.session, self.device, n, kv_heads, head_dim))
         # KV of finished and prefilled prefixes, named by chained block hashes in the model's
         # namespace (the router computes the same hashes to find the replica holding a prefix).

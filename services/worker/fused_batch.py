@@ -18,6 +18,7 @@ with the same address binding, so the pool works the same on CUDA and on the CPU
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -26,6 +27,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from .decode_batch import run_bound
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .engine import Sequence
@@ -146,7 +149,7 @@ class FusedBatch:
     """Right-padded rows in a KV pool; GroupQueryAttention appends in place."""
 
     def __init__(self, session: ort.InferenceSession, providers: list[str], device: str, n_layers: int,
-                 kv_heads: int, head_dim: int, *, max_rows: int, max_length: int) -> None:
+                 kv_heads: int, head_dim: int, *, max_rows: int, max_length: int, cuda_graph: bool = False) -> None:
         self.session = session
         self.device = device
         self._past_names = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
@@ -160,6 +163,12 @@ class FusedBatch:
         self.ids: list[str] = []
         self.lengths: list[int] = []  # KV positions held per row
         self._decode_binding: tuple[tuple, ort.IOBinding] | None = None  # (shape key, binding)
+        # A session created with enable_cuda_graph replays captured graphs for decode; every
+        # other run must say it is not one of them (gpu_graph_id -1).
+        self.graphs = CudaGraphDecoder(self) if cuda_graph else None
+        self._eager = ort.RunOptions()
+        if cuda_graph:
+            self._eager.add_run_config_entry("gpu_graph_id", "-1")
 
     # ---- model calls ---------------------------------------------------------------------
     def _bind_rows(self, binding: ort.IOBinding, first: int, rows: int) -> None:
@@ -186,7 +195,7 @@ class FusedBatch:
         binding.bind_cpu_input("last_token_index", flat)
         binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens, dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
-        outputs = run_bound(self.session, binding)
+        outputs = run_bound(self.session, binding, self._eager)
         return (outputs[0].numpy()[:, 0, :] if logits_on_host else None), outputs[1].numpy()
 
     def prefill_whole(self, seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +260,11 @@ class FusedBatch:
         """One step of rows 0..B-1. The binding of the KV (120 addresses for 30 layers) is kept
         from step to step while the batch and the pool keep their shape; only the ids and
         lengths are bound anew."""
+        if self.graphs is not None and self.graphs.enabled:
+            out = self.graphs.decode(seqs, logits_on_host)
+            if out is not None:
+                self.lengths = [n + 1 for n in self.lengths]
+                return out
         rows = len(seqs)
         seqlens = np.array(self.lengths, dtype=np.int32)
         total = int(seqlens.max()) + 1
@@ -284,3 +298,83 @@ class FusedBatch:
 
     def kv_device(self) -> str:
         return self.pool.buffers[0].device_name().lower() if self.ids else ""
+
+
+def decode_bucket(rows: int, max_rows: int) -> int:
+    """The captured batch size that serves ``rows`` rows: the next power of two, at most max_rows."""
+    if not 1 <= rows <= max_rows:
+        raise ValueError(f"rows must be in [1, {max_rows}], got {rows}")
+    bucket = 1
+    while bucket < rows:
+        bucket *= 2
+    return min(bucket, max_rows)
+
+
+class CudaGraphDecoder:
+    """Decode steps replayed from CUDA graphs captured by ONNX Runtime (session provider option
+    ``enable_cuda_graph``), one graph per (batch bucket, pool length, pool address).
+
+    A captured graph replays with the same device addresses, so every input and output lives in
+    a fixed device buffer per graph: ids, lengths and the flat logits index are copied in
+    (``update_inplace``), the KV is the pool's leading ``bucket`` rows by address, and
+    ``total_sequence_length`` is the pool's length (GroupQueryAttention then reads each row's
+    own length from ``seqlens_k``; the same results as the exact total, checked on the CPU).
+    Rows past the live ones decode a dummy token into free pool rows. Per step only the ids and
+    lengths go to the device and the argmax ids come back. A capture or replay that fails turns
+    the decoder off (logged) and the step runs eagerly instead, so a worker never stops on it.
+
+    Not yet run on a GPU (none was lent to the session that wrote it): bench/gpu_bench.py
+    measures it with ``--cuda-graph``.
+    """
+
+    def __init__(self, batch: FusedBatch) -> None:
+        self.batch = batch
+        self.enabled = True
+        self._graphs: dict[tuple, tuple[int, dict[str, ort.OrtValue], ort.IOBinding]] = {}
+        vocab = next(o.shape[-1] for o in batch.session.get_outputs() if o.name == "logits")
+        self._vocab = int(vocab)
+
+    def _graph(self, bucket: int) -> tuple[int, dict[str, ort.OrtValue], ort.IOBinding]:
+        pool, device = self.batch.pool, self.batch.device
+        key = (bucket, pool.length, pool.buffers[0].data_ptr())
+        if key not in self._graphs:
+            values = {
+                "input_ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((bucket, 1), np.int64), device, 0),
+                "last_token_index": ort.OrtValue.ortvalue_from_numpy(np.arange(bucket, dtype=np.int64), device, 0),
+                "seqlens_k": ort.OrtValue.ortvalue_from_numpy(np.zeros(bucket, np.int32), device, 0),
+                "logits": ort.OrtValue.ortvalue_from_shape_and_type([bucket, 1, self._vocab], np.float32, device, 0),
+                "next_token": ort.OrtValue.ortvalue_from_shape_and_type([bucket], np.int64, device, 0),
+            }
+            binding = self.batch.session.io_binding()
+            binding.bind_ortvalue_output("logits", values["logits"])
+            binding.bind_ortvalue_output("next_token", values["next_token"])
+            for name in ("input_ids", "last_token_index", "seqlens_k"):
+                binding.bind_ortvalue_input(name, values[name])
+            binding.bind_cpu_input("total_sequence_length", np.array(pool.length, dtype=np.int32))
+            self.batch._bind_rows(binding, 0, bucket)
+            self._graphs[key] = (len(self._graphs) + 1, values, binding)
+        return self._graphs[key]
+
+    def decode(self, seqs: list["Sequence"], logits_on_host: bool) -> tuple[np.ndarray | None, np.ndarray] | None:
+        """One step, or None when the decoder is off (the caller then runs it eagerly)."""
+        rows, pool = len(seqs), self.batch.pool
+        try:
+            bucket = decode_bucket(rows, pool.max_rows)
+            pool.ensure(bucket, max(self.batch.lengths) + 1, rows)
+            graph_id, values, binding = self._graph(bucket)
+            ids = np.zeros((bucket, 1), np.int64)
+            ids[:rows, 0] = [s.generated[-1] for s in seqs]
+            seqlens = np.zeros(bucket, np.int32)
+            seqlens[:rows] = self.batch.lengths
+            values["input_ids"].update_inplace(ids)
+            values["seqlens_k"].update_inplace(seqlens)
+            options = ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+            self.batch.session.run_with_iobinding(binding, options)
+            best = values["next_token"].numpy()[:rows]
+            logits = values["logits"].numpy()[:rows, 0, :] if logits_on_host else None
+            return logits, best
+        except Exception:  # noqa: BLE001 — any failure: decode eagerly from now on
+            log.exception("CUDA graph decode failed; decoding without CUDA graphs from now on")
+            self.enabled = False
+            return None

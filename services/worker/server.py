@@ -216,6 +216,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
         engine = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
                                      threads=config.threads, provider=provider, spin=config.spin,
+                                     cuda_graph=config.cuda_graph,
                                      prefix_cache_bytes=config.prefix_cache_mib << 20))
         assert_provider([engine.provider], provider)
     except Exception as exc:
