@@ -359,7 +359,10 @@ def plot(pairs: list[tuple[SimResult, SimResult]], path: Path, slo_s: float, tim
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(3, len(pairs), figsize=(6 * len(pairs), 8), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(3, len(pairs), figsize=(6 * len(pairs), 8), sharex=True, sharey="row", squeeze=False)
+    fig.suptitle(title, fontsize=9)
+    top = max(max(r.series["ready"][i] + r.series["starting"][i] for i in range(len(r.series["t"])))
+              for pair in pairs for r in pair)
     for col, (sim, live) in enumerate(pairs):
         ax_d, ax_r, ax_t = axes[0][col], axes[1][col], axes[2][col]
         for res, color, label in ((live, f"C{col}", "live"), (sim, "grey", "simulator")):
@@ -375,10 +378,12 @@ def plot(pairs: list[tuple[SimResult, SimResult]], path: Path, slo_s: float, tim
             drops = [(x, timeout_s) for x, d in zip(t, res.series["dropped"]) if d]
             if drops:
                 ax_t.scatter(*zip(*drops), marker="x", color=color, label=f"{label} errors")
-        ax_d.set_title(f"{live.policy.split()[0]}: {title}", fontsize=9)
+        ax_d.set_title(live.policy.split()[0], fontsize=10)
         ax_d.set_ylabel("arrivals (req/s)")
         ax_d.set_ylim(bottom=0)
         ax_r.set_ylabel("replicas")
+        ax_r.set_ylim(0, top + 0.5)
+        ax_r.set_yticks(range(0, int(top) + 1))
         ax_r.legend(fontsize=7)
         ax_t.axhline(slo_s, color="grey", ls=":", lw=0.8)
         ax_t.set_yscale("log")
@@ -389,6 +394,17 @@ def plot(pairs: list[tuple[SimResult, SimResult]], path: Path, slo_s: float, tim
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def load_raw(path: Path) -> tuple[str, Calibration, list[Arrival], list[LiveRun]]:
+    """What --json wrote: the model, the calibration, the arrivals and the live runs."""
+    import json
+    raw = json.loads(path.read_text())
+    duration = float(raw["args"]["duration"])
+    runs = [LiveRun(r["policy"], [Outcome(**o) for o in r["outcomes"]], [tuple(x) for x in r["samples"]],  # type: ignore[misc]
+                    [tuple(x) for x in r["decisions"]], r["cold_starts"], duration, r["measured_rate"])  # type: ignore[misc]
+            for r in raw["runs"]]
+    return raw["model"], Calibration(**raw["calibration"]), [Arrival(**a) for a in raw["arrivals"]], runs
 
 
 def main() -> None:
@@ -417,55 +433,61 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--plot", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write the calibration, arrivals, outcomes and samples here")
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="no live run: redo the simulation, tables and plot from a --json file (pass the same options)")
     args = ap.parse_args()
     started = time.monotonic()
 
-    models_dir, model = args.models_dir, args.model
-    if model == TINY or not (models_dir / model / "switchyard.json").exists():
-        from switchyard.model.tiny import build_tiny_model
-        if model != TINY:
-            console.print(f"[bold red]!!! {model} not found under {models_dir}: FALLING BACK TO THE TINY TEST MODEL. "
-                          "These figures are NOT the real model's. Run `make model` for the real one. !!![/bold red]")
-        models_dir, model = Path(tempfile.mkdtemp(prefix="autoscaling-live-")), TINY
-        build_tiny_model(models_dir, name=TINY, seed=0)
-    import json
-    VOCAB[0] = int(json.loads((models_dir / model / "switchyard.json").read_text())["config"]["vocab_size"])
-    log_dir = Path(tempfile.mkdtemp(prefix="autoscaling-live-logs-"))
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    options = (f"scale_up_window_s={args.scale_up_window_s}", f"scale_down_window_s={args.scale_down_window_s}")
-
-    console.print(f"model {model}; {args.slots} slots per replica, 1 ONNX Runtime thread per worker, max "
-                  f"{args.max_replicas} replicas; worker start delay {args.start_delay_s:g} s "
-                  f"({'TEST-ONLY --fault-start-delay-s: a stand-in for a bigger model' if args.start_delay_s else 'none'}); "
-                  f"logs {log_dir}")
-    calib = calibrate(models_dir, model, args, log_dir)
-    console.print(f"calibration: single stream TTFT {calib.ttft_1_s * 1e3:.0f} ms, {calib.decode_1_tok_s:.1f} tok/s; "
-                  f"full batch {calib.service_rate_1:.2f} req/s per replica ({args.prompt_tokens}+{args.output_tokens} "
-                  f"tokens); two replicas {calib.service_rate_2:.2f} req/s = {calib.service_rate_2 / calib.service_rate_1:.2f}× "
-                  f"one; cold start (lifecycle API, with the delay) {calib.cold_start_s:.2f} s")
-
-    if args.calibrate_only:
-        return
-    base = args.base_util * calib.service_rate_1
     d = args.duration
-    spec = TraceSpec(duration_s=d, base_rate=base, diurnal_amplitude=0.0,
-                     spikes=(Spike(0.12 * d, 0.05 * d, 0.17 * d, args.spike), Spike(0.68 * d, 0.08 * d, 0.12 * d, args.spike)),
-                     prompt_tokens=args.prompt_tokens, output_tokens_mean=args.output_tokens,
-                     output_tokens_max=3 * args.output_tokens)
-    arrivals = generate_arrivals(spec, args.seed)
-    console.print(f"trace: {len(arrivals)} requests over {d:g} s, base {base:.2f} req/s, two ×{args.spike:g} spikes "
-                  f"(ramp {0.05 * d:.0f} s at {0.12 * d:.0f} s, {0.08 * d:.0f} s at {0.68 * d:.0f} s); TTFT SLO {args.slo_s:g} s")
+    if args.from_json:  # the analysis again from a run's raw data (no processes started)
+        model, calib, arrivals, runs = load_raw(args.from_json)
+        console.print(f"from {args.from_json}: {model}, {len(arrivals)} requests, policies {[r.policy for r in runs]}")
+    else:
+        models_dir, model = args.models_dir, args.model
+        if model == TINY or not (models_dir / model / "switchyard.json").exists():
+            from switchyard.model.tiny import build_tiny_model
+            if model != TINY:
+                console.print(f"[bold red]!!! {model} not found under {models_dir}: FALLING BACK TO THE TINY TEST MODEL. "
+                              "These figures are NOT the real model's. Run `make model` for the real one. !!![/bold red]")
+            models_dir, model = Path(tempfile.mkdtemp(prefix="autoscaling-live-")), TINY
+            build_tiny_model(models_dir, name=TINY, seed=0)
+        import json
+        VOCAB[0] = int(json.loads((models_dir / model / "switchyard.json").read_text())["config"]["vocab_size"])
+        log_dir = Path(tempfile.mkdtemp(prefix="autoscaling-live-logs-"))
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        options = (f"scale_up_window_s={args.scale_up_window_s}", f"scale_down_window_s={args.scale_down_window_s}")
 
-    runs = []
-    for policy in policies:
-        before = os.getloadavg()[0]
-        run = run_live(models_dir, model, policy, arrivals, calib, args, options, log_dir)
-        runs.append(run)
-        console.print(f"{policy} live done (load average {before:.2f} before, {os.getloadavg()[0]:.2f} after): "
-                      f"{sum(1 for o in run.outcomes if o.error)} errors, "
-                      f"cold starts measured by the autoscaler {[round(c, 2) for c in run.cold_starts]}, "
-                      f"service rate it measured from heartbeats "
-                      f"{'none (never saturated 5 s)' if run.measured_rate is None else f'{run.measured_rate:.2f} req/s'}")
+        console.print(f"model {model}; {args.slots} slots per replica, 1 ONNX Runtime thread per worker, max "
+                      f"{args.max_replicas} replicas; worker start delay {args.start_delay_s:g} s "
+                      f"({'TEST-ONLY --fault-start-delay-s: a stand-in for a bigger model' if args.start_delay_s else 'none'}); "
+                      f"logs {log_dir}")
+        calib = calibrate(models_dir, model, args, log_dir)
+        console.print(f"calibration: single stream TTFT {calib.ttft_1_s * 1e3:.0f} ms, {calib.decode_1_tok_s:.1f} tok/s; "
+                      f"full batch {calib.service_rate_1:.2f} req/s per replica ({args.prompt_tokens}+{args.output_tokens} "
+                      f"tokens); two replicas {calib.service_rate_2:.2f} req/s = {calib.service_rate_2 / calib.service_rate_1:.2f}× "
+                      f"one; cold start (lifecycle API, with the delay) {calib.cold_start_s:.2f} s")
+
+        if args.calibrate_only:
+            return
+        base = args.base_util * calib.service_rate_1
+        spec = TraceSpec(duration_s=d, base_rate=base, diurnal_amplitude=0.0,
+                         spikes=(Spike(0.12 * d, 0.05 * d, 0.17 * d, args.spike), Spike(0.68 * d, 0.08 * d, 0.12 * d, args.spike)),
+                         prompt_tokens=args.prompt_tokens, output_tokens_mean=args.output_tokens,
+                         output_tokens_max=3 * args.output_tokens)
+        arrivals = generate_arrivals(spec, args.seed)
+        console.print(f"trace: {len(arrivals)} requests over {d:g} s, base {base:.2f} req/s, two ×{args.spike:g} spikes "
+                      f"(ramp {0.05 * d:.0f} s at {0.12 * d:.0f} s, {0.08 * d:.0f} s at {0.68 * d:.0f} s); TTFT SLO {args.slo_s:g} s")
+
+        runs = []
+        for policy in policies:
+            before = os.getloadavg()[0]
+            run = run_live(models_dir, model, policy, arrivals, calib, args, options, log_dir)
+            runs.append(run)
+            console.print(f"{policy} live done (load average {before:.2f} before, {os.getloadavg()[0]:.2f} after): "
+                          f"{sum(1 for o in run.outcomes if o.error)} errors, "
+                          f"cold starts measured by the autoscaler {[round(c, 2) for c in run.cold_starts]}, "
+                          f"service rate it measured from heartbeats "
+                          f"{'none (never saturated 5 s)' if run.measured_rate is None else f'{run.measured_rate:.2f} req/s'}")
     measured_cold = [c for r in runs for c in r.cold_starts] or [calib.cold_start_s]
     cold = statistics.median([calib.cold_start_s, *measured_cold])
     limits = ScalingLimits(1, args.max_replicas)
@@ -488,7 +510,8 @@ def main() -> None:
     base_rs = {"independent": independent[0].replica_seconds, "shared": pairs[0][0].replica_seconds,
                "live": pairs[0][1].replica_seconds}
     table = Table(title=f"{model}, {len(arrivals)} requests, TTFT SLO {args.slo_s:g} s, cold start {cold:.2f} s "
-                        f"(measured), service rate {calib.service_rate_1:.2f} req/s/replica (measured); {elapsed:.0f} s")
+                        f"(measured), service rate {calib.service_rate_1:.2f} req/s/replica (measured)"
+                        + ("" if args.from_json else f"; {elapsed:.0f} s"))
     cols = ("policy", "source", "within SLO", "dropped / errors", "replica-s", f"× {pairs[0][1].policy.split()[0]}",
             "TTFT p50", "TTFT p99", "peak replicas", "decision changes")
     for c in cols:

@@ -92,3 +92,18 @@ def test_the_worker_start_delay_lengthens_the_measured_cold_start(tiny_models_di
         assert rid in served
     finally:
         stack.stop()
+
+
+@pytest.mark.unit
+def test_the_recorded_live_run_reproduces_the_documented_figures(tmp_path: Path) -> None:
+    """docs/benchmarks.md quotes this run; --from-json redoes the scoring and the simulation."""
+    import subprocess
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "autoscaling_live.py"), "--from-json",
+                          str(REPO / "bench" / "data" / "autoscaling_live_2026-12-03.json"), "--markdown",
+                          "--plot", str(tmp_path / "p.png")], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert "| reactive | live | 73.4% | 0 | 202 | 1.00 |" in "\n".join(rows)
+    assert "| predictive | live | 94.8% | 0 | 224 | 1.11 |" in "\n".join(rows)
+    assert "| predictive | simulator, 2 replicas = 1.18× one (measured) | 100.0% | 0 | 208 | 1.13 |" in "\n".join(rows)
+    assert (tmp_path / "p.png").stat().st_size > 10_000
