@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -90,6 +91,8 @@ def up(
                                   "(policy: reactive or predictive; the autoscaler runs in this process with the local "
                                   "backend, docs/autoscaling.md)"),
     autoscale_options: str = typer.Option("", help="policy options key=value,... (e.g. scale_down_window_s=60)"),
+    worker_args: str = typer.Option("", help="extra flags for every worker, e.g. \"--provider cuda --cuda-graph\" "
+                                    "(`python -m services.worker --help` lists them)"),
 ) -> None:
     """Run the local stack in the foreground: nats-server, replicas, router. Ctrl-C stops all."""
     from switchyard.runtime.stack import LocalStack, StackSpec
@@ -123,7 +126,8 @@ def up(
                      router_args=(("--model-routes", model_routes) if model_routes else ())
                      # with autoscaling a model may have no replica yet: its requests wait for one
                      + (("--replica-wait-s", "120") if autoscale else ()),
-                     tenants_file=tenants_file, api_key=dev_key, records_dir=run_dir, extra_env=env)
+                     tenants_file=tenants_file, api_key=dev_key, records_dir=run_dir, extra_env=env,
+                     worker_args={name: tuple(shlex.split(worker_args)) for name in wanted} if worker_args else {})
     stack = LocalStack(spec)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # explicit: a shell may start us with SIGINT ignored
