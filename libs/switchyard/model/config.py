@@ -6,6 +6,7 @@ A model folder follows the layout that onnxruntime-genai reads, plus one file of
         model.onnx            graph (weights in model.onnx.data, external data)
         model.onnx.data
         genai_config.json     onnxruntime-genai's description of the graph's inputs/outputs
+                              (plain graphs only: genai cannot feed the fused graph)
         tokenizer.json        `tokenizers` fast tokenizer
         tokenizer_config.json chat template, special tokens
         switchyard.json       ModelManifest: LlamaConfig, variant, limits (what our services read)

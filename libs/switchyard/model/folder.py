@@ -152,7 +152,10 @@ def write_model_folder(
     (out_dir / TOKENIZER_CONFIG_FILE).write_text(
         json.dumps(tokenizer_config(manifest, tokenizer), indent=2, ensure_ascii=False)
     )
-    (out_dir / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(manifest), indent=2))
+    if graph_kind(manifest) == "plain":  # genai cannot feed the fused graph's inputs: no file that says it can
+        (out_dir / GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(manifest), indent=2))
+    else:
+        (out_dir / GENAI_CONFIG_FILE).unlink(missing_ok=True)
     manifest.save(out_dir)
     return out_dir
 
