@@ -14,9 +14,11 @@ engine's internals change:
   that batch size;
 - GPU memory (nvidia-smi: the device and this process), process RSS, machine and versions.
 
-On the GPU machine (through ../shared/gpu's kit, a few minutes):
+On the GPU machine (through ../shared/gpu's kit, a few minutes; `--profile` adds ORT's node
+profile of decode steps — nodes per run by provider, Memcpy nodes, top operators — and on
+CUDA decode replayed from CUDA graphs is measured too unless `--no-cuda-graph`):
 
-    python3 bench/gpu_bench.py --provider cuda --out $OUT/gpu_bench.json
+    python3 bench/gpu_bench.py --provider cuda --profile --out $OUT/gpu_bench.json
 
 Here, as a check of the script itself (tests/test_gpu_bench.py runs it this way):
 
@@ -145,6 +147,51 @@ def chat_prompts(folder: Path) -> list[list[int]]:
 
 def random_prompt(rng: np.random.Generator, vocab: int, n: int) -> list[int]:
     return rng.integers(10, vocab - 1, n).tolist()
+
+
+def node_profile(folder: Path, provider: str, batches: list[int], threads: int, prefix: str) -> dict[str, Any]:
+    """Where a decode step's time goes: ONNX Runtime's profiler over 20 steps per batch size —
+    nodes per run and their time by provider, Memcpy nodes (a host round trip inside the graph),
+    the top operators, and the wall time per step."""
+    from services.worker.engine import Engine
+    from services.worker.sampling import SamplingParams
+
+    engine = Engine(folder, provider=provider, max_sequences=max(batches), threads=threads, profile_prefix=prefix)
+    out: dict[str, Any] = {"model_file": engine.model_file, "wall_ms_per_step": {}}
+    for b in batches:
+        ids = [f"prof{b}-{i}" for i in range(b)]
+        for i, sid in enumerate(ids):
+            engine.add(sid, list(range(100 + i, 132 + i)), SamplingParams(), i)
+        engine.step([(sid, 0) for sid in ids], decode=False)
+        for _ in range(3):
+            engine.step([], decode=True)
+        t0 = time.perf_counter()
+        for _ in range(20):
+            engine.step([], decode=True)
+        out["wall_ms_per_step"][b] = round((time.perf_counter() - t0) / 20 * 1e3, 3)
+        engine.remove(ids)
+    events = json.loads(Path(engine.end_profiling()).read_text())
+    nodes = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    runs = max(sum(1 for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), 1)
+    time_by: dict[str, float] = {}
+    count_by: dict[str, int] = {}
+    ops: dict[str, float] = {}
+    memcpy = 0
+    for e in nodes:
+        a = e.get("args", {})
+        prov, op = a.get("provider", "?"), a.get("op_name", "?")
+        time_by[prov] = time_by.get(prov, 0.0) + e["dur"]
+        count_by[prov] = count_by.get(prov, 0) + 1
+        ops[f"{prov}:{op}"] = ops.get(f"{prov}:{op}", 0.0) + e["dur"]
+        memcpy += "Memcpy" in op
+    out.update({
+        "model_runs": runs, "nodes_per_run": round(len(nodes) / runs, 1),
+        "nodes_per_run_by_provider": {p: round(n / runs, 1) for p, n in count_by.items()},
+        "node_us_per_run_by_provider": {p: round(t / runs, 1) for p, t in time_by.items()},
+        "memcpy_nodes_per_run": round(memcpy / runs, 2),
+        "top_ops_us_per_run": sorted(((k, round(v / runs, 1)) for k, v in ops.items()), key=lambda kv: -kv[1])[:12],
+    })
+    return out
 
 
 def correctness(engine: Any, reference: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
@@ -302,6 +349,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small batches, short prompts (a CPU check of the script)")
     ap.add_argument("--skip-stack", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads of the in-process engines")
+    ap.add_argument("--profile", action="store_true", help="also profile decode steps with ORT's profiler "
+                    "(nodes per run by provider, Memcpy nodes, top operators) at batch 1 and the largest batch")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="on CUDA, also measure decode replayed from captured CUDA graphs (Engine cuda_graph=True)")
     args = ap.parse_args()
@@ -379,6 +428,12 @@ def main() -> int:
                 row = ttft(engine, n, rng)
                 rows.append(row)
                 print(f"   {n:5d}-token prompt: TTFT {row['ttft_ms_p50']:.1f} ms", flush=True)
+        if args.profile:
+            with section(report, f"{variant}: profile"):
+                batches = sorted({1, max(cfg["batches"])})
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                prefix = str(args.out.parent / f"ortprof-{variant}")
+                report.setdefault("profile", {})[variant] = node_profile(folder, provider, batches, args.threads, prefix)
         report["gpu_memory"][f"{variant}_after_runs"] = gpu_memory()
         del engine
     report["process_max_rss_mib"] = rss_mib()

@@ -23,11 +23,16 @@ SCRIPT = REPO / "bench" / "gpu_bench.py"
 def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "gpu_bench.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--provider", "cpu", "--quick", "--threads", "2",
-                           "--models-dir", str(real_models_dir), "--out", str(out)],
+                           "--profile", "--models-dir", str(real_models_dir), "--out", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
     cfg = r["config"]
+    prof = r["profile"]["int4"]  # ORT's node profile of decode steps: every node on the provider asked for
+    assert prof["model_file"] == "model.onnx" and list(prof["wall_ms_per_step"]) == ["1", str(max(cfg["batches"]))]
+    assert set(prof["nodes_per_run_by_provider"]) == {"CPUExecutionProvider"} and prof["memcpy_nodes_per_run"] == 0
+    assert prof["top_ops_us_per_run"][0][0] == "CPUExecutionProvider:MatMulNBits"  # int4 decode: the weights
+    assert "cuda_graph" not in r  # CUDA graphs are measured on CUDA only
     assert r["passed"] is True and r["errors"] == [] and r["quick"] is True
     assert r["provider"] == "cpu" and r["engine_provider"] == {"int4": "CPUExecutionProvider"}
     assert r["machine"]["onnxruntime"] == ort.__version__ and r["machine"]["cores"] >= 1

@@ -102,10 +102,12 @@ class Engine:
 
     def __init__(self, model_dir: Path, *, max_sequences: int = 32, threads: int = 0,
                  provider: str = "auto", spin: bool = False, prefix_cache_bytes: int = 0,
-                 precision: str = "auto", cuda_graph: bool = False) -> None:
+                 precision: str = "auto", cuda_graph: bool = False, profile_prefix: str = "") -> None:
         """``precision``: "auto" runs a fused graph's float16 twin (manifest extra["fp16_graph"])
         on CUDA and model.onnx otherwise; "float16" / "float32" pick one (float16 must exist).
-        ``cuda_graph``: replay decode steps from captured CUDA graphs (fused graph on CUDA only)."""
+        ``cuda_graph``: replay decode steps from captured CUDA graphs (fused graph on CUDA only).
+        ``profile_prefix``: ONNX Runtime's profiler on for the model session, its JSON written at
+        ``end_profiling()`` under this prefix (benchmarks: where a step's time goes)."""
         self.model_dir = Path(model_dir)
         self.manifest = ModelManifest.load(self.model_dir)
         self.config = self.manifest.config
@@ -115,6 +117,9 @@ class Engine:
         if threads > 0:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         # Spinning ORT threads burn the cores that the batcher, router and NATS share with us
         # between steps (on 2 shared cores it doubled the stack's p90 step latency); a worker
         # with cores of its own decodes ~25% faster with spinning on (`spin`).
@@ -151,6 +156,10 @@ class Engine:
         self.prefix_cache = PrefixCache(prefix_cache_bytes, BLOCK_SIZE) if prefix_cache_bytes > 0 else None
         log.info("engine ready: model=%s graph=%s provider=%s layers=%d", self.manifest.name, self.graph,
                  self.provider, n)
+
+    def end_profiling(self) -> str:
+        """Stop ONNX Runtime's profiler (``profile_prefix``) and return its JSON file's path."""
+        return self.session.end_profiling()
 
     # ---- bookkeeping -------------------------------------------------------------------
     @property
