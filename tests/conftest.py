@@ -22,24 +22,24 @@ TINY = "tiny-llama"
 
 @pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model built as served models are: the fused graph (GroupQueryAttention, KV pool)."""
     models = tmp_path_factory.mktemp("models")
     build_tiny_model(models, name=TINY, seed=0)
     return models
 
 
 @pytest.fixture(scope="session")
-def tiny_fused_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same tiny model (same weights, same name) built as the fused graph
-    (GroupQueryAttention, KV pool); engine and stack tests run on both graphs."""
-    models = tmp_path_factory.mktemp("models-fused")
-    build_tiny_model(models, name=TINY, seed=0, graph="fused")
+def tiny_plain_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model (same weights, same name) as the plain-op graph."""
+    models = tmp_path_factory.mktemp("models-plain")
+    build_tiny_model(models, name=TINY, seed=0, graph="plain")
     return models
 
 
-@pytest.fixture(scope="session", params=["plain", "fused"])
+@pytest.fixture(scope="session", params=["fused", "plain"])
 def tiny_graph_models_dir(request: pytest.FixtureRequest) -> Path:
-    """tiny_models_dir, then tiny_fused_models_dir: a test using it runs once per graph kind."""
-    return request.getfixturevalue("tiny_models_dir" if request.param == "plain" else "tiny_fused_models_dir")
+    """tiny_models_dir, then tiny_plain_models_dir: a test using it runs once per graph kind."""
+    return request.getfixturevalue("tiny_models_dir" if request.param == "fused" else "tiny_plain_models_dir")
 
 
 @pytest.fixture(scope="session")

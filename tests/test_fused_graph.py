@@ -181,8 +181,8 @@ def test_float16_twin_folds_q4_1_offsets_into_float_zero_points(tmp_path: Path) 
 
 
 @pytest.fixture(scope="module")
-def fused_engine(tiny_fused_models_dir: Path) -> Engine:
-    return Engine(tiny_fused_models_dir / TINY, max_sequences=16)
+def fused_engine(tiny_models_dir: Path) -> Engine:
+    return Engine(tiny_models_dir / TINY, max_sequences=16)
 
 
 def _prompt(seed: int, n: int) -> list[int]:
@@ -227,11 +227,11 @@ def test_rows_leaving_from_the_middle_leave_the_others_unchanged(fused_engine: E
 
 
 @pytest.mark.unit
-def test_pool_growth_keeps_every_row(tiny_fused_models_dir: Path, tiny_models_dir: Path) -> None:
+def test_pool_growth_keeps_every_row(tiny_models_dir: Path, tiny_plain_models_dir: Path) -> None:
     """Rows past the initial 4 and positions past the initial 256 reallocate the pool (copying the
     live rows); every sequence still gets exactly the plain engine's tokens."""
-    fused = Engine(tiny_fused_models_dir / TINY, max_sequences=8)
-    plain = Engine(tiny_models_dir / TINY, max_sequences=8)
+    fused = Engine(tiny_models_dir / TINY, max_sequences=8)
+    plain = Engine(tiny_plain_models_dir / TINY, max_sequences=8)
     prompts = [_prompt(20 + i, 200 + i) for i in range(2)] + [_prompt(30 + i, 8) for i in range(5)]
     results = []
     for engine in (fused, plain):
@@ -255,10 +255,10 @@ def test_pool_growth_keeps_every_row(tiny_fused_models_dir: Path, tiny_models_di
 
 
 @pytest.mark.unit
-def test_chunked_prompt_joins_with_a_cached_prefix(tiny_fused_models_dir: Path) -> None:
+def test_chunked_prompt_joins_with_a_cached_prefix(tiny_models_dir: Path) -> None:
     """A prompt seeded from the prefix cache, prefilled in chunks, then joined: same tokens as
     without the cache."""
-    engine = Engine(tiny_fused_models_dir / TINY, max_sequences=4, prefix_cache_bytes=16 << 20)
+    engine = Engine(tiny_models_dir / TINY, max_sequences=4, prefix_cache_bytes=16 << 20)
     prompt = _prompt(40, 70)
     first = engine.generate(prompt, 12)
     engine.add("again", prompt, SamplingParams(), 0)
@@ -326,8 +326,8 @@ def test_decode_buckets_are_powers_of_two_up_to_the_pool() -> None:
 
 
 @pytest.mark.unit
-def test_cuda_graphs_are_refused_without_cuda(tiny_fused_models_dir: Path) -> None:
+def test_cuda_graphs_are_refused_without_cuda(tiny_models_dir: Path) -> None:
     with pytest.raises(EngineError, match="CUDA graphs need the CUDA provider"):
-        Engine(tiny_fused_models_dir / TINY, provider="cpu", cuda_graph=True)
+        Engine(tiny_models_dir / TINY, provider="cpu", cuda_graph=True)
     with pytest.raises(ConfigError, match="cuda_graph needs provider cuda"):
-        WorkerConfig(model_dir=tiny_fused_models_dir / TINY, cuda_graph=True).validate()
+        WorkerConfig(model_dir=tiny_models_dir / TINY, cuda_graph=True).validate()

@@ -567,7 +567,7 @@ def test_byte_tokenizer() -> None:
 
 
 def test_tiny_model_folder(tmp_path: Path, weights) -> None:
-    folder = build_tiny_model(tmp_path, name="tiny", seed=0)
+    folder = build_tiny_model(tmp_path, name="tiny", seed=0, graph="plain")  # genai's and _step's contract
     assert folder == tmp_path / "tiny"
     names = {p.name for p in folder.iterdir()}
     assert names == {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json",
@@ -575,7 +575,7 @@ def test_tiny_model_folder(tmp_path: Path, weights) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
     manifest = load_manifest(folder)
-    assert manifest == tiny_manifest("tiny", 0)
+    assert manifest == tiny_manifest("tiny", 0, graph="plain")
     assert manifest.config == CFG and manifest.variant == "fp32"
     assert manifest.eos_token_ids == (2, 0) and manifest.bos_token_id == 1
 
@@ -618,7 +618,7 @@ def test_tiny_model_folder(tmp_path: Path, weights) -> None:
     stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     os.utime(folder / MANIFEST_FILE, ns=(1, 1))  # make any rewrite visible regardless of clock
     stamps[MANIFEST_FILE] = 1
-    assert build_tiny_model(tmp_path, name="tiny", seed=0) == folder
+    assert build_tiny_model(tmp_path, name="tiny", seed=0, graph="plain") == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
 
 
@@ -626,7 +626,7 @@ def test_tiny_int4_folder_and_incomplete_folder_rebuilt(tmp_path: Path) -> None:
     stale = tmp_path / "tiny-int4"
     stale.mkdir()
     (stale / "model.onnx").write_text("half-written")  # no manifest: incomplete
-    folder = build_tiny_model(tmp_path, name="tiny-int4", variant="int4")
+    folder = build_tiny_model(tmp_path, name="tiny-int4", variant="int4", graph="plain")
     manifest = ModelManifest.load(folder)
     assert manifest.variant == "int4"
     import onnx

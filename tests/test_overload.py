@@ -23,8 +23,10 @@ TTFT_SLO_S = 5.0  # tiny model on the 2-core CI box: admitted requests wait at m
 def test_five_times_capacity_sheds_fast_and_keeps_admitted_ttft_within_slo(tiny_models_dir: Path, tmp_path: Path) -> None:
     # Each request reserves 50 + 250 tokens; a replica's 1,500-token budget holds 5 of them, so
     # the fleet runs 10 at once and admits 15 (+50% queue). 50 concurrent requests = 5×.
+    # One ORT thread per worker: two workers' thread pools on the 2-core box otherwise leave the
+    # router (the process under test) queued behind them, and the shed latency measures that.
     stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path, max_batch_size=8,
-                        batcher_args=("--token-budget", "1500"))
+                        batcher_args=("--token-budget", "1500"), worker_args={TINY: ("--threads", "1")})
     try:
         req = generate_pb2.GenerateRequest(model=TINY, token_ids=generate_pb2.TokenIds(ids=list(range(10, 60))),
                                            max_tokens=250, stop=generate_pb2.StopConditions(ignore_eos=True))
@@ -53,7 +55,11 @@ def test_five_times_capacity_sheds_fast_and_keeps_admitted_ttft_within_slo(tiny_
 
         results, probes = asyncio.run(burst())
         assert all(p[0] == "RESOURCE_EXHAUSTED" for p in probes), probes
-        assert statistics.median(p[1] for p in probes) < 0.010, sorted(p[1] for p in probes)
+        # Shed at once, not after waiting for capacity (that would take seconds here): p50 under
+        # 25 ms. An idle router refuses in ~3 ms; during this burst, with seven processes on the
+        # 2-core box and the router forwarding ~thousands of tokens/s, 4–19 ms was measured (a
+        # 10 ms bound failed ~1 run in 5 on a quiet machine).
+        assert statistics.median(p[1] for p in probes) < 0.025, sorted(p[1] for p in probes)
         ok = [r for r in results if r[0] == "ok"]
         shed = [r for r in results if r[0] == "RESOURCE_EXHAUSTED"]
         assert len(ok) + len(shed) == 50, {r[0] for r in results}

@@ -132,7 +132,8 @@ def byte_tokenizer(vocab_size: int = TINY_CONFIG.vocab_size) -> tokenizers.Token
 
 
 def tiny_manifest(name: str = "tiny-llama", seed: int = 0, variant: str = "fp32",
-                  graph: str = "plain") -> ModelManifest:
+                  graph: str = "fused") -> ModelManifest:
+    """The tiny model's manifest; ``graph`` as the served models are built (fused) unless asked."""
     return ModelManifest(
         name=name,
         config=TINY_CONFIG,
@@ -143,12 +144,12 @@ def tiny_manifest(name: str = "tiny-llama", seed: int = 0, variant: str = "fp32"
         eos_token_ids=(SPECIAL_TOKENS.index("<|im_end|>"), SPECIAL_TOKENS.index("<|endoftext|>")),
         chat_template=CHATML_TEMPLATE,
         source=f"random(seed={seed})",
-        extra={"graph": graph} if graph != "plain" else {},
+        extra={"graph": graph},
     )
 
 
 def build_tiny_model(
-    models_dir: Path, name: str = "tiny-llama", seed: int = 0, *, variant: str = "fp32", graph: str = "plain"
+    models_dir: Path, name: str = "tiny-llama", seed: int = 0, *, variant: str = "fp32", graph: str = "fused"
 ) -> Path:
     """Write ``models_dir/name`` (a full model folder) unless it already has switchyard.json.
 
