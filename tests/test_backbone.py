@@ -150,6 +150,39 @@ def test_cancelled_stream_frees_its_sequence_on_the_worker(tiny_stack: LocalStac
     assert worker_active(tiny_stack) == 0
 
 
+def test_finished_sequences_leave_the_worker_with_the_next_step(tiny_stack: LocalStack) -> None:
+    """StepRequest.remove frees sequences before the step runs (the batcher sends its finished
+    requests that way instead of one RemoveSequences call each); unknown ids are ignored."""
+    w = tiny_stack.workers[0]
+    meta = tiny_stack.worker_metadata(w)
+    with grpc.insecure_channel(f"127.0.0.1:{w.port}") as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+        spec = [worker_pb2.SequenceSpec(sequence_id=f"rm-{i}", prompt_token_ids=[5 + i, 6, 7, 8]) for i in range(2)]
+        before = stub.Info(worker_pb2.InfoRequest(), timeout=5, metadata=meta).active_sequences
+        first = stub.Step(worker_pb2.StepRequest(add=spec, prefill=[worker_pb2.PrefillChunk(sequence_id=s.sequence_id)
+                                                                     for s in spec]), timeout=10, metadata=meta)
+        assert {t.sequence_id for t in first.tokens} == {"rm-0", "rm-1"}
+        step = stub.Step(worker_pb2.StepRequest(decode=True, remove=["rm-0"]), timeout=10, metadata=meta)
+        assert {t.sequence_id for t in step.tokens} == {"rm-1"}  # rm-0 left before the step
+        assert stub.Info(worker_pb2.InfoRequest(), timeout=5, metadata=meta).active_sequences == before + 1
+        stub.Step(worker_pb2.StepRequest(remove=["rm-1", "never-added"]), timeout=10, metadata=meta)
+        assert stub.Info(worker_pb2.InfoRequest(), timeout=5, metadata=meta).active_sequences == before
+
+
+def test_requests_ending_at_different_steps_leave_nothing_on_the_worker(tiny_stack: LocalStack,
+                                                                         channel: grpc.Channel) -> None:
+    """Finished requests are freed by the batcher's next Step while others still run, and the
+    last ones by a flush once the batch is empty: nothing is left held on the workers."""
+    reqs = [request(PROMPTS[i % len(PROMPTS)], max_tokens=3 + 7 * i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda r: stream(channel, r), reqs))
+    assert [len(tokens) for tokens, _, _ in results] == [r.max_tokens for r in reqs]
+    deadline = time.monotonic() + 5
+    while worker_active(tiny_stack) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker_active(tiny_stack) == 0
+
+
 @pytest.mark.parametrize("req, code, field", [
     (generate_pb2.GenerateRequest(model=TINY, text="", max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "text"),
     (generate_pb2.GenerateRequest(model=TINY, text="hi", max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),

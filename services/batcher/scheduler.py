@@ -77,6 +77,7 @@ class Scheduler:
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}
         self.to_add: list[Active] = []  # admitted, registered on the worker with the next Step
+        self.to_remove: list[str] = []  # finished, freed on the worker by the next Step (or a flush)
         self.headers: dict[str, dict[str, str]] = {}  # NATS headers (trace context) of pulled requests
         self._labels = (replica_id, info.model)
         # Cancels by request id, with arrival time: a cancel may overtake its request (still
@@ -159,6 +160,10 @@ class Scheduler:
             await self._psub.unsubscribe()  # an open pull request would hold nc.drain()
         for rid in list(self.active) + [p.request_id for p in self.pending]:
             await self._send_error(rid, generate_pb2.ERROR_CODE_UNAVAILABLE, "replica stopped")
+        try:
+            await self._flush_removals()  # else the worker frees them when its lease runs out
+        except grpc.aio.AioRpcError as exc:
+            log.warning("could not free %d finished sequences on the worker: %s", len(self.to_remove), exc.details())
 
     # ---- NATS inputs --------------------------------------------------------------------
     async def _on_cancel(self, msg: object) -> None:
@@ -221,6 +226,7 @@ class Scheduler:
         await self._retire_cancelled_and_expired()
         await self._admit()
         if not self.active:
+            await self._flush_removals()  # no Step will carry them: free the worker's rows now
             self._wake.clear()
             if not self.pending:
                 await self._wake.wait()
@@ -237,10 +243,12 @@ class Scheduler:
                 budget -= n
         adds = [_spec(a) for a in self.to_add]
         steps = self._decode_steps(decoding)
+        removing, self.to_remove = self.to_remove, []
         try:
             response = await self.worker.Step(worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=adds,
-                                                                     decode_steps=steps))
+                                                                     decode_steps=steps, remove=removing))
         except grpc.aio.AioRpcError as exc:
+            self.to_remove = removing + self.to_remove  # sent again with the next call (unknown ids are ignored)
             if not adds or exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
                 raise
             await self._add_one_by_one()
@@ -298,7 +306,7 @@ class Scheduler:
                 a.span.set_attribute("switchyard.output_tokens", a.generated)
                 a.span.set_attribute("switchyard.batch_size", a.max_batch)
         if finished:
-            await self._remove([rid for rid, _ in finished])
+            await self._remove([rid for rid, _ in finished], defer=True)
 
     def _decode_steps(self, decoding: list[Active]) -> int:
         """Decode steps for the next worker call: several when the batch is large enough that
@@ -379,14 +387,23 @@ class Scheduler:
         for rid in [rid for rid, at in self.cancelled.items() if at < stale]:
             del self.cancelled[rid]
 
-    async def _remove(self, request_ids: list[str]) -> None:
+    async def _remove(self, request_ids: list[str], defer: bool = False) -> None:
+        """Forget requests here and free them on the worker: at once, or (``defer``, requests
+        that just finished) with the next Step, which frees them before it runs."""
         for rid in request_ids:
             a = self.active.pop(rid, None)
             if a is not None and a.span is not None:
                 a.span.end()
         self.to_add = [a for a in self.to_add if a.request.request_id in self.active]
-        await self.worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(sequence_ids=request_ids))
+        self.to_remove.extend(request_ids)
+        if not defer:
+            await self._flush_removals()
         self._update_room()
+
+    async def _flush_removals(self) -> None:
+        if self.to_remove:
+            ids, self.to_remove = self.to_remove, []
+            await self.worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(sequence_ids=ids))
 
     async def _fail_all(self, code: int, message: str) -> None:
         for rid in list(self.active):

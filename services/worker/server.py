@@ -127,7 +127,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def Step(self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StepResponse:
         chunks = [(c.sequence_id, c.max_tokens) for c in request.prefill]
 
+        removed: list[Any] = []
+
         def step() -> Any:
+            # Finished sequences leave first: their rows are free before anything joins.
+            removed.extend(self._engine.remove(list(request.remove)) if request.remove else ())
             # Atomic for its adds: refused adds leave none behind, and prefill chunks are checked
             # before anything runs (else the adds are undone), so the batcher's one-by-one retry
             # never finds a sequence "already exists".
@@ -141,7 +145,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             result = await self._call(step)
         except EngineError as exc:
+            record_sequence_spans(removed, self._engine.manifest.name)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        record_sequence_spans(removed, self._engine.manifest.name)
         if self.fault_delay_per_token_s and result.tokens:  # test-only: a planted slow version
             await asyncio.sleep(self.fault_delay_per_token_s * max(request.decode_steps, 1))
         e = self._engine
