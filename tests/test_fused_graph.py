@@ -331,3 +331,20 @@ def test_cuda_graphs_are_refused_without_cuda(tiny_models_dir: Path) -> None:
         Engine(tiny_models_dir / TINY, provider="cpu", cuda_graph=True)
     with pytest.raises(ConfigError, match="cuda_graph needs provider cuda"):
         WorkerConfig(model_dir=tiny_models_dir / TINY, cuda_graph=True).validate()
+
+
+@pytest.mark.unit
+def test_cuda_sessions_load_the_float16_twin_when_there_is_one() -> None:
+    from services.worker.engine import model_file
+
+    with_twin = tiny_manifest(graph="fused")
+    with_twin.extra["fp16_graph"] = True
+    without = tiny_manifest(graph="fused")
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    assert model_file(with_twin, "auto", cuda) == FP16_MODEL_FILE
+    assert model_file(with_twin, "auto", cpu) == MODEL_FILE  # float32 stays the CPU's graph
+    assert model_file(without, "auto", cuda) == MODEL_FILE
+    assert model_file(with_twin, "float32", cuda) == MODEL_FILE
+    assert model_file(with_twin, "float16", cpu) == FP16_MODEL_FILE
+    with pytest.raises(EngineError, match="precision must be"):
+        model_file(with_twin, "bf16", cuda)

@@ -125,14 +125,7 @@ class Engine:
         # with cores of its own decodes ~25% faster with spinning on (`spin`).
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         providers = choose_providers(provider)
-        has_fp16 = bool(self.manifest.extra.get("fp16_graph"))
-        if precision not in ("auto", "float16", "float32"):
-            raise EngineError(f"precision must be auto, float16 or float32, not {precision!r}")
-        if precision == "float16" and not has_fp16:
-            raise EngineError(f"{self.manifest.name} has no float16 graph (convert it with --fp16)")
-        fp16 = precision == "float16" or (precision == "auto" and has_fp16
-                                          and providers[0] == "CUDAExecutionProvider")
-        self.model_file = FP16_MODEL_FILE if fp16 else MODEL_FILE
+        self.model_file = model_file(self.manifest, precision, providers[0])
         if cuda_graph and (providers[0] != "CUDAExecutionProvider" or graph_kind(self.manifest) != "fused"):
             raise EngineError("CUDA graphs need the CUDA provider and a fused graph "
                               f"(have {providers[0]}, {graph_kind(self.manifest)} graph)")
@@ -370,6 +363,18 @@ class Engine:
                 result = self.step([], decode=True)
         finally:
             self.remove([sid])
+
+
+def model_file(manifest: ModelManifest, precision: str, provider: str) -> str:
+    """The graph file a session loads: the fused graph's float16 twin on CUDA when the folder has
+    one ("auto"), or the one ``precision`` names."""
+    has_fp16 = bool(manifest.extra.get("fp16_graph"))
+    if precision not in ("auto", "float16", "float32"):
+        raise EngineError(f"precision must be auto, float16 or float32, not {precision!r}")
+    if precision == "float16" and not has_fp16:
+        raise EngineError(f"{manifest.name} has no float16 graph (convert it with --fp16)")
+    fp16 = precision == "float16" or (precision == "auto" and has_fp16 and provider == "CUDAExecutionProvider")
+    return FP16_MODEL_FILE if fp16 else MODEL_FILE
 
 
 def _prefill_groups(seqs: list[Sequence], max_padding: float = 0.5) -> list[list[Sequence]]:
