@@ -247,11 +247,36 @@ def test_pool_growth_keeps_every_row(tiny_models_dir: Path, tiny_plain_models_di
         for _ in range(70):  # the 200-token prompts pass 256 positions
             for sid, token, _ in engine.step([], decode=True).tokens:
                 outs[sid].append(token)
+        if engine is fused:
+            assert isinstance(fused.batch, FusedBatch)
+            assert (fused.batch.pool.rows, fused.batch.pool.length) == (8, 512)
         engine.remove(list(outs))
         results.append(outs)
-    assert isinstance(fused.batch, FusedBatch)
-    assert fused.batch.pool.rows == 8 and fused.batch.pool.length == 512
     assert results[0] == results[1]
+    assert (fused.batch.pool.rows, fused.batch.pool.length) == (4, 256)  # emptied: back to the start size
+
+
+@pytest.mark.unit
+def test_pool_shrinks_after_a_burst_and_keeps_the_rows_that_stay(tiny_models_dir: Path) -> None:
+    """A burst grows the pool (rows and positions); once it leaves, the pool halves back down,
+    copying the rows that stay — whose tokens do not change."""
+    engine = Engine(tiny_models_dir / TINY, max_sequences=16)
+    keeper = _prompt(60, 6)
+    alone = engine.generate(keeper, 12)
+    burst = {f"b{i}": _prompt(61 + i, 5) for i in range(11)} | {"long": _prompt(80, 300)}
+    for sid, p in {**burst, "keep": keeper}.items():
+        engine.add(sid, p, SamplingParams(), 0)
+    out = [t for s, t, _ in engine.step([(sid, 0) for sid in [*burst, "keep"]], decode=False).tokens if s == "keep"]
+    for _ in range(3):
+        out += [t for s, t, _ in engine.step([], decode=True).tokens if s == "keep"]
+    pool = engine.batch.pool  # type: ignore[attr-defined]
+    assert (pool.rows, pool.length) == (16, 512)
+    engine.remove(list(burst))
+    assert (pool.rows, pool.length) == (4, 256)  # the initial size: one short row stays
+    while len(out) < 12:
+        out += [t for s, t, _ in engine.step([], decode=True).tokens if s == "keep"]
+    engine.remove(["keep"])
+    assert out == alone
 
 
 @pytest.mark.unit

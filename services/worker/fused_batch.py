@@ -86,6 +86,14 @@ class KvCopier:
         b.bind_output("y", self.device, 0, self.dtype, [shape[0], shape[1], length, shape[3]], dst)
         run_bound(self._pad, b)
 
+    def narrow(self, src: int, shape: list[int], dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of [b, h, t, d] at src into [b, h, length, d] at dst."""
+        b = self._slice.io_binding()
+        b.bind_input("x", self.device, 0, self.dtype, shape, src)
+        b.bind_cpu_input("ends", np.array([length], dtype=np.int64))
+        b.bind_output("y", self.device, 0, self.dtype, [shape[0], shape[1], length, shape[3]], dst)
+        run_bound(self._slice, b)
+
     def to_host(self, src: int, shape: list[int], n: int) -> np.ndarray:
         """The first n positions of [b, h, t, d] at src, on the host."""
         b = self._slice.io_binding()
@@ -96,7 +104,8 @@ class KvCopier:
 
 
 class KvPool:
-    """One [rows, kv_heads, length, head_dim] buffer per past name, grown by doubling."""
+    """One [rows, kv_heads, length, head_dim] buffer per past name, grown by doubling and halved
+    again when mostly idle (a burst does not hold its peak memory forever)."""
 
     def __init__(self, copier: KvCopier, n_buffers: int, kv_heads: int, head_dim: int, *,
                  max_rows: int, max_length: int) -> None:
@@ -138,11 +147,27 @@ class KvPool:
             new_rows = min(new_rows * 2, self.max_rows)
         while new_length < length:
             new_length = min(new_length * 2, self.max_length)
-        fresh = self._allocate(new_rows, new_length)
+        self._reallocate(new_rows, new_length, live_rows)
+
+    def fit(self, live_rows: int, length: int) -> None:
+        """Halve rows or length while the half still leaves four times what is used
+        (``live_rows`` rows holding at most ``length`` positions). The wide band (shrink below
+        1/8 use, grow when full) keeps a batch that comes and goes from copying back and forth."""
+        new_rows, new_length = self.rows, self.length
+        while new_rows // 2 >= max(min(_INITIAL_ROWS, self.max_rows), 4 * live_rows):
+            new_rows //= 2
+        while new_length // 2 >= max(min(_INITIAL_LENGTH, self.max_length), 4 * length):
+            new_length //= 2
+        if (new_rows, new_length) != (self.rows, self.length):
+            self._reallocate(new_rows, new_length, live_rows)
+
+    def _reallocate(self, rows: int, length: int, live_rows: int) -> None:
+        fresh = self._allocate(rows, length)
         if live_rows:
             for old, new in zip(self.buffers, fresh):
-                self.copier.widen(old.data_ptr(), self.row_shape(live_rows), new.data_ptr(), new_length)
-        self.buffers, self.rows, self.length = fresh, new_rows, new_length
+                copy = self.copier.widen if length >= self.length else self.copier.narrow
+                copy(old.data_ptr(), self.row_shape(live_rows), new.data_ptr(), length)
+        self.buffers, self.rows, self.length = fresh, rows, length
 
 
 class FusedBatch:
@@ -295,6 +320,7 @@ class FusedBatch:
                 self.ids[row], self.lengths[row] = self.ids[last], self.lengths[last]
             self.ids.pop()
             self.lengths.pop()
+        self.pool.fit(len(self.ids), max(self.lengths, default=0) + 1)
 
     def kv_device(self) -> str:
         return self.pool.buffers[0].device_name().lower() if self.ids else ""
