@@ -373,3 +373,39 @@ def test_cuda_sessions_load_the_float16_twin_when_there_is_one() -> None:
     assert model_file(with_twin, "float16", cpu) == FP16_MODEL_FILE
     with pytest.raises(EngineError, match="precision must be"):
         model_file(with_twin, "bf16", cuda)
+
+
+@pytest.mark.unit
+def test_cuda_graph_decoder_logic_on_the_cpu_provider(tiny_models_dir: Path) -> None:
+    """Everything of the CUDA-graph decode path but the capture itself, run on the CPU provider
+    (which ignores gpu_graph_id): batches padded to power-of-two buckets with dummy rows in free
+    pool rows, fixed input/output buffers updated in place, total_sequence_length fixed at the
+    pool length, a new graph per bucket and per pool reallocation — same tokens as eager decode,
+    for greedy and sampled rows, while rows join and leave."""
+    eager = Engine(tiny_models_dir / TINY, max_sequences=8)
+    graphed = Engine(tiny_models_dir / TINY, max_sequences=8)
+    c = graphed.config
+    graphed.batch = FusedBatch(graphed.session, ["CPUExecutionProvider"], "cpu", c.num_hidden_layers,
+                               c.num_key_value_heads, c.head_dim, max_rows=8, max_length=graphed.context_length,
+                               cuda_graph=True)
+    sampled = SamplingParams(temperature=0.9, top_k=20)
+    outs = []
+    for engine in (eager, graphed):
+        got: dict[str, list[int]] = {}
+        plan = {0: ["a", "b", "c"], 5: ["d", "e"], 9: ["f"]}  # 3 rows (bucket 4), 5 (8), then leaves
+        for step in range(40):
+            joining = plan.get(step, [])
+            for sid in joining:
+                engine.add(sid, _prompt(ord(sid), 4 + len(got)), sampled if sid in "be" else SamplingParams(),
+                           seed=7)
+            result = engine.step([(sid, 0) for sid in joining], decode=bool(engine.batch.ids))
+            for sid, token, _ in result.tokens:
+                got.setdefault(sid, []).append(token)
+            if step in (12, 20):
+                engine.remove([sorted(engine.batch.ids)[0]])
+        engine.remove(list(engine.sequences))
+        outs.append(got)
+    graphs = graphed.batch.graphs
+    assert graphs is not None and graphs.enabled  # never fell back to eager
+    assert {key[0] for key in graphs._graphs} >= {4, 8}  # buckets used
+    assert outs[0] == outs[1]
