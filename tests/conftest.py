@@ -6,6 +6,7 @@ and wait on health before yielding."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +16,7 @@ import pytest
 from switchyard.bus.server import NatsServer
 from switchyard.model.tiny import build_tiny_model
 from switchyard.runtime.stack import LocalStack, StackSpec
+from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "tiny-llama"
@@ -91,3 +93,35 @@ def wait_for_replicas(stack: LocalStack, n: int, timeout_s: float = 30.0) -> Non
                 return
             time.sleep(0.1)
     raise AssertionError(f"the router did not list {n} replicas within {timeout_s}s")
+
+
+class Load:
+    """`clients` threads each sending Complete calls back to back to the stack's router (over
+    TLS and with its API key when the stack has them) until stop()."""
+
+    def __init__(self, stack: LocalStack, clients: int, max_tokens: int = 200) -> None:
+        self.stack, self.max_tokens = stack, max_tokens
+        self.results: list[generate_pb2.CompleteResponse | str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        for t in self._threads:
+            t.start()
+
+    def _client(self, i: int) -> None:
+        with self.stack.grpc_channel() as ch:
+            stub = generate_pb2_grpc.GenerationStub(ch)
+            n = 0
+            while not self._stop.is_set():
+                n += 1
+                req = generate_pb2.GenerateRequest(model=TINY, text=f"client {i} request {n}", max_tokens=self.max_tokens,
+                                                   stop=generate_pb2.StopConditions(ignore_eos=True))
+                try:
+                    self.results.append(stub.Complete(req, timeout=90, metadata=self.stack.auth_metadata()))
+                except grpc.RpcError as exc:
+                    self.results.append(f"{exc.code().name}: {exc.details()}")
+
+    def stop(self) -> list[generate_pb2.CompleteResponse | str]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+        return self.results

@@ -8,7 +8,6 @@ the local lifecycle backend). Real processes, the tiny model."""
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -16,13 +15,11 @@ import grpc
 import pytest
 from cryptography import x509
 
-from conftest import TINY, start_stack, wait_for_replicas
+from conftest import TINY, Load, start_stack, wait_for_replicas
 from services.autoscaler.config import AutoscalerConfig
 from switchyard.config import ConfigError, load_config
 from switchyard.runtime.lifecycle import READY
-from switchyard.runtime.stack import LocalStack
 from switchyard.tls import TlsDir, add_missing_client_certs, make_dev_ca
-from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
 
 @pytest.mark.unit
@@ -60,37 +57,6 @@ def test_a_folder_without_the_autoscaler_role_gets_its_certificate_from_the_same
     assert add_missing_client_certs(tls.path) == []
 
 
-class TlsLoad:
-    """`clients` threads sending Complete calls over the stack's TLS channel until stop()."""
-
-    def __init__(self, stack: LocalStack, clients: int, max_tokens: int = 200) -> None:
-        self.stack, self.max_tokens = stack, max_tokens
-        self.results: list[generate_pb2.CompleteResponse | str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-        for t in self._threads:
-            t.start()
-
-    def _client(self, i: int) -> None:
-        with self.stack.grpc_channel() as ch:
-            stub = generate_pb2_grpc.GenerationStub(ch)
-            n = 0
-            while not self._stop.is_set():
-                n += 1
-                req = generate_pb2.GenerateRequest(model=TINY, text=f"client {i} request {n}", max_tokens=self.max_tokens,
-                                                   stop=generate_pb2.StopConditions(ignore_eos=True))
-                try:
-                    self.results.append(stub.Complete(req, timeout=90, metadata=self.stack.auth_metadata()))
-                except grpc.RpcError as exc:
-                    self.results.append(f"{exc.code().name}: {exc.details()}")
-
-    def stop(self) -> list[generate_pb2.CompleteResponse | str]:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-        return self.results
-
-
 @pytest.mark.integration
 def test_autoscale_with_tls_adds_a_replica_that_serves_over_tls(tiny_models_dir: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,7 +71,7 @@ def test_autoscale_with_tls_adds_a_replica_that_serves_over_tls(tiny_models_dir:
         scaler = _start_autoscaler(stack, f"{TINY}=1:2:reactive",
                                    "scale_up_window_s=0,scale_down_window_s=1,target_utilisation=1.0", "127.0.0.1")
         assert scaler.config.tls_client_cert == stack.tls.client_cert("autoscaler")  # type: ignore[union-attr]
-        load = TlsLoad(stack, clients=8)  # 8 in flight over 2 slots: wants 4, max is 2
+        load = Load(stack, clients=8)  # 8 in flight over 2 slots: wants 4, max is 2
         try:
             wait_for_replicas(stack, 2, timeout_s=60)
             added = [e.detail for e in scaler.autoscaler.events if e.kind == "add"]

@@ -18,7 +18,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from conftest import TINY, start_stack, wait_for_replicas
+from conftest import TINY, Load, start_stack, wait_for_replicas
 from services.autoscaler.config import AutoscalerConfig
 from services.autoscaler.server import AutoscalerThread
 from switchyard.config import load_config
@@ -38,37 +38,6 @@ def autoscaler(stack: LocalStack, models: str, backend: LocalFleetBackend | None
                          nats_user=creds.get("user"), nats_password=creds.get("password"),
                          grpc_port=0, tick_s=0.2, policy_options=FAST, service_rate_per_replica=1000.0, **kw)
     return AutoscalerThread(config, backend or LocalFleetBackend(stack)).start()
-
-
-class Load:
-    """`clients` threads each sending Complete calls back to back until stop()."""
-
-    def __init__(self, address: str, clients: int, max_tokens: int = 200) -> None:
-        self.address, self.max_tokens = address, max_tokens
-        self.results: list[generate_pb2.CompleteResponse | str] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
-        for t in self._threads:
-            t.start()
-
-    def _client(self, i: int) -> None:
-        with grpc.insecure_channel(self.address) as ch:
-            stub = generate_pb2_grpc.GenerationStub(ch)
-            n = 0
-            while not self._stop.is_set():
-                n += 1
-                req = generate_pb2.GenerateRequest(model=TINY, text=f"client {i} request {n}", max_tokens=self.max_tokens,
-                                                   stop=generate_pb2.StopConditions(ignore_eos=True))
-                try:
-                    self.results.append(stub.Complete(req, timeout=90))
-                except grpc.RpcError as exc:
-                    self.results.append(f"{exc.code().name}: {exc.details()}")
-
-    def stop(self) -> list[generate_pb2.CompleteResponse | str]:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-        return self.results
 
 
 def wait_until(what: str, check: "callable[[], bool]", timeout_s: float = 60.0) -> None:  # type: ignore[valid-type]
@@ -95,14 +64,14 @@ def test_load_step_scales_up_and_load_removal_scales_down_completing_every_reque
                 time.sleep(0.05)
         threading.Thread(target=sample, daemon=True).start()
         with autoscaler(stack, f"{TINY}=1:2:reactive", backend) as scaler:
-            heavy = Load(stack.router_address, clients=8)  # 8 in flight over 2 slots: wants 4, max is 2
+            heavy = Load(stack, clients=8)  # 8 in flight over 2 slots: wants 4, max is 2
             wait_for_replicas(stack, 2, timeout_s=60)
             added = [e.detail for e in scaler.autoscaler.events if e.kind == "add"]
             assert len(added) == 1
             wait_until("the new replica served a request",
                        lambda: any(not isinstance(r, str) and r.summary.replica_id == added[0] for r in heavy.results))
             heavy_results = heavy.stop()
-            light = Load(stack.router_address, clients=2)  # 2 in flight over 2 slots: one replica is enough
+            light = Load(stack, clients=2)  # 2 in flight over 2 slots: one replica is enough
             wait_until("scaled down to one replica", lambda: len(backend.replicas(TINY)) == 1, timeout_s=60)
             removed = [e for e in scaler.autoscaler.events if e.kind == "remove"]
             time.sleep(1.0)
