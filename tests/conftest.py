@@ -6,7 +6,10 @@ and wait on health before yielding."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -125,3 +128,20 @@ class Load:
         for t in self._threads:
             t.join(timeout=120)
         return self.results
+
+
+def start_switchyard_up(cwd: Path, args: list[str], timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """`switchyard up ARGS` as a user starts it, in ``cwd``; returns the process and what it printed
+    up to its "Ctrl-C stops every process" line (or its exit)."""
+    up = subprocess.Popen([sys.executable, "-m", "switchyard.cli", "up", *args], cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert up.stdout is not None
+    lines = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = up.stdout.readline()
+        lines.append(line)
+        if "Ctrl-C stops every process" in line or not line:
+            break
+    return up, "".join(lines)

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from cryptography import x509
 
-from conftest import TINY, Load, start_stack, wait_for_replicas
+from conftest import TINY, Load, start_stack, start_switchyard_up, wait_for_replicas
 from services.autoscaler.config import AutoscalerConfig
 from switchyard.config import ConfigError, load_config
 from switchyard.runtime.lifecycle import READY
@@ -109,30 +109,17 @@ def test_autoscale_with_tls_adds_a_replica_that_serves_over_tls(tiny_models_dir:
 def test_switchyard_up_runs_autoscale_with_tls(tiny_models_dir: Path, tmp_path: Path) -> None:
     """The command a user types: no longer refused; the autoscaler connects to NATS over TLS
     with its own certificate (issued by `up` into the new folder), and the stack serves."""
-    import os
     import signal
     import subprocess
     import sys
 
     from switchyard.bus.server import free_port
     grpc_port = free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "switchyard.cli", "up", "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=1",
-         "--grpc-port", str(grpc_port), "--http-port", "-1", "--nats-port", str(free_port()),
-         "--log-dir", "runs/logs", "--run-dir", "runs/run", "--tls", "certs",
-         "--autoscale", f"{TINY}=1:2:reactive", "--autoscale-options", "scale_down_window_s=5"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "COLUMNS": "200"})
+    up, output = start_switchyard_up(tmp_path, [
+        "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=1", "--grpc-port", str(grpc_port),
+        "--http-port", "-1", "--nats-port", str(free_port()), "--log-dir", "runs/logs", "--run-dir", "runs/run",
+        "--tls", "certs", "--autoscale", f"{TINY}=1:2:reactive", "--autoscale-options", "scale_down_window_s=5"])
     try:
-        assert up.stdout is not None
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            lines.append(line)
-            if "Ctrl-C stops every process" in line or not line:
-                break
-        output = "".join(lines)
         assert "Switchyard is up" in output, output
         assert "NATS over TLS" in output and f"autoscaling {TINY}=1:2:reactive" in output, output
         assert (tmp_path / "certs" / "autoscaler.pem").is_file()

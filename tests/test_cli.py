@@ -3,7 +3,6 @@ generate` against it, Ctrl-C (SIGINT) stopping every process it started."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import pytest
 
 from switchyard.bus.server import free_port
 
-from conftest import TINY
+from conftest import TINY, start_switchyard_up
 
 pytestmark = pytest.mark.integration
 
@@ -45,22 +44,11 @@ def alive(pid: int) -> bool:
 
 def test_up_serves_generate_streams_and_ctrl_c_leaves_no_orphans(tiny_models_dir: Path, tmp_path: Path) -> None:
     grpc_port = free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "switchyard.cli", "up", "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=2",
-         "--grpc-port", str(grpc_port), "--http-port", str(free_port()), "--nats-port", str(free_port()),
-         "--log-dir", "runs/logs", "--run-dir", "runs/run"],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "COLUMNS": "200"})
+    up, output = start_switchyard_up(tmp_path, [
+        "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=2", "--grpc-port", str(grpc_port),
+        "--http-port", str(free_port()), "--nats-port", str(free_port()), "--log-dir", "runs/logs",
+        "--run-dir", "runs/run"])
     try:
-        assert up.stdout is not None
-        lines = []
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            lines.append(line)
-            if "Ctrl-C stops every process" in line or not line:
-                break
-        output = "".join(lines)
         assert "Switchyard is up" in output, output
         assert "development API key: sy-" in output
         started = children_of(up.pid)
