@@ -57,13 +57,7 @@ for p in (REPO, REPO / "libs"):
 
 import numpy as np  # noqa: E402
 
-CHAT_PROMPTS = [
-    "The capital of France is",
-    "Write a short poem about the sea and the wind that blows across it at night:",
-    "List three prime numbers greater than one hundred, then explain how you checked that each "
-    "of them is prime, step by step, without using a calculator.",
-    "def fibonacci(n):",
-]
+from gpu_check import PROMPTS as CHAT_PROMPTS  # noqa: E402  (the prompts gpu_check compares on)
 FULL = {"batches": [1, 16, 64, 256], "ttft_prompts": [128, 1024], "streams": [64, 256],
         "decode_steps": 32, "prompt_tokens": 32, "stream_tokens": 128, "correct_tokens": 32}
 QUICK = {"batches": [1, 2, 4], "ttft_prompts": [16, 64], "streams": [2, 4],
