@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "libs"))
 sys.path.insert(0, str(ROOT))
 from switchyard.model.tiny import build_tiny_model  # noqa: E402
-from switchyard.rollouts.state import RolloutStore, new_rollout, operate, versioned  # noqa: E402
+from switchyard.rollouts.state import RolloutStore, new_rollout, versioned  # noqa: E402
 from switchyard.runtime.stack import LocalStack, StackSpec  # noqa: E402
 
 NAME = "tiny-llama"
@@ -58,10 +58,7 @@ def kv(stack: LocalStack, fn: Any) -> Any:
 
 def set_rollout(stack: LocalStack, state: Any) -> None:
     async def put(store: RolloutStore) -> None:
-        current = await store.get(state.model)
-        if current is not None and current[0].running:
-            await store.change(state.model, lambda s: operate(s, "abort", "bench"))
-        await store.put_new(state)
+        await store.replace(state, by="bench")
     kv(stack, put)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -174,6 +174,14 @@ class RolloutStore:
                              f"{old.status}; promote, roll back or abort it first")
         return await self.update(state, revision)
 
+    async def replace(self, state: RolloutState, by: str) -> int:
+        """Start `state`, aborting a rollout of the same model that is still running (recorded
+        as aborted by `by`) — what a benchmark or test that runs rollouts one after another wants."""
+        current = await self.get(state.model)
+        if current is not None and current[0].running:
+            await self.change(state.model, lambda s: operate(s, "abort", by))
+        return await self.put_new(state)
+
     async def update(self, state: RolloutState, revision: int) -> int:
         """Write `state` if the key is still at `revision`; StaleRevision otherwise."""
         from nats.js.errors import APIError, KeyWrongLastSequenceError
