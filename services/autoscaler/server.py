@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from nats.aio.msg import Msg
 
-from switchyard.bus.queue import connect
+from switchyard.bus.queue import connect, decoded
 from switchyard.config import ConfigError, load_config
 from switchyard.fleet.view import FleetView
 from switchyard.runtime.lifecycle import FleetBackend, Replica, setup_logging, stop_event
@@ -87,10 +87,8 @@ async def serve(config: AutoscalerConfig, backend: FleetBackend | None = None, s
     wake = asyncio.Event()
 
     async def on_demand(msg: Msg) -> None:
-        try:
-            report = bus_pb2.DemandReport.FromString(msg.data)
-        except Exception:
-            log.warning("bad demand report on %s", msg.subject)
+        report = decoded(msg, bus_pb2.DemandReport, "demand report")
+        if report is None:
             return
         if report.model in scaler.models:
             scaler.observe_demand(report)

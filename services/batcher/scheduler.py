@@ -23,7 +23,7 @@ from nats.js import JetStreamContext
 from opentelemetry.trace import Span
 
 from switchyard.bus import subjects
-from switchyard.bus.queue import RateLimitedLog, ensure_request_stream, pull_subscription, recent_cancels
+from switchyard.bus.queue import RateLimitedLog, decoded, ensure_request_stream, pull_subscription, recent_cancels
 from switchyard.v1 import bus_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
 
 from . import telemetry as tm
@@ -195,10 +195,8 @@ class Scheduler:
                 continue
             for msg in msgs:
                 await msg.ack()
-                try:
-                    request = bus_pb2.DispatchRequest.FromString(msg.data)
-                except Exception:
-                    log.warning("dropping undecodable request message on %s", msg.subject)
+                request = decoded(msg, bus_pb2.DispatchRequest, "request message")
+                if request is None:
                     continue
                 self.pending.append(request)
                 if msg.headers:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -24,6 +24,7 @@ from .auth import inbox_prefix
 from .subjects import CANCEL_PREFIX, CANCEL_STREAM, REQUEST_PREFIX, REQUEST_STREAM, cancel_subject, request_subject, token
 
 CANCEL_KEEP_S = 120.0  # how long a cancel is remembered for a batcher that missed it
+M = TypeVar("M")  # a protobuf message type
 log = logging.getLogger(__name__)
 
 
@@ -77,6 +78,16 @@ async def connect(url: str, name: str,
     return await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                               disconnected_cb=disconnected, reconnected_cb=reconnected, error_cb=error,
                               **credentials)  # type: ignore[arg-type]
+
+
+def decoded(msg: object, message_type: type[M], what: str) -> M | None:
+    """``message_type`` parsed from a NATS message's payload, or None (logged, naming ``what``
+    and the subject) when it does not parse: a bad message is dropped, the subscriber goes on."""
+    try:
+        return message_type.FromString(msg.data)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 — protobuf raises DecodeError and others on garbage
+        log.warning("dropping an undecodable %s on %s", what, getattr(msg, "subject", "?"))
+        return None
 
 
 async def flushed(nc: Client, timeout_s: int = 5) -> None:

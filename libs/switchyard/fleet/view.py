@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from switchyard.bus import subjects
+from switchyard.bus.queue import decoded
 from switchyard.reporting.records import ReplicaUsage
 from switchyard.v1 import bus_pb2
 
@@ -109,10 +110,8 @@ class FleetView:
     async def subscribe(self, nc: Client) -> None:
         """Feed this view from every replica's heartbeats on `nc`."""
         async def on_load(msg: Msg) -> None:
-            try:
-                report = bus_pb2.LoadReport.FromString(msg.data)
-            except Exception:
-                log.warning("bad load report on %s", msg.subject)
+            report = decoded(msg, bus_pb2.LoadReport, "load report")
+            if report is None:
                 return
             if msg.subject != subjects.load_subject(report.model, report.replica_id):
                 # NATS permissions let a batcher publish only on its own subject; a report naming
