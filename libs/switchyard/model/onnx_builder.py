@@ -207,7 +207,7 @@ def build_llama_onnx(
         raise ValueError("the plain graph is float32 only (it is the numpy reference's twin)")
     fdt = DTYPES[dtype]
     # Q4_1's per-block offsets as float zero points in the float16 (CUDA) graph: 16 fewer nodes
-    # per layer; on the CPU float zero points are ~16x slower (ORT dequantizes per call), so the
+    # per layer; on the CPU float zero points are ~12x slower (bench/cpu_kernels.py), so the
     # float32 graph keeps integer zero points plus the blocksum(x) @ offsets correction.
     float_zero_points = fdt == np.float16
     if fused and hidden_outputs:
