@@ -356,11 +356,11 @@ class CudaGraphDecoder:
     def __init__(self, batch: FusedBatch) -> None:
         self.batch = batch
         self.enabled = True
-        self._graphs: dict[tuple, tuple[int, dict[str, ort.OrtValue], ort.IOBinding]] = {}
+        self._graphs: dict[tuple, tuple[ort.RunOptions, dict[str, ort.OrtValue], ort.IOBinding]] = {}
         vocab = next(o.shape[-1] for o in batch.session.get_outputs() if o.name == "logits")
         self._vocab = int(vocab)
 
-    def _graph(self, bucket: int) -> tuple[int, dict[str, ort.OrtValue], ort.IOBinding]:
+    def _graph(self, bucket: int) -> tuple[ort.RunOptions, dict[str, ort.OrtValue], ort.IOBinding]:
         pool, device = self.batch.pool, self.batch.device
         key = (bucket, pool.length, pool.buffers[0].data_ptr())
         if key not in self._graphs:
@@ -378,7 +378,9 @@ class CudaGraphDecoder:
                 binding.bind_ortvalue_input(name, values[name])
             binding.bind_cpu_input("total_sequence_length", np.array(pool.length, dtype=np.int32))
             self.batch._bind_rows(binding, 0, bucket)
-            self._graphs[key] = (len(self._graphs) + 1, values, binding)
+            options = ort.RunOptions()  # names the captured graph this binding replays
+            options.add_run_config_entry("gpu_graph_id", str(len(self._graphs) + 1))
+            self._graphs[key] = (options, values, binding)
         return self._graphs[key]
 
     def decode(self, seqs: list["Sequence"], logits_on_host: bool) -> tuple[np.ndarray | None, np.ndarray] | None:
@@ -387,15 +389,13 @@ class CudaGraphDecoder:
         try:
             bucket = decode_bucket(rows, pool.max_rows)
             pool.ensure(bucket, max(self.batch.lengths) + 1, rows)
-            graph_id, values, binding = self._graph(bucket)
+            options, values, binding = self._graph(bucket)
             ids = np.zeros((bucket, 1), np.int64)
             ids[:rows, 0] = [s.generated[-1] for s in seqs]
             seqlens = np.zeros(bucket, np.int32)
             seqlens[:rows] = self.batch.lengths
             values["input_ids"].update_inplace(ids)
             values["seqlens_k"].update_inplace(seqlens)
-            options = ort.RunOptions()
-            options.add_run_config_entry("gpu_graph_id", str(graph_id))
             self.batch.session.run_with_iobinding(binding, options)
             best = values["next_token"].numpy()[:rows]
             logits = values["logits"].numpy()[:rows, 0, :] if logits_on_host else None
