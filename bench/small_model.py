@@ -79,7 +79,7 @@ def heldout_loglik(session: ort.InferenceSession, manifest: ModelManifest, ids: 
     rows = len(ids) // row
     batch = np.array(ids[: rows * row], dtype=np.int64).reshape(rows, row)
     past = empty_past(manifest, rows, row)
-    out_names = ["logits"] + present_names(manifest)
+    out_names = ["logits"] + present_names(manifest.config.num_hidden_layers)
     total, n = 0.0, 0
     for t in range(row - 1):
         logits, *present = session.run(out_names, step_feeds(manifest, batch[:, t:t + 1], t, past))

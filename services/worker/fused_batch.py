@@ -26,6 +26,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from switchyard.model.graph_io import past_names, present_names
+
 from .decode_batch import run_bound
 
 log = logging.getLogger(__name__)
@@ -177,8 +179,7 @@ class FusedBatch:
                  kv_heads: int, head_dim: int, *, max_rows: int, max_length: int, cuda_graph: bool = False) -> None:
         self.session = session
         self.device = device
-        self._past_names = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
-        self._present_names = [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+        self._past_names, self._present_names = past_names(n_layers), present_names(n_layers)
         self._kv_heads, self._head_dim = kv_heads, head_dim
         kv_type = next(i.type for i in session.get_inputs() if i.name == self._past_names[0])
         self.dtype = np.float16 if kv_type == "tensor(float16)" else np.float32

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnxruntime as ort
 
+from switchyard.model.graph_io import past_names, present_names
+
 from .decode_batch import run_bound
 
 if TYPE_CHECKING:
@@ -28,8 +30,7 @@ class PlainBatch:
                  head_dim: int) -> None:
         self.session = session
         self.device = device
-        self._past_names = [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
-        self._present_names = [f"present.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
+        self._past_names, self._present_names = past_names(n_layers), present_names(n_layers)
         self._kv_heads, self._head_dim = kv_heads, head_dim
         self.ids: list[str] = []
         self._kv: list[ort.OrtValue] = []

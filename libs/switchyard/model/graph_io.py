@@ -1,6 +1,6 @@
-"""Feeds for running a model folder's graph directly (tests, benchmarks), whichever graph kind it
-is: rows of equal length, no padding, the cache starting empty. The serving path does not use
-this — the worker's decode batches (services/worker/*_batch.py) bind their KV themselves."""
+"""The graphs' KV names, and feeds for running a model folder's graph directly (tests,
+benchmarks) whichever graph kind it is: rows of equal length, no padding, the cache starting
+empty. The worker's decode batches (services/worker/*_batch.py) bind their KV themselves."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ from switchyard.model.config import ModelManifest
 from switchyard.model.folder import graph_kind
 
 
-def past_names(manifest: ModelManifest) -> list[str]:
-    return [f"past_key_values.{i}.{kind}" for i in range(manifest.config.num_hidden_layers)
-            for kind in ("key", "value")]
+def past_names(n_layers: int) -> list[str]:
+    """The graphs' KV input names, layer by layer, key then value (both graph kinds)."""
+    return [f"past_key_values.{i}.{kind}" for i in range(n_layers) for kind in ("key", "value")]
 
 
-def present_names(manifest: ModelManifest) -> list[str]:
-    return [name.replace("past_key_values", "present") for name in past_names(manifest)]
+def present_names(n_layers: int) -> list[str]:
+    """The graphs' KV output names, in the order of past_names."""
+    return [name.replace("past_key_values", "present") for name in past_names(n_layers)]
 
 
 def empty_past(manifest: ModelManifest, batch: int, capacity: int) -> dict[str, np.ndarray]:
@@ -25,7 +26,7 @@ def empty_past(manifest: ModelManifest, batch: int, capacity: int) -> dict[str, 
     c = manifest.config
     length = capacity if graph_kind(manifest) == "fused" else 0
     return {name: np.zeros((batch, c.num_key_value_heads, length, c.head_dim), np.float32)
-            for name in past_names(manifest)}
+            for name in past_names(c.num_hidden_layers)}
 
 
 def step_feeds(manifest: ModelManifest, input_ids: np.ndarray, past_length: int,
