@@ -79,15 +79,6 @@ class KvCopier:
         b.bind_output("y", self.device, 0, self.dtype, [shape[0], shape[1], length, shape[3]], dst)
         run_bound(self._pad, b)
 
-    def widen_value(self, value: ort.OrtValue, dst: int, length: int) -> None:
-        """Like widen, from an OrtValue (a chunked prompt's own buffer)."""
-        b = self._pad.io_binding()
-        b.bind_ortvalue_input("x", value)
-        shape = value.shape()
-        b.bind_cpu_input("pads", np.array([0, 0, 0, 0, 0, 0, length - shape[2], 0], dtype=np.int64))
-        b.bind_output("y", self.device, 0, self.dtype, [shape[0], shape[1], length, shape[3]], dst)
-        run_bound(self._pad, b)
-
     def narrow(self, src: int, shape: list[int], dst: int, length: int) -> None:
         """Copy the first ``length`` positions of [b, h, t, d] at src into [b, h, length, d] at dst."""
         b = self._slice.io_binding()
@@ -277,7 +268,7 @@ class FusedBatch:
         row = len(self.ids)
         self.pool.ensure(row + 1, len(seq.prompt), row)
         for k, value in enumerate(own):
-            self.copier.widen_value(value, self.pool.address(k, row), self.pool.length)
+            self.copier.widen(value.data_ptr(), value.shape(), self.pool.address(k, row), self.pool.length)
         seq.private_kv = None
         self.ids.append(seq.sequence_id)
         self.lengths.append(seq.processed)
