@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--decode-steps", type=int, default=1,
                         help="batcher decode steps per worker call at batch ≥ 8 (multi-step decode)")
+    parser.add_argument("--pipeline-depth", type=int, nargs="+", default=[2],
+                        help="batcher steps in flight; several values run one stack each, side by side")
     args = parser.parse_args()
     models = Path(tempfile.mkdtemp(prefix="bench-models-"))
     build_tiny_model(models, name=MODEL)
@@ -105,29 +107,33 @@ def main() -> None:
     engine = Engine(models / MODEL, max_sequences=64, threads=1)
     prompt_ids = engine_prompt(models, prompt)
     rows = []
-    spec = StackSpec(models_dir=models, replicas={MODEL: 1}, max_batch_size=64, worker_threads=1,
-                     log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-")),
-                     batcher_args=("--decode-steps", str(args.decode_steps)))
-    with LocalStack(spec) as stack, Progress(console=console, transient=True) as progress:
-        # warm up both paths
-        inprocess(engine, prompt_ids, 1, 3, 4)
-        asyncio.run(through_stack(stack.router_address, prompt, 1, 5, 4, progress, "warm-up"))
-        for c in args.concurrency:
-            base_ttft, base_tps = inprocess(engine, prompt_ids, c, max(args.requests // c, 1), args.max_tokens)
-            ttft, tps = asyncio.run(through_stack(stack.router_address, prompt, c, args.requests,
-                                                  args.max_tokens, progress, f"stack c={c}"))
-            rows.append((c, base_ttft, ttft, base_tps, tps))
-    table = Table(title=f"Stack overhead, tiny model, {args.max_tokens} tokens/request "
-                        f"({platform.node()}, {os.cpu_count()} cores)")
-    for col in ("concurrency", "in-process TTFT p50/p99 ms", "stack TTFT p50/p99 ms",
-                "added TTFT p50 ms", "added TTFT p99 ms", "in-process tok/s", "stack tok/s", "stack/in-process"):
+    base: dict[int, tuple[list[float], float]] = {}
+    inprocess(engine, prompt_ids, 1, 3, 4)  # warm-up
+    for c in args.concurrency:
+        base[c] = inprocess(engine, prompt_ids, c, max(args.requests // c, 1), args.max_tokens)
+    for depth in args.pipeline_depth:
+        spec = StackSpec(models_dir=models, replicas={MODEL: 1}, max_batch_size=64, worker_threads=1,
+                         log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-")),
+                         batcher_args=("--decode-steps", str(args.decode_steps), "--pipeline-depth", str(depth)))
+        with LocalStack(spec) as stack, Progress(console=console, transient=True) as progress:
+            asyncio.run(through_stack(stack.router_address, prompt, 1, 5, 4, progress, "warm-up"))
+            for c in args.concurrency:
+                ttft, tps = asyncio.run(through_stack(stack.router_address, prompt, c, args.requests,
+                                                      args.max_tokens, progress, f"depth {depth} c={c}"))
+                rows.append((depth, c, *base[c][:1], ttft, base[c][1], tps))
+    table = Table(title=f"Stack overhead, tiny model, {args.max_tokens} tokens/request, decode steps "
+                        f"{args.decode_steps} ({platform.node()}, {os.cpu_count()} cores)")
+    for col in ("pipeline depth", "concurrency", "in-process TTFT p50/p99 ms", "stack TTFT p50/p99 ms",
+                "added TTFT p50 ms", "added TTFT p99 ms", "in-process tok/s", "stack tok/s", "stack/in-process",
+                f"stack vs depth {args.pipeline_depth[0]}"):
         table.add_column(col, justify="right")
-    for c, base_ttft, ttft, base_tps, tps in rows:
-        table.add_row(str(c), f"{pct(base_ttft, 50)*1e3:.2f} / {pct(base_ttft, 99)*1e3:.2f}",
+    first = {c: tps for depth, c, *_, tps in rows if depth == args.pipeline_depth[0]}
+    for depth, c, base_ttft, ttft, base_tps, tps in rows:
+        table.add_row(str(depth), str(c), f"{pct(base_ttft, 50)*1e3:.2f} / {pct(base_ttft, 99)*1e3:.2f}",
                       f"{pct(ttft, 50)*1e3:.2f} / {pct(ttft, 99)*1e3:.2f}",
                       f"{(pct(ttft, 50) - pct(base_ttft, 50))*1e3:.2f}",
                       f"{(pct(ttft, 99) - pct(base_ttft, 99))*1e3:.2f}",
-                      f"{base_tps:,.0f}", f"{tps:,.0f}", f"{tps / base_tps:.2f}×")
+                      f"{base_tps:,.0f}", f"{tps:,.0f}", f"{tps / base_tps:.2f}×", f"{tps / first[c]:.2f}×")
     console.print(table)
 
 

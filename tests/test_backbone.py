@@ -169,6 +169,60 @@ def test_finished_sequences_leave_the_worker_with_the_next_step(tiny_stack: Loca
         assert stub.Info(worker_pb2.InfoRequest(), timeout=5, metadata=meta).active_sequences == before
 
 
+def test_step_stream_runs_requests_in_order_and_a_refused_one_does_not_end_it(tiny_stack: LocalStack,
+                                                                                engine: Engine) -> None:
+    """StepStream answers each request in order, even with several queued before the first
+    answer (the batcher's pipeline); a refused request is answered with `refused`, nothing of
+    it runs, and the requests behind it still do."""
+    w = tiny_stack.workers[0]
+    prompt = engine_tokenize(engine, PROMPTS[3])
+    expected = engine.generate(prompt, 4)
+    spec = worker_pb2.SequenceSpec(sequence_id="stream-a", prompt_token_ids=prompt)
+    bad = worker_pb2.SequenceSpec(sequence_id="stream-bad", prompt_token_ids=[])
+    requests = [
+        worker_pb2.StepRequest(add=[spec], prefill=[worker_pb2.PrefillChunk(sequence_id="stream-a")]),
+        worker_pb2.StepRequest(decode=True),
+        worker_pb2.StepRequest(decode=True, add=[bad]),  # an empty prompt: refused
+        worker_pb2.StepRequest(decode=True, decode_steps=2),
+        worker_pb2.StepRequest(remove=["stream-a"]),
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{w.port}") as ch:
+        stub = worker_pb2_grpc.WorkerStub(ch)
+        before = stub.Info(worker_pb2.InfoRequest(), timeout=5, metadata=tiny_stack.worker_metadata(w)).active_sequences
+        responses = list(stub.StepStream(iter(requests), timeout=30, metadata=tiny_stack.worker_metadata(w)))
+        after = stub.Info(worker_pb2.InfoRequest(), timeout=5, metadata=tiny_stack.worker_metadata(w)).active_sequences
+    assert len(responses) == len(requests)
+    assert [(t.sequence_id, t.first) for t in responses[0].tokens] == [("stream-a", True)]
+    assert "prompt" in responses[2].refused and not responses[2].tokens
+    assert not any(r.refused for i, r in enumerate(responses) if i != 2)
+    got = [t.token_id for r in responses for t in r.tokens if t.sequence_id == "stream-a"]
+    assert got == expected  # 1 (prefill) + 1 + 0 (refused) + 2 tokens, in order
+    assert after == before
+
+
+def test_step_stream_needs_the_worker_token(tiny_stack: LocalStack) -> None:
+    w = tiny_stack.workers[0]
+    with grpc.insecure_channel(f"127.0.0.1:{w.port}") as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            list(worker_pb2_grpc.WorkerStub(ch).StepStream(iter([worker_pb2.StepRequest(decode=True)]), timeout=10))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_batcher_without_pipelining_gives_the_same_streams(tiny_models_dir: Path, tmp_path: Path,
+                                                           engine: Engine) -> None:
+    """`--pipeline-depth 1` (one step in flight) and the default (the next step queued while
+    the last one's tokens are published) give every request exactly its greedy tokens."""
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path, batcher_args=("--pipeline-depth", "1"))
+    try:
+        reqs = [request(PROMPTS[i], max_tokens=3 + 7 * i) for i in range(6)]
+        with grpc.insecure_channel(stack.router_address) as ch, ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda r: stream(ch, r), reqs))
+        for r, (ids, _text, _final) in zip(reqs, results):
+            assert ids == direct(engine, r.text, r.max_tokens)
+    finally:
+        stack.stop()
+
+
 def test_requests_ending_at_different_steps_leave_nothing_on_the_worker(tiny_stack: LocalStack,
                                                                          channel: grpc.Channel) -> None:
     """Finished requests are freed by the batcher's next Step while others still run, and the

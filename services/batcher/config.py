@@ -34,6 +34,10 @@ class BatcherConfig:
     port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON"})
     decode_steps: int = field(default=1, metadata={"help": "decode steps per worker call once the batch holds "
                                                    "multi_step_min_batch sequences (amortizes the round trip)"})
+    pipeline_depth: int = field(default=2, metadata={
+        "help": "worker steps in flight: 2 lets the worker run the next step while this batcher "
+                "publishes the last one's tokens (a finished request costs the worker one extra "
+                "step); 1 waits for each step's answer before sending the next"})
     multi_step_min_batch: int = field(default=8, metadata={"help": "batch size from which decode_steps applies"})
     heartbeat_s: float = field(default=0.5, metadata={"help": "seconds between load reports"})
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
@@ -51,5 +55,7 @@ class BatcherConfig:
             raise ConfigError("prefill_chunk and prefill_chunk_decoding must be at least 1")
         if self.decode_steps < 1 or self.multi_step_min_batch < 1:
             raise ConfigError("decode_steps and multi_step_min_batch must be at least 1")
+        if not 1 <= self.pipeline_depth <= 4:
+            raise ConfigError("pipeline_depth must be between 1 and 4")
         if self.heartbeat_s <= 0:
             raise ConfigError("heartbeat_s must be positive")

@@ -1,9 +1,10 @@
 """Continuous batching at iteration level.
 
 Each loop iteration: admit pulled requests that fit the batch-size cap and token budget,
-then one worker Step that decodes every running sequence and advances prompt chunks
+then one worker step that decodes every running sequence and advances prompt chunks
 (chunked prefill within `prefill_chunk` tokens), then publish each request's new tokens as
-one message and retire finished requests at once. Requests are pulled from the replica's
+one message and retire finished requests at once. Steps go over one StepStream with the next
+one already in flight (`pipeline_depth`), so the worker computes while this loop publishes. Requests are pulled from the replica's
 JetStream consumer only while there is room, so the queue lives in the server (bounded
 memory here, backpressure for the router).
 """
@@ -11,6 +12,7 @@ memory here, backpressure for the router).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -46,10 +48,33 @@ class Active:
     stop_ids: frozenset[int] = field(default_factory=frozenset)
     span: Span | None = None  # batcher.request, when tracing
     traceparent: str = ""  # context the worker parents its spans on
+    chunk_in_flight: int = 0  # prompt tokens of a sent, unanswered prefill chunk
+    tokens_in_flight: int = 0  # decode tokens asked of sent, unanswered steps
+    retiring: bool = False  # sure to finish within the steps in flight: freed by the next one
+
+    def tokens_left(self, context_length: int) -> int:
+        """Tokens still to come, the one that ends it by length (max_tokens or context) included."""
+        return min(self.request.max_tokens - self.generated,
+                   context_length - len(self.request.prompt_token_ids) - self.generated)
 
     @property
     def reserved_tokens(self) -> int:
         return len(self.request.prompt_token_ids) + self.request.max_tokens
+
+
+@dataclass
+class SentStep:
+    """A StepStream request awaiting its response, with what it carried."""
+
+    chunks: list[worker_pb2.PrefillChunk]
+    adds: list[Active]
+    removing: list[str]
+    decoding: list[Active]  # the sequences it asked `steps` tokens of
+    steps: int
+
+
+class StepRefused(Exception):
+    """The worker refused a step that carried no adds to retry singly."""
 
 
 @dataclass
@@ -95,6 +120,7 @@ class Scheduler:
         self._stream_pending = 0  # requests waiting in this replica's JetStream consumer
         self._health_failures = 0
         self._last_step_done = time.monotonic()
+        self._in_flight: collections.deque[SentStep] = collections.deque()  # oldest first
 
     # ---- accounting ---------------------------------------------------------------------
     @property
@@ -208,62 +234,116 @@ class Scheduler:
     async def _step_loop(self) -> None:
         while True:
             try:
-                await self._iteration()
+                await self._run_steps()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as exc:
                 log.error("worker call failed: %s", exc.details())
+                self._lost_in_flight()
                 await self._fail_all(generate_pb2.ERROR_CODE_UNAVAILABLE, f"worker failed: {exc.details()}")
                 await asyncio.sleep(0.2)
             except Exception:
                 log.exception("scheduler iteration failed")
+                self._lost_in_flight()
                 await self._fail_all(generate_pb2.ERROR_CODE_INTERNAL, "batcher failure")
                 await asyncio.sleep(0.2)
 
-    async def _iteration(self) -> None:
-        await self._retire_cancelled_and_expired()
-        await self._admit()
-        if not self.active:
-            await self._flush_removals()  # no Step will carry them: free the worker's rows now
-            self._wake.clear()
-            if not self.pending:
-                await self._wake.wait()
-            return
-        decoding = [a for a in self.active.values() if a.prefill_left == 0]
+    async def _run_steps(self) -> None:
+        """Iterations over one StepStream, up to `pipeline_depth` requests in flight: while the
+        worker runs step k+1, this loop publishes step k's tokens (and admits newcomers), so
+        the worker never waits for the batcher's round trip."""
+        call = self.worker.StepStream()
+        try:
+            while True:
+                await self._retire_cancelled_and_expired()
+                await self._admit()
+                while len(self._in_flight) < self.config.pipeline_depth:
+                    request = self._next_request()
+                    if request is None:
+                        break
+                    await call.write(request)
+                if not self._in_flight:
+                    await self._flush_removals()  # no step will carry them: free the worker's rows now
+                    self._wake.clear()
+                    if not self.pending:
+                        await self._wake.wait()
+                    continue
+                response = await call.read()
+                if response is grpc.aio.EOF:
+                    raise RuntimeError("the worker ended the step stream")
+                await self._apply(self._in_flight.popleft(), response)
+        finally:
+            call.cancel()
+
+    def _next_request(self) -> worker_pb2.StepRequest | None:
+        """The next step for the batch as this batcher knows it, or None when there is nothing
+        to run until a step in flight answers. A sequence with a prompt chunk in flight gets
+        no other chunk until that one answers (its tokens left come back with it); it joins
+        the decode batch on the worker as soon as its prompt is done."""
+        decoding: list[Active] = []
+        for a in self.active.values():
+            if a.prefill_left or a.retiring:
+                continue
+            if a.tokens_in_flight and a.tokens_in_flight >= a.tokens_left(self.info.context_length):
+                # Its last token is already asked for: free it before the next step, so the
+                # worker does not decode it past its end (EOS cannot be foreseen this way).
+                a.retiring = True
+                self.to_remove.append(a.request.request_id)
+            else:
+                decoding.append(a)
+        chunks = []
         # Fairness between waiting and running: while sequences decode, a newcomer's prompt is
         # fed in smaller chunks so it never stalls their next token for a whole long prefill.
-        chunks = []
         budget = self.config.prefill_chunk_decoding if decoding else self.config.prefill_chunk
         for rid, a in self.active.items():
-            if a.prefill_left and budget > 0:
+            if a.prefill_left and not a.chunk_in_flight and budget > 0:
                 n = min(a.prefill_left, budget)
                 chunks.append(worker_pb2.PrefillChunk(sequence_id=rid, max_tokens=n))
+                a.chunk_in_flight = n
                 budget -= n
-        adds = [_spec(a) for a in self.to_add]
-        steps = self._decode_steps(decoding)
+        if not (decoding or chunks or self.to_add):
+            return None
+        adds, self.to_add = self.to_add, []
         removing, self.to_remove = self.to_remove, []
-        try:
-            response = await self.worker.Step(worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=adds,
-                                                                     decode_steps=steps, remove=removing))
-        except grpc.aio.AioRpcError as exc:
-            self.to_remove = removing + self.to_remove  # sent again with the next call (unknown ids are ignored)
-            if not adds or exc.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                raise
-            await self._add_one_by_one()
+        steps = self._decode_steps(decoding)
+        for a in decoding:
+            a.tokens_in_flight += steps
+        self._in_flight.append(SentStep(chunks, adds, removing, decoding, steps))
+        return worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=[_spec(a) for a in adds],
+                                      decode_steps=steps, remove=removing)
+
+    def _lost_in_flight(self) -> None:
+        """The stream broke: its unanswered steps are lost; their removals go with the next."""
+        for sent in self._in_flight:
+            self.to_remove.extend(sent.removing)
+        self._in_flight.clear()
+
+    async def _apply(self, sent: SentStep, response: worker_pb2.StepResponse) -> None:
+        """A step's answer: chunk progress, then each request's new tokens as one message,
+        then finished requests retire."""
+        for a in sent.decoding:
+            a.tokens_in_flight = max(a.tokens_in_flight - sent.steps, 0)
+        for chunk in sent.chunks:
+            chunked = self.active.get(chunk.sequence_id)
+            if chunked is not None:
+                chunked.chunk_in_flight = 0
+                if not response.refused:
+                    chunked.prefill_left = response.prefill_remaining.get(chunk.sequence_id, 0)
+        if response.refused:
+            self.to_remove = sent.removing + self.to_remove  # sent again (unknown ids are ignored)
+            if not sent.adds:
+                raise StepRefused(response.refused)
+            await self._add_one_by_one(sent.adds)
             return
-        self.to_add.clear()
         self.stats.steps += 1
         self._last_step_done = time.monotonic()
         batch = response.stats.decode_batch_size
         self.stats.max_decode_batch = max(self.stats.max_decode_batch, batch)
         if batch:
             tm.BATCH_SIZE.labels(*self._labels).observe(batch)
-        for chunk in chunks:
-            chunked = self.active.get(chunk.sequence_id)
-            if chunked is not None:
-                chunked.prefill_left = response.prefill_remaining.get(chunk.sequence_id, 0)
         # One message per request per worker call, with its tokens in order; tokens after a
-        # finishing one (multi-step decode runs a little past EOS or max_tokens) are dropped.
+        # finishing one (multi-step decode, or a step already in flight, runs a little past
+        # EOS or max_tokens) are dropped, as are tokens of requests already gone.
         per_request: dict[str, list[worker_pb2.SequenceToken]] = {}
         for tok in response.tokens:
             per_request.setdefault(tok.sequence_id, []).append(tok)
@@ -305,13 +385,23 @@ class Scheduler:
                 a.span.set_attribute("switchyard.batch_size", a.max_batch)
         if finished:
             await self._remove([rid for rid, _ in finished], defer=True)
+        # A retiring request is already freed on the worker: if its last token did not come
+        # (the worker stopped short), it would wait forever. It ends with an error instead.
+        short = [a.request.request_id for a in sent.decoding
+                 if a.retiring and not a.tokens_in_flight and a.request.request_id in self.active]
+        for rid in short:
+            log.error("request %s: the worker returned fewer tokens than asked before its end", rid)
+            await self._send_error(rid, generate_pb2.ERROR_CODE_INTERNAL, "the worker ended the sequence early")
+        if short:
+            await self._remove(short, defer=True)
 
     def _decode_steps(self, decoding: list[Active]) -> int:
         """Decode steps for the next worker call: several when the batch is large enough that
         throughput matters more than per-token latency, never past every request's budget."""
         if not decoding or self.config.decode_steps <= 1 or len(decoding) < self.config.multi_step_min_batch:
             return 1
-        return max(1, min(self.config.decode_steps, max(a.request.max_tokens - a.generated for a in decoding)))
+        ctx = self.info.context_length
+        return max(1, min(self.config.decode_steps, max(a.tokens_left(ctx) - a.tokens_in_flight for a in decoding)))
 
     def _finish_reason(self, a: Active, token_id: int) -> int:
         if token_id in a.stop_ids:
@@ -350,9 +440,11 @@ class Scheduler:
             self.to_add.append(a)
         self._update_room()
 
-    async def _add_one_by_one(self) -> None:
-        """A Step whose adds were refused: register them singly so only a bad one fails."""
-        for a in self.to_add:
+    async def _add_one_by_one(self, adds: list[Active]) -> None:
+        """A step whose adds were refused: register them singly so only a bad one fails."""
+        for a in adds:
+            if a.request.request_id not in self.active:
+                continue  # cancelled meanwhile
             spec = _spec(a)
             try:
                 await self.worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=[spec]))
@@ -361,7 +453,7 @@ class Scheduler:
                     raise
                 await self._send_error(a.request.request_id, generate_pb2.ERROR_CODE_INVALID_ARGUMENT, one.details())
                 self.active.pop(a.request.request_id, None)
-        self.to_add.clear()
+        self._update_room()
 
     async def _retire_cancelled_and_expired(self) -> None:
         now = time.time()
@@ -394,7 +486,7 @@ class Scheduler:
                 a.span.end()
         self.to_add = [a for a in self.to_add if a.request.request_id in self.active]
         self.to_remove.extend(request_ids)
-        if not defer:
+        if not defer and not self._in_flight:  # else the next step carries them, in order
             await self._flush_removals()
         self._update_room()
 

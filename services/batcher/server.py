@@ -52,15 +52,29 @@ async def wait_for_serving(channel: grpc.aio.Channel, timeout_s: float = 300.0) 
         await asyncio.sleep(0.1)
 
 
+def _with_token(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:
+    return details._replace(metadata=grpc.aio.Metadata(*(details.metadata or ()), header))
+
+
 class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every call on the channel."""
+    """Adds `authorization: Bearer <token>` to every unary call on the channel."""
 
     def __init__(self, token: str) -> None:
         self._header = ("authorization", f"Bearer {token}")
 
     async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
-        return await continuation(details._replace(metadata=metadata), request)
+        return await continuation(_with_token(details, self._header), request)
+
+
+class BearerTokenStream(grpc.aio.StreamStreamClientInterceptor):
+    """The same for the StepStream (grpc.aio files an interceptor under one call kind only)."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    async def intercept_stream_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
+                                      request_iterator: Any) -> Any:
+        return await continuation(_with_token(details, self._header), request_iterator)
 
 
 async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> None:
@@ -70,7 +84,8 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     setup_tracing("switchyard-batcher")
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
     # The worker's token rides on every call (health checks need none).
-    interceptors = [BearerToken(config.worker_token)] if config.worker_token else None
+    interceptors = ([BearerToken(config.worker_token), BearerTokenStream(config.worker_token)]
+                    if config.worker_token else None)
     if config.tls_ca:  # mTLS: the worker checks our certificate, we check its
         channel = grpc.aio.secure_channel(config.worker, grpc_channel_credentials(
             config.tls_ca, config.tls_client_cert, config.tls_client_key), interceptors=interceptors,

@@ -11,6 +11,7 @@ import logging
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from typing import Any, Callable, TypeVar
 
 import grpc
@@ -41,6 +42,19 @@ def sampling_from_proto(p: generate_pb2.SamplingParams) -> SamplingParams:
         top_p=p.top_p if 0.0 < p.top_p <= 1.0 else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty > 0 else 1.0,
     )
+
+
+def step_response_to_proto(result: Any) -> worker_pb2.StepResponse:
+    """The engine's StepResult as the wire message."""
+    cached = result.cached_prompt_tokens
+    return worker_pb2.StepResponse(
+        tokens=[worker_pb2.SequenceToken(sequence_id=s, token_id=t, first=f,
+                                         cached_prompt_tokens=cached.get(s, 0) if f else 0)
+                for s, t, f in result.tokens],
+        prefill_remaining=result.prefill_remaining,
+        stats=worker_pb2.StepStats(decode_batch_size=result.decode_batch_size, decode_steps=result.decode_steps,
+                                   prefill_tokens=result.prefill_tokens, prefill_s=result.prefill_s,
+                                   decode_s=result.decode_s, sample_s=result.sample_s))
 
 
 class EngineUnavailable(Exception):
@@ -123,47 +137,55 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return worker_pb2.AddSequencesResponse(active_sequences=active)
 
-    @_needs_engine
-    async def Step(self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StepResponse:
+    async def _run_step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
+        """One iteration for either Step or StepStream; EngineError when refused."""
         chunks = [(c.sequence_id, c.max_tokens) for c in request.prefill]
-
+        e = self._engine
         removed: list[Any] = []
 
         def step() -> Any:
             # Finished sequences leave first: their rows are free before anything joins.
-            removed.extend(self._engine.remove(list(request.remove)) if request.remove else ())
+            removed.extend(e.remove(list(request.remove)) if request.remove else ())
             # Atomic for its adds: refused adds leave none behind, and prefill chunks are checked
             # before anything runs (else the adds are undone), so the batcher's one-by-one retry
             # never finds a sequence "already exists".
             self._add(request.add)
-            unknown = [sid for sid, _ in chunks if sid not in self._engine.sequences]
+            unknown = [sid for sid, _ in chunks if sid not in e.sequences]
             if unknown:
                 for spec in request.add:
-                    self._engine.sequences.pop(spec.sequence_id, None)
+                    e.sequences.pop(spec.sequence_id, None)
                 raise EngineError(f"unknown sequence {unknown[0]!r} in prefill")
-            return self._engine.step(chunks, request.decode, max(request.decode_steps, 1))
+            return e.step(chunks, request.decode, max(request.decode_steps, 1))
         try:
             result = await self._call(step)
-        except EngineError as exc:
-            record_sequence_spans(removed, self._engine.manifest.name)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        record_sequence_spans(removed, self._engine.manifest.name)
+        finally:
+            record_sequence_spans(removed, e.manifest.name)
         if self.fault_delay_per_token_s and result.tokens:  # test-only: a planted slow version
             await asyncio.sleep(self.fault_delay_per_token_s * max(request.decode_steps, 1))
-        e = self._engine
         record_step(e.manifest.name, result.prefill_s, result.decode_s, result.decode_batch_size, e.kv_tokens,
                     len(e.sequences), e.max_sequences * e.context_length)
         record_prefix_cache(e.manifest.name, e.prefix_cache)
-        cached = result.cached_prompt_tokens
-        return worker_pb2.StepResponse(
-            tokens=[worker_pb2.SequenceToken(sequence_id=s, token_id=t, first=f,
-                                             cached_prompt_tokens=cached.get(s, 0) if f else 0)
-                    for s, t, f in result.tokens],
-            prefill_remaining=result.prefill_remaining,
-            stats=worker_pb2.StepStats(decode_batch_size=result.decode_batch_size,
-                                       decode_steps=result.decode_steps,
-                                       prefill_tokens=result.prefill_tokens, prefill_s=result.prefill_s,
-                                       decode_s=result.decode_s, sample_s=result.sample_s))
+        return step_response_to_proto(result)
+
+    @_needs_engine
+    async def Step(self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StepResponse:
+        try:
+            return await self._run_step(request)
+        except EngineError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise  # abort raises; this keeps type checkers honest
+
+    async def StepStream(self, requests: AsyncIterator[worker_pb2.StepRequest],
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.StepResponse]:
+        """Requests run strictly in arrival order; a refused one is answered with `refused`
+        and the stream goes on, so requests already queued behind it are not lost."""
+        if self.engine is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "model is not loaded")
+        async for request in requests:
+            try:
+                yield await self._run_step(request)
+            except EngineError as exc:
+                yield worker_pb2.StepResponse(refused=str(exc))
 
     @_needs_engine
     async def RemoveSequences(self, request: worker_pb2.RemoveSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.RemoveSequencesResponse:
@@ -186,6 +208,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong worker token")
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.stream_stream_rpc_method_handler(deny)
 
     async def intercept_service(self, continuation: Callable[..., Any], details: grpc.HandlerCallDetails) -> Any:
         if details.method.startswith("/grpc.health.v1.Health/"):
@@ -193,7 +216,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         given = dict(details.invocation_metadata or ()).get("authorization", "")
         if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self._expected):
             return await continuation(details)
-        return self._deny
+        handler = await continuation(details)
+        return self._deny_stream if handler is not None and handler.request_streaming else self._deny
 
 
 async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None:
@@ -222,7 +246,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
         engine = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
                                      threads=config.threads, provider=provider, spin=config.spin,
-                                     cuda_graph=config.cuda_graph,
+                                     cuda_graph=config.cuda_graph, device_sampling=config.device_sampling,
                                      prefix_cache_bytes=config.prefix_cache_mib << 20))
         assert_provider([engine.provider], provider)
     except Exception as exc:
