@@ -46,6 +46,10 @@ class DecodeBatch(Protocol):
         ``logits_on_host=False`` (every row greedy): a batch whose graph computes the argmax may
         leave the logits on the device and return None for them."""
 
+    def device_logits(self) -> "ort.OrtValue | np.ndarray | None":
+        """The last decode step's logits where the model left them ([n, 1, vocab], n ≥ the
+        batch's rows; rows past them are padding), for sampling without a copy to the host."""
+
     def private_kv(self, seq: "Sequence") -> list[np.ndarray]:
         """A prefilling sequence's cached tokens' KV on the host, per past name [kv_heads, T, head_dim]."""
 

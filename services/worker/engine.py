@@ -21,12 +21,14 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnx import TensorProto
 
 from switchyard.model.config import FP16_MODEL_FILE, MODEL_FILE, ModelManifest
 from switchyard.model.folder import graph_kind
 from switchyard.prefix.blocks import BLOCK_SIZE, block_hashes
 
 from .decode_batch import DecodeBatch
+from .device_sampler import DeviceSampler
 from .fused_batch import FusedBatch
 from .plain_batch import PlainBatch
 from .prefix_cache import PrefixCache
@@ -35,6 +37,7 @@ from .sampling import SamplingParams, sample_token
 
 log = logging.getLogger(__name__)
 _NO_RNG = np.random.default_rng(0)  # greedy sampling never draws
+GREEDY = SamplingParams()
 
 
 class EngineError(Exception):
@@ -102,12 +105,17 @@ class Engine:
 
     def __init__(self, model_dir: Path, *, max_sequences: int = 32, threads: int = 0,
                  provider: str = "auto", spin: bool = False, prefix_cache_bytes: int = 0,
-                 precision: str = "auto", cuda_graph: bool = False, profile_prefix: str = "") -> None:
+                 precision: str = "auto", cuda_graph: bool = False, profile_prefix: str = "",
+                 device_sampling: str = "auto") -> None:
         """``precision``: "auto" runs a fused graph's float16 twin (manifest extra["fp16_graph"])
         on CUDA and model.onnx otherwise; "float16" / "float32" pick one (float16 must exist).
         ``cuda_graph``: replay decode steps from captured CUDA graphs (fused graph on CUDA only).
         ``profile_prefix``: ONNX Runtime's profiler on for the model session, its JSON written at
-        ``end_profiling()`` under this prefix (benchmarks: where a step's time goes)."""
+        ``end_profiling()`` under this prefix (benchmarks: where a step's time goes).
+        ``device_sampling``: sample decode steps (temperature, top-k, top-p) with the sampler
+        graph where the logits are, not in numpy on the host: "auto" on CUDA (no [batch, vocab]
+        copy per step), "on", "off" (bench/sampling_bench.py: on the CPU numpy is faster for
+        temperature-only and top-k rows, the graph for top-p)."""
         self.model_dir = Path(model_dir)
         self.manifest = ModelManifest.load(self.model_dir)
         self.config = self.manifest.config
@@ -144,6 +152,12 @@ class Engine:
             FusedBatch(self.session, providers, self.device, n, kv_heads, head_dim,
                        max_rows=max_sequences, max_length=self.context_length, cuda_graph=cuda_graph)
             if self.graph == "fused" else PlainBatch(self.session, self.device, n, kv_heads, head_dim))
+        if device_sampling not in ("auto", "on", "off"):
+            raise EngineError(f"device_sampling must be auto, on or off, got {device_sampling!r}")
+        use_sampler = device_sampling == "on" or (device_sampling == "auto" and self.device == "cuda")
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        self.sampler = DeviceSampler(providers, TensorProto.FLOAT16 if "float16" in logits_type else TensorProto.FLOAT,
+                                     threads=threads) if use_sampler else None
         # KV of finished and prefilled prefixes, named by chained block hashes in the model's
         # namespace (the router computes the same hashes to find the replica holding a prefix).
         self.prefix_cache = PrefixCache(prefix_cache_bytes, BLOCK_SIZE) if prefix_cache_bytes > 0 else None
@@ -319,7 +333,11 @@ class Engine:
         """One batched ONNX Runtime call over every sequence in the batch."""
         t0 = time.perf_counter()
         seqs = [self.sequences[sid] for sid in self.batch.ids]
-        logits, best = self.batch.decode(seqs, logits_on_host=not all(s.params.plain_greedy for s in seqs))
+        sampled = [row for row, s in enumerate(seqs) if not s.params.plain_greedy]
+        # Sampling where the logits are needs no row's history (repetition penalty: host).
+        on_device = bool(sampled) and self.sampler is not None and all(
+            s.params.repetition_penalty == 1.0 for s in seqs)
+        logits, best = self.batch.decode(seqs, logits_on_host=bool(sampled) and not on_device)
         result.decode_s += time.perf_counter() - t0
         result.decode_batch_size = len(seqs)
         result.decode_steps += 1
@@ -330,6 +348,8 @@ class Engine:
         else:
             assert logits is not None
             picked = dict(zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist())) if greedy_rows else {}
+        if on_device:
+            picked.update(self._sample_on_device(seqs, sampled))
         for row, seq in enumerate(seqs):
             token = picked[row] if row in picked else sample_token(
                 logits[row], seq.params, seq.seen, seq.token_rng())
@@ -339,6 +359,20 @@ class Engine:
             seq.max_batch = max(seq.max_batch, len(seqs))
             result.tokens.append((seq.sequence_id, token, False))
         result.sample_s += time.perf_counter() - t_s
+
+    def _sample_on_device(self, seqs: list[Sequence], rows: list[int]) -> dict[int, int]:
+        """The sampled rows' tokens from the sampler graph; each row takes the one uniform
+        draw numpy's choice would (`token_rng().random()`), so it samples what the host would."""
+        assert self.sampler is not None
+        logits = self.batch.device_logits()
+        assert logits is not None
+        padded = int(logits.shape[0] if isinstance(logits, np.ndarray) else logits.shape()[0])
+        params = [s.params for s in seqs] + [GREEDY] * (padded - len(seqs))
+        uniforms = [0.0] * padded
+        for row in rows:
+            uniforms[row] = seqs[row].token_rng().random()
+        tokens = self.sampler.sample(logits, params, uniforms)
+        return {row: int(tokens[row]) for row in rows}
 
     def _sample(self, seq: Sequence, logits: np.ndarray) -> int:
         token = sample_token(logits, seq.params, seq.seen, seq.token_rng())

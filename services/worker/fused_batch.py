@@ -180,6 +180,7 @@ class FusedBatch:
         self.ids: list[str] = []
         self.lengths: list[int] = []  # KV positions held per row
         self._decode_binding: tuple[tuple, ort.IOBinding] | None = None  # (shape key, binding)
+        self._logits: ort.OrtValue | None = None  # the last step's, where the model left them
         # A session created with enable_cuda_graph replays captured graphs for decode; every
         # other run must say it is not one of them (gpu_graph_id -1).
         self.graphs = CudaGraphDecoder(self) if cuda_graph else None
@@ -213,7 +214,11 @@ class FusedBatch:
         binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens, dtype=np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, dtype=np.int32))
         outputs = run_bound(self.session, binding, self._eager)
+        self._logits = outputs[0]
         return (outputs[0].numpy()[:, 0, :] if logits_on_host else None), outputs[1].numpy()
+
+    def device_logits(self) -> ort.OrtValue | None:
+        return self._logits
 
     def prefill_whole(self, seqs: list["Sequence"]) -> tuple[np.ndarray, np.ndarray]:
         """Right-padded to the longest, straight into rows B..B+n-1 of the pool."""
@@ -390,6 +395,7 @@ class CudaGraphDecoder:
             values["seqlens_k"].update_inplace(seqlens)
             self.batch.session.run_with_iobinding(binding, options)
             best = values["next_token"].numpy()[:rows]
+            self.batch._logits = values["logits"]  # [bucket, 1, vocab]: rows past `rows` are dummies
             logits = values["logits"].numpy()[:rows, 0, :] if logits_on_host else None
             return logits, best
         except Exception:  # noqa: BLE001 — any failure: decode eagerly from now on

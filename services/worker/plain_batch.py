@@ -30,6 +30,7 @@ class PlainBatch:
                  head_dim: int) -> None:
         self.session = session
         self.device = device
+        self._logits: np.ndarray | None = None
         self._past_names, self._present_names = past_names(n_layers), present_names(n_layers)
         self._kv_heads, self._head_dim = kv_heads, head_dim
         self.ids: list[str] = []
@@ -99,7 +100,11 @@ class PlainBatch:
         mask = np.concatenate([self._mask, np.ones((len(seqs), 1), dtype=np.int64)], axis=1)
         logits, present = self._run({"input_ids": ids, "attention_mask": mask, "position_ids": positions}, self._kv)
         self._kv, self._mask, self._host = present, mask, None
+        self._logits = logits[:, -1:, :]
         return logits[:, -1, :], None
+
+    def device_logits(self) -> np.ndarray | None:
+        return self._logits  # the plain graph's logits always come to the host
 
     # ---- rows ----------------------------------------------------------------------------
     def row_kv(self, sequence_id: str, n: int) -> list[np.ndarray] | None:

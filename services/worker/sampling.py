@@ -59,7 +59,7 @@ def sample_token(logits: np.ndarray, params: SamplingParams, seen: Collection[in
     probs /= probs.sum()
     if 0.0 < params.top_p < 1.0:
         order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order])
+        cumulative = np.cumsum(probs[order], dtype=np.float64)  # float32 drifts ~1e-5 over a vocabulary
         keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
         mask = np.zeros_like(probs)
         mask[keep] = probs[keep]
