@@ -172,17 +172,18 @@ def test_finished_sequences_leave_the_worker_with_the_next_step(tiny_stack: Loca
 def test_step_stream_runs_requests_in_order_and_a_refused_one_does_not_end_it(tiny_stack: LocalStack,
                                                                                 engine: Engine) -> None:
     """StepStream answers each request in order, even with several queued before the first
-    answer (the batcher's pipeline); a refused request is answered with `refused`, nothing of
-    it runs, and the requests behind it still do."""
+    answer (the batcher's pipeline); a refused newcomer is refused alone (`refused_sequences`)
+    while the rest of its step runs, and the requests behind it still do."""
     w = tiny_stack.workers[0]
     prompt = engine_tokenize(engine, PROMPTS[3])
-    expected = engine.generate(prompt, 4)
+    expected = engine.generate(prompt, 5)
     spec = worker_pb2.SequenceSpec(sequence_id="stream-a", prompt_token_ids=prompt)
     bad = worker_pb2.SequenceSpec(sequence_id="stream-bad", prompt_token_ids=[])
     requests = [
         worker_pb2.StepRequest(add=[spec], prefill=[worker_pb2.PrefillChunk(sequence_id="stream-a")]),
         worker_pb2.StepRequest(decode=True),
-        worker_pb2.StepRequest(decode=True, add=[bad]),  # an empty prompt: refused
+        worker_pb2.StepRequest(decode=True, add=[bad], prefill=[worker_pb2.PrefillChunk(sequence_id="stream-bad"),
+                                                                worker_pb2.PrefillChunk(sequence_id="nobody")]),
         worker_pb2.StepRequest(decode=True, decode_steps=2),
         worker_pb2.StepRequest(remove=["stream-a"]),
     ]
@@ -193,10 +194,12 @@ def test_step_stream_runs_requests_in_order_and_a_refused_one_does_not_end_it(ti
         after = stub.Info(worker_pb2.InfoRequest(), timeout=5, metadata=tiny_stack.worker_metadata(w)).active_sequences
     assert len(responses) == len(requests)
     assert [(t.sequence_id, t.first) for t in responses[0].tokens] == [("stream-a", True)]
-    assert "prompt" in responses[2].refused and not responses[2].tokens
-    assert not any(r.refused for i, r in enumerate(responses) if i != 2)
+    refused = dict(responses[2].refused_sequences)
+    assert set(refused) == {"stream-bad", "nobody"}  # an empty prompt; a chunk for no sequence
+    assert "prompt" in refused["stream-bad"] and "unknown sequence" in refused["nobody"]
+    assert not any(r.refused or (r.refused_sequences and i != 2) for i, r in enumerate(responses))
     got = [t.token_id for r in responses for t in r.tokens if t.sequence_id == "stream-a"]
-    assert got == expected  # 1 (prefill) + 1 + 0 (refused) + 2 tokens, in order
+    assert got == expected  # 1 (prefill) + 1 + 1 (beside the refusals) + 2 tokens, in order
     assert after == before
 
 
@@ -219,6 +222,35 @@ def test_batcher_without_pipelining_gives_the_same_streams(tiny_models_dir: Path
             results = list(pool.map(lambda r: stream(ch, r), reqs))
         for r, (ids, _text, _final) in zip(reqs, results):
             assert ids == direct(engine, r.text, r.max_tokens)
+    finally:
+        stack.stop()
+
+
+def test_refused_newcomers_fail_alone_while_the_pipelined_batch_runs_on(tiny_models_dir: Path, tmp_path: Path,
+                                                                          engine: Engine) -> None:
+    """A worker refusing half of all sequences (planted): each refused request gets its
+    INVALID_ARGUMENT at once, every other one exactly its greedy tokens, none waits for its
+    deadline — with steps pipelined and requests ending at different steps."""
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path, worker_args={TINY: ("--fault-fail-fraction", "0.5")})
+    try:
+        reqs = [request(PROMPTS[i % len(PROMPTS)], max_tokens=2 + i % 9) for i in range(32)]
+
+        def run(r: generate_pb2.GenerateRequest) -> list[int] | grpc.StatusCode:
+            try:
+                return stream(ch, r)[0]
+            except grpc.RpcError as exc:
+                assert "planted fault" in (exc.details() or ""), exc.details()
+                return exc.code()
+        began = time.monotonic()
+        with grpc.insecure_channel(stack.router_address) as ch, ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(run, reqs))
+        assert time.monotonic() - began < 30  # nobody waited for a 60 s deadline
+        refused = [r for r in results if isinstance(r, grpc.StatusCode)]
+        assert refused and len(refused) < len(reqs)
+        assert set(refused) == {grpc.StatusCode.INVALID_ARGUMENT}
+        for r, got in zip(reqs, results):
+            if not isinstance(got, grpc.StatusCode):
+                assert got == direct(engine, r.text, r.max_tokens)
     finally:
         stack.stop()
 

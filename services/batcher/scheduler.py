@@ -67,14 +67,13 @@ class SentStep:
     """A StepStream request awaiting its response, with what it carried."""
 
     chunks: list[worker_pb2.PrefillChunk]
-    adds: list[Active]
     removing: list[str]
     decoding: list[Active]  # the sequences it asked `steps` tokens of
     steps: int
 
 
 class StepRefused(Exception):
-    """The worker refused a step that carried no adds to retry singly."""
+    """The worker refused a whole step (not one sequence of it)."""
 
 
 @dataclass
@@ -281,12 +280,15 @@ class Scheduler:
         no other chunk until that one answers (its tokens left come back with it); it joins
         the decode batch on the worker as soon as its prompt is done."""
         decoding: list[Active] = []
+        single_steps = self.config.decode_steps == 1
         for a in self.active.values():
             if a.prefill_left or a.retiring:
                 continue
-            if a.tokens_in_flight and a.tokens_in_flight >= a.tokens_left(self.info.context_length):
+            if single_steps and a.tokens_in_flight and a.tokens_in_flight >= a.tokens_left(self.info.context_length):
                 # Its last token is already asked for: free it before the next step, so the
                 # worker does not decode it past its end (EOS cannot be foreseen this way).
+                # Only with one decode step per call: a multi-step call may stop short for the
+                # whole batch (a row near the context end), and then the tokens asked differ.
                 a.retiring = True
                 self.to_remove.append(a.request.request_id)
             else:
@@ -308,7 +310,7 @@ class Scheduler:
         steps = self._decode_steps(decoding)
         for a in decoding:
             a.tokens_in_flight += steps
-        self._in_flight.append(SentStep(chunks, adds, removing, decoding, steps))
+        self._in_flight.append(SentStep(chunks, removing, decoding, steps))
         return worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=[_spec(a) for a in adds],
                                       decode_steps=steps, remove=removing)
 
@@ -329,12 +331,12 @@ class Scheduler:
                 chunked.chunk_in_flight = 0
                 if not response.refused:
                     chunked.prefill_left = response.prefill_remaining.get(chunk.sequence_id, 0)
-        if response.refused:
-            self.to_remove = sent.removing + self.to_remove  # sent again (unknown ids are ignored)
-            if not sent.adds:
-                raise StepRefused(response.refused)
-            await self._add_one_by_one(sent.adds)
-            return
+        if response.refused:  # nothing of it ran: the batch's tokens in flight will not come
+            raise StepRefused(response.refused)
+        for rid, why in response.refused_sequences.items():  # a bad newcomer fails alone
+            if rid in self.active:
+                await self._send_error(rid, generate_pb2.ERROR_CODE_INVALID_ARGUMENT, why)
+                await self._remove([rid], defer=True)
         self.stats.steps += 1
         self._last_step_done = time.monotonic()
         batch = response.stats.decode_batch_size
@@ -438,21 +440,6 @@ class Scheduler:
         for a in admitted:
             self.active[a.request.request_id] = a
             self.to_add.append(a)
-        self._update_room()
-
-    async def _add_one_by_one(self, adds: list[Active]) -> None:
-        """A step whose adds were refused: register them singly so only a bad one fails."""
-        for a in adds:
-            if a.request.request_id not in self.active:
-                continue  # cancelled meanwhile
-            spec = _spec(a)
-            try:
-                await self.worker.AddSequences(worker_pb2.AddSequencesRequest(sequences=[spec]))
-            except grpc.aio.AioRpcError as one:
-                if one.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                    raise
-                await self._send_error(a.request.request_id, generate_pb2.ERROR_CODE_INVALID_ARGUMENT, one.details())
-                self.active.pop(a.request.request_id, None)
         self._update_room()
 
     async def _retire_cancelled_and_expired(self) -> None:

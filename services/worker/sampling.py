@@ -43,6 +43,25 @@ def apply_repetition_penalty(logits: np.ndarray, seen: Collection[int], penalty:
     return out
 
 
+NUCLEUS_CANDIDATES = 1024
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Ids of the smallest set of most likely tokens whose mass reaches top_p (ties by id).
+    Sorts only the NUCLEUS_CANDIDATES most likely tokens when the nucleus ends among them (a
+    partition is O(vocab); a full sort of 49k probabilities took ~5 ms a row)."""
+    if probs.shape[-1] > NUCLEUS_CANDIDATES:
+        part = np.argpartition(-probs, NUCLEUS_CANDIDATES)[:NUCLEUS_CANDIDATES]
+        order = part[np.lexsort((part, -probs[part]))]
+        cumulative = np.cumsum(probs[order], dtype=np.float64)  # float32 drifts ~1e-5 over a vocabulary
+        end = int(np.searchsorted(cumulative, top_p))
+        if end < NUCLEUS_CANDIDATES - 1:
+            return order[:end + 1]
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order], dtype=np.float64)
+    return order[:int(np.searchsorted(cumulative, top_p)) + 1]
+
+
 def sample_token(logits: np.ndarray, params: SamplingParams, seen: Collection[int],
                  rng: np.random.Generator) -> int:
     """Pick the next token from one row of logits."""
@@ -58,9 +77,7 @@ def sample_token(logits: np.ndarray, params: SamplingParams, seen: Collection[in
     probs = np.exp(scaled)
     probs /= probs.sum()
     if 0.0 < params.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        cumulative = np.cumsum(probs[order], dtype=np.float64)  # float32 drifts ~1e-5 over a vocabulary
-        keep = order[: int(np.searchsorted(cumulative, params.top_p)) + 1]
+        keep = nucleus(probs, params.top_p)
         mask = np.zeros_like(probs)
         mask[keep] = probs[keep]
         probs = mask / mask.sum()

@@ -137,11 +137,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return worker_pb2.AddSequencesResponse(active_sequences=active)
 
-    async def _run_step(self, request: worker_pb2.StepRequest) -> worker_pb2.StepResponse:
-        """One iteration for either Step or StepStream; EngineError when refused."""
+    async def _run_step(self, request: worker_pb2.StepRequest, singly: bool = False) -> worker_pb2.StepResponse:
+        """One iteration. Unary Step (``singly`` False): all or none, EngineError when an add or
+        chunk is refused. StepStream (``singly``): refused adds and chunks are answered per
+        sequence in ``refused_sequences`` and the rest of the step runs, so a bad newcomer never
+        costs the batch a step (nor the batcher a round trip per newcomer)."""
         chunks = [(c.sequence_id, c.max_tokens) for c in request.prefill]
         e = self._engine
         removed: list[Any] = []
+        refused: dict[str, str] = {}
 
         def step() -> Any:
             # Finished sequences leave first: their rows are free before anything joins.
@@ -149,13 +153,23 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             # Atomic for its adds: refused adds leave none behind, and prefill chunks are checked
             # before anything runs (else the adds are undone), so the batcher's one-by-one retry
             # never finds a sequence "already exists".
-            self._add(request.add)
-            unknown = [sid for sid, _ in chunks if sid not in e.sequences]
-            if unknown:
+            try:
+                self._add(request.add)
+            except EngineError:
+                if not singly:
+                    raise
+                for spec in request.add:
+                    try:
+                        self._add([spec])
+                    except EngineError as one:
+                        refused[spec.sequence_id] = str(one)
+            unknown = [sid for sid, _ in chunks if sid not in e.sequences and sid not in refused]
+            if unknown and not singly:
                 for spec in request.add:
                     e.sequences.pop(spec.sequence_id, None)
                 raise EngineError(f"unknown sequence {unknown[0]!r} in prefill")
-            return e.step(chunks, request.decode, max(request.decode_steps, 1))
+            refused.update((sid, f"unknown sequence {sid!r} in prefill") for sid in unknown)
+            return e.step([c for c in chunks if c[0] not in refused], request.decode, max(request.decode_steps, 1))
         try:
             result = await self._call(step)
         finally:
@@ -165,7 +179,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         record_step(e.manifest.name, result.prefill_s, result.decode_s, result.decode_batch_size, e.kv_tokens,
                     len(e.sequences), e.max_sequences * e.context_length)
         record_prefix_cache(e.manifest.name, e.prefix_cache)
-        return step_response_to_proto(result)
+        response = step_response_to_proto(result)
+        response.refused_sequences.update(refused)
+        return response
 
     @_needs_engine
     async def Step(self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StepResponse:
@@ -177,13 +193,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def StepStream(self, requests: AsyncIterator[worker_pb2.StepRequest],
                          context: grpc.aio.ServicerContext) -> AsyncIterator[worker_pb2.StepResponse]:
-        """Requests run strictly in arrival order; a refused one is answered with `refused`
-        and the stream goes on, so requests already queued behind it are not lost."""
+        """Requests run strictly in arrival order, each answered in turn; a refused newcomer is
+        refused alone (``refused_sequences``) and the stream goes on."""
         if self.engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is not loaded")
         async for request in requests:
             try:
-                yield await self._run_step(request)
+                yield await self._run_step(request, singly=True)
             except EngineError as exc:
                 yield worker_pb2.StepResponse(refused=str(exc))
 
