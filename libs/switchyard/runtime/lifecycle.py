@@ -34,6 +34,7 @@ import time  # noqa: E402
 from abc import ABC, abstractmethod  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
 if TYPE_CHECKING:
@@ -237,7 +238,7 @@ class LocalFleetBackend(FleetBackend):
         with self._lock:
             if rec.info.state != STARTING:
                 return
-            rec.info.state, rec.info.ready_at = READY, time.monotonic()
+            rec.info.state, rec.info.ready_at = READY, _written_at(rec.batcher.port_file, rec.info.started_at)
             assert rec.batcher is not None
             self.stack.workers.append(rec.worker)  # now supervised like the stack's own replicas
             self.stack.batchers.append(rec.batcher)
@@ -273,3 +274,14 @@ def _log_tail(rec: _LocalReplica, lines: int = 3) -> str:
                 return ""
             return " — " + " | ".join(tail)
     return ""
+
+
+def _written_at(port_file: Path | None, not_before: float) -> float:
+    """When the batcher wrote its port file (it serves from then on), on the monotonic clock:
+    noticing it takes up to a poll interval, and a tiny model answers a first request faster."""
+    now = time.monotonic()
+    try:
+        age = max(time.time() - port_file.stat().st_mtime, 0.0) if port_file is not None else 0.0
+    except OSError:
+        age = 0.0
+    return max(now - age, not_before)
