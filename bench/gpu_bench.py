@@ -8,10 +8,13 @@ engine's internals change:
   engine's, token for token, per model variant (int4 and fp32 by default);
 - decode: aggregate tokens/s and step time at batch 1/16/64/256 (same-length prompts, all
   prefilled first, then timed decode steps);
+- sampled decode: top-p 0.9 / temperature 0.8 at batch 1/16/256, sampled by the sampler graph
+  where the logits are (the worker's default on CUDA) vs numpy on the host;
 - TTFT: one prompt of 128 and of 1,024 tokens, from `add` to its first token (prefill);
 - the whole stack (LocalStack: router → NATS → batcher → worker on `--provider`) at 64 and 256
   concurrent gRPC streams: tokens/s, TTFT p50/p99, errors — next to the engine's own rate at
-  that batch size;
+  that batch size — with the batcher's steps pipelined (depth 2, the default) and, at 256
+  streams, one step at a time (depth 1) for comparison;
 - GPU memory (nvidia-smi: the device and this process), process RSS, machine and versions.
 
 On the GPU machine (through ../shared/gpu's kit, a few minutes; `--profile` adds ORT's node
@@ -218,12 +221,14 @@ def correctness(engine: Any, reference: Any, prompts: list[list[int]], max_token
     }
 
 
-def decode_rate(engine: Any, batch: int, prompt_tokens: int, steps: int, rng: np.random.Generator) -> dict[str, Any]:
-    """`batch` sequences prefilled, then `steps` timed decode steps (warm-up steps excluded)."""
+def decode_rate(engine: Any, batch: int, prompt_tokens: int, steps: int, rng: np.random.Generator,
+                params: Any = None) -> dict[str, Any]:
+    """`batch` sequences prefilled, then `steps` timed decode steps (warm-up steps excluded);
+    greedy unless `params` (SamplingParams) says otherwise."""
     from services.worker.sampling import SamplingParams
     ids = [f"bench-dec-{i}" for i in range(batch)]
-    for sid in ids:
-        engine.add(sid, random_prompt(rng, engine.config.vocab_size, prompt_tokens), SamplingParams(), 0)
+    for i, sid in enumerate(ids):
+        engine.add(sid, random_prompt(rng, engine.config.vocab_size, prompt_tokens), params or SamplingParams(), i)
     try:
         t0 = time.perf_counter()
         first = engine.step([(sid, 0) for sid in ids], decode=False)
@@ -244,6 +249,30 @@ def decode_rate(engine: Any, batch: int, prompt_tokens: int, steps: int, rng: np
             "tokens_per_s_at_p50_step": batch / pct(times, 50),  # steadier on a shared machine
             "step_ms_p50": 1000 * pct(times, 50), "step_ms_p90": 1000 * pct(times, 90),
             "prefill_s": prefill_s}
+
+
+def sampled_decode(engine: Any, batches: list[int], prompt_tokens: int, steps: int,
+                   rng: np.random.Generator) -> list[dict[str, Any]]:
+    """Decode with top-p 0.9 / temperature 0.8 sampling: the sampler graph where the logits are
+    (the worker's default on CUDA) vs numpy on the host (logits copied back every step)."""
+    from services.worker.device_sampler import DeviceSampler
+    from services.worker.providers import choose_providers
+    from services.worker.sampling import SamplingParams
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    device = engine.sampler or DeviceSampler(choose_providers("cuda" if engine.device == "cuda" else "cpu"))
+    rows = []
+    try:
+        for batch in batches:
+            row: dict[str, Any] = {"batch": batch}
+            for mode, sampler in (("device", device), ("host", None)):
+                engine.sampler = sampler
+                r = decode_rate(engine, batch, prompt_tokens, steps, rng, params)
+                row[f"{mode}_step_ms_p50"], row[f"{mode}_tokens_per_s"] = r["step_ms_p50"], r["tokens_per_s"]
+            row["device_over_host_tokens_per_s"] = row["device_tokens_per_s"] / row["host_tokens_per_s"]
+            rows.append(row)
+    finally:
+        engine.sampler = device if engine.device == "cuda" else None  # as the engine chose ("auto")
+    return rows
 
 
 def ttft(engine: Any, prompt_tokens: int, rng: np.random.Generator, repeats: int = 3) -> dict[str, Any]:
@@ -308,8 +337,9 @@ async def drive_stack(address: str, metadata: tuple, model: str, streams: int, p
 
 
 def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: int, max_tokens: int,
-                replicas: int, vocab: int) -> dict[str, Any]:
-    """The whole stack (router → NATS → batcher → worker on `provider`), one model folder."""
+                replicas: int, vocab: int, pipeline_depth: int = 2) -> dict[str, Any]:
+    """The whole stack (router → NATS → batcher → worker on `provider`), one model folder, the
+    batcher keeping `pipeline_depth` worker steps in flight."""
     from switchyard.runtime.stack import LocalStack, StackSpec
     log_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-logs-"))
     name = folder.name
@@ -318,15 +348,16 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
     budget = max(streams) * (prompt_tokens + max_tokens)
     spec = StackSpec(models_dir=folder.parent, replicas={name: replicas}, max_batch_size=max(streams),
                      worker_args={name: ("--provider", provider)}, log_dir=log_dir,
-                     batcher_args=("--token-budget", str(max(budget, 16384))))
+                     batcher_args=("--token-budget", str(max(budget, 16384)),
+                                   "--pipeline-depth", str(pipeline_depth)))
     out: dict[str, Any] = {"model": name, "replicas": replicas, "provider": provider, "log_dir": str(log_dir),
-                           "runs": []}
+                           "pipeline_depth": pipeline_depth, "runs": []}
     with LocalStack(spec) as stack:
         asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, 2, prompt_tokens, 4, vocab))
         for n in streams:
             run = asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, n, prompt_tokens,
                                           max_tokens, vocab))
-            print(f"   stack {n} streams: {run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, "
+            print(f"   stack (depth {pipeline_depth}) {n} streams: {run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, "
                   f"errors {run['errors']}", flush=True)
             out["runs"].append(run)
     return out
@@ -345,6 +376,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads of the in-process engines")
     ap.add_argument("--profile", action="store_true", help="also profile decode steps with ORT's profiler "
                     "(nodes per run by provider, Memcpy nodes, top operators) at batch 1 and the largest batch")
+    ap.add_argument("--stack-depths", default="2,1", help="batcher pipeline depths to run the stack at: the "
+                    "first is reported as `stack`, the rest under `stack_other_depths` (largest stream count only)")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="on CUDA, also measure decode replayed from captured CUDA graphs (Engine cuda_graph=True)")
     args = ap.parse_args()
@@ -360,7 +393,8 @@ def main() -> int:
         "schema": 1, "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": args.quick, "config": cfg,
         "requested_provider": args.provider, "variants": variants, "machine": machine(), "errors": [],
-        "section_s": {}, "correctness": {}, "decode": {}, "ttft": {}, "stack": None, "gpu_memory": {},
+        "section_s": {}, "correctness": {}, "decode": {}, "sampled_decode": {}, "ttft": {}, "stack": None,
+        "stack_other_depths": [], "gpu_memory": {},
     }
     t_all = time.perf_counter()
     try:
@@ -398,6 +432,13 @@ def main() -> int:
                 rows.append(row)
                 print(f"   batch {batch:4d}: {row['tokens_per_s']:9.1f} tok/s, {row['step_ms_p50']:.2f} ms/step",
                       flush=True)
+        with section(report, f"{variant}: sampled decode"):
+            batches = sorted({1, 16 if not args.quick else 2, max(cfg["batches"])})
+            rows = sampled_decode(engine, batches, cfg["prompt_tokens"], cfg["decode_steps"], rng)
+            report["sampled_decode"][variant] = rows
+            for row in rows:
+                print(f"   top-p, batch {row['batch']:4d}: device {row['device_step_ms_p50']:.2f} ms/step, "
+                      f"host {row['host_step_ms_p50']:.2f} ms/step", flush=True)
         if provider == "cuda" and args.cuda_graph:
             with section(report, f"{variant}: decode with CUDA graphs"):
                 graphed = Engine(folder, provider=provider, max_sequences=max_seq, threads=args.threads,
@@ -437,17 +478,24 @@ def main() -> int:
             folder = model_folder(args.models_dir, stack_variant)
             from switchyard.model.config import ModelManifest
             vocab = ModelManifest.load(folder).config.vocab_size
+            depths = [int(d) for d in args.stack_depths.split(",") if d]
             report["stack"] = bench_stack(folder, provider, cfg["streams"], cfg["prompt_tokens"],
-                                          cfg["stream_tokens"], args.replicas, vocab)
+                                          cfg["stream_tokens"], args.replicas, vocab, depths[0])
+            for depth in depths[1:]:
+                report["stack_other_depths"].append(bench_stack(
+                    folder, provider, [max(cfg["streams"])], cfg["prompt_tokens"], cfg["stream_tokens"],
+                    args.replicas, vocab, depth))
             engine_rates = {r["batch"]: r["tokens_per_s"] for r in report["decode"].get(stack_variant, [])}
-            for run in report["stack"]["runs"]:
-                base = engine_rates.get(run["streams"])
-                run["engine_tokens_per_s_same_batch"] = base
-                run["stack_over_engine"] = run["tokens_per_s"] / base if base else None
+            for stack_run in [report["stack"], *report["stack_other_depths"]]:
+                for run in stack_run["runs"]:
+                    base = engine_rates.get(run["streams"])
+                    run["engine_tokens_per_s_same_batch"] = base
+                    run["stack_over_engine"] = run["tokens_per_s"] / base if base else None
             report["gpu_memory"]["device_after_stack"] = gpu_memory()
     report["elapsed_s"] = round(time.perf_counter() - t_all, 1)
     stack_ok = args.skip_stack or (report["stack"] is not None and all(
-        run["errors"] == 0 and run["tokens"] == run["expected_tokens"] for run in report["stack"]["runs"]))
+        run["errors"] == 0 and run["tokens"] == run["expected_tokens"]
+        for stack_run in [report["stack"], *report["stack_other_depths"]] for run in stack_run["runs"]))
     report["passed"] = not report["errors"] and all(c["equal"] for c in report["correctness"].values()) \
         and len(report["correctness"]) == len(variants) and stack_ok
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,13 @@
-"""Stack overhead: the tiny model through router → NATS → batcher → worker vs the same model
-called in-process, measured in one run.
+"""Stack overhead: the tiny model (or `--model`, a real one) through router → NATS → batcher
+→ worker vs the same model called in-process, measured in one run.
 
 Reports added time to first token (p50/p99) at concurrency 1 and 32, and the tokens/s the
-stack carries at concurrency 32 next to the in-process engine's own rate.
+stack carries next to the in-process engine's own rate; with several `--pipeline-depth`
+values, one stack per depth, side by side.
 
-    .venv/bin/python bench/stack_overhead.py [--requests 200] [--max-tokens 64]
+    .venv/bin/python bench/stack_overhead.py [--requests 200] [--max-tokens 64] [--pipeline-depth 1 2]
+    .venv/bin/python bench/stack_overhead.py --model models/smollm2-135m-instruct-int4 \
+        --concurrency 1 8 --requests 16 --pipeline-depth 1 2
 """
 
 from __future__ import annotations
@@ -63,14 +66,14 @@ def inprocess(engine: Engine, prompt: list[int], concurrency: int, rounds: int, 
 
 
 async def through_stack(address: str, prompt: str, concurrency: int, requests: int, max_tokens: int,
-                        progress: Progress, label: str) -> tuple[list[float], float]:
+                        progress: Progress, label: str, model: str = MODEL) -> tuple[list[float], float]:
     task = progress.add_task(label, total=requests)
     ttfts: list[float] = []
     tokens = 0
     per_worker = requests // concurrency
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
-        req = generate_pb2.GenerateRequest(model=MODEL, text=prompt, max_tokens=max_tokens,
+        req = generate_pb2.GenerateRequest(model=model, text=prompt, max_tokens=max_tokens,
                                            stop=generate_pb2.StopConditions(ignore_eos=True))
 
         async def client() -> None:
@@ -100,28 +103,32 @@ def main() -> None:
                         help="batcher decode steps per worker call at batch ≥ 8 (multi-step decode)")
     parser.add_argument("--pipeline-depth", type=int, nargs="+", default=[2],
                         help="batcher steps in flight; several values run one stack each, side by side")
+    parser.add_argument("--model", type=Path, help="a model folder to serve instead of the tiny model")
     args = parser.parse_args()
-    models = Path(tempfile.mkdtemp(prefix="bench-models-"))
-    build_tiny_model(models, name=MODEL)
+    if args.model:
+        models, model = args.model.resolve().parent, args.model.name
+    else:
+        models, model = Path(tempfile.mkdtemp(prefix="bench-models-")), MODEL
+        build_tiny_model(models, name=MODEL)
     prompt = "serving large language models at scale " * 4
-    engine = Engine(models / MODEL, max_sequences=64, threads=1)
-    prompt_ids = engine_prompt(models, prompt)
+    engine = Engine(models / model, max_sequences=64, threads=1)
+    prompt_ids = engine_prompt(models / model, prompt)
     rows = []
     base: dict[int, tuple[list[float], float]] = {}
     inprocess(engine, prompt_ids, 1, 3, 4)  # warm-up
     for c in args.concurrency:
         base[c] = inprocess(engine, prompt_ids, c, max(args.requests // c, 1), args.max_tokens)
     for depth in args.pipeline_depth:
-        spec = StackSpec(models_dir=models, replicas={MODEL: 1}, max_batch_size=64, worker_threads=1,
+        spec = StackSpec(models_dir=models, replicas={model: 1}, max_batch_size=64, worker_threads=1,
                          log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-")),
                          batcher_args=("--decode-steps", str(args.decode_steps), "--pipeline-depth", str(depth)))
         with LocalStack(spec) as stack, Progress(console=console, transient=True) as progress:
-            asyncio.run(through_stack(stack.router_address, prompt, 1, 5, 4, progress, "warm-up"))
+            asyncio.run(through_stack(stack.router_address, prompt, 1, 5, 4, progress, "warm-up", model))
             for c in args.concurrency:
                 ttft, tps = asyncio.run(through_stack(stack.router_address, prompt, c, args.requests,
-                                                      args.max_tokens, progress, f"depth {depth} c={c}"))
+                                                      args.max_tokens, progress, f"depth {depth} c={c}", model))
                 rows.append((depth, c, *base[c][:1], ttft, base[c][1], tps))
-    table = Table(title=f"Stack overhead, tiny model, {args.max_tokens} tokens/request, decode steps "
+    table = Table(title=f"Stack overhead, {model}, {args.max_tokens} tokens/request, decode steps "
                         f"{args.decode_steps} ({platform.node()}, {os.cpu_count()} cores)")
     for col in ("pipeline depth", "concurrency", "in-process TTFT p50/p99 ms", "stack TTFT p50/p99 ms",
                 "added TTFT p50 ms", "added TTFT p99 ms", "in-process tok/s", "stack tok/s", "stack/in-process",
@@ -137,9 +144,9 @@ def main() -> None:
     console.print(table)
 
 
-def engine_prompt(models: Path, prompt: str) -> list[int]:
+def engine_prompt(folder: Path, prompt: str) -> list[int]:
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(models / MODEL / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from onnx import TensorProto
 
 from services.worker.device_sampler import DeviceSampler
 from services.worker.engine import Engine
-from services.worker.sampling import SamplingParams, sample_token
+from services.worker.sampling import NUCLEUS_CANDIDATES, SamplingParams, nucleus, sample_token
 
 from conftest import TINY
 
@@ -115,3 +115,23 @@ def test_engine_sampling_on_the_device_generates_what_the_host_does(tiny_graph_m
     # a penalty needs each row's history: that batch samples on the host, same tokens
     penalized = (SamplingParams(temperature=0.9, repetition_penalty=1.3), 3)
     assert on.generate(prompts[0], 16, *penalized) == off.generate(prompts[0], 16, *penalized)
+
+
+@pytest.mark.unit
+def test_host_nucleus_from_candidates_equals_the_full_sort() -> None:
+    """sampling.nucleus sorts the 1,024 most likely tokens when the nucleus ends among them and
+    the whole vocabulary otherwise: the same ids, in the same order, either way."""
+    rng = np.random.default_rng(5)
+    wide = narrow = 0
+    for scale in (0.3, 1.0, 3.0, 5.0, 8.0):
+        for top_p in (0.1, 0.5, 0.9, 0.99):
+            x = rng.standard_normal(VOCAB) * scale
+            probs = np.exp(x - x.max()).astype(np.float32)
+            probs /= probs.sum()
+            order = np.argsort(-probs, kind="stable")
+            want = order[:int(np.searchsorted(np.cumsum(probs[order], dtype=np.float64), top_p)) + 1]
+            got = nucleus(probs, top_p)
+            assert np.array_equal(got, want), (scale, top_p)
+            wide += len(want) >= NUCLEUS_CANDIDATES
+            narrow += len(want) < NUCLEUS_CANDIDATES
+    assert wide and narrow  # both paths ran

@@ -67,6 +67,17 @@ def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tm
         engine_rate = {row["batch"]: row["tokens_per_s"] for row in decode}[run["streams"]]
         assert run["stack_over_engine"] == pytest.approx(run["tokens_per_s"] / engine_rate)
 
+    assert stack["pipeline_depth"] == 2
+    [unpipelined] = r["stack_other_depths"]  # one step at a time, at the largest stream count
+    assert unpipelined["pipeline_depth"] == 1 and [run["streams"] for run in unpipelined["runs"]] == [max(cfg["streams"])]
+    assert unpipelined["runs"][0]["tokens"] == unpipelined["runs"][0]["expected_tokens"]
+
+    sampled = r["sampled_decode"]["int4"]
+    assert [row["batch"] for row in sampled] == sorted({1, 2, max(cfg["batches"])})
+    for row in sampled:
+        assert row["device_step_ms_p50"] > 0 and row["host_step_ms_p50"] > 0
+        assert row["device_over_host_tokens_per_s"] == pytest.approx(row["device_tokens_per_s"] / row["host_tokens_per_s"])
+
     memory = r["gpu_memory"]
     assert set(memory) == {"int4_after_load", "int4_after_runs", "device_after_stack"}
     for m in memory.values():  # no GPU here: said so, not a made-up zero
