@@ -69,7 +69,7 @@ def test_sampler_graph_draws_what_numpy_draws(candidates: int) -> None:
             u = np.random.default_rng(seeds[row]).random()
             assert margin < 1e-4 or np.min(np.abs(cdf - u)) < 1e-6, \
                 f"row {row} of trial {trial} ({params[row]}): graph {got[row]}, numpy {want}"
-    assert rows == 192 and agreed >= 188
+    assert rows == 192 and agreed >= 188, agreed
     if candidates == 64:
         assert sampler.full_vocab_runs > 0  # wide nuclei at scale 0.5 went round again, exactly
 
