@@ -14,7 +14,7 @@ engine's internals change:
 - the whole stack (LocalStack: router → NATS → batcher → worker on `--provider`) at 64 and 256
   concurrent gRPC streams: tokens/s, TTFT p50/p99, errors — next to the engine's own rate at
   that batch size — with the batcher's steps pipelined (depth 2, the default) and, at 256
-  streams, one step at a time (depth 1) for comparison;
+  streams, one step at a time (depth 1) and four decode steps per call for comparison;
 - GPU memory (nvidia-smi: the device and this process), process RSS, machine and versions.
 
 On the GPU machine (through ../shared/gpu's kit, a few minutes; `--profile` adds ORT's node
@@ -337,9 +337,9 @@ async def drive_stack(address: str, metadata: tuple, model: str, streams: int, p
 
 
 def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: int, max_tokens: int,
-                replicas: int, vocab: int, pipeline_depth: int = 2) -> dict[str, Any]:
+                replicas: int, vocab: int, pipeline_depth: int = 2, decode_steps: int = 1) -> dict[str, Any]:
     """The whole stack (router → NATS → batcher → worker on `provider`), one model folder, the
-    batcher keeping `pipeline_depth` worker steps in flight."""
+    batcher keeping `pipeline_depth` worker steps in flight, `decode_steps` per call."""
     from switchyard.runtime.stack import LocalStack, StackSpec
     log_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-logs-"))
     name = folder.name
@@ -349,15 +349,15 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
     spec = StackSpec(models_dir=folder.parent, replicas={name: replicas}, max_batch_size=max(streams),
                      worker_args={name: ("--provider", provider)}, log_dir=log_dir,
                      batcher_args=("--token-budget", str(max(budget, 16384)),
-                                   "--pipeline-depth", str(pipeline_depth)))
+                                   "--pipeline-depth", str(pipeline_depth), "--decode-steps", str(decode_steps)))
     out: dict[str, Any] = {"model": name, "replicas": replicas, "provider": provider, "log_dir": str(log_dir),
-                           "pipeline_depth": pipeline_depth, "runs": []}
+                           "pipeline_depth": pipeline_depth, "decode_steps": decode_steps, "runs": []}
     with LocalStack(spec) as stack:
         asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, 2, prompt_tokens, 4, vocab))
         for n in streams:
             run = asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, n, prompt_tokens,
                                           max_tokens, vocab))
-            print(f"   stack (depth {pipeline_depth}) {n} streams: {run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, "
+            print(f"   stack (depth {pipeline_depth}, {decode_steps} steps/call) {n} streams: {run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, "
                   f"errors {run['errors']}", flush=True)
             out["runs"].append(run)
     return out
@@ -376,8 +376,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads of the in-process engines")
     ap.add_argument("--profile", action="store_true", help="also profile decode steps with ORT's profiler "
                     "(nodes per run by provider, Memcpy nodes, top operators) at batch 1 and the largest batch")
-    ap.add_argument("--stack-depths", default="2,1", help="batcher pipeline depths to run the stack at: the "
-                    "first is reported as `stack`, the rest under `stack_other_depths` (largest stream count only)")
+    ap.add_argument("--stack-configs", default="2/1,1/1,2/4", help="batcher settings to run the stack with, as "
+                    "pipeline-depth/decode-steps: the first is reported as `stack` (every stream count), the rest "
+                    "under `stack_other_configs` (the largest stream count only)")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="on CUDA, also measure decode replayed from captured CUDA graphs (Engine cuda_graph=True)")
     args = ap.parse_args()
@@ -394,7 +395,7 @@ def main() -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "quick": args.quick, "config": cfg,
         "requested_provider": args.provider, "variants": variants, "machine": machine(), "errors": [],
         "section_s": {}, "correctness": {}, "decode": {}, "sampled_decode": {}, "ttft": {}, "stack": None,
-        "stack_other_depths": [], "gpu_memory": {},
+        "stack_other_configs": [], "gpu_memory": {},
     }
     t_all = time.perf_counter()
     try:
@@ -478,15 +479,15 @@ def main() -> int:
             folder = model_folder(args.models_dir, stack_variant)
             from switchyard.model.config import ModelManifest
             vocab = ModelManifest.load(folder).config.vocab_size
-            depths = [int(d) for d in args.stack_depths.split(",") if d]
+            configs = [tuple(int(v) for v in c.split("/")) for c in args.stack_configs.split(",") if c]
             report["stack"] = bench_stack(folder, provider, cfg["streams"], cfg["prompt_tokens"],
-                                          cfg["stream_tokens"], args.replicas, vocab, depths[0])
-            for depth in depths[1:]:
-                report["stack_other_depths"].append(bench_stack(
+                                          cfg["stream_tokens"], args.replicas, vocab, *configs[0])
+            for config in configs[1:]:
+                report["stack_other_configs"].append(bench_stack(
                     folder, provider, [max(cfg["streams"])], cfg["prompt_tokens"], cfg["stream_tokens"],
-                    args.replicas, vocab, depth))
+                    args.replicas, vocab, *config))
             engine_rates = {r["batch"]: r["tokens_per_s"] for r in report["decode"].get(stack_variant, [])}
-            for stack_run in [report["stack"], *report["stack_other_depths"]]:
+            for stack_run in [report["stack"], *report["stack_other_configs"]]:
                 for run in stack_run["runs"]:
                     base = engine_rates.get(run["streams"])
                     run["engine_tokens_per_s_same_batch"] = base
@@ -495,7 +496,7 @@ def main() -> int:
     report["elapsed_s"] = round(time.perf_counter() - t_all, 1)
     stack_ok = args.skip_stack or (report["stack"] is not None and all(
         run["errors"] == 0 and run["tokens"] == run["expected_tokens"]
-        for stack_run in [report["stack"], *report["stack_other_depths"]] for run in stack_run["runs"]))
+        for stack_run in [report["stack"], *report["stack_other_configs"]] for run in stack_run["runs"]))
     report["passed"] = not report["errors"] and all(c["equal"] for c in report["correctness"].values()) \
         and len(report["correctness"]) == len(variants) and stack_ok
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -67,10 +67,12 @@ def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tm
         engine_rate = {row["batch"]: row["tokens_per_s"] for row in decode}[run["streams"]]
         assert run["stack_over_engine"] == pytest.approx(run["tokens_per_s"] / engine_rate)
 
-    assert stack["pipeline_depth"] == 2
-    [unpipelined] = r["stack_other_depths"]  # one step at a time, at the largest stream count
-    assert unpipelined["pipeline_depth"] == 1 and [run["streams"] for run in unpipelined["runs"]] == [max(cfg["streams"])]
-    assert unpipelined["runs"][0]["tokens"] == unpipelined["runs"][0]["expected_tokens"]
+    assert (stack["pipeline_depth"], stack["decode_steps"]) == (2, 1)
+    others = r["stack_other_configs"]  # at the largest stream count: one step at a time, 4 steps per call
+    assert [(o["pipeline_depth"], o["decode_steps"]) for o in others] == [(1, 1), (2, 4)]
+    for other in others:
+        assert [run["streams"] for run in other["runs"]] == [max(cfg["streams"])]
+        assert other["runs"][0]["tokens"] == other["runs"][0]["expected_tokens"]
 
     sampled = r["sampled_decode"]["int4"]
     assert [row["batch"] for row in sampled] == sorted({1, 2, max(cfg["batches"])})
