@@ -11,6 +11,8 @@ engine's internals change:
 - sampled decode: top-p 0.9 / temperature 0.8 at batch 1/16/256, sampled by the sampler graph
   where the logits are (the worker's default on CUDA) vs numpy on the host;
 - TTFT: one prompt of 128 and of 1,024 tokens, from `add` to its first token (prefill);
+- prefix cache hit: TTFT of the 1,024-token prompt when all but its last block is cached, the
+  cache's blocks on the host vs on the device (the worker's default on CUDA);
 - the whole stack (LocalStack: router → NATS → batcher → worker on `--provider`) at 64 and 256
   concurrent gRPC streams: tokens/s, TTFT p50/p99, errors — next to the engine's own rate at
   that batch size — with the batcher's steps pipelined (depth 2, the default) and, at 256
@@ -275,6 +277,39 @@ def sampled_decode(engine: Any, batches: list[int], prompt_tokens: int, steps: i
     return rows
 
 
+def prefix_hit(folder: Path, provider: str, threads: int, prompt_tokens: int,
+               rng: np.random.Generator, repeats: int = 3) -> dict[str, Any]:
+    """TTFT of a prompt whose leading blocks the prefix cache holds (all but its last block),
+    with the cache's blocks on the host (numpy) vs on the device (cut from and placed into the
+    KV pool there, the worker's default on CUDA), next to the same prompt uncached."""
+    from services.worker.engine import Engine
+    from services.worker.sampling import SamplingParams
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens}
+    prompt: list[int] | None = None
+    for mode in ("host", "device"):
+        engine = Engine(folder, provider=provider, threads=threads, max_sequences=4, prefix_cache_bytes=1 << 30,
+                        device_prefix_cache="on" if mode == "device" else "off")
+        prompt = prompt or random_prompt(rng, engine.config.vocab_size, min(prompt_tokens, engine.context_length - 8))
+        t0 = time.perf_counter()
+        first = engine.generate(prompt, 2)  # stores the prompt's blocks
+        cold_s = time.perf_counter() - t0
+        times, cached = [], 0
+        for r in range(repeats):
+            sid = f"bench-hit-{r}"
+            t = time.perf_counter()
+            engine.add(sid, prompt, SamplingParams(), 0)
+            result = engine.step([(sid, 0)], decode=False)
+            times.append(time.perf_counter() - t)
+            cached = result.cached_prompt_tokens.get(sid, 0)
+            assert [tok for _, tok, _ in result.tokens] == first[:1], "a cache hit changed the first token"
+            engine.remove([sid])
+        out[mode] = {"uncached_prefill_and_store_ms": 1000 * cold_s, "hit_ttft_ms_p50": 1000 * pct(times, 50),
+                     "hit_ttft_ms_min": 1000 * min(times), "cached_prompt_tokens": cached}
+        del engine
+    out["device_over_host_ttft"] = out["device"]["hit_ttft_ms_p50"] / out["host"]["hit_ttft_ms_p50"]
+    return out
+
+
 def ttft(engine: Any, prompt_tokens: int, rng: np.random.Generator, repeats: int = 3) -> dict[str, Any]:
     """From add to the first token of one prompt (whole-prompt prefill), best and median of `repeats`."""
     from services.worker.sampling import SamplingParams
@@ -464,6 +499,13 @@ def main() -> int:
                 row = ttft(engine, n, rng)
                 rows.append(row)
                 print(f"   {n:5d}-token prompt: TTFT {row['ttft_ms_p50']:.1f} ms", flush=True)
+        if variant == variants[0]:
+            with section(report, f"{variant}: prefix cache hit"):
+                hit = prefix_hit(folder, provider, args.threads, max(cfg["ttft_prompts"]), rng)
+                report["prefix_hit"] = {variant: hit}
+                print(f"   cached {hit['device']['cached_prompt_tokens']}-token prefix: TTFT host blocks "
+                      f"{hit['host']['hit_ttft_ms_p50']:.1f} ms, device blocks {hit['device']['hit_ttft_ms_p50']:.1f} ms",
+                      flush=True)
         if args.profile:
             with section(report, f"{variant}: profile"):
                 batches = sorted({1, max(cfg["batches"])})

@@ -103,9 +103,19 @@ def check_reuse(engine: Engine, system: list[int], questions: list[list[int]], n
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_graph_models_dir: Path) -> Engine:
-    return Engine(tiny_graph_models_dir / TINY, max_sequences=16, prefix_cache_bytes=64 * MIB)
+# Blocks on the host (numpy), or cut from and placed into the KV pool as device tensors (the
+# default on CUDA; here on the CPU provider, the same graphs): a fused-graph engine runs both.
+BLOCKS = ["host", "device"]
+
+
+@pytest.fixture(scope="module", params=BLOCKS)
+def tiny(tiny_graph_models_dir: Path, request: pytest.FixtureRequest) -> Engine:
+    engine = Engine(tiny_graph_models_dir / TINY, max_sequences=16, prefix_cache_bytes=64 * MIB,
+                    device_prefix_cache="on" if request.param == "device" else "off")
+    if request.param == "device" and engine.graph != "fused":
+        pytest.skip("the plain graph keeps its KV on the host")
+    assert (engine._device_blocks is not None) == (request.param == "device")
+    return engine
 
 
 def tiny_tokens(seed: int, n: int, vocab: int) -> list[int]:
@@ -138,10 +148,15 @@ def test_tiny_prefill_computes_only_the_uncached_rest(tiny: Engine) -> None:
 
 
 @pytest.mark.unit
-def test_tiny_eviction_under_a_small_budget_keeps_results_correct(tiny_graph_models_dir: Path) -> None:
-    probe = Engine(tiny_graph_models_dir / TINY, max_sequences=1).config
-    block_bytes = 2 * probe.num_hidden_layers * probe.num_key_value_heads * BLOCK_SIZE * probe.head_dim * 4
-    engine = Engine(tiny_graph_models_dir / TINY, max_sequences=16, prefix_cache_bytes=3 * block_bytes)  # three blocks
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_tiny_eviction_under_a_small_budget_keeps_results_correct(tiny_graph_models_dir: Path, blocks: str) -> None:
+    probe = Engine(tiny_graph_models_dir / TINY, max_sequences=1)
+    if blocks == "device" and probe.graph != "fused":
+        pytest.skip("the plain graph keeps its KV on the host")
+    c = probe.config
+    block_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * BLOCK_SIZE * c.head_dim * 4
+    engine = Engine(tiny_graph_models_dir / TINY, max_sequences=16, prefix_cache_bytes=3 * block_bytes,  # three blocks
+                    device_prefix_cache="on" if blocks == "device" else "off")
     v = engine.config.vocab_size
     check_reuse(engine, tiny_tokens(10, 40, v), [tiny_tokens(i, 9 + i, v) for i in range(11, 15)], 10,
                 roomy=False)
@@ -166,9 +181,12 @@ def test_tiny_disabled_cache_is_absent(tiny_models_dir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [FP32_MODEL_NAME, INT4_MODEL_NAME])
-def test_real_model_cache_hits_give_identical_tokens(real_models_dir: Path, name: str) -> None:
-    engine = Engine(real_models_dir / name, threads=2, provider="cpu", prefix_cache_bytes=256 * MIB)
+@pytest.mark.parametrize("name, blocks", [(FP32_MODEL_NAME, "host"), (INT4_MODEL_NAME, "host"),
+                                          (INT4_MODEL_NAME, "device")])
+def test_real_model_cache_hits_give_identical_tokens(real_models_dir: Path, name: str, blocks: str) -> None:
+    engine = Engine(real_models_dir / name, threads=2, provider="cpu", prefix_cache_bytes=256 * MIB,
+                    device_prefix_cache="on" if blocks == "device" else "off")
+    assert (engine._device_blocks is not None) == (blocks == "device")
     entry = ModelCatalog(real_models_dir).get(name)
     assert entry is not None
     system = entry.encode(entry.render_chat([("system", "You are a careful assistant for a railway company. "

@@ -80,6 +80,11 @@ def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tm
         assert row["device_step_ms_p50"] > 0 and row["host_step_ms_p50"] > 0
         assert row["device_over_host_tokens_per_s"] == pytest.approx(row["device_tokens_per_s"] / row["host_tokens_per_s"])
 
+    hit = r["prefix_hit"]["int4"]
+    for mode in ("host", "device"):  # all but the last 16-token block of the 64-token prompt cached
+        assert hit[mode]["cached_prompt_tokens"] == 48 and hit[mode]["hit_ttft_ms_p50"] > 0
+    assert hit["device_over_host_ttft"] == pytest.approx(hit["device"]["hit_ttft_ms_p50"] / hit["host"]["hit_ttft_ms_p50"])
+
     memory = r["gpu_memory"]
     assert set(memory) == {"int4_after_load", "int4_after_runs", "device_after_stack"}
     for m in memory.values():  # no GPU here: said so, not a made-up zero

@@ -33,6 +33,9 @@ class WorkerConfig:
     device_sampling: str = field(default="auto", metadata={
         "help": "sample (temperature, top-k, top-p) with a graph where the logits are instead of numpy on "
                 "the host: auto (on with CUDA), on, off"})
+    device_prefix_cache: str = field(default="auto", metadata={
+        "help": "keep prefix-cache blocks as tensors on the KV pool's device, cut and placed there (fused "
+                "graph): auto (on with CUDA), on, off (numpy blocks on the host)"})
     prefix_cache_mib: int = field(default=256, metadata={"help": "MiB of KV the prefix cache may keep for reuse "
                                                           "by later prompts with the same prefix (0 disables)"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound port here"})
@@ -76,7 +79,7 @@ class WorkerConfig:
         if self.served_name and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9._-]{1,64})?",
                                                  self.served_name):
             raise ConfigError(f"served_name {self.served_name!r} must be a model name, optionally @version")
-        if self.device_sampling not in ("auto", "on", "off"):
-            raise ConfigError("device_sampling must be auto, on or off")
+        if self.device_sampling not in ("auto", "on", "off") or self.device_prefix_cache not in ("auto", "on", "off"):
+            raise ConfigError("device_sampling and device_prefix_cache must be auto, on or off")
         if self.provider not in ("auto", "cpu", "cuda"):
             raise ConfigError("provider must be auto, cpu or cuda")

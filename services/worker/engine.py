@@ -30,6 +30,7 @@ from switchyard.prefix.blocks import BLOCK_SIZE, block_hashes
 from .decode_batch import DecodeBatch
 from .device_sampler import DeviceSampler
 from .fused_batch import FusedBatch
+from .kv_blocks import DeviceBlocks
 from .plain_batch import PlainBatch
 from .prefix_cache import PrefixCache
 from .providers import assert_provider, choose_providers
@@ -106,7 +107,7 @@ class Engine:
     def __init__(self, model_dir: Path, *, max_sequences: int = 32, threads: int = 0,
                  provider: str = "auto", spin: bool = False, prefix_cache_bytes: int = 0,
                  precision: str = "auto", cuda_graph: bool = False, profile_prefix: str = "",
-                 device_sampling: str = "auto") -> None:
+                 device_sampling: str = "auto", device_prefix_cache: str = "auto") -> None:
         """``precision``: "auto" runs a fused graph's float16 twin (manifest extra["fp16_graph"])
         on CUDA and model.onnx otherwise; "float16" / "float32" pick one (float16 must exist).
         ``cuda_graph``: replay decode steps from captured CUDA graphs (fused graph on CUDA only).
@@ -115,7 +116,9 @@ class Engine:
         ``device_sampling``: sample decode steps (temperature, top-k, top-p) with the sampler
         graph where the logits are, not in numpy on the host: "auto" on CUDA (no [batch, vocab]
         copy per step), "on", "off" (bench/sampling_bench.py: on the CPU numpy is faster for
-        temperature-only and top-k rows, the graph for top-p)."""
+        temperature-only and top-k rows, the graph for top-p).
+        ``device_prefix_cache``: keep prefix-cache blocks as device tensors cut from and placed
+        into the KV pool there (fused graph): "auto" on CUDA (no KV through the host), "on", "off"."""
         self.model_dir = Path(model_dir)
         self.manifest = ModelManifest.load(self.model_dir)
         self.config = self.manifest.config
@@ -148,9 +151,14 @@ class Engine:
         self.graph = graph_kind(self.manifest)
         self.sequences: dict[str, Sequence] = {}
         kv_heads, head_dim = self.config.num_key_value_heads, self.config.head_dim
+        if device_prefix_cache not in ("auto", "on", "off"):
+            raise EngineError(f"device_prefix_cache must be auto, on or off, got {device_prefix_cache!r}")
+        device_blocks = prefix_cache_bytes > 0 and self.graph == "fused" and (
+            device_prefix_cache == "on" or (device_prefix_cache == "auto" and self.device == "cuda"))
         self.batch: DecodeBatch = (
             FusedBatch(self.session, providers, self.device, n, kv_heads, head_dim,
-                       max_rows=max_sequences, max_length=self.context_length, cuda_graph=cuda_graph)
+                       max_rows=max_sequences, max_length=self.context_length, cuda_graph=cuda_graph,
+                       block_size=BLOCK_SIZE if device_blocks else 0)
             if self.graph == "fused" else PlainBatch(self.session, self.device, n, kv_heads, head_dim))
         if device_sampling not in ("auto", "on", "off"):
             raise EngineError(f"device_sampling must be auto, on or off, got {device_sampling!r}")
@@ -227,14 +235,48 @@ class Engine:
         n = self.prefix_cache.lookup(wanted)
         if n == 0:
             return
-        self.batch.seed(seq, self.prefix_cache.assemble(wanted[:n]))
+        if self._device_blocks is not None:
+            self.batch.seed_blocks(seq, self.prefix_cache.blocks(wanted[:n]))  # type: ignore[attr-defined]
+        else:
+            self.batch.seed(seq, self.prefix_cache.assemble(wanted[:n]))
         seq.processed = seq.cached_tokens = n * BLOCK_SIZE
+
+    @property
+    def _device_blocks(self) -> DeviceBlocks | None:
+        return getattr(self.batch, "blocks", None)
 
     def _keep_prefix(self, hashes: list[int], kv: list[np.ndarray]) -> None:
         """Offer a prefix's blocks to the cache (`kv` per past name [kv_heads, T, head_dim],
         starting at token 0); blocks already held cost nothing."""
         if self.prefix_cache is not None and hashes:
             self.prefix_cache.insert(hashes, kv)
+
+    def _keep_device_prefix(self, hashes: list[int], sources: list[tuple[int, list[int]]]) -> None:
+        """The same with the blocks cut on the device from KV at (address, shape) per past name."""
+        blocks = self._device_blocks
+        if self.prefix_cache is not None and hashes and blocks is not None:
+            self.prefix_cache.insert_blocks(hashes, lambda i: blocks.cut(sources, i), blocks.block_bytes)
+
+    def _keep_private(self, seq: Sequence, hashes: list[int]) -> None:
+        """Cache the blocks of a prompt prefilled in its own buffer (chunks or a cached start)."""
+        if self._device_blocks is not None:
+            self._keep_device_prefix(hashes, self.batch.private_sources(seq))  # type: ignore[attr-defined]
+        else:
+            self._keep_prefix(hashes, self.batch.private_kv(seq))
+
+    def _keep_row_prefix(self, sequence_id: str, n: int, hashes: list[int]) -> bool:
+        """Cache the blocks of a decode-batch row's first n positions; False if it holds other than n."""
+        if self._device_blocks is not None:
+            sources = self.batch.row_sources(sequence_id, n)  # type: ignore[attr-defined]
+            if sources is None:
+                return False
+            self._keep_device_prefix(hashes, sources)
+            return True
+        kv = self.batch.row_kv(sequence_id, n)
+        if kv is None:
+            return False
+        self._keep_prefix(hashes, kv)
+        return True
 
     def remove(self, sequence_ids: list[str]) -> list[Sequence]:
         """Free sequences (unknown ids are ignored); returns the removed ones. Their KV (prompt
@@ -245,7 +287,7 @@ class Engine:
         if self.prefix_cache is not None:
             for seq in gone:
                 if seq.private_kv is not None and seq.processed >= BLOCK_SIZE:  # left mid-prefill
-                    self._keep_prefix(self._hashes(seq.prompt[:seq.processed]), self.batch.private_kv(seq))
+                    self._keep_private(seq, self._hashes(seq.prompt[:seq.processed]))
                 elif seq.sequence_id in in_batch:
                     self._keep_row(seq)
         self.batch.drop({seq.sequence_id for seq in gone})
@@ -257,12 +299,10 @@ class Engine:
         n = seq.cache_length
         if n < BLOCK_SIZE:
             return
-        kv = self.batch.row_kv(seq.sequence_id, n)
-        if kv is None:  # never expected; a wrong block would corrupt later outputs
-            log.warning("not caching %s: its row does not hold %d KV positions", seq.sequence_id, n)
-            return
         tokens = np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)])[:n]
-        self._keep_prefix(self._hashes(tokens), kv)
+        if not self._keep_row_prefix(seq.sequence_id, n, self._hashes(tokens)):
+            # never expected; a wrong block would corrupt later outputs
+            log.warning("not caching %s: its row does not hold %d KV positions", seq.sequence_id, n)
 
     # ---- one iteration -----------------------------------------------------------------
     def step(self, prefill: list[tuple[str, int]], decode: bool, decode_steps: int = 1) -> StepResult:
@@ -293,7 +333,7 @@ class Engine:
             if seq.prefill_remaining == 0:
                 self._first_token(seq, logits, result)
                 if self.prefix_cache is not None and seq.prompt_hashes:
-                    self._keep_prefix(seq.prompt_hashes, self.batch.private_kv(seq))
+                    self._keep_private(seq, seq.prompt_hashes)
                 self.batch.join(seq)
             else:
                 result.prefill_remaining[seq.sequence_id] = seq.prefill_remaining
@@ -325,9 +365,7 @@ class Engine:
         if self.prefix_cache is not None:
             for seq in seqs:
                 if seq.prompt_hashes:
-                    kv = self.batch.row_kv(seq.sequence_id, len(seq.prompt))
-                    if kv is not None:
-                        self._keep_prefix(seq.prompt_hashes, kv)
+                    self._keep_row_prefix(seq.sequence_id, len(seq.prompt), seq.prompt_hashes)
 
     def _decode(self, result: StepResult) -> None:
         """One batched ONNX Runtime call over every sequence in the batch."""

@@ -29,6 +29,7 @@ from onnx import TensorProto, helper
 from switchyard.model.graph_io import past_names, present_names
 
 from .decode_batch import run_bound
+from .kv_blocks import DeviceBlocks
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,9 @@ class FusedBatch:
     """Right-padded rows in a KV pool; GroupQueryAttention appends in place."""
 
     def __init__(self, session: ort.InferenceSession, providers: list[str], device: str, n_layers: int,
-                 kv_heads: int, head_dim: int, *, max_rows: int, max_length: int, cuda_graph: bool = False) -> None:
+                 kv_heads: int, head_dim: int, *, max_rows: int, max_length: int, cuda_graph: bool = False,
+                 block_size: int = 0) -> None:
+        """``block_size`` > 0: prefix-cache blocks are cut and placed on the device (`blocks`)."""
         self.session = session
         self.device = device
         self._past_names, self._present_names = past_names(n_layers), present_names(n_layers)
@@ -175,6 +178,8 @@ class FusedBatch:
         kv_type = next(i.type for i in session.get_inputs() if i.name == self._past_names[0])
         self.dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
         self.copier = KvCopier(providers, device, self.dtype)
+        self.blocks = (DeviceBlocks(providers, device, self.dtype, len(self._past_names), kv_heads, head_dim, block_size)
+                       if block_size > 0 else None)
         self.pool = KvPool(self.copier, len(self._past_names), kv_heads, head_dim,
                            max_rows=max_rows, max_length=max_length)
         self.ids: list[str] = []
@@ -250,6 +255,28 @@ class FusedBatch:
             host[0, :, :a.shape[1], :] = a
             values.append(ort.OrtValue.ortvalue_from_numpy(host.copy(), self.device, 0))
         seq.private_kv = values
+
+    def seed_blocks(self, seq: "Sequence", blocks: list[ort.OrtValue]) -> None:
+        """Start ``seq``'s own buffer from cached device blocks (a prefix of its prompt)."""
+        assert self.blocks is not None
+        values = []
+        for prefix in self.blocks.assemble(blocks):
+            own = ort.OrtValue.ortvalue_from_shape_and_type([1, self._kv_heads, len(seq.prompt), self._head_dim],
+                                                            self.dtype, self.device, 0)
+            self.copier.widen(prefix.data_ptr(), prefix.shape(), own.data_ptr(), len(seq.prompt))
+            values.append(own)
+        seq.private_kv = values
+
+    def row_sources(self, sequence_id: str, n: int) -> list[tuple[int, list[int]]] | None:
+        """Where a row's KV is (address, shape per past name), None if it does not hold n tokens."""
+        row = self.ids.index(sequence_id)
+        if self.lengths[row] != n:
+            return None
+        return [(self.pool.address(k, row), self.pool.row_shape()) for k in range(len(self._past_names))]
+
+    def private_sources(self, seq: "Sequence") -> list[tuple[int, list[int]]]:
+        """Where a prefilling sequence's own KV is (address, shape per past name)."""
+        return [(v.data_ptr(), v.shape()) for v in seq.private_kv or []]
 
     def prefill_chunk(self, seq: "Sequence", n: int) -> np.ndarray:
         start = seq.processed

@@ -2,9 +2,11 @@
 later sequence with the same prefix skips its prefill.
 
 Blocks are named by the chained hashes of `switchyard.prefix.blocks` (block i's hash covers
-blocks 0..i), so a lookup walks a prompt's hashes until the first miss. One block is ONE numpy
-array [2·layers, kv_heads, block_size, head_dim] (keys and values of every layer in past-name
-order): a thousand-token prefix is ~60 arrays, not thousands of small ones.
+blocks 0..i), so a lookup walks a prompt's hashes until the first miss. One block is ONE array
+[2·layers, kv_heads, block_size, head_dim] (keys and values of every layer in past-name order):
+a thousand-token prefix is ~60 arrays, not thousands of small ones. A block is a numpy array on
+the host, or an OrtValue where the worker's KV pool lives (`insert_blocks` / `blocks`: on CUDA
+the cache then never copies KV through the host; the batch cuts and places blocks on the device).
 
 Eviction is LRU within a byte budget, ordered so that a chain's tail goes before its ancestors
 (as vLLM frees blocks tail-first): a matched or inserted chain is touched from its last block
@@ -20,7 +22,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -57,7 +59,8 @@ class PrefixCache:
             raise ValueError("block_size must be at least 1")
         self.capacity_bytes = capacity_bytes
         self.block_size = block_size
-        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()  # LRU first, MRU last
+        self._blocks: OrderedDict[int, Any] = OrderedDict()  # LRU first, MRU last; numpy or OrtValue
+        self._block_bytes: dict[int, int] = {}
         self._bytes = 0
         self._query = self._hit = self._stored = self._evicted = 0
         self._lock = threading.Lock()
@@ -80,11 +83,15 @@ class PrefixCache:
     def assemble(self, hashes: Sequence[int]) -> np.ndarray:
         """KV of the prefix named by `hashes` (all held, e.g. the first `lookup` result of them)
         as one array [2·layers, kv_heads, len(hashes)·block_size, head_dim]."""
-        with self._lock:
-            blocks = [self._blocks[h] for h in hashes]
+        blocks = self.blocks(hashes)
         if not blocks:
             raise ValueError("assemble needs at least one block")
         return np.concatenate(blocks, axis=2)
+
+    def blocks(self, hashes: Sequence[int]) -> list[Any]:
+        """The held blocks named by `hashes`, in order (as stored: numpy or device OrtValues)."""
+        with self._lock:
+            return [self._blocks[h] for h in hashes]
 
     def held(self) -> list[int]:
         """Snapshot of the hashes held, least recently used first."""
@@ -119,6 +126,12 @@ class PrefixCache:
         bs = self.block_size
         if hashes and kv[0].shape[1] < len(hashes) * bs:
             raise ValueError(f"{len(hashes)} blocks need {len(hashes) * bs} tokens of KV, got {kv[0].shape[1]}")
+        nbytes = len(kv) * kv[0].shape[0] * bs * kv[0].shape[2] * kv[0].dtype.itemsize if hashes else 0
+        return self.insert_blocks(hashes, lambda i: np.stack([a[:, i * bs:(i + 1) * bs, :] for a in kv]), nbytes)
+
+    def insert_blocks(self, hashes: Sequence[int], make_block: Callable[[int], Any], block_bytes: int) -> int:
+        """`insert` for blocks made by the caller: `make_block(i)` returns block i of the chain
+        (called only for blocks not held yet), each `block_bytes` big."""
         with self._lock:
             chain = set(hashes)
             self._touch_chain([h for h in hashes if h in self._blocks])  # protect them from eviction below
@@ -126,11 +139,11 @@ class PrefixCache:
             kept = 0  # leading blocks of the chain held after this call
             for i, h in enumerate(hashes):
                 if h not in self._blocks:
-                    block = np.stack([a[:, i * bs:(i + 1) * bs, :] for a in kv])
-                    if not self._make_room(block.nbytes, chain):
+                    if not self._make_room(block_bytes, chain):
                         break
-                    self._blocks[h] = block
-                    self._bytes += block.nbytes
+                    self._blocks[h] = make_block(i)
+                    self._block_bytes[h] = block_bytes
+                    self._bytes += block_bytes
                     stored += 1
                 kept = i + 1
             self._touch_chain(hashes[:kept])
@@ -140,6 +153,7 @@ class PrefixCache:
     def clear(self) -> None:
         with self._lock:
             self._blocks.clear()
+            self._block_bytes.clear()
             self._bytes = 0
 
     # ---- internals (lock held) -----------------------------------------------------------
@@ -157,6 +171,7 @@ class PrefixCache:
             victim = next((h for h in self._blocks if h not in protected), None)
             if victim is None:
                 return False
-            self._bytes -= self._blocks.pop(victim).nbytes
+            del self._blocks[victim]
+            self._bytes -= self._block_bytes.pop(victim)
             self._evicted += 1
         return True

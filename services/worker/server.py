@@ -263,6 +263,7 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
             executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
                                      threads=config.threads, provider=provider, spin=config.spin,
                                      cuda_graph=config.cuda_graph, device_sampling=config.device_sampling,
+                                     device_prefix_cache=config.device_prefix_cache,
                                      prefix_cache_bytes=config.prefix_cache_mib << 20))
         assert_provider([engine.provider], provider)
     except Exception as exc:
