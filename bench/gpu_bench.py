@@ -29,6 +29,9 @@ Here, as a check of the script itself (tests/test_gpu_bench.py runs it this way)
 
     .venv/bin/python bench/gpu_bench.py --provider cpu --quick --out /tmp/gpu_bench.json
 
+`--only` runs some sections (a rerun when device time is short), e.g. the prefix-cache hit on
+the real int4 model here: `--provider cpu --variants int4 --only prefix_hit --out /tmp/hit.json`.
+
 A section that fails is recorded in the JSON under "errors" and the run goes on; the exit code
 is 1 when any section failed, the outputs differ from the CPU engine's or a stream of the stack
 failed or came back short, 2 when the provider
@@ -411,6 +414,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="ORT intra-op threads of the in-process engines")
     ap.add_argument("--profile", action="store_true", help="also profile decode steps with ORT's profiler "
                     "(nodes per run by provider, Memcpy nodes, top operators) at batch 1 and the largest batch")
+    ap.add_argument("--only", default="", help="comma-separated sections to run (default: all): correctness, "
+                    "decode, sampled, cuda_graph, ttft, prefix_hit, profile, stack")
     ap.add_argument("--stack-configs", default="2/1,1/1,2/4", help="batcher settings to run the stack with, as "
                     "pipeline-depth/decode-steps: the first is reported as `stack` (every stream count), the rest "
                     "under `stack_other_configs` (the largest stream count only)")
@@ -422,6 +427,11 @@ def main() -> int:
 
     from services.worker.engine import Engine
     from services.worker.providers import ProviderError, resolve_provider
+
+    only = {o for o in args.only.split(",") if o}
+
+    def want(name: str) -> bool:
+        return not only or name in only
 
     cfg = dict(QUICK if args.quick else FULL)
     variants = [v for v in (args.variants or ("int4" if args.quick else "int4,fp32")).split(",") if v]
@@ -455,27 +465,30 @@ def main() -> int:
             report["gpu_memory"][f"{variant}_after_load"] = gpu_memory()
         if engine is None:
             continue
-        with section(report, f"{variant}: correctness"):
-            reference = Engine(folder, provider="cpu", max_sequences=len(CHAT_PROMPTS), threads=args.threads)
-            res = correctness(engine, reference, chat_prompts(folder), cfg["correct_tokens"])
-            report["correctness"][variant] = res
-            print(f"   equal to the CPU engine: {res['equal']}", flush=True)
-            del reference
-        with section(report, f"{variant}: decode"):
-            rows = report["decode"].setdefault(variant, [])
-            for batch in cfg["batches"]:
-                row = decode_rate(engine, batch, cfg["prompt_tokens"], cfg["decode_steps"], rng)
-                rows.append(row)
-                print(f"   batch {batch:4d}: {row['tokens_per_s']:9.1f} tok/s, {row['step_ms_p50']:.2f} ms/step",
-                      flush=True)
-        with section(report, f"{variant}: sampled decode"):
-            batches = sorted({1, 16 if not args.quick else 2, max(cfg["batches"])})
-            rows = sampled_decode(engine, batches, cfg["prompt_tokens"], cfg["decode_steps"], rng)
-            report["sampled_decode"][variant] = rows
-            for row in rows:
-                print(f"   top-p, batch {row['batch']:4d}: device {row['device_step_ms_p50']:.2f} ms/step, "
-                      f"host {row['host_step_ms_p50']:.2f} ms/step", flush=True)
-        if provider == "cuda" and args.cuda_graph:
+        if want("correctness"):
+            with section(report, f"{variant}: correctness"):
+                reference = Engine(folder, provider="cpu", max_sequences=len(CHAT_PROMPTS), threads=args.threads)
+                res = correctness(engine, reference, chat_prompts(folder), cfg["correct_tokens"])
+                report["correctness"][variant] = res
+                print(f"   equal to the CPU engine: {res['equal']}", flush=True)
+                del reference
+        if want("decode"):
+            with section(report, f"{variant}: decode"):
+                rows = report["decode"].setdefault(variant, [])
+                for batch in cfg["batches"]:
+                    row = decode_rate(engine, batch, cfg["prompt_tokens"], cfg["decode_steps"], rng)
+                    rows.append(row)
+                    print(f"   batch {batch:4d}: {row['tokens_per_s']:9.1f} tok/s, {row['step_ms_p50']:.2f} ms/step",
+                          flush=True)
+        if want("sampled"):
+            with section(report, f"{variant}: sampled decode"):
+                batches = sorted({1, 16 if not args.quick else 2, max(cfg["batches"])})
+                rows = sampled_decode(engine, batches, cfg["prompt_tokens"], cfg["decode_steps"], rng)
+                report["sampled_decode"][variant] = rows
+                for row in rows:
+                    print(f"   top-p, batch {row['batch']:4d}: device {row['device_step_ms_p50']:.2f} ms/step, "
+                          f"host {row['host_step_ms_p50']:.2f} ms/step", flush=True)
+        if provider == "cuda" and args.cuda_graph and want("cuda_graph"):
             with section(report, f"{variant}: decode with CUDA graphs"):
                 graphed = Engine(folder, provider=provider, max_sequences=max_seq, threads=args.threads,
                                  cuda_graph=True)
@@ -490,23 +503,24 @@ def main() -> int:
                     print(f"   graphs, batch {row['batch']:4d}: {row['tokens_per_s']:9.1f} tok/s, "
                           f"{row['step_ms_p50']:.2f} ms/step", flush=True)
                 del graphed
-        with section(report, f"{variant}: ttft"):
-            rows = report["ttft"].setdefault(variant, [])
-            for n in cfg["ttft_prompts"]:
-                if n >= engine.context_length:  # a small model's context: said, not failed
-                    rows.append({"prompt_tokens": n, "skipped": f"context is {engine.context_length} tokens"})
-                    continue
-                row = ttft(engine, n, rng)
-                rows.append(row)
-                print(f"   {n:5d}-token prompt: TTFT {row['ttft_ms_p50']:.1f} ms", flush=True)
-        if variant == variants[0]:
+        if want("ttft"):
+            with section(report, f"{variant}: ttft"):
+                rows = report["ttft"].setdefault(variant, [])
+                for n in cfg["ttft_prompts"]:
+                    if n >= engine.context_length:  # a small model's context: said, not failed
+                        rows.append({"prompt_tokens": n, "skipped": f"context is {engine.context_length} tokens"})
+                        continue
+                    row = ttft(engine, n, rng)
+                    rows.append(row)
+                    print(f"   {n:5d}-token prompt: TTFT {row['ttft_ms_p50']:.1f} ms", flush=True)
+        if variant == variants[0] and want("prefix_hit"):
             with section(report, f"{variant}: prefix cache hit"):
                 hit = prefix_hit(folder, provider, args.threads, max(cfg["ttft_prompts"]), rng)
                 report["prefix_hit"] = {variant: hit}
                 print(f"   cached {hit['device']['cached_prompt_tokens']}-token prefix: TTFT host blocks "
                       f"{hit['host']['hit_ttft_ms_p50']:.1f} ms, device blocks {hit['device']['hit_ttft_ms_p50']:.1f} ms",
                       flush=True)
-        if args.profile:
+        if args.profile and want("profile"):
             with section(report, f"{variant}: profile"):
                 batches = sorted({1, max(cfg["batches"])})
                 args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -515,7 +529,7 @@ def main() -> int:
         report["gpu_memory"][f"{variant}_after_runs"] = gpu_memory()
         del engine
     report["process_max_rss_mib"] = rss_mib()
-    if not args.skip_stack:
+    if not args.skip_stack and want("stack"):
         stack_variant = args.stack_variant or variants[0]
         with section(report, f"stack ({stack_variant})"):
             folder = model_folder(args.models_dir, stack_variant)
@@ -536,11 +550,11 @@ def main() -> int:
                     run["stack_over_engine"] = run["tokens_per_s"] / base if base else None
             report["gpu_memory"]["device_after_stack"] = gpu_memory()
     report["elapsed_s"] = round(time.perf_counter() - t_all, 1)
-    stack_ok = args.skip_stack or (report["stack"] is not None and all(
+    stack_ok = args.skip_stack or not want("stack") or (report["stack"] is not None and all(
         run["errors"] == 0 and run["tokens"] == run["expected_tokens"]
         for stack_run in [report["stack"], *report["stack_other_configs"]] for run in stack_run["runs"]))
     report["passed"] = not report["errors"] and all(c["equal"] for c in report["correctness"].values()) \
-        and len(report["correctness"]) == len(variants) and stack_ok
+        and (not want("correctness") or len(report["correctness"]) == len(variants)) and stack_ok
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}: passed={report['passed']}, {report['elapsed_s']} s", flush=True)

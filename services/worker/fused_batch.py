@@ -178,7 +178,7 @@ class FusedBatch:
         kv_type = next(i.type for i in session.get_inputs() if i.name == self._past_names[0])
         self.dtype = np.float16 if kv_type == "tensor(float16)" else np.float32
         self.copier = KvCopier(providers, device, self.dtype)
-        self.blocks = (DeviceBlocks(providers, device, self.dtype, len(self._past_names), kv_heads, head_dim, block_size)
+        self.blocks = (DeviceBlocks(self.copier, providers, len(self._past_names), kv_heads, head_dim, block_size)
                        if block_size > 0 else None)
         self.pool = KvPool(self.copier, len(self._past_names), kv_heads, head_dim,
                            max_rows=max_rows, max_length=max_length)

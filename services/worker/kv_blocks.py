@@ -10,10 +10,15 @@ ONNX Runtime graphs on the session's provider, inputs bound by address like `KvC
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+if TYPE_CHECKING:
+    from .fused_batch import KvCopier
 
 OPSET = 17
 
@@ -21,13 +26,13 @@ OPSET = 17
 class DeviceBlocks:
     """Cuts blocks out of per-past-name KV buffers and assembles blocks back into them."""
 
-    def __init__(self, providers: list[str], device: str, dtype: type, n_buffers: int, kv_heads: int,
+    def __init__(self, copier: "KvCopier", providers: list[str], n_buffers: int, kv_heads: int,
                  head_dim: int, block_size: int) -> None:
-        self.providers, self.device, self.dtype = providers, device, dtype
+        self.copier, self.providers, self.device, self.dtype = copier, providers, copier.device, copier.dtype
         self.n_buffers, self.kv_heads, self.head_dim, self.block_size = n_buffers, kv_heads, head_dim, block_size
-        self._elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+        self._elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
         self._cut = self._session(self._cut_graph())
-        self._assemble: dict[int, ort.InferenceSession] = {}  # by block count
+        self._assemble = self._session(self._assemble_graph())
 
     @property
     def block_bytes(self) -> int:
@@ -53,15 +58,17 @@ class DeviceBlocks:
                                                                     self.head_dim])
         return helper.make_graph(nodes, "kv_block_cut", inputs, [block])
 
-    def _assemble_graph(self, n: int) -> onnx.GraphProto:
-        """block_j [n_buffers, h, bs, d] for j < n → out_i [1, h, n·bs, d] per buffer."""
-        shape = [self.n_buffers, self.kv_heads, self.block_size, self.head_dim]
-        inputs = [helper.make_tensor_value_info(f"block_{j}", self._elem, shape) for j in range(n)]
-        outputs = [helper.make_tensor_value_info(f"out_{i}", self._elem, [1, self.kv_heads, n * self.block_size,
-                                                                          self.head_dim]) for i in range(self.n_buffers)]
-        nodes = [helper.make_node("Concat", [f"block_{j}" for j in range(n)], ["prefix"], axis=2),
-                 helper.make_node("Split", ["prefix"], [f"out_{i}" for i in range(self.n_buffers)], axis=0)]
-        return helper.make_graph(nodes, f"kv_block_assemble_{n}", inputs, outputs)
+    def _assemble_graph(self) -> onnx.GraphProto:
+        """blocks [n, n_buffers, h, bs, d] (n blocks side by side) → out_i [1, h, n·bs, d] per buffer."""
+        m, h, bs, d = self.n_buffers, self.kv_heads, self.block_size, self.head_dim
+        inputs = [helper.make_tensor_value_info("blocks", self._elem, ["n", m, h, bs, d])]
+        outputs = [helper.make_tensor_value_info(f"out_{i}", self._elem, [1, h, "t", d]) for i in range(m)]
+        nodes = [helper.make_node("Transpose", ["blocks"], ["by_buffer"], perm=[1, 2, 0, 3, 4]),  # [m, h, n, bs, d]
+                 helper.make_node("Constant", [], ["shape"], value=helper.make_tensor(
+                     "shape", TensorProto.INT64, [4], [m, h, -1, d])),
+                 helper.make_node("Reshape", ["by_buffer", "shape"], ["prefix"]),
+                 helper.make_node("Split", ["prefix"], [f"out_{i}" for i in range(m)], axis=0)]
+        return helper.make_graph(nodes, "kv_block_assemble", inputs, outputs)
 
     def cut(self, sources: list[tuple[int, list[int]]], index: int) -> ort.OrtValue:
         """Block `index` (positions index·bs ..) of the buffers at (address, [1, h, t, d]), a new
@@ -75,15 +82,15 @@ class DeviceBlocks:
         return binding.get_outputs()[0]
 
     def assemble(self, blocks: list[ort.OrtValue]) -> list[ort.OrtValue]:
-        """The prefix the blocks make, one OrtValue [1, h, n·bs, d] per buffer, on the device."""
-        n = len(blocks)
-        if n not in self._assemble:
-            self._assemble[n] = self._session(self._assemble_graph(n))
-        session = self._assemble[n]
-        binding = session.io_binding()
+        """The prefix the blocks make, one OrtValue [1, h, n·bs, d] per buffer, on the device:
+        the blocks copied side by side (one contiguous copy each), then one transpose."""
+        shape = [self.n_buffers, self.kv_heads, self.block_size, self.head_dim]
+        staged = ort.OrtValue.ortvalue_from_shape_and_type([len(blocks), *shape], self.dtype, self.device, 0)
         for j, block in enumerate(blocks):
-            binding.bind_ortvalue_input(f"block_{j}", block)
+            self.copier.copy(block.data_ptr(), staged.data_ptr() + j * self.block_bytes, shape)
+        binding = self._assemble.io_binding()
+        binding.bind_ortvalue_input("blocks", staged)
         for i in range(self.n_buffers):
             binding.bind_output(f"out_{i}", self.device)
-        session.run_with_iobinding(binding)
+        self._assemble.run_with_iobinding(binding)
         return binding.get_outputs()
