@@ -12,6 +12,15 @@ per compared folder, against the reference (fp32) folder:
 
     .venv/bin/python bench/int4_agreement.py [--models-dir models] [--threads 2]
         [--compare OTHER_FOLDER ...] [--speed] [--show-diffs]
+        [--llama [--reference-python .venv-bench/bin/python]]
+
+With --llama, llama.cpp (llama-cpp-python in the bench venv, `make bench-deps`) decodes the same
+prompts from the GGUF the folders were converted from (switchyard.model.gguf_source.ensure_gguf),
+in a subprocess (bench/reference_engines.py --greedy): the same token ids (rendered and encoded
+here, passed as ids), greedy (argmax: temperature 0 / top_k 1, no repetition penalty), the same
+--max-new and eos ids, --threads threads, one prompt at a time. It is one more row against the
+reference, and a second table compares every folder with llama.cpp (a folder with
+int4_accuracy_level 4 quantizes activations to int8, as llama.cpp's Q4_1 × Q8_1 dot products do).
 
 Folders missing from --models-dir are converted first (convert_gguf). A markdown snippet of the
 results ends the output.
@@ -20,12 +29,17 @@ results ends the output.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -39,6 +53,9 @@ from services.worker.sampling import SamplingParams  # noqa: E402
 from switchyard.model.catalog import ModelCatalog  # noqa: E402
 from switchyard.model.config import ModelManifest  # noqa: E402
 from switchyard.model.convert import FP32_MODEL_NAME, INT4_MODEL_NAME, convert_gguf  # noqa: E402
+from switchyard.model.gguf_source import ensure_gguf  # noqa: E402
+
+LLAMA = "llama.cpp"  # the label of llama.cpp's row
 
 console = Console(width=None if sys.stdout.isatty() else 150)  # piped: don't squeeze the table
 err = Console(stderr=True)
@@ -125,7 +142,7 @@ class Run:
 
 
 def greedy_all(engine: Engine, prompts: list[list[int]], max_new: int, stop_ids: tuple[int, ...],
-               batch: int, on_done) -> list[list[int]]:
+               batch: int, on_done: Callable[[], None]) -> list[list[int]]:
     """Greedy continuations of every prompt, ``batch`` sequences at a time in one ragged batch."""
     params = SamplingParams()
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -151,6 +168,48 @@ def greedy_all(engine: Engine, prompts: list[list[int]], max_new: int, stop_ids:
                 break
             result = engine.step([], decode=True)
     return outputs
+
+
+def llama_greedy(python: str, gguf: Path, prompts: list[list[int]], max_new: int,
+                 stop_ids: tuple[int, ...], threads: int, flash_attn: str, progress: Progress) -> tuple[Run, dict]:
+    """Greedy continuations by llama.cpp (bench/reference_engines.py --greedy in the bench venv)."""
+    with tempfile.TemporaryDirectory(prefix="agree-") as tmp:
+        prompts_file = Path(tmp) / "prompts.json"
+        prompts_file.write_text(json.dumps({"prompts": prompts}))
+        cmd = [python, str(REPO / "bench" / "reference_engines.py"), "--engine", "llama",
+               "--gguf", str(gguf), "--prompts", str(prompts_file), "--greedy",
+               "--new-tokens", str(max_new), "--stop-ids", ",".join(map(str, stop_ids)),
+               "--threads", str(threads), "--llama-flash-attn", flash_attn]
+        task = progress.add_task(f"{LLAMA} greedy ({gguf.name})", total=len(prompts))
+        result: dict | None = None
+        error: str | None = None
+        t0 = time.perf_counter()
+        with tempfile.TemporaryFile("w+") as errf:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, cwd=REPO)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                try:
+                    ev = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                kind = ev.get("event")
+                if kind == "progress":
+                    progress.update(task, completed=ev["done"])
+                elif kind == "result":
+                    result = ev
+                elif kind == "error":
+                    error = f"{ev['error']}\n{ev.get('traceback', '')}"
+            rc = proc.wait()
+            errf.seek(0)
+            stderr = errf.read()
+        seconds = time.perf_counter() - t0
+    if result is None or rc != 0:
+        sig = f" (signal {signal.Signals(-rc).name})" if rc < 0 else ""
+        raise SystemExit(f"llama.cpp failed: exit code {rc}{sig}: {error or stderr[-1500:].strip()}")
+    outputs = [[int(t) for t in o] for o in result["outputs"]]
+    result["process_s"] = seconds  # with the subprocess's start and the GGUF's load
+    # the decode loop alone, like our engine's greedy time (which excludes loading the folder)
+    return Run(outputs, float(result["wall_s"])), result
 
 
 def decode_rate(engine: Engine, prompt: list[int], n: int = 64) -> float:
@@ -190,6 +249,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N prompts")
     ap.add_argument("--speed", action="store_true", help="also measure batch-1 decode tokens/s")
     ap.add_argument("--show-diffs", action="store_true", help="print each differing continuation")
+    ap.add_argument("--llama", action="store_true",
+                    help="also run llama.cpp on the GGUF (bench venv), as one more compared row")
+    ap.add_argument("--reference-python", default=str(REPO / ".venv-bench" / "bin" / "python"),
+                    help="python of the bench venv, with llama-cpp-python (for --llama)")
+    ap.add_argument("--llama-flash-attn", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp's flash attention (its default, auto, enables it on CPU)")
     args = ap.parse_args()
 
     def folder(name: str) -> Path:
@@ -205,8 +270,21 @@ def main() -> None:
         err.print(f"model folders ready ({time.perf_counter() - t0:.1f} s)")
 
     prompts = PROMPTS[: args.limit] if args.limit else PROMPTS
-    runs: dict[Path, Run] = {}
-    rates: dict[Path, float] = {}
+    gguf: Path | None = None
+    if args.llama:
+        if not Path(args.reference_python).is_file():
+            raise SystemExit(f"--llama: no python at {args.reference_python} (make bench-deps)")
+        gguf = ensure_gguf()
+        source = ModelManifest.load(ref_dir).source
+        if source and Path(source).resolve() != gguf.resolve():
+            err.print(f"[yellow]{ref_dir.name} was converted from {source}, llama.cpp runs {gguf}")
+
+    runs: dict[str, Run] = {}
+    rates: dict[str, float] = {}
+    levels: dict[str, str] = {}
+    prompt_ids: dict[str, list[list[int]]] = {}
+    eos: dict[str, tuple[int, ...]] = {}
+    llama_info: dict = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=False) as progress:
         for d in dirs:
@@ -215,58 +293,103 @@ def main() -> None:
             if entry is None:
                 raise SystemExit(f"no model folder at {d}")
             ids = [entry.encode(entry.render_chat([("user", p)])) for p in prompts]
+            prompt_ids[d.name], eos[d.name] = ids, tuple(entry.manifest.eos_token_ids)
+            levels[d.name] = str(entry.manifest.extra.get("int4_accuracy_level", "-"))
             engine = Engine(d, threads=args.threads, provider="cpu", max_sequences=args.batch + 1)
             task = progress.add_task(f"{d.name} greedy", total=len(prompts))
             t0 = time.perf_counter()
             outs = greedy_all(engine, ids, args.max_new, entry.manifest.eos_token_ids, args.batch,
                               lambda: progress.advance(task))
-            runs[d] = Run(outs, time.perf_counter() - t0)
+            runs[d.name] = Run(outs, time.perf_counter() - t0)
             if args.speed:
-                rates[d] = decode_rate(engine, ids[0])
+                rates[d.name] = decode_rate(engine, ids[0])
             del engine
+        if gguf is not None:
+            ids, stops = prompt_ids[ref_dir.name], eos[ref_dir.name]
+            for name in prompt_ids:
+                if prompt_ids[name] != ids or eos[name] != stops:
+                    raise SystemExit(f"{name} renders/encodes the prompts differently from {ref_dir.name}")
+            runs[LLAMA], llama_info = llama_greedy(args.reference_python, gguf, ids, args.max_new, stops,
+                                                   args.threads, args.llama_flash_attn, progress)
+            levels[LLAMA] = "Q8_1 act."
 
-    ref = runs[ref_dir].outputs
+    ref = runs[ref_dir.name].outputs
     catalog = ModelCatalog(ref_dir.parent)
     entry = catalog.get(ref_dir.name)
     assert entry is not None
+    names = list(runs)  # reference, --compare folders, llama.cpp
     table = Table(title=f"greedy agreement with {ref_dir.name} ({len(prompts)} chat prompts, "
                         f"≤{args.max_new} new tokens)")
     for col in ("model", "accuracy_level", "exact match", "first token", "mean common prefix",
                 "greedy time") + (("decode tok/s (batch 1)",) if args.speed else ()):
         table.add_column(col, justify="left" if col == "model" else "right")
     rows = []
-    for d in dirs:
-        outs = runs[d].outputs
-        n = len(prompts)
-        exact = sum(a == b for a, b in zip(outs, ref)) / n
-        first = sum(bool(a) and bool(b) and a[0] == b[0] for a, b in zip(outs, ref)) / n
-        prefix = sum(common_prefix(a, b) for a, b in zip(outs, ref)) / n
-        mean_len = sum(len(b) for b in ref) / n
-        level = ModelManifest.load(d).extra.get("int4_accuracy_level", "-")
-        row = [d.name, str(level), f"{exact:.0%}", f"{first:.0%}", f"{prefix:.1f} / {mean_len:.1f}",
-               f"{runs[d].seconds:.1f} s"]
+    for name in names:
+        outs = runs[name].outputs
+        row = [name, levels[name], *agreement(outs, ref), f"{runs[name].seconds:.1f} s"]
         if args.speed:
-            row.append(f"{rates[d]:.1f}")
+            row.append(f"{rates[name]:.1f}" if name in rates else "–")
         rows.append(row)
         table.add_row(*row)
-        if args.show_diffs and d != ref_dir:
+        if args.show_diffs and name != ref_dir.name:
             for p, a, b in zip(prompts, outs, ref):
                 if a != b:
                     k = common_prefix(a, b)
                     console.print(f"[bold]{p[:60]}[/] diverges at token {k}:\n"
-                                  f"  ref: {entry.decode(b)!r}\n  {d.name}: {entry.decode(a)!r}")
+                                  f"  ref: {entry.decode(b)!r}\n  {name}: {entry.decode(a)!r}")
     console.print(table)
+    llama_rows: list[list[str]] = []
+    llama_table: Table | None = None
+    if LLAMA in runs:
+        # llama.cpp as the reference: which of our folders decodes most like it?
+        lref = runs[LLAMA].outputs
+        llama_table = Table(title=f"greedy agreement with {LLAMA} (same prompts; int4_accuracy_level 4 = "
+                                  f"int8 activations, like llama.cpp's Q4_1 × Q8_1)")
+        for col in ("model", "accuracy_level", "exact match", "first token", "mean common prefix"):
+            llama_table.add_column(col, justify="left" if col == "model" else "right")
+        for name in names[:-1]:
+            row = [f"{name} vs {LLAMA}", levels[name], *agreement(runs[name].outputs, lref)]
+            llama_rows.append(row)
+            llama_table.add_row(*row)
+        console.print(llama_table)
+        console.print(f"{LLAMA}: llama-cpp-python {llama_info.get('engine_version', '?')}, "
+                      f"{Path(llama_info.get('gguf', '?')).name}, argmax (temperature 0 / top_k 1, no "
+                      f"repetition penalty), threads={args.threads}, flash_attn={args.llama_flash_attn}, "
+                      f"one prompt at a time; the same token ids and eos ids {list(eos[ref_dir.name])}; "
+                      f"greedy time excludes the subprocess start and GGUF load "
+                      f"({llama_info['process_s'] - runs[LLAMA].seconds:.1f} s)")
     console.print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, engine threads={args.threads}, "
                   f"batch={args.batch}")
 
-    header = "| " + " | ".join(c.header for c in table.columns) + " |"
-    lines = [header, "|" + "|".join("---" for _ in table.columns) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
     print()
     print(f"Greedy agreement with `{ref_dir.name}` over {len(prompts)} chat prompts "
-          f"(≤{args.max_new} new tokens, Engine threads={args.threads}):")
+          f"(≤{args.max_new} new tokens, Engine threads={args.threads}"
+          + (f"; {LLAMA}: llama-cpp-python {llama_info.get('engine_version', '?')}, argmax, "
+             f"{args.threads} threads, flash_attn={args.llama_flash_attn}" if LLAMA in runs else "") + "):")
     print()
-    print("\n".join(lines))
+    print(markdown(table, rows))
+    if llama_table is not None:
+        print()
+        print(f"Agreement with {LLAMA} (mean common prefix: of {LLAMA}'s mean length):")
+        print()
+        print(markdown(llama_table, llama_rows))
+
+
+def agreement(outs: list[list[int]], ref: list[list[int]]) -> list[str]:
+    """exact match, first token, mean common prefix / mean reference length."""
+    n = len(ref)
+    exact = sum(a == b for a, b in zip(outs, ref)) / n
+    first = sum(bool(a) and bool(b) and a[0] == b[0] for a, b in zip(outs, ref)) / n
+    prefix = sum(common_prefix(a, b) for a, b in zip(outs, ref)) / n
+    mean_len = sum(len(b) for b in ref) / n
+    return [f"{exact:.0%}", f"{first:.0%}", f"{prefix:.1f} / {mean_len:.1f}"]
+
+
+def markdown(table: Table, rows: list[list[str]]) -> str:
+    header = "| " + " | ".join(str(c.header) for c in table.columns) + " |"
+    lines = [header, "|" + "|".join("---" for _ in table.columns) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

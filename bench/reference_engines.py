@@ -30,6 +30,17 @@ Modes:
   genai      "batch"        og.Generator with search option batch_size=N (static batch: the N
                              prompts are appended together, then every generate_next_token
                              decodes all N).
+
+Greedy agreement (bench/int4_agreement.py --llama):
+
+    .venv-bench/bin/python bench/reference_engines.py --engine llama --gguf X.gguf \\
+        --prompts prompts.json --greedy --new-tokens 32 --stop-ids 2,0 --threads 2
+
+decodes every prompt alone, one after another (the low-level loop of "sequential": the argmax of
+the logits, i.e. temperature 0 / top_k 1 with no repetition penalty), up to --new-tokens tokens,
+stopping after the first token in --stop-ids (kept in the output, as our engine keeps it), and
+emits one {"event": "result", "mode": "greedy", "outputs": [[ids], ...], ...}; no throughput
+runs, no warm-up.
 """
 
 from __future__ import annotations
@@ -259,6 +270,39 @@ class LlamaCpp:
             lc.llama_batch_free(batch)
             lc.llama_free(ctx)
 
+    def greedy(self, prompts: list[list[int]], max_new: int, stop_ids: set[int], label: str) -> dict:
+        """Greedy continuation of every prompt, alone in a fresh context state, up to `max_new`
+        tokens or through the first stop id; the argmax of the logits (no sampler chain)."""
+        lc = self.lc
+        n = len(prompts)
+        plen = max(len(p) for p in prompts)
+        ctx = self.context(1, plen + max_new + 16, max(512, plen))
+        batch = lc.llama_batch_init(max(512, plen), 0, 1)
+        try:
+            mem = lc.llama_get_memory(ctx)
+            outputs: list[list[int]] = []
+            t0 = time.perf_counter()
+            for i, prompt in enumerate(prompts):
+                lc.llama_memory_clear(mem, True)
+                self._fill(batch, [(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+                self._decode(ctx, batch)
+                tok = self._argmax(ctx, len(prompt) - 1)
+                out = [tok]
+                pos = len(prompt)
+                while tok not in stop_ids and len(out) < max_new:
+                    self._fill(batch, [(tok, pos, 0, True)])
+                    self._decode(ctx, batch)
+                    tok = self._argmax(ctx, 0)
+                    out.append(tok)
+                    pos += 1
+                outputs.append(out)
+                progress(label, i + 1, n)
+            return {"event": "result", "engine": "llama.cpp", "mode": "greedy", "streams": n,
+                    "outputs": outputs, "wall_s": time.perf_counter() - t0}
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
+
     def highlevel(self, prompt: list[int], new_tokens: int, label: str) -> dict:
         """One stream through llama_cpp.Llama.generate (greedy: top_k=1, temp=0)."""
         import llama_cpp.llama as hl
@@ -300,6 +344,12 @@ def run_llama(args, prompts: list[list[int]]) -> None:
     eng = LlamaCpp(Path(args.gguf), args.threads, args.llama_flash_attn)
     info = {"engine_version": eng.version, "gguf": str(args.gguf), "threads": args.threads,
             "flash_attn": args.llama_flash_attn}
+    if args.greedy:
+        label = f"llama.cpp greedy ({Path(args.gguf).name})"
+        progress(label, 0, len(prompts))
+        emit({**eng.greedy(prompts, args.new_tokens, set(args.stop_ids), label), **info})
+        eng.close()
+        return
     # warm-up (not measured): weights paged in, thread pools started
     eng.sequential([prompts[0][:32]], 8, "llama.cpp warm-up")
     modes = args.llama_modes.split(",")
@@ -409,9 +459,16 @@ def main() -> None:
     ap.add_argument("--llama-flash-attn", choices=("auto", "on", "off"), default="auto",
                     help="flash attention of the low-level llama.cpp contexts (llama.cpp's default: auto, "
                          "which enables it on CPU); the high-level Llama keeps its own default (off)")
+    ap.add_argument("--greedy", action="store_true",
+                    help="llama only: greedy continuation of every prompt up to --new-tokens, stopping at "
+                         "--stop-ids, emitted as one result with every output (no throughput runs)")
+    ap.add_argument("--stop-ids", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                    help="with --greedy: end-of-sequence token ids, comma-separated")
     args = ap.parse_args()
     prompts = json.loads(Path(args.prompts).read_text())["prompts"]
-    if max(args.concurrency) > len(prompts):
+    if args.greedy and args.engine != "llama":
+        raise SystemExit("--greedy: llama only")
+    if not args.greedy and max(args.concurrency) > len(prompts):
         raise SystemExit(f"{len(prompts)} prompts for concurrency up to {max(args.concurrency)}")
     try:
         if args.engine == "llama":
