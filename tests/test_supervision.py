@@ -84,3 +84,30 @@ def test_a_killed_batcher_loses_nothing_and_leaves_nothing_on_its_worker(supervi
             return worker_pb2_grpc.WorkerStub(ch).Info(worker_pb2.InfoRequest(), metadata=stack.worker_metadata(
                 stack.workers[0])).active_sequences == 0
     wait_until(idle, 30, "the worker to hold no sequence")
+
+
+def test_a_worker_restarted_while_its_batcher_idles_serves_the_next_request(tiny_models_dir: Path,
+                                                                             tmp_path: Path) -> None:
+    """The batcher's step stream to a worker that died while nothing ran is dead: the next
+    request must open a new one, not fail on the old (one replica: there is nowhere to fail over)."""
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path)
+    stack.start_supervisor()
+    try:
+        wait_until(lambda: replicas_serving(stack) == 1, 20, "the replica")
+        assert served_by(stack, 2) == {"tiny-llama-0"}  # the batcher's stream is open now
+        os.kill(stack.workers[0].process.pid, signal.SIGKILL)
+        wait_until(lambda: stack.restarts.get(stack.workers[0].name) == 1, 10, "the worker's restart")
+        wait_until(lambda: replicas_serving(stack) == 1, 30, "the restarted replica to rejoin")
+        log = stack.batchers[0].log_path
+        assert log is not None
+        before = log.stat().st_size
+        results = asyncio.run(stream_all(stack.router_address, requests(4, max_tokens=8)))
+        assert [e for _, final, e in results if final is None] == []
+        assert all(final is not None and final.usage.completion_tokens == 8 for _, final, _ in results)
+        with open(log, encoding="utf-8") as f:
+            f.seek(before)
+            after = f.read()
+        # served at the first try: no step failed and bounced them back through the router
+        assert "worker call failed" not in after and "scheduler iteration failed" not in after, after[-2000:]
+    finally:
+        stack.stop()

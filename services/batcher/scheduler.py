@@ -251,11 +251,17 @@ class Scheduler:
         """Iterations over one StepStream, up to `pipeline_depth` requests in flight: while the
         worker runs step k+1, this loop publishes step k's tokens (and admits newcomers), so
         the worker never waits for the batcher's round trip."""
-        call = self.worker.StepStream()
+        call: grpc.aio.StreamStreamCall | None = None
         try:
             while True:
                 await self._retire_cancelled_and_expired()
                 await self._admit()
+                if not self._in_flight and (call is None or call.done()):
+                    # (Re)open the stream between steps: one that ended while idle (the worker
+                    # restarted) would fail the next batch's first step.
+                    if call is not None:
+                        call.cancel()
+                    call = self.worker.StepStream()
                 while len(self._in_flight) < self.config.pipeline_depth:
                     request = self._next_request()
                     if request is None:
@@ -272,7 +278,8 @@ class Scheduler:
                     raise RuntimeError("the worker ended the step stream")
                 await self._apply(self._in_flight.popleft(), response)
         finally:
-            call.cancel()
+            if call is not None:
+                call.cancel()
 
     def _next_request(self) -> worker_pb2.StepRequest | None:
         """The next step for the batch as this batcher knows it, or None when there is nothing
