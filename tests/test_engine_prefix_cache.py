@@ -103,18 +103,22 @@ def check_reuse(engine: Engine, system: list[int], questions: list[list[int]], n
 # --------------------------------------------------------------------------------------------
 
 
-# Blocks on the host (numpy), or cut from and placed into the KV pool as device tensors (the
-# default on CUDA; here on the CPU provider, the same graphs): a fused-graph engine runs both.
-BLOCKS = ["host", "device"]
+# (graph, where the cache's blocks live): numpy blocks on the host, or device tensors cut from
+# and placed into the fused graph's KV pool (the default on CUDA; here on the CPU provider, the
+# same graphs). The plain graph keeps its KV on the host, so it has host blocks only.
+KINDS = [("fused", "host"), ("fused", "device"), ("plain", "host")]
 
 
-@pytest.fixture(scope="module", params=BLOCKS)
-def tiny(tiny_graph_models_dir: Path, request: pytest.FixtureRequest) -> Engine:
-    engine = Engine(tiny_graph_models_dir / TINY, max_sequences=16, prefix_cache_bytes=64 * MIB,
-                    device_prefix_cache="on" if request.param == "device" else "off")
-    if request.param == "device" and engine.graph != "fused":
-        pytest.skip("the plain graph keeps its KV on the host")
-    assert (engine._device_blocks is not None) == (request.param == "device")
+def models_dir_of(request: pytest.FixtureRequest, graph: str) -> Path:
+    return request.getfixturevalue("tiny_models_dir" if graph == "fused" else "tiny_plain_models_dir")
+
+
+@pytest.fixture(scope="module", params=KINDS, ids=["-".join(k) for k in KINDS])
+def tiny(request: pytest.FixtureRequest) -> Engine:
+    graph, blocks = request.param
+    engine = Engine(models_dir_of(request, graph) / TINY, max_sequences=16, prefix_cache_bytes=64 * MIB,
+                    device_prefix_cache="on" if blocks == "device" else "off")
+    assert engine.graph == graph and (engine._device_blocks is not None) == (blocks == "device")
     return engine
 
 
@@ -148,14 +152,13 @@ def test_tiny_prefill_computes_only_the_uncached_rest(tiny: Engine) -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("blocks", BLOCKS)
-def test_tiny_eviction_under_a_small_budget_keeps_results_correct(tiny_graph_models_dir: Path, blocks: str) -> None:
-    probe = Engine(tiny_graph_models_dir / TINY, max_sequences=1)
-    if blocks == "device" and probe.graph != "fused":
-        pytest.skip("the plain graph keeps its KV on the host")
-    c = probe.config
+@pytest.mark.parametrize("graph, blocks", KINDS, ids=["-".join(k) for k in KINDS])
+def test_tiny_eviction_under_a_small_budget_keeps_results_correct(request: pytest.FixtureRequest, graph: str,
+                                                                  blocks: str) -> None:
+    models = models_dir_of(request, graph)
+    c = Engine(models / TINY, max_sequences=1).config
     block_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * BLOCK_SIZE * c.head_dim * 4
-    engine = Engine(tiny_graph_models_dir / TINY, max_sequences=16, prefix_cache_bytes=3 * block_bytes,  # three blocks
+    engine = Engine(models / TINY, max_sequences=16, prefix_cache_bytes=3 * block_bytes,  # three blocks
                     device_prefix_cache="on" if blocks == "device" else "off")
     v = engine.config.vocab_size
     check_reuse(engine, tiny_tokens(10, 40, v), [tiny_tokens(i, 9 + i, v) for i in range(11, 15)], 10,
