@@ -255,6 +255,33 @@ def test_refused_newcomers_fail_alone_while_the_pipelined_batch_runs_on(tiny_mod
         stack.stop()
 
 
+def test_pipelined_worker_never_decodes_past_max_tokens(tiny_models_dir: Path, tmp_path: Path, engine: Engine) -> None:
+    """With steps in flight the batcher frees a request whose last token is already asked for
+    before the next step: the worker decodes exactly max_tokens − 1 rows per request (the first
+    token comes from the prompt), counted by its own decode-batch histogram."""
+    import httpx
+
+    def decode_rows() -> float:
+        text = httpx.get(f"http://127.0.0.1:{stack.workers[0].metrics_port}/metrics", timeout=5).text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("switchyard_worker_decode_batch_size_sum"))
+
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path)
+    try:
+        lengths = [1, 2, 3, 5, 8, 13, 21, 2]
+        reqs = [request(PROMPTS[i], max_tokens=m) for i, m in enumerate(lengths)]
+        with grpc.insecure_channel(stack.router_address) as ch:
+            stream(ch, request(PROMPTS[0], max_tokens=1))  # warm-up (and a first scrape target)
+            before = decode_rows()
+            with ThreadPoolExecutor(len(reqs)) as pool:
+                results = list(pool.map(lambda r: stream(ch, r), reqs))
+        for r, (ids, _text, final) in zip(reqs, results):
+            assert ids == direct(engine, r.text, r.max_tokens) and final.usage.completion_tokens == r.max_tokens
+        assert decode_rows() - before == sum(m - 1 for m in lengths)
+    finally:
+        stack.stop()
+
+
 def test_requests_ending_at_different_steps_leave_nothing_on_the_worker(tiny_stack: LocalStack,
                                                                          channel: grpc.Channel) -> None:
     """Finished requests are freed by the batcher's next Step while others still run, and the

@@ -70,6 +70,7 @@ class SentStep:
     removing: list[str]
     decoding: list[Active]  # the sequences it asked `steps` tokens of
     steps: int
+    firsts: list[Active]  # the sequences whose prompt it completes (a first token each)
 
 
 class StepRefused(Exception):
@@ -289,8 +290,9 @@ class Scheduler:
         decoding: list[Active] = []
         single_steps = self.config.decode_steps == 1
         for a in self.active.values():
-            if a.prefill_left or a.retiring:
-                continue
+            if a.retiring or (a.prefill_left and a.chunk_in_flight < a.prefill_left):
+                continue  # still prefilling after the chunks in flight
+            # It decodes in this step: its prompt is done, or completes in a step before it.
             if single_steps and a.tokens_in_flight and a.tokens_in_flight >= a.tokens_left(self.info.context_length):
                 # Its last token is already asked for: free it before the next step, so the
                 # worker does not decode it past its end (EOS cannot be foreseen this way).
@@ -304,12 +306,16 @@ class Scheduler:
         # Fairness between waiting and running: while sequences decode, a newcomer's prompt is
         # fed in smaller chunks so it never stalls their next token for a whole long prefill.
         budget = self.config.prefill_chunk_decoding if decoding else self.config.prefill_chunk
+        firsts: list[Active] = []
         for rid, a in self.active.items():
             if a.prefill_left and not a.chunk_in_flight and budget > 0:
                 n = min(a.prefill_left, budget)
                 chunks.append(worker_pb2.PrefillChunk(sequence_id=rid, max_tokens=n))
                 a.chunk_in_flight = n
                 budget -= n
+                if n == a.prefill_left:  # its last chunk: the step also samples its first token
+                    a.tokens_in_flight += 1
+                    firsts.append(a)
         if not (decoding or chunks or self.to_add):
             return None
         adds, self.to_add = self.to_add, []
@@ -317,7 +323,7 @@ class Scheduler:
         steps = self._decode_steps(decoding)
         for a in decoding:
             a.tokens_in_flight += steps
-        self._in_flight.append(SentStep(chunks, removing, decoding, steps))
+        self._in_flight.append(SentStep(chunks, removing, decoding, steps, firsts))
         return worker_pb2.StepRequest(prefill=chunks, decode=bool(decoding), add=[_spec(a) for a in adds],
                                       decode_steps=steps, remove=removing)
 
@@ -332,6 +338,8 @@ class Scheduler:
         then finished requests retire."""
         for a in sent.decoding:
             a.tokens_in_flight = max(a.tokens_in_flight - sent.steps, 0)
+        for a in sent.firsts:
+            a.tokens_in_flight = max(a.tokens_in_flight - 1, 0)
         for chunk in sent.chunks:
             chunked = self.active.get(chunk.sequence_id)
             if chunked is not None:
@@ -396,7 +404,7 @@ class Scheduler:
             await self._remove([rid for rid, _ in finished], defer=True)
         # A retiring request is already freed on the worker: if its last token did not come
         # (the worker stopped short), it would wait forever. It ends with an error instead.
-        short = [a.request.request_id for a in sent.decoding
+        short = [a.request.request_id for a in [*sent.decoding, *sent.firsts]
                  if a.retiring and not a.tokens_in_flight and a.request.request_id in self.active]
         for rid in short:
             log.error("request %s: the worker returned fewer tokens than asked before its end", rid)
