@@ -32,8 +32,6 @@ import argparse
 import json
 import os
 import platform
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +52,8 @@ from switchyard.model.catalog import ModelCatalog  # noqa: E402
 from switchyard.model.config import ModelManifest  # noqa: E402
 from switchyard.model.convert import FP32_MODEL_NAME, INT4_MODEL_NAME, convert_gguf  # noqa: E402
 from switchyard.model.gguf_source import ensure_gguf  # noqa: E402
+
+from reference_process import run_events  # noqa: E402  (bench/, beside this script)
 
 LLAMA = "llama.cpp"  # the label of llama.cpp's row
 
@@ -183,29 +183,21 @@ def llama_greedy(python: str, gguf: Path, prompts: list[list[int]], max_new: int
         task = progress.add_task(f"{LLAMA} greedy ({gguf.name})", total=len(prompts))
         result: dict | None = None
         error: str | None = None
+
+        def on_event(ev: dict) -> None:
+            nonlocal result, error
+            kind = ev.get("event")
+            if kind == "progress":
+                progress.update(task, completed=ev["done"])
+            elif kind == "result":
+                result = ev
+            elif kind == "error":
+                error = f"{ev['error']}\n{ev.get('traceback', '')}"
         t0 = time.perf_counter()
-        with tempfile.TemporaryFile("w+") as errf:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, cwd=REPO)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                try:
-                    ev = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                kind = ev.get("event")
-                if kind == "progress":
-                    progress.update(task, completed=ev["done"])
-                elif kind == "result":
-                    result = ev
-                elif kind == "error":
-                    error = f"{ev['error']}\n{ev.get('traceback', '')}"
-            rc = proc.wait()
-            errf.seek(0)
-            stderr = errf.read()
+        end = run_events(cmd, REPO, on_event)
         seconds = time.perf_counter() - t0
-    if result is None or rc != 0:
-        sig = f" (signal {signal.Signals(-rc).name})" if rc < 0 else ""
-        raise SystemExit(f"llama.cpp failed: exit code {rc}{sig}: {error or stderr[-1500:].strip()}")
+    if result is None or end.returncode != 0:
+        raise SystemExit(f"llama.cpp failed: {error or end.failure() or 'no result'}")
     outputs = [[int(t) for t in o] for o in result["outputs"]]
     result["process_s"] = seconds  # with the subprocess's start and the GGUF's load
     # the decode loop alone, like our engine's greedy time (which excludes loading the folder)

@@ -68,6 +68,8 @@ from switchyard.model.convert import MODEL_NAMES, convert_gguf, is_complete  # n
 PLAIN_MODELS = REPO / ".cache" / "plain-models"
 from switchyard.model.gguf_source import ensure_gguf  # noqa: E402
 
+from reference_process import run_events  # noqa: E402  (bench/, beside this script)
+
 console = Console(stderr=True)
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
@@ -308,35 +310,26 @@ def bench_reference(python: str, engine: str, target: Path, model_label: str, pr
         cmd += ["--llama-modes", args.llama_modes, "--llama-flash-attn", args.llama_flash_attn]
     tasks: dict[str, int] = {}
     outcome = RefOutcome(name, [])
-    with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            kind = ev.get("event")
-            if kind == "progress":
-                label = ev["label"]
-                if label not in tasks:
-                    tasks[label] = progress.add_task(label, total=ev["total"] or None)
-                progress.update(tasks[label], completed=ev["done"], total=ev["total"])
-            elif kind == "result":
-                model = "Q4_1 GGUF" if engine == "llama" else model_label
-                outcome.runs.append(Run(ev["engine"], model, ev["mode"], ev["streams"], ev).summarize())
-                outcome.info = {k: ev[k] for k in ("engine_version", "load_s", "threads") if k in ev}
-            elif kind == "error":
-                outcome.error = ev["error"]
-                outcome.info["traceback"] = ev.get("traceback", "")
-            elif kind == "done":
-                outcome.peak_rss_mib = ev.get("peak_rss_mib")
-        rc = proc.wait()
-        err.seek(0)
-        stderr = err.read()
-    if rc != 0 and outcome.error is None:
-        sig = f" (signal {signal.Signals(-rc).name})" if rc < 0 else ""
-        outcome.error = f"exit code {rc}{sig}; stderr tail: {stderr[-1500:].strip()}"
+
+    def on_event(ev: dict[str, Any]) -> None:
+        kind = ev.get("event")
+        if kind == "progress":
+            label = ev["label"]
+            if label not in tasks:
+                tasks[label] = progress.add_task(label, total=ev["total"] or None)
+            progress.update(tasks[label], completed=ev["done"], total=ev["total"])
+        elif kind == "result":
+            model = "Q4_1 GGUF" if engine == "llama" else model_label
+            outcome.runs.append(Run(ev["engine"], model, ev["mode"], ev["streams"], ev).summarize())
+            outcome.info = {k: ev[k] for k in ("engine_version", "load_s", "threads") if k in ev}
+        elif kind == "error":
+            outcome.error = ev["error"]
+            outcome.info["traceback"] = ev.get("traceback", "")
+        elif kind == "done":
+            outcome.peak_rss_mib = ev.get("peak_rss_mib")
+    end = run_events(cmd, REPO, on_event)
+    if outcome.error is None:
+        outcome.error = end.failure()
     return outcome
 
 

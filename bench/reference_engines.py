@@ -52,7 +52,9 @@ import os
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -173,23 +175,35 @@ class LlamaCpp:
             batch.seq_id[j][0] = sid
             batch.logits[j] = 1 if want else 0
 
-    def sequential(self, prompts: list[list[int]], new_tokens: int, label: str) -> dict:
-        """N streams one after another (the high-level API's model: one sequence at a time),
-        through the same low-level decode loop as `batched` so that only scheduling differs."""
+    @contextmanager
+    def _one_at_a_time(self, prompts: list[list[int]], new_tokens: int) -> Iterator[tuple[Any, Any]]:
+        """A one-sequence context for the longest prompt plus `new_tokens`, and its batch."""
         lc = self.lc
-        n = len(prompts)
         plen = max(len(p) for p in prompts)
         ctx = self.context(1, plen + new_tokens + 16, max(512, plen))
         batch = lc.llama_batch_init(max(512, plen), 0, 1)
         try:
-            mem = lc.llama_get_memory(ctx)
+            yield ctx, batch
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
+
+    def _prefill_alone(self, ctx: Any, batch: Any, prompt: list[int]) -> int:
+        """Clear the context's memory, prefill `prompt`, return its argmax next token."""
+        self.lc.llama_memory_clear(self.lc.llama_get_memory(ctx), True)
+        self._fill(batch, [(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+        self._decode(ctx, batch)
+        return self._argmax(ctx, len(prompt) - 1)
+
+    def sequential(self, prompts: list[list[int]], new_tokens: int, label: str) -> dict:
+        """N streams one after another (the high-level API's model: one sequence at a time),
+        through the same low-level decode loop as `batched` so that only scheduling differs."""
+        n = len(prompts)
+        with self._one_at_a_time(prompts, new_tokens) as (ctx, batch):
             tl = Timeline(n)
             for i, prompt in enumerate(prompts):
-                lc.llama_memory_clear(mem, True)
                 t_s = tl.now()
-                self._fill(batch, [(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt)])
-                self._decode(ctx, batch)
-                tok = self._argmax(ctx, len(prompt) - 1)
+                tok = self._prefill_alone(ctx, batch, prompt)
                 tl.prefill_s += tl.now() - t_s
                 tl.token(i, tok, tl.now())
                 pos = len(prompt)
@@ -204,9 +218,6 @@ class LlamaCpp:
                     pos += 1
                 progress(label, i + 1, n)
             return tl.result(engine="llama.cpp", mode="sequential", streams=n)
-        finally:
-            lc.llama_batch_free(batch)
-            lc.llama_free(ctx)
 
     def batched(self, prompts: list[list[int]], new_tokens: int, prefill_chunk: int, label: str) -> dict:
         """Continuous batching with llama_decode: each step decodes one token of every running
@@ -273,20 +284,12 @@ class LlamaCpp:
     def greedy(self, prompts: list[list[int]], max_new: int, stop_ids: set[int], label: str) -> dict:
         """Greedy continuation of every prompt, alone in a fresh context state, up to `max_new`
         tokens or through the first stop id; the argmax of the logits (no sampler chain)."""
-        lc = self.lc
         n = len(prompts)
-        plen = max(len(p) for p in prompts)
-        ctx = self.context(1, plen + max_new + 16, max(512, plen))
-        batch = lc.llama_batch_init(max(512, plen), 0, 1)
-        try:
-            mem = lc.llama_get_memory(ctx)
+        with self._one_at_a_time(prompts, max_new) as (ctx, batch):
             outputs: list[list[int]] = []
             t0 = time.perf_counter()
             for i, prompt in enumerate(prompts):
-                lc.llama_memory_clear(mem, True)
-                self._fill(batch, [(t, p, 0, p == len(prompt) - 1) for p, t in enumerate(prompt)])
-                self._decode(ctx, batch)
-                tok = self._argmax(ctx, len(prompt) - 1)
+                tok = self._prefill_alone(ctx, batch, prompt)
                 out = [tok]
                 pos = len(prompt)
                 while tok not in stop_ids and len(out) < max_new:
@@ -299,9 +302,6 @@ class LlamaCpp:
                 progress(label, i + 1, n)
             return {"event": "result", "engine": "llama.cpp", "mode": "greedy", "streams": n,
                     "outputs": outputs, "wall_s": time.perf_counter() - t0}
-        finally:
-            lc.llama_batch_free(batch)
-            lc.llama_free(ctx)
 
     def highlevel(self, prompt: list[int], new_tokens: int, label: str) -> dict:
         """One stream through llama_cpp.Llama.generate (greedy: top_k=1, temp=0)."""
