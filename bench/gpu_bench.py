@@ -264,7 +264,8 @@ def sampled_decode(engine: Any, batches: list[int], prompt_tokens: int, steps: i
     from services.worker.providers import choose_providers
     from services.worker.sampling import SamplingParams
     params = SamplingParams(temperature=0.8, top_p=0.9)
-    device = engine.sampler or DeviceSampler(choose_providers("cuda" if engine.device == "cuda" else "cpu"))
+    chosen = engine.sampler  # as the engine chose it ("auto"): put back afterwards
+    device = chosen or DeviceSampler(choose_providers("cuda" if engine.device == "cuda" else "cpu"))
     rows = []
     try:
         for batch in batches:
@@ -276,7 +277,7 @@ def sampled_decode(engine: Any, batches: list[int], prompt_tokens: int, steps: i
             row["device_over_host_tokens_per_s"] = row["device_tokens_per_s"] / row["host_tokens_per_s"]
             rows.append(row)
     finally:
-        engine.sampler = device if engine.device == "cuda" else None  # as the engine chose ("auto")
+        engine.sampler = chosen
     return rows
 
 

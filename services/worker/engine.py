@@ -160,6 +160,8 @@ class Engine:
                        max_rows=max_sequences, max_length=self.context_length, cuda_graph=cuda_graph,
                        block_size=BLOCK_SIZE if device_blocks else 0)
             if self.graph == "fused" else PlainBatch(self.session, self.device, n, kv_heads, head_dim))
+        # The fused batch whose prefix-cache blocks live on its device (None: numpy blocks).
+        self._block_batch: FusedBatch | None = self.batch if device_blocks else None  # type: ignore[assignment]
         if device_sampling not in ("auto", "on", "off"):
             raise EngineError(f"device_sampling must be auto, on or off, got {device_sampling!r}")
         use_sampler = device_sampling == "on" or (device_sampling == "auto" and self.device == "cuda")
@@ -235,15 +237,15 @@ class Engine:
         n = self.prefix_cache.lookup(wanted)
         if n == 0:
             return
-        if self._device_blocks is not None:
-            self.batch.seed_blocks(seq, self.prefix_cache.blocks(wanted[:n]))  # type: ignore[attr-defined]
+        if self._block_batch is not None:
+            self._block_batch.seed_blocks(seq, self.prefix_cache.blocks(wanted[:n]))
         else:
             self.batch.seed(seq, self.prefix_cache.assemble(wanted[:n]))
         seq.processed = seq.cached_tokens = n * BLOCK_SIZE
 
     @property
     def _device_blocks(self) -> DeviceBlocks | None:
-        return getattr(self.batch, "blocks", None)
+        return self._block_batch.blocks if self._block_batch is not None else None
 
     def _keep_prefix(self, hashes: list[int], kv: list[np.ndarray]) -> None:
         """Offer a prefix's blocks to the cache (`kv` per past name [kv_heads, T, head_dim],
@@ -259,15 +261,15 @@ class Engine:
 
     def _keep_private(self, seq: Sequence, hashes: list[int]) -> None:
         """Cache the blocks of a prompt prefilled in its own buffer (chunks or a cached start)."""
-        if self._device_blocks is not None:
-            self._keep_device_prefix(hashes, self.batch.private_sources(seq))  # type: ignore[attr-defined]
+        if self._block_batch is not None:
+            self._keep_device_prefix(hashes, self._block_batch.private_sources(seq))
         else:
             self._keep_prefix(hashes, self.batch.private_kv(seq))
 
     def _keep_row_prefix(self, sequence_id: str, n: int, hashes: list[int]) -> bool:
         """Cache the blocks of a decode-batch row's first n positions; False if it holds other than n."""
-        if self._device_blocks is not None:
-            sources = self.batch.row_sources(sequence_id, n)  # type: ignore[attr-defined]
+        if self._block_batch is not None:
+            sources = self._block_batch.row_sources(sequence_id, n)
             if sources is None:
                 return False
             self._keep_device_prefix(hashes, sources)
@@ -371,6 +373,7 @@ class Engine:
         """One batched ONNX Runtime call over every sequence in the batch."""
         t0 = time.perf_counter()
         seqs = [self.sequences[sid] for sid in self.batch.ids]
+        greedy_rows = [row for row, s in enumerate(seqs) if s.params.plain_greedy]
         sampled = [row for row, s in enumerate(seqs) if not s.params.plain_greedy]
         # Sampling where the logits are needs no row's history (repetition penalty: host).
         on_device = bool(sampled) and self.sampler is not None and all(
@@ -380,7 +383,6 @@ class Engine:
         result.decode_batch_size = len(seqs)
         result.decode_steps += 1
         t_s = time.perf_counter()
-        greedy_rows = [i for i, s in enumerate(seqs) if s.params.plain_greedy]
         if best is not None:
             picked = {row: int(best[row]) for row in greedy_rows}
         else:
