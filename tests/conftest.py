@@ -6,6 +6,7 @@ and wait on health before yielding."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -128,6 +129,14 @@ class Load:
         for t in self._threads:
             t.join(timeout=120)
         return self.results
+
+
+def up_grpc_address(output: str) -> str:
+    """The router's gRPC address from `switchyard up`'s "Switchyard is up  gRPC HOST:PORT" line
+    (tests start it on port 0: a port picked beforehand may be taken by the time the router binds)."""
+    found = re.search(r"Switchyard is up\s+gRPC (\S+:\d+)", output)
+    assert found, output
+    return found.group(1)
 
 
 def start_switchyard_up(cwd: Path, args: list[str], timeout_s: float = 120.0) -> tuple[subprocess.Popen, str]:

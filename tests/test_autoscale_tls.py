@@ -15,7 +15,7 @@ import grpc
 import pytest
 from cryptography import x509
 
-from conftest import TINY, Load, start_stack, start_switchyard_up, wait_for_replicas
+from conftest import TINY, Load, start_stack, start_switchyard_up, up_grpc_address, wait_for_replicas
 from services.autoscaler.config import AutoscalerConfig
 from switchyard.config import ConfigError, load_config
 from switchyard.runtime.lifecycle import READY
@@ -113,18 +113,17 @@ def test_switchyard_up_runs_autoscale_with_tls(tiny_models_dir: Path, tmp_path: 
     import subprocess
     import sys
 
-    from switchyard.bus.server import free_port
-    grpc_port = free_port()
     up, output = start_switchyard_up(tmp_path, [
-        "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=1", "--grpc-port", str(grpc_port),
-        "--http-port", "-1", "--nats-port", str(free_port()), "--log-dir", "runs/logs", "--run-dir", "runs/run",
+        "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=1", "--grpc-port", "0",
+        "--http-port", "-1", "--nats-port", "0", "--log-dir", "runs/logs", "--run-dir", "runs/run",
         "--tls", "certs", "--autoscale", f"{TINY}=1:2:reactive", "--autoscale-options", "scale_down_window_s=5"])
     try:
         assert "Switchyard is up" in output, output
+        grpc_address = up_grpc_address(output)
         assert "NATS over TLS" in output and f"autoscaling {TINY}=1:2:reactive" in output, output
         assert (tmp_path / "certs" / "autoscaler.pem").is_file()
         generate = subprocess.run(
-            [sys.executable, "-m", "switchyard.cli", "generate", "--address", f"127.0.0.1:{grpc_port}",
+            [sys.executable, "-m", "switchyard.cli", "generate", "--address", grpc_address,
              "--tls-ca", "certs/ca.pem", "--model", TINY, "--max-tokens", "8", "--no-chat", "hello"],
             cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert generate.returncode == 0, generate.stderr

@@ -3,7 +3,9 @@ generate` against it, Ctrl-C (SIGINT) stopping every process it started."""
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from switchyard.bus.server import free_port
+from switchyard.runtime.stack import LocalStack, StackSpec
 
-from conftest import TINY, start_switchyard_up
+from conftest import TINY, start_switchyard_up, up_grpc_address
 
 pytestmark = pytest.mark.integration
 
@@ -43,19 +45,18 @@ def alive(pid: int) -> bool:
 
 
 def test_up_serves_generate_streams_and_ctrl_c_leaves_no_orphans(tiny_models_dir: Path, tmp_path: Path) -> None:
-    grpc_port = free_port()
     up, output = start_switchyard_up(tmp_path, [
-        "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=2", "--grpc-port", str(grpc_port),
-        "--http-port", str(free_port()), "--nats-port", str(free_port()), "--log-dir", "runs/logs",
-        "--run-dir", "runs/run"])
+        "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=2", "--grpc-port", "0",
+        "--http-port", "0", "--nats-port", "0", "--log-dir", "runs/logs", "--run-dir", "runs/run"])
     try:
         assert "Switchyard is up" in output, output
+        grpc_address = up_grpc_address(output)
         assert "development API key: sy-" in output
         started = children_of(up.pid)
         assert len(started) >= 6  # nats-server, 2 workers, 2 batchers, router
 
         generate = subprocess.run(
-            [sys.executable, "-m", "switchyard.cli", "generate", "--address", f"127.0.0.1:{grpc_port}",
+            [sys.executable, "-m", "switchyard.cli", "generate", "--address", grpc_address,
              "--model", TINY, "--max-tokens", "12", "--no-chat", "hello"],
             cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert generate.returncode == 0, generate.stderr
@@ -70,3 +71,36 @@ def test_up_serves_generate_streams_and_ctrl_c_leaves_no_orphans(tiny_models_dir
     finally:
         if up.poll() is None:
             up.kill()
+
+
+def test_up_refuses_a_port_in_use_before_starting_anything(tiny_models_dir: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up = subprocess.run([sys.executable, "-m", "switchyard.cli", "up", "--models-dir", str(tiny_models_dir),
+                             "--serve", f"{TINY}=1", "--grpc-port", "0", "--http-port", str(port),
+                             "--nats-port", "0", "--log-dir", "runs/logs", "--run-dir", "runs/run"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert up.returncode == 2, up.stdout + up.stderr
+    assert f"ports already in use: --http-port {port} (127.0.0.1)" in up.stderr
+    assert not (tmp_path / "runs" / "logs").exists()  # refused before any process or log
+
+
+def test_a_service_that_dies_at_start_up_explains_itself_in_the_stack_error(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """A port taken between a check and the router's bind: the router says which port and what to
+    do, and LocalStack's error carries that line (a CI run's log folder is gone when read)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        stack = LocalStack(StackSpec(models_dir=tiny_models_dir, replicas={TINY: 1}, grpc_port=port,
+                                     http_port=-1, log_dir=tmp_path))
+        with pytest.raises(RuntimeError) as failed:
+            stack.start(timeout_s=60)
+    message = str(failed.value)
+    assert message.startswith("router exited with 1; see ")
+    assert f"router: cannot listen for gRPC on 127.0.0.1:{port}" in message and "choose another --grpc-port" in message
+    # start() stopped what it had started
+    assert stack.nats is not None and stack.nats.process is not None and stack.nats.process.poll() is not None
+    assert stack.services() and all(svc.process.poll() is not None for svc in stack.services())

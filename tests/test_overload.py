@@ -27,17 +27,21 @@ def test_five_times_capacity_sheds_fast_and_keeps_admitted_ttft_within_slo(tiny_
     # router (the process under test) queued behind them, and the shed latency measures that.
     stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path, max_batch_size=8,
                         batcher_args=("--token-budget", "1500"), worker_args={TINY: ("--threads", "1")})
+    max_tokens, margin, fleet_slots = 250, 25, 10
     try:
         req = generate_pb2.GenerateRequest(model=TINY, token_ids=generate_pb2.TokenIds(ids=list(range(10, 60))),
-                                           max_tokens=250, stop=generate_pb2.StopConditions(ignore_eos=True))
+                                           max_tokens=max_tokens, stop=generate_pb2.StopConditions(ignore_eos=True))
+        received: list[int] = []  # tokens each admitted request of the burst has received so far
 
-        async def one(stub: generate_pb2_grpc.GenerationStub) -> tuple[str, float, float | None, float | None]:
+        async def one(stub: generate_pb2_grpc.GenerationStub, slot: int | None = None) -> tuple[str, float, float | None, float | None]:
             start = time.perf_counter()
             ttft = None
             try:
                 async for event in stub.Generate(req, timeout=120):
-                    if event.HasField("tokens") and ttft is None:
-                        ttft = time.perf_counter() - start
+                    if event.HasField("tokens"):
+                        ttft = time.perf_counter() - start if ttft is None else ttft
+                        if slot is not None:
+                            received[slot] += len(event.tokens.token_ids)
                 return "ok", time.perf_counter() - start, ttft, None
             except grpc.aio.AioRpcError as exc:
                 retry = dict(exc.trailing_metadata() or ()).get("retry-after-s")
@@ -47,18 +51,28 @@ def test_five_times_capacity_sheds_fast_and_keeps_admitted_ttft_within_slo(tiny_
             async with grpc.aio.insecure_channel(stack.router_address) as ch:
                 stub = generate_pb2_grpc.GenerationStub(ch)
                 await one(stub)  # warm the channel and the engines
-                running = asyncio.gather(*(one(stub) for _ in range(50)))
-                await asyncio.sleep(0.05)
-                # while the admitted ones run: how long does one more request take to be shed?
-                probes = [await one(stub) for _ in range(10)]
+                received.extend([0] * 50)
+                running = asyncio.gather(*(one(stub, slot) for slot in range(50)))
+                # Once the fleet's slots all stream (the router has admitted the burst) and while
+                # every admitted request is still `margin` tokens short of its end (no capacity
+                # can have been freed), how long does one more request take to be shed?
+                async def fleet_streaming() -> None:
+                    while sum(1 for n in received if n) < fleet_slots:
+                        await asyncio.sleep(0.002)
+                await asyncio.wait_for(fleet_streaming(), timeout=60)
+                probes = []
+                while len(probes) < 10 and max(received) < max_tokens - margin:
+                    probes.append(await one(stub))
                 return await running, probes
 
         results, probes = asyncio.run(burst())
+        assert len(probes) >= 5, f"only {len(probes)} probes before the first admitted request neared its end"
         assert all(p[0] == "RESOURCE_EXHAUSTED" for p in probes), probes
         # Shed at once, not after waiting for capacity (that would take seconds here): p50 under
         # 25 ms. An idle router refuses in ~3 ms; during this burst, with seven processes on the
-        # 2-core box and the router forwarding ~thousands of tokens/s, 4–19 ms was measured (a
-        # 10 ms bound failed ~1 run in 5 on a quiet machine).
+        # 2-core box and the router forwarding ~thousands of tokens/s, p50s of 7–16 ms were
+        # measured (four runs, one with a core busy-looped; the slowest probe 94–257 ms). A 10 ms
+        # bound failed ~1 run in 5 on a quiet machine.
         assert statistics.median(p[1] for p in probes) < 0.025, sorted(p[1] for p in probes)
         ok = [r for r in results if r[0] == "ok"]
         shed = [r for r in results if r[0] == "RESOURCE_EXHAUSTED"]

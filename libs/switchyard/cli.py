@@ -95,6 +95,7 @@ def up(
                                     "(`python -m services.worker --help` lists them)"),
 ) -> None:
     """Run the local stack in the foreground: nats-server, replicas, router. Ctrl-C stops all."""
+    from switchyard.bus.server import port_is_free
     from switchyard.runtime.stack import LocalStack, StackSpec
     logging.basicConfig(level=logging.INFO, format="%(asctime)s up %(levelname)s %(message)s")
     wanted = parse_serve(serve)
@@ -104,6 +105,13 @@ def up(
     if missing:
         console.print(f"[red]missing model folders {missing} in {models_dir}[/red]: run `make model` "
                       "(or `switchyard model convert` / `switchyard model tiny`)")
+        raise typer.Exit(2)
+    taken = [f"--{flag} {port} ({bind_host})" for flag, port, bind_host in
+             (("grpc-port", grpc_port, host), ("http-port", http_port, host), ("nats-port", nats_port, internal_host))
+             if port > 0 and not port_is_free(bind_host, port)]
+    if taken:  # before any model loads: a second `up` would otherwise fail a minute later, in a log
+        console.print(f"[red]ports already in use: {', '.join(taken)}[/red] (another Switchyard running?); "
+                      "pass other ports, or 0 to pick free ones")
         raise typer.Exit(2)
     log_dir.mkdir(parents=True, exist_ok=True)
     dev_key, dev_key_created = None, False
@@ -132,8 +140,12 @@ def up(
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # explicit: a shell may start us with SIGINT ignored
         signal.signal(sig, lambda *_: stopping.set())
-    with console.status("starting nats-server, workers, batchers and the router…"):
-        stack.start()
+    try:
+        with console.status("starting nats-server, workers, batchers and the router…"):
+            stack.start()
+    except (RuntimeError, TimeoutError) as exc:  # start() has stopped what it started
+        console.print(f"[red]the stack did not start:[/red] {exc}")
+        raise typer.Exit(1) from None
     scaler = None
     try:
         if autoscale:

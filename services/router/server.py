@@ -124,16 +124,23 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     enable_reflection(server, (GENERATION_SERVICE, health.SERVICE_NAME))
     grpc_address = f"{config.host}:{config.grpc_port}"
     gateway_tls = (config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
-    grpc_port = (server.add_secure_port(grpc_address, grpc_server_credentials(*gateway_tls)) if gateway_tls
-                 else server.add_insecure_port(grpc_address))
+    try:
+        grpc_port = (server.add_secure_port(grpc_address, grpc_server_credentials(*gateway_tls)) if gateway_tls
+                     else server.add_insecure_port(grpc_address))
+    except RuntimeError as exc:  # grpc says only "Failed to bind"
+        raise SystemExit(f"router: cannot listen for gRPC on {grpc_address} ({exc}): the port is in use or the "
+                         "address is not this host's; choose another --grpc-port or --host") from exc
     await server.start()
     http = None
     if config.http_port >= 0:
         app = create_http_app(pipeline, max_body_bytes=config.max_body_bytes,
                               request_timeout_s=config.request_timeout_s, write_timeout_s=config.write_timeout_s)
         add_rollout_routes(app, rollouts, pipeline, config.admin_key)
-        http = HttpFrontEnd(app, config.host, config.http_port,
-                            grace_s=config.grace_s, tls=gateway_tls)
+        try:
+            http = HttpFrontEnd(app, config.host, config.http_port, grace_s=config.grace_s, tls=gateway_tls)
+        except OSError as exc:
+            raise SystemExit(f"router: cannot listen for HTTP on {config.host}:{config.http_port} ({exc}); "
+                             "choose another --http-port (-1 turns the HTTP API off)") from exc
         await http.start()
     for name in ("", GENERATION_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

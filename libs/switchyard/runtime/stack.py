@@ -35,6 +35,17 @@ def model_folder(served: str) -> str:
     return served.partition("@")[0]
 
 
+def log_tail(path: Path, lines: int = 15, max_bytes: int = 8192) -> str:
+    """The last `lines` lines of a log file ('' when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 @dataclass
 class Service:
     name: str
@@ -61,12 +72,19 @@ class Service:
                 args[i + 1] = str(pinned[arg])
         return args
 
+    def exited_error(self) -> RuntimeError:
+        """Why start-up failed, with the end of the service's log: the log may be gone by the time
+        someone reads the error (a CI run's temporary folder)."""
+        tail = log_tail(self.log_path) if self.log_path else ""
+        return RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}"
+                            + (f"; it ended with:\n{tail}" if tail else ""))
+
     def wait_port(self, timeout_s: float) -> int:
         assert self.port_file is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log_path}")
+                raise self.exited_error()
             text = self.port_file.read_text().strip() if self.port_file.exists() else ""
             if text:
                 ports = json.loads(text)
@@ -401,7 +419,7 @@ class LocalStack:
             while time.monotonic() < deadline:
                 for svc in self.workers + self.batchers:
                     if svc.process.poll() is not None:
-                        raise RuntimeError(f"{svc.name} exited with {svc.process.returncode}; see {svc.log_path}")
+                        raise svc.exited_error()
                 try:
                     if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                         served = self._served(stub, generate_pb2.ListModelsRequest())  # virtual models too
