@@ -22,14 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stack_overhead import MODEL, through_stack  # noqa: E402
 
 from switchyard.model.tiny import build_tiny_model  # noqa: E402
+from switchyard.runtime.children import cpu_seconds  # noqa: E402
 from switchyard.runtime.stack import LocalStack, StackSpec  # noqa: E402
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
 def main() -> None:

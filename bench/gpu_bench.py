@@ -14,9 +14,10 @@ engine's internals change:
 - prefix cache hit: TTFT of the 1,024-token prompt when all but its last block is cached, the
   cache's blocks on the host vs on the device (the worker's default on CUDA);
 - the whole stack (LocalStack: router → NATS → batcher → worker on `--provider`) at 64 and 256
-  concurrent gRPC streams: tokens/s, TTFT p50/p99, errors — next to the engine's own rate at
-  that batch size — with the batcher's steps pipelined (depth 2, the default) and, at 256
-  streams, one step at a time (depth 1) and four decode steps per call for comparison;
+  concurrent gRPC streams from 4 client processes: tokens/s, TTFT p50/p99, errors, CPU µs per
+  token of each kind of process — next to the engine's own rate at that batch size — with 4
+  routers sharing the port and the batcher's steps pipelined (depth 2, the default); at 256
+  streams also one router, one step at a time (depth 1), and four decode steps per call;
 - GPU memory (nvidia-smi: the device and this process), process RSS, machine and versions.
 
 On the GPU machine (through ../shared/gpu's kit, a few minutes; `--profile` adds ORT's node
@@ -67,9 +68,11 @@ import numpy as np  # noqa: E402
 
 from gpu_check import PROMPTS as CHAT_PROMPTS  # noqa: E402  (the prompts gpu_check compares on)
 FULL = {"batches": [1, 16, 64, 256], "ttft_prompts": [128, 1024], "streams": [64, 256],
-        "decode_steps": 32, "prompt_tokens": 32, "stream_tokens": 128, "correct_tokens": 32}
+        "decode_steps": 32, "prompt_tokens": 32, "stream_tokens": 128, "correct_tokens": 32,
+        "stack_configs": "2/1/4,2/1/1,1/1/4,2/4/4", "stack_clients": 4}
 QUICK = {"batches": [1, 2, 4], "ttft_prompts": [16, 64], "streams": [2, 4],
-         "decode_steps": 8, "prompt_tokens": 16, "stream_tokens": 16, "correct_tokens": 8}
+         "decode_steps": 8, "prompt_tokens": 16, "stream_tokens": 16, "correct_tokens": 8,
+         "stack_configs": "2/1/2,2/1/1,1/1/2,2/4/2", "stack_clients": 2}
 
 
 def model_folder(models_dir: Path, variant: str) -> Path:
@@ -335,50 +338,97 @@ def ttft(engine: Any, prompt_tokens: int, rng: np.random.Generator, repeats: int
 
 
 async def drive_stack(address: str, metadata: tuple, model: str, streams: int, prompt_tokens: int,
-                      max_tokens: int, vocab: int) -> dict[str, Any]:
-    """`streams` concurrent gRPC Generate streams, one request each, EOS ignored."""
+                      max_tokens: int, vocab: int, connections: int = 1, start_at: float | None = None,
+                      seed: int | None = None) -> dict[str, Any]:
+    """`streams` concurrent gRPC Generate streams, one request each, EOS ignored, spread over
+    `connections` connections (several routers sharing the port each take some: the kernel
+    spreads connections, not streams). Starts at wall-clock `start_at` when given."""
     import grpc
 
     from switchyard.v1 import generate_pb2, generate_pb2_grpc
-    rng = np.random.default_rng(streams)
+    rng = np.random.default_rng(streams if seed is None else seed)
     ttfts: list[float] = []
-    ends: list[float] = []
     tokens = 0
     errors: list[str] = []
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = generate_pb2_grpc.GenerationStub(channel)
+    # A local subchannel pool per channel: channels to one address would otherwise share one connection.
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(max(1, connections))]
+    stubs = [generate_pb2_grpc.GenerationStub(channel) for channel in channels]
 
-        async def one(i: int) -> None:
-            nonlocal tokens
-            req = generate_pb2.GenerateRequest(
-                model=model, max_tokens=max_tokens, stop=generate_pb2.StopConditions(ignore_eos=True),
-                token_ids=generate_pb2.TokenIds(ids=random_prompt(rng, vocab, prompt_tokens)))
-            start, first, got = time.perf_counter(), None, 0
-            try:
-                async for event in stub.Generate(req, metadata=metadata):
-                    if event.HasField("tokens"):
-                        first = first or time.perf_counter()
-                        got += len(event.tokens.token_ids)
-            except grpc.aio.AioRpcError as exc:
-                errors.append(f"{exc.code().name}: {exc.details()}")
-            tokens += got
-            if first is not None:
-                ttfts.append(first - start)
-            ends.append(time.perf_counter())
+    async def one(i: int) -> None:
+        nonlocal tokens
+        req = generate_pb2.GenerateRequest(
+            model=model, max_tokens=max_tokens, stop=generate_pb2.StopConditions(ignore_eos=True),
+            token_ids=generate_pb2.TokenIds(ids=random_prompt(rng, vocab, prompt_tokens)))
+        start, first, got = time.perf_counter(), None, 0
+        try:
+            async for event in stubs[i % len(stubs)].Generate(req, metadata=metadata):
+                if event.HasField("tokens"):
+                    first = first or time.perf_counter()
+                    got += len(event.tokens.token_ids)
+        except grpc.aio.AioRpcError as exc:
+            errors.append(f"{exc.code().name}: {exc.details()}")
+        tokens += got
+        if first is not None:
+            ttfts.append(first - start)
 
-        t0 = time.perf_counter()
+    try:
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+        t0, wall0 = time.perf_counter(), time.time()
         await asyncio.gather(*(one(i) for i in range(streams)))
         wall = time.perf_counter() - t0
+    finally:
+        for channel in channels:
+            await channel.close()
     return {"streams": streams, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "tokens": tokens,
-            "expected_tokens": streams * max_tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_s_p50": pct(ttfts, 50), "ttft_s_p99": pct(ttfts, 99), "errors": len(errors),
-            "error_samples": errors[:5]}
+            "expected_tokens": streams * max_tokens, "wall_s": wall, "started_unix_s": wall0,
+            "tokens_per_s": tokens / wall, "ttfts_s": ttfts, "errors": len(errors), "error_samples": errors[:5]}
+
+
+def _drive_share(*args: Any) -> dict[str, Any]:
+    """One client process's share of the streams (ProcessPoolExecutor target)."""
+    return asyncio.run(drive_stack(*args))
+
+
+def drive_stack_processes(address: str, metadata: tuple, model: str, streams: int, prompt_tokens: int,
+                          max_tokens: int, vocab: int, processes: int, connections: int) -> dict[str, Any]:
+    """The streams split over `processes` client processes (one Python client touches every
+    token it receives: one process alone tops out below what a GPU stack can carry), each
+    with `connections` connections, starting together; tokens/s over the whole span."""
+    if processes <= 1:
+        run = asyncio.run(drive_stack(address, metadata, model, streams, prompt_tokens, max_tokens, vocab, connections))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        shares = [streams // processes + (1 if i < streams % processes else 0) for i in range(processes)]
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(time.sleep, [0.3] * processes))  # every process spawned before the clock starts
+            start_at = time.time() + 5.0  # every client imported and connected by then
+            parts = [f.result() for f in [
+                pool.submit(_drive_share, address, metadata, model, n, prompt_tokens, max_tokens, vocab,
+                            connections, start_at, streams * 1000 + i) for i, n in enumerate(shares) if n]]
+        ends = [p["started_unix_s"] + p["wall_s"] for p in parts]
+        wall = max(ends) - min(p["started_unix_s"] for p in parts)
+        tokens = sum(p["tokens"] for p in parts)
+        run = {"streams": streams, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "tokens": tokens,
+               "expected_tokens": streams * max_tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+               "ttfts_s": [t for p in parts for t in p["ttfts_s"]], "errors": sum(p["errors"] for p in parts),
+               "error_samples": [e for p in parts for e in p["error_samples"]][:5]}
+    ttfts = run.pop("ttfts_s")
+    run.pop("started_unix_s", None)
+    run.update(ttft_s_p50=pct(ttfts, 50), ttft_s_p99=pct(ttfts, 99), client_processes=max(1, processes),
+               connections=max(1, processes) * max(1, connections))
+    return run
 
 
 def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: int, max_tokens: int,
-                replicas: int, vocab: int, pipeline_depth: int = 2, decode_steps: int = 1) -> dict[str, Any]:
+                replicas: int, vocab: int, pipeline_depth: int = 2, decode_steps: int = 1, routers: int = 1,
+                client_processes: int = 1) -> dict[str, Any]:
     """The whole stack (router → NATS → batcher → worker on `provider`), one model folder, the
-    batcher keeping `pipeline_depth` worker steps in flight, `decode_steps` per call."""
+    batcher keeping `pipeline_depth` worker steps in flight, `decode_steps` per call, `routers`
+    routers sharing the port; the CPU each kind of process spent per token, from /proc."""
+    from switchyard.runtime.children import cpu_seconds
     from switchyard.runtime.stack import LocalStack, StackSpec
     log_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-logs-"))
     name = folder.name
@@ -386,18 +436,28 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
     # max_tokens per stream; its default 16,384 admits ~100 such streams, the router sheds the rest).
     budget = max(streams) * (prompt_tokens + max_tokens)
     spec = StackSpec(models_dir=folder.parent, replicas={name: replicas}, max_batch_size=max(streams),
-                     worker_args={name: ("--provider", provider)}, log_dir=log_dir,
+                     worker_args={name: ("--provider", provider)}, log_dir=log_dir, routers=routers,
                      batcher_args=("--token-budget", str(max(budget, 16384)),
                                    "--pipeline-depth", str(pipeline_depth), "--decode-steps", str(decode_steps)))
     out: dict[str, Any] = {"model": name, "replicas": replicas, "provider": provider, "log_dir": str(log_dir),
-                           "pipeline_depth": pipeline_depth, "decode_steps": decode_steps, "runs": []}
+                           "pipeline_depth": pipeline_depth, "decode_steps": decode_steps, "routers": routers,
+                           "runs": []}
     with LocalStack(spec) as stack:
+        assert stack.nats is not None and stack.nats.process is not None
+        kinds = {"router": stack.routers, "batcher": stack.batchers, "worker": stack.workers}
+        pids = {kind: [svc.process.pid for svc in services] for kind, services in kinds.items()}
+        pids["nats-server"] = [stack.nats.process.pid]
         asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, 2, prompt_tokens, 4, vocab))
         for n in streams:
-            run = asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, n, prompt_tokens,
-                                          max_tokens, vocab))
-            print(f"   stack (depth {pipeline_depth}, {decode_steps} steps/call) {n} streams: {run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, "
-                  f"errors {run['errors']}", flush=True)
+            before = {kind: sum(cpu_seconds(pid) for pid in ps) for kind, ps in pids.items()}
+            run = drive_stack_processes(stack.router_address, stack.auth_metadata(), name, n, prompt_tokens,
+                                        max_tokens, vocab, client_processes, connections=max(2, 2 * routers))
+            after = {kind: sum(cpu_seconds(pid) for pid in ps) for kind, ps in pids.items()}
+            run["cpu_us_per_token"] = {kind: round(1e6 * (after[kind] - before[kind]) / max(run["tokens"], 1), 1)
+                                       for kind in pids}
+            print(f"   stack ({routers} routers, depth {pipeline_depth}, {decode_steps} steps/call) {n} streams: "
+                  f"{run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, errors {run['errors']}, "
+                  f"CPU µs/token {run['cpu_us_per_token']}", flush=True)
             out["runs"].append(run)
     return out
 
@@ -417,9 +477,11 @@ def main() -> int:
                     "(nodes per run by provider, Memcpy nodes, top operators) at batch 1 and the largest batch")
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all): correctness, "
                     "decode, sampled, cuda_graph, ttft, prefix_hit, profile, stack")
-    ap.add_argument("--stack-configs", default="2/1,1/1,2/4", help="batcher settings to run the stack with, as "
-                    "pipeline-depth/decode-steps: the first is reported as `stack` (every stream count), the rest "
-                    "under `stack_other_configs` (the largest stream count only)")
+    ap.add_argument("--stack-configs", default=None, help="stack settings to run, as pipeline-depth/decode-steps/"
+                    "routers (default 2/1/4,2/1/1,1/1/4,2/4/4; --quick 2/1/2,2/1/1,1/1/2,2/4/2): the first is reported as `stack` "
+                    "(every stream count), the rest under `stack_other_configs` (the largest stream count only)")
+    ap.add_argument("--stack-clients", type=int, default=None, help="client processes driving the stack "
+                    "(default 4; --quick 2)")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="on CUDA, also measure decode replayed from captured CUDA graphs (Engine cuda_graph=True)")
     args = ap.parse_args()
@@ -536,13 +598,15 @@ def main() -> int:
             folder = model_folder(args.models_dir, stack_variant)
             from switchyard.model.config import ModelManifest
             vocab = ModelManifest.load(folder).config.vocab_size
-            configs = [tuple(int(v) for v in c.split("/")) for c in args.stack_configs.split(",") if c]
+            configs = [tuple(int(v) for v in c.split("/")) for c in (args.stack_configs or cfg["stack_configs"]).split(",") if c]
+            clients = args.stack_clients or cfg["stack_clients"]
             report["stack"] = bench_stack(folder, provider, cfg["streams"], cfg["prompt_tokens"],
-                                          cfg["stream_tokens"], args.replicas, vocab, *configs[0])
+                                          cfg["stream_tokens"], args.replicas, vocab, *configs[0],
+                                          client_processes=clients)
             for config in configs[1:]:
                 report["stack_other_configs"].append(bench_stack(
                     folder, provider, [max(cfg["streams"])], cfg["prompt_tokens"], cfg["stream_tokens"],
-                    args.replicas, vocab, *config))
+                    args.replicas, vocab, *config, client_processes=clients))
             engine_rates = {r["batch"]: r["tokens_per_s"] for r in report["decode"].get(stack_variant, [])}
             for stack_run in [report["stack"], *report["stack_other_configs"]]:
                 for run in stack_run["runs"]:

@@ -66,10 +66,16 @@ def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tm
         assert 0 < run["ttft_s_p50"] <= run["ttft_s_p99"] < run["wall_s"]
         engine_rate = {row["batch"]: row["tokens_per_s"] for row in decode}[run["streams"]]
         assert run["stack_over_engine"] == pytest.approx(run["tokens_per_s"] / engine_rate)
+        # two client processes, each with two connections per router (the kernel spreads connections)
+        assert run["client_processes"] == 2 and run["connections"] == 2 * 4
+        cpu = run["cpu_us_per_token"]
+        assert set(cpu) == {"router", "batcher", "worker", "nats-server"}
+        assert cpu["worker"] > cpu["router"] > 0  # on the CPU provider the model is the cost
 
-    assert (stack["pipeline_depth"], stack["decode_steps"]) == (2, 1)
-    others = r["stack_other_configs"]  # at the largest stream count: one step at a time, 4 steps per call
-    assert [(o["pipeline_depth"], o["decode_steps"]) for o in others] == [(1, 1), (2, 4)]
+    assert (stack["pipeline_depth"], stack["decode_steps"], stack["routers"]) == (2, 1, 2)
+    # at the largest stream count: one router, one step at a time, 4 steps per call
+    others = r["stack_other_configs"]
+    assert [(o["pipeline_depth"], o["decode_steps"], o["routers"]) for o in others] == [(2, 1, 1), (1, 1, 2), (2, 4, 2)]
     for other in others:
         assert [run["streams"] for run in other["runs"]] == [max(cfg["streams"])]
         assert other["runs"][0]["tokens"] == other["runs"][0]["expected_tokens"]
@@ -110,8 +116,12 @@ def test_gpu_bench_full_sizes_on_the_tiny_model(tiny_models_dir: Path, tmp_path:
     assert short["prompt_tokens"] == 128 and short["ttft_ms_p50"] > 0
     assert long == {"prompt_tokens": 1024, "skipped": "context is 512 tokens"}
     runs = r["stack"]["runs"]
-    assert [run["streams"] for run in runs] == [64, 256]
+    assert r["stack"]["routers"] == 4 and [run["streams"] for run in runs] == [64, 256]
     assert all(run["errors"] == 0 and run["tokens"] == run["streams"] * 128 for run in runs)
+    assert all(run["client_processes"] == 4 and run["connections"] == 4 * 8 for run in runs)
+    others = r["stack_other_configs"]
+    assert [(o["routers"], o["pipeline_depth"], o["decode_steps"]) for o in others] == [(1, 2, 1), (4, 1, 1), (4, 2, 4)]
+    assert all(o["runs"][0]["errors"] == 0 and o["runs"][0]["tokens"] == 256 * 128 for o in others)
 
 
 @pytest.mark.integration

@@ -76,6 +76,8 @@ def up(
     tenants_file: Optional[Path] = typer.Option(None, help="tenants TOML (default: a dev tenant in runs/)"),
     nats_port: int = typer.Option(4222, help="nats-server port"),
     max_batch_size: int = typer.Option(32, help="batch-size cap per replica"),
+    routers: int = typer.Option(1, min=1, help="router processes sharing the gRPC and HTTP ports (the kernel "
+                                "spreads client connections; each enforces tenant rate limits on its own)"),
     balancing: str = typer.Option("prefix_aware", help="routing policy: prefix_aware, least_loaded, "
                                   "power_of_two or round_robin"),
     model_routes: str = typer.Option("", help="virtual models routed by difficulty, name=small:large:threshold "
@@ -131,6 +133,7 @@ def up(
     spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, internal_host=internal_host, tls=tls,
                      internal_auth=internal_auth, grpc_port=grpc_port, http_port=http_port,
                      nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
+                     routers=routers,
                      router_args=(("--model-routes", model_routes) if model_routes else ())
                      # with autoscaling a model may have no replica yet: its requests wait for one
                      + (("--replica-wait-s", "120") if autoscale else ()),

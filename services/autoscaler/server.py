@@ -24,6 +24,7 @@ from switchyard.bus.queue import connect, decoded
 from switchyard.config import ConfigError, load_config
 from switchyard.fleet.view import FleetView
 from switchyard.runtime.lifecycle import FleetBackend, Replica, setup_logging, stop_event
+from switchyard.runtime.listen import grpc_server_options
 from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.tls import client_context
@@ -100,7 +101,7 @@ async def serve(config: AutoscalerConfig, backend: FleetBackend | None = None, s
                        tls=tls)
     await fleet.subscribe(nc)
     await nc.subscribe(DEMAND_ALL, cb=on_demand)
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=grpc_server_options())
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")

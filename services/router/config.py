@@ -36,6 +36,9 @@ class RouterConfig:
         "help": "virtual models resolved per request by difficulty: name=small:large:threshold,..."})
     heartbeat_misses: float = field(default=3.0, metadata={"help": "drop a replica after this many missed heartbeats"})
     router_id: str = field(default="", metadata={"help": "router id on the bus (default: random)"})
+    share_port: bool = field(default=False, metadata={
+        "help": "let several routers listen on the same gRPC and HTTP ports (SO_REUSEPORT): the kernel spreads "
+                "client connections across them; tenant rate limits are then enforced by each router on its own"})
     http_port: int = field(default=8000, metadata={"help": "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)"})
     tenants_file: Path | None = field(default=None, metadata={"help": "TOML file of tenants and hashed API keys (unset: no auth)"})
     queue_limit: int = field(default=64, metadata={"help": "requests a model may queue beyond its replicas' batch capacity"})

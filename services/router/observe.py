@@ -4,12 +4,15 @@ span and its attributes, Prometheus metrics, and the per-request record for repo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, Status, StatusCode
 from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from switchyard.reporting.records import RecordWriter, RequestRecord, cap_samples
 from switchyard.telemetry.metrics import LATENCY_BUCKETS
@@ -31,6 +34,23 @@ FAILOVERS = Counter("switchyard_failovers", "Requests re-dispatched after their 
                     "(before_first_token: a retry; mid_stream: a continuation)", ["model", "phase"])
 MODEL_ROUTED = Counter("switchyard_model_routed", "Requests for a virtual model, by the model chosen to serve them",
                        ["route", "model"])
+
+
+
+class ServedModelsCollector(Collector):
+    """Live replicas per served model as this router sees them, read at scrape time: with
+    several routers each holds its own fleet view, and a stack waits until all of them see
+    every replica (LocalStack.wait_ready)."""
+
+    def __init__(self, served_models: Callable[[], dict[str, Sized]]) -> None:
+        self._served_models = served_models
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("switchyard_router_live_replicas",
+                                   "Live replicas serving each model, in this router's fleet view", labels=["model"])
+        for model, replicas in sorted(self._served_models().items()):
+            family.add_metric([model], len(replicas))
+        yield family
 
 
 @dataclass

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import sys
 import uuid
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any, Callable
 
 import grpc
 import uvicorn
+from prometheus_client import REGISTRY
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from switchyard.bus.queue import connect, ensure_request_stream
@@ -24,6 +24,7 @@ from switchyard.reporting.records import RecordWriter
 from switchyard.routing.model_routes import ModelRouter
 from switchyard.routing.table import RoutingTable, parse_overrides
 from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.runtime.listen import grpc_server_options, listening_socket
 from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.grpc_context import TraceContextInterceptor
 from switchyard.telemetry.metrics import serve_metrics
@@ -39,7 +40,7 @@ from .http_api import create_http_app
 from .limits import AdmissionControl, RateLimiter
 from .pipeline import RequestPipeline, ResilienceConfig
 from .rollouts import RolloutManager, add_rollout_routes
-from .observe import RequestObserver
+from .observe import RequestObserver, ServedModelsCollector
 from .tenants import TenantDirectory
 
 log = logging.getLogger(__name__)
@@ -50,10 +51,8 @@ class HttpFrontEnd:
     """uvicorn serving the HTTP app inside the router's event loop (signals stay ours)."""
 
     def __init__(self, app: Callable[..., Any], host: str, port: int, grace_s: float = 5.0,
-                 tls: tuple[Path, Path] | None = None) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+                 tls: tuple[Path, Path] | None = None, share_port: bool = False) -> None:
+        self.sock = listening_socket(host, port, share_port)
         self.port = self.sock.getsockname()[1]
         # A hard limit on the drain: streams still open `grace_s` after SIGTERM are cut, so a
         # router stop never waits on a slow or endless stream.
@@ -112,12 +111,13 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
                                                            stall_timeout_s=config.stall_timeout_s,
                                                            retry_budget_ratio=config.retry_budget_ratio,
                                                            replica_wait_s=config.replica_wait_s))
+    REGISTRY.register(ServedModelsCollector(pipeline.served_models))
     demand = DemandPublisher(nc, pipeline.demand, router_id, config.demand_interval_s)
     pipeline.demand_wake = demand.wake
     demand.start()
     await rollouts.start(js, pipeline)  # rollout state read before serving, then watched
 
-    server = grpc.aio.server(interceptors=[TraceContextInterceptor()])
+    server = grpc.aio.server(interceptors=[TraceContextInterceptor()], options=grpc_server_options(config.share_port))
     add_generation_servicer(GenerationServicer(pipeline, config.write_timeout_s), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -137,7 +137,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
                               request_timeout_s=config.request_timeout_s, write_timeout_s=config.write_timeout_s)
         add_rollout_routes(app, rollouts, pipeline, config.admin_key)
         try:
-            http = HttpFrontEnd(app, config.host, config.http_port, grace_s=config.grace_s, tls=gateway_tls)
+            http = HttpFrontEnd(app, config.host, config.http_port, grace_s=config.grace_s, tls=gateway_tls,
+                                share_port=config.share_port)
         except OSError as exc:
             raise SystemExit(f"router: cannot listen for HTTP on {config.host}:{config.http_port} ({exc}); "
                              "choose another --http-port (-1 turns the HTTP API off)") from exc

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from switchyard.runtime.lifecycle import setup_logging, stop_event
+from switchyard.runtime.listen import grpc_server_options
 from switchyard.runtime.loop import run as run_loop
 from switchyard.telemetry.metrics import serve_metrics
 from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
@@ -242,7 +243,8 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
     stop = stop or stop_event()
     setup_tracing("switchyard-worker")
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
-    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(config.auth_token)] if config.auth_token else [])
+    server = grpc.aio.server(interceptors=[BearerTokenInterceptor(config.auth_token)] if config.auth_token else [],
+                             options=grpc_server_options())  # one worker per port: a stale one is refused
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"{config.host}:{config.port}"

@@ -123,6 +123,11 @@ class StackSpec:
     worker_threads: int = 0  # 0: share the cores evenly between workers
     max_batch_size: int = 32
     balancing: str = "prefix_aware"
+    # Router processes sharing the public ports (SO_REUSEPORT: the kernel spreads client
+    # connections across them). One Python router forwards every token of its streams; more
+    # of them carry more tokens/s on a machine with the cores (docs/benchmarks.md). Tenant
+    # rate limits are then enforced by each router on its own connections.
+    routers: int = 1
     heartbeat_s: float = 0.5
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -145,7 +150,7 @@ class LocalStack:
         self.nats: NatsServer | None = None
         self.workers: list[Service] = []
         self.batchers: list[Service] = []
-        self.router: Service | None = None
+        self.routers: list[Service] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="switchyard-stack-")
         self._stopping = False
         self._supervisor: threading.Thread | None = None
@@ -156,6 +161,11 @@ class LocalStack:
         # shows that to every local user), kept across restarts.
         self._secret_env: dict[str, dict[str, str]] = {}
         self.on_stop: list[Callable[[], None]] = []  # run first by stop()
+
+    @property
+    def router(self) -> Service | None:
+        """The first router (the one that picked the ports); all of them: `routers`."""
+        return self.routers[0] if self.routers else None
 
     @property
     def router_address(self) -> str:
@@ -218,7 +228,8 @@ class LocalStack:
         argv = [sys.executable, "-m", module, *args, *self._tls_args(module)] + (["--port-file", str(pf)] if pf else [])
         if module == "services.worker":
             self._provision_replica(name.removeprefix("worker-"), args)
-        env = {**os.environ, **self.spec.extra_env, **self._secret_env.get(name, {})}
+        role = "router" if module == "services.router" else name  # every router is the one NATS user
+        env = {**os.environ, **self.spec.extra_env, **self._secret_env.get(role, {})}
         argv, orphan_kwargs = orphan_proof(argv)
         with open(log_path, "ab") as log_file:
             process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, **orphan_kwargs)
@@ -403,9 +414,21 @@ class LocalStack:
             router_args += ["--tenants-file", str(spec.tenants_file)]
         if spec.records_dir:
             router_args += ["--records-dir", str(spec.records_dir)]
-        self.router = self._spawn("router", "services.router", router_args)
-        for svc in [*self.batchers, self.router]:
+        if spec.routers > 1:
+            router_args += ["--share-port", "true"]
+        first = self._spawn("router", "services.router", router_args)
+        self.routers = [first]
+        for svc in [*self.batchers, first]:
             svc.wait_port(timeout_s)
+        if spec.routers > 1:  # the others join the ports the first one bound (port 0 picks them)
+            pinned = {"--grpc-port": str(first.port), "--http-port": str(first.http_port or -1)}
+            joined = list(router_args)
+            for i, arg in enumerate(joined[:-1]):
+                if arg in pinned:
+                    joined[i + 1] = pinned[arg]
+            self.routers += [self._spawn(f"router-{i}", "services.router", joined) for i in range(2, spec.routers + 1)]
+            for svc in self.routers[1:]:
+                svc.wait_port(timeout_s)
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -423,12 +446,29 @@ class LocalStack:
                 try:
                     if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
                         served = self._served(stub, generate_pb2.ListModelsRequest())  # virtual models too
-                        if served is None or all(served.get(name, 0) == n for name, n in expected.items()):
+                        if ((served is None or all(served.get(name, 0) == n for name, n in expected.items()))
+                                and all(self._router_sees(svc, expected) for svc in self.routers[1:])):
                             return
                 except (grpc.RpcError, OSError, ValueError):
                     pass
                 time.sleep(0.1)
         raise TimeoutError(f"stack not ready in {timeout_s}s; logs in {self.log_dir}")
+
+    def _router_sees(self, router: Service, expected: dict[str, int]) -> bool:
+        """Whether one of several routers (the shared port reaches any of them) sees every
+        replica: its `switchyard_router_live_replicas` gauge. True without metrics."""
+        if router.process.poll() is not None:
+            raise router.exited_error()
+        if not router.metrics_port:
+            return True
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+        with urllib.request.urlopen(f"http://{self.spec.internal_host}:{router.metrics_port}/metrics", timeout=1) as resp:
+            text = resp.read().decode()
+        live = {sample.labels["model"]: sample.value for family in text_string_to_metric_families(text)
+                if family.name == "switchyard_router_live_replicas" for sample in family.samples}
+        return all(live.get(name, 0) == n for name, n in expected.items())
 
     def _served(self, stub: object, request: object) -> dict[str, int] | None:
         """Model → live replicas, as the router lists them. ListModels needs a key when a
@@ -453,7 +493,7 @@ class LocalStack:
         return {name: int(n) for name, n in json.loads(body).get("models", {}).items()}
 
     def services(self) -> list[Service]:
-        return [s for s in [self.router, *self.batchers, *self.workers] if s is not None]
+        return [*self.routers, *self.batchers, *self.workers]
 
     def stop(self) -> None:
         """Router first (stop taking requests), then batchers (drain), workers, NATS."""
