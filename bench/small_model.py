@@ -52,7 +52,7 @@ from services.worker.engine import Engine  # noqa: E402
 from switchyard.model.catalog import ModelCatalog  # noqa: E402
 from switchyard.model.config import LlamaConfig, ModelManifest  # noqa: E402
 from switchyard.model.graph_io import empty_past, present_names, step_feeds  # noqa: E402
-from switchyard.model.convert import INT4_MODEL_NAME, convert_gguf, model_name  # noqa: E402
+from switchyard.model.convert import INT4_MODEL_NAME, convert_gguf  # noqa: E402
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)

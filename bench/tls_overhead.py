@@ -15,7 +15,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 
 from switchyard.model.tiny import build_tiny_model
 from switchyard.runtime.stack import LocalStack, StackSpec

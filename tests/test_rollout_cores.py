@@ -253,7 +253,7 @@ def test_assign_arm_is_sticky_within_and_across_processes():
     here = [assign_arm(k, ["a", "b", "c"], salt="exp1") for k in keys]
     assert here == [assign_arm(k, ["a", "b", "c"], salt="exp1") for k in keys]
     code = ("from switchyard.rollouts.experiments import assign_arm;"
-            f"print(','.join(assign_arm(f'user-{{i}}', ['a','b','c'], salt='exp1') for i in range(50)))")
+            "print(','.join(assign_arm(f'user-{i}', ['a','b','c'], salt='exp1') for i in range(50)))")
     for seed in ("1", "2"):  # Python's hash() would differ between these; hashlib does not
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()

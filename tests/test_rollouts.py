@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from conftest import TINY
 from services.router.rollouts import reason_label
 from switchyard.bus.server import NatsServer
-from switchyard.rollouts.state import (Decision, RolloutState, RolloutStore, StaleRevision, new_rollout, operate,
+from switchyard.rollouts.state import (RolloutState, RolloutStore, StaleRevision, new_rollout, operate,
                                        versioned)
 from switchyard.runtime.stack import LocalStack, StackSpec
 

@@ -28,7 +28,7 @@ from .dispatch import Dispatcher
 from .errors import ErrorKind, RequestError, invalid
 from .limits import AdmissionControl, RateLimiter
 from .observe import Observation, RequestObserver
-from .rollouts import RequestTap, Resolution, RolloutManager
+from .rollouts import Resolution, RolloutManager
 from .tenants import Tenant, TenantDirectory
 
 REJOIN_GRACE_S = 0.5  # how long a request waits for an expired replica's late heartbeat

@@ -400,7 +400,7 @@ class RolloutManager:
             self.shadow_inflight -= 1
 
     async def _mirror_one(self, tap: RequestTap, state: RolloutState, target: str, stats: ShadowStats) -> None:
-        from .pipeline import Completion, TokenDelta
+        from .pipeline import TokenDelta
         assert self.pipeline is not None and tap.primary_done is not None
         stats.mirrored += 1
         SHADOW.labels(state.model, "mirrored").inc()

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from switchyard.model.config import MODEL_FILE, LlamaConfig
+from switchyard.model.config import LlamaConfig
 from switchyard.model.quantize import BlockQuantized
 
 log = logging.getLogger(__name__)
