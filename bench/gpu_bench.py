@@ -67,6 +67,7 @@ for p in (REPO, REPO / "libs"):
 import numpy as np  # noqa: E402
 
 from gpu_check import PROMPTS as CHAT_PROMPTS  # noqa: E402  (the prompts gpu_check compares on)
+from stack_overhead import separate_channels  # noqa: E402
 FULL = {"batches": [1, 16, 64, 256], "ttft_prompts": [128, 1024], "streams": [64, 256],
         "decode_steps": 32, "prompt_tokens": 32, "stream_tokens": 128, "correct_tokens": 32,
         "stack_configs": "2/1/4,2/1/1,1/1/4,2/4/4", "stack_clients": 4}
@@ -350,9 +351,7 @@ async def drive_stack(address: str, metadata: tuple, model: str, streams: int, p
     ttfts: list[float] = []
     tokens = 0
     errors: list[str] = []
-    # A local subchannel pool per channel: channels to one address would otherwise share one connection.
-    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(max(1, connections))]
+    channels = separate_channels(address, connections)
     stubs = [generate_pb2_grpc.GenerationStub(channel) for channel in channels]
 
     async def one(i: int) -> None:

@@ -65,19 +65,30 @@ def inprocess(engine: Engine, prompt: list[int], concurrency: int, rounds: int, 
     return ttfts, tokens / (time.perf_counter() - t_all)
 
 
+def separate_channels(address: str, n: int) -> list[grpc.aio.Channel]:
+    """n channels to one address on n connections of their own (a local subchannel pool each:
+    channels would otherwise share one connection, and so reach one router of several)."""
+    return [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(max(1, n))]
+
+
 async def through_stack(address: str, prompt: str, concurrency: int, requests: int, max_tokens: int,
-                        progress: Progress, label: str, model: str = MODEL) -> tuple[list[float], float]:
+                        progress: Progress, label: str, model: str = MODEL,
+                        connections: int = 1) -> tuple[list[float], float]:
+    """`concurrency` clients, each sending its share of `requests` one after another, over
+    `connections` connections (several routers on one port: the kernel spreads connections)."""
     task = progress.add_task(label, total=requests)
     ttfts: list[float] = []
     tokens = 0
     per_worker = requests // concurrency
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = generate_pb2_grpc.GenerationStub(channel)
+    channels = separate_channels(address, connections)
+    try:
         req = generate_pb2.GenerateRequest(model=model, text=prompt, max_tokens=max_tokens,
                                            stop=generate_pb2.StopConditions(ignore_eos=True))
 
-        async def client() -> None:
+        async def client(i: int) -> None:
             nonlocal tokens
+            stub = generate_pb2_grpc.GenerationStub(channels[i % len(channels)])
             for _ in range(per_worker):
                 start = time.perf_counter()
                 first = None
@@ -90,8 +101,11 @@ async def through_stack(address: str, prompt: str, concurrency: int, requests: i
                 progress.advance(task)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)))
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
         return ttfts, tokens / (time.perf_counter() - t0)
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def main() -> None:

@@ -636,6 +636,8 @@ class RequestPipeline:
                     raise RequestError(ErrorKind.DEADLINE_EXCEEDED,
                                        f"deadline of {timeout_s:.3f}s exceeded before generation finished")
                 wait = min(wait, left)
+            if not queue.empty():  # already here (a busy stream): no timer to arm and cancel
+                return queue.get_nowait()
             try:
                 async with asyncio.timeout(wait):  # unlike wait_for, never swallows a client's cancel
                     return await queue.get()
