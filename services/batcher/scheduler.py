@@ -101,6 +101,9 @@ class Scheduler:
         self.max_batch = min(config.max_batch_size, info.max_sequences)
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}
+        # A step's events per router that takes them batched (DispatchRequest.batch_reply_subject),
+        # published together at the end of the step: one NATS message per router per step.
+        self._outbox: dict[str, bus_pb2.ReplicaEventBatch] = {}
         self.to_add: list[Active] = []  # admitted, registered on the worker with the next Step
         self.to_remove: list[str] = []  # finished, freed on the worker by the next Step (or a flush)
         self.headers: dict[str, dict[str, str]] = {}  # NATS headers (trace context) of pulled requests
@@ -385,11 +388,11 @@ class Scheduler:
                     break
             if ids:
                 tm.GENERATED.labels(*self._labels).inc(len(ids))
-                await self._publish(a.request, tokens=bus_pb2.TokenStep(
+                await self._publish(a.request, batched=True, tokens=bus_pb2.TokenStep(
                     token_ids=ids, index=start, batch_size=1 if toks[0].first else batch))
         for rid, reason in finished:
             a = self.active[rid]
-            await self._publish(a.request, finished=bus_pb2.Finished(
+            await self._publish(a.request, batched=True, finished=bus_pb2.Finished(
                 finish_reason=reason, prompt_tokens=len(a.request.prompt_token_ids),
                 completion_tokens=a.generated, max_batch_size=a.max_batch,
                 cached_prompt_tokens=a.cached_prompt_tokens,
@@ -400,6 +403,7 @@ class Scheduler:
                 a.span.set_attribute("switchyard.cached_prompt_tokens", a.cached_prompt_tokens)
                 a.span.set_attribute("switchyard.output_tokens", a.generated)
                 a.span.set_attribute("switchyard.batch_size", a.max_batch)
+        await self._flush_events()
         if finished:
             await self._remove([rid for rid, _ in finished], defer=True)
         # A retiring request is already freed on the worker: if its last token did not come
@@ -508,9 +512,22 @@ class Scheduler:
         self._update_room()
 
     # ---- NATS outputs -------------------------------------------------------------------
-    async def _publish(self, request: bus_pb2.DispatchRequest, **event: object) -> None:
+    async def _publish(self, request: bus_pb2.DispatchRequest, batched: bool = False, **event: object) -> None:
+        """One event of a request's stream. `batched` (a step's tokens and ends): held for the
+        step's one message to the request's router when the router takes batches; anything
+        else goes out at once, after what is held, so every request's events keep their order."""
+        if batched and request.batch_reply_subject:
+            outbox = self._outbox.setdefault(request.batch_reply_subject, bus_pb2.ReplicaEventBatch())
+            outbox.events.add(request_id=request.request_id, replica_id=self.replica_id, **event)  # type: ignore[arg-type]
+            return
+        await self._flush_events()
         msg = bus_pb2.ReplicaEvent(request_id=request.request_id, replica_id=self.replica_id, **event)  # type: ignore[arg-type]
         await self.nc.publish(request.reply_subject, msg.SerializeToString())
+
+    async def _flush_events(self) -> None:
+        outbox, self._outbox = self._outbox, {}
+        for subject, batch in outbox.items():
+            await self.nc.publish(subject, batch.SerializeToString())
 
     async def _send_error(self, request_id: str, code: int, message: str) -> None:
         a = self.active.get(request_id)

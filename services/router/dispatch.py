@@ -38,10 +38,19 @@ class Dispatcher:
 
     async def _on_reply(self, msg: Msg) -> None:
         key = msg.subject.rsplit(".", 1)[-1]
+        if key == subjects.BATCH_TOKEN:  # one step's events for several of our requests
+            for event in bus_pb2.ReplicaEventBatch.FromString(msg.data).events:
+                key = subjects.token(event.request_id)
+                queue = self._streams.get(key)
+                if queue is not None:  # else ended already: dropped like a late single event
+                    await self._deliver(key, queue, event)
+            return
         queue = self._streams.get(key)
         if queue is None:
             return  # request already ended (cancelled, timed out): drop late events
-        event = bus_pb2.ReplicaEvent.FromString(msg.data)
+        await self._deliver(key, queue, bus_pb2.ReplicaEvent.FromString(msg.data))
+
+    async def _deliver(self, key: str, queue: asyncio.Queue[bus_pb2.ReplicaEvent], event: bus_pb2.ReplicaEvent) -> None:
         if queue.qsize() < self.max_buffered_events:
             queue.put_nowait(event)
             return
@@ -66,6 +75,10 @@ class Dispatcher:
 
     def reply_subject(self, dispatch_id: str) -> str:
         return subjects.reply_subject(self.router_id, dispatch_id)
+
+    @property
+    def batch_reply_subject(self) -> str:
+        return subjects.reply_batch_subject(self.router_id)
 
     async def send(self, replica_id: str, request: bus_pb2.DispatchRequest, ctx: Context | None = None) -> None:
         """Publish to the replica's queue; the trace context rides in the NATS headers. A

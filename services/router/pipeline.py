@@ -562,7 +562,8 @@ class RequestPipeline:
         message = bus_pb2.DispatchRequest(
             request_id=dispatch_id, model=prepared.model, prompt_token_ids=prepared.prompt_ids + progress.generated,
             max_tokens=prepared.max_tokens - offset, sampling=req.sampling, seed=seed, stop_token_ids=stop_ids,
-            reply_subject=self.dispatcher.reply_subject(dispatch_id), deadline_unix_s=deadline,
+            reply_subject=self.dispatcher.reply_subject(dispatch_id),
+            batch_reply_subject=self.dispatcher.batch_reply_subject, deadline_unix_s=deadline,
             dispatched_unix_s=time.time(), generated_offset=offset)
         queue = self.dispatcher.open(dispatch_id)
         route.policy.on_dispatch(route.request, replica)

@@ -2,6 +2,7 @@
 
     switchyard.req.<replica>          DispatchRequest  JetStream work queue (one consumer per replica)
     switchyard.reply.<router>.<req>   ReplicaEvent     core NATS, batcher → router
+    switchyard.reply.<router>._batch  ReplicaEventBatch core NATS, batcher → router (a step's events, one message)
     switchyard.cancel.<replica>       CancelRequest    core NATS, router → batcher (also kept 2 min in a stream)
     switchyard.load.<model>.<replica> LoadReport       core NATS heartbeats
 """
@@ -17,6 +18,7 @@ REPLY_PREFIX = "switchyard.reply"
 CANCEL_PREFIX = "switchyard.cancel"
 LOAD_PREFIX = "switchyard.load"
 LOAD_ALL = f"{LOAD_PREFIX}.>"
+BATCH_TOKEN = "_batch"
 
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -36,6 +38,12 @@ def reply_inbox(router_id: str) -> str:
 
 def reply_subject(router_id: str, request_id: str) -> str:
     return f"{reply_inbox(router_id)}.{token(request_id)}"
+
+
+def reply_batch_subject(router_id: str) -> str:
+    """Where batchers send a step's events for this router's requests in one message (the
+    token cannot be a request's: those are hex ids)."""
+    return f"{reply_inbox(router_id)}.{BATCH_TOKEN}"
 
 
 def cancel_subject(replica_id: str) -> str:
