@@ -17,7 +17,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.router.dispatch import Dispatcher
+from services.router.dispatch import POKE, Dispatcher
+from services.router.grpc_api import WriteCutoff
 from services.router.http_api import SSEResponse
 from services.router.tenants import write_tenant
 from switchyard.bus import subjects
@@ -273,7 +274,79 @@ async def test_replies_for_a_client_that_stops_reading_are_bounded_and_its_seque
         events = [queue.get_nowait() for _ in range(9)]
         assert events[-1].error.code == generate_pb2.ERROR_CODE_RESOURCE_EXHAUSTED
         assert cancels == ["req-1"]
+        await dispatcher.stop()
         await nc.close()
+
+
+@pytest.mark.integration
+async def test_dispatcher_wakes_waiting_readers_by_sweep_and_at_their_deadline_without_timers_per_event() -> None:
+    """A reader waiting on its queue gets POKE every poke interval (to re-check its replica)
+    and at its deadline; a queue with events waiting is not poked; close() disarms the deadline.
+    A step's events for several requests arrive as one ReplicaEventBatch, each in its queue."""
+    with NatsServer() as server:
+        nc = await nats.connect(server.url)
+        dispatcher = Dispatcher(nc, nc.jetstream(), "router-p", poke_interval_s=0.5)
+        await dispatcher.start()
+        loop = asyncio.get_running_loop()
+        idle, busy, closed = dispatcher.open("idle"), dispatcher.open("busy"), dispatcher.open("closed", 0.05)
+        dispatcher.close("closed")
+        started = loop.time()
+        timed = dispatcher.open("timed", 0.1)
+        assert await asyncio.wait_for(timed.get(), 1) is POKE
+        assert 0.09 <= loop.time() - started < 0.45  # the deadline's POKE, not the sweep's (at 0.5 s)
+        batch = bus_pb2.ReplicaEventBatch(events=[
+            bus_pb2.ReplicaEvent(request_id="busy", replica_id="r", tokens=bus_pb2.TokenStep(token_ids=[7], index=0)),
+            bus_pb2.ReplicaEvent(request_id="gone", replica_id="r", tokens=bus_pb2.TokenStep(token_ids=[8], index=0)),
+            bus_pb2.ReplicaEvent(request_id="busy", replica_id="r", tokens=bus_pb2.TokenStep(token_ids=[9], index=1))])
+        await nc.publish(subjects.reply_batch_subject("router-p"), batch.SerializeToString())
+        await flushed(nc)
+        assert await asyncio.wait_for(idle.get(), 2) is POKE  # the first sweep, ~0.5 s in
+        assert 0.45 <= loop.time() - started
+        assert [list(busy.get_nowait().tokens.token_ids) for _ in range(2)] == [[7], [9]]  # not poked: it had events
+        assert busy.empty() and closed.empty()
+        assert await asyncio.wait_for(busy.get(), 2) is POKE and await asyncio.wait_for(idle.get(), 2) is POKE
+        assert closed.empty()  # closed: neither its deadline nor the sweeps poke it
+        await dispatcher.stop()
+        await nc.close()
+
+
+@pytest.mark.unit
+async def test_grpc_write_cutoff_times_out_a_blocked_write_and_lets_a_client_cancel_through() -> None:
+    class Context:  # a stream whose writes block after the first two (flow control full)
+        def __init__(self) -> None:
+            self.written: list[int] = []
+
+        async def write(self, reply: generate_pb2.GenerateResponse) -> None:
+            if len(self.written) >= 2:
+                await asyncio.sleep(3600)
+            self.written.append(reply.tokens.index)
+
+    async def stream(context: Context, timeout_s: float) -> str:
+        cutoff = WriteCutoff(timeout_s)
+        try:
+            for i in range(5):
+                await cutoff.write(context, generate_pb2.GenerateResponse(tokens=generate_pb2.TokenChunk(index=i)))
+        except asyncio.TimeoutError:
+            return "cut off"
+        return "done"
+
+    context = Context()
+    started = time.monotonic()
+    assert await stream(context, 0.2) == "cut off" and context.written == [0, 1]
+    assert 0.2 <= time.monotonic() - started < 2
+    blocked = asyncio.create_task(stream(Context(), 30))
+    await asyncio.sleep(0.05)
+    blocked.cancel()  # the client went away: a cancel, not a timeout
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+
+    class Reading(Context):  # a client that keeps reading: no write blocks
+        async def write(self, reply: generate_pb2.GenerateResponse) -> None:
+            self.written.append(reply.tokens.index)
+
+    reading = Reading()
+    assert await stream(reading, 0.05) == "done" and reading.written == [0, 1, 2, 3, 4]
+    await asyncio.sleep(0.1)  # a timer left armed would cancel this task here
 
 
 @pytest.mark.unit

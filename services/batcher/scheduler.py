@@ -108,6 +108,7 @@ class Scheduler:
         self.to_remove: list[str] = []  # finished, freed on the worker by the next Step (or a flush)
         self.headers: dict[str, dict[str, str]] = {}  # NATS headers (trace context) of pulled requests
         self._labels = (replica_id, info.model)
+        self._generated_tokens = tm.GENERATED.labels(*self._labels)  # counted once per step, not per request
         # Cancels by request id, with arrival time: a cancel may overtake its request (still
         # queued in JetStream), so unknown ids are kept for CANCEL_MEMORY_S.
         self.cancelled: dict[str, float] = {}
@@ -368,6 +369,7 @@ class Scheduler:
         for tok in response.tokens:
             per_request.setdefault(tok.sequence_id, []).append(tok)
         finished: list[tuple[str, int]] = []
+        generated = 0
         for rid, toks in per_request.items():
             a = self.active.get(rid)
             if a is None:
@@ -387,9 +389,11 @@ class Scheduler:
                     finished.append((rid, reason))
                     break
             if ids:
-                tm.GENERATED.labels(*self._labels).inc(len(ids))
+                generated += len(ids)
                 await self._publish(a.request, batched=True, tokens=bus_pb2.TokenStep(
                     token_ids=ids, index=start, batch_size=1 if toks[0].first else batch))
+        if generated:
+            self._generated_tokens.inc(generated)
         for rid, reason in finished:
             a = self.active[rid]
             await self._publish(a.request, batched=True, finished=bus_pb2.Finished(

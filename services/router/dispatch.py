@@ -24,17 +24,41 @@ from .errors import ErrorKind, RequestError
 
 log = logging.getLogger(__name__)
 
+# Put in a dispatch's queue to wake its reader without an event: by the periodic sweep (a
+# waiting reader re-checks its replica's health) and at the dispatch's deadline. One sweep
+# for all streams and one timer per dispatch, instead of a timer armed and cancelled per token.
+POKE = bus_pb2.ReplicaEvent()
+
 
 class Dispatcher:
-    def __init__(self, nc: Client, js: JetStreamContext, router_id: str, max_buffered_events: int = 256) -> None:
+    def __init__(self, nc: Client, js: JetStreamContext, router_id: str, max_buffered_events: int = 256,
+                 poke_interval_s: float = 1.0) -> None:
         self.nc = nc
         self.max_buffered_events = max_buffered_events
         self.js = js
         self.router_id = router_id
+        self.poke_interval_s = poke_interval_s
         self._streams: dict[str, asyncio.Queue[bus_pb2.ReplicaEvent]] = {}
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.nc.subscribe(f"{subjects.reply_inbox(self.router_id)}.*", cb=self._on_reply)
+        self._sweeper = asyncio.create_task(self._sweep(), name="dispatch-sweep")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+
+    async def _sweep(self) -> None:
+        """Every poke interval, wake each reader that is waiting (its queue is empty) so it can
+        check that its replica is still live and making progress."""
+        while True:
+            await asyncio.sleep(self.poke_interval_s)
+            for queue in self._streams.values():
+                if queue.empty():
+                    queue.put_nowait(POKE)
 
     async def _on_reply(self, msg: Msg) -> None:
         key = msg.subject.rsplit(".", 1)[-1]
@@ -65,13 +89,22 @@ class Dispatcher:
                                                   code=generate_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
                                                   message="client stopped reading the stream; cut off")))
 
-    def open(self, dispatch_id: str) -> asyncio.Queue[bus_pb2.ReplicaEvent]:
+    def open(self, dispatch_id: str, deadline_in_s: float | None = None) -> asyncio.Queue[bus_pb2.ReplicaEvent]:
+        """The dispatch's event queue; POKE lands in it after `deadline_in_s` (when given)."""
+        key = subjects.token(dispatch_id)
         queue: asyncio.Queue[bus_pb2.ReplicaEvent] = asyncio.Queue()
-        self._streams[subjects.token(dispatch_id)] = queue
+        self._streams[key] = queue
+        if deadline_in_s is not None:
+            self._deadlines[key] = asyncio.get_running_loop().call_later(max(deadline_in_s, 0.0),
+                                                                         queue.put_nowait, POKE)
         return queue
 
     def close(self, dispatch_id: str) -> None:
-        self._streams.pop(subjects.token(dispatch_id), None)
+        key = subjects.token(dispatch_id)
+        self._streams.pop(key, None)
+        timer = self._deadlines.pop(key, None)
+        if timer is not None:
+            timer.cancel()
 
     def reply_subject(self, dispatch_id: str) -> str:
         return subjects.reply_subject(self.router_id, dispatch_id)

@@ -24,7 +24,7 @@ from switchyard.routing.table import RoutingTable
 from switchyard.v1 import bus_pb2, generate_pb2
 
 from .demand import DemandTracker
-from .dispatch import Dispatcher
+from .dispatch import POKE, Dispatcher
 from .errors import ErrorKind, RequestError, invalid
 from .limits import AdmissionControl, RateLimiter
 from .observe import Observation, RequestObserver
@@ -565,14 +565,15 @@ class RequestPipeline:
             reply_subject=self.dispatcher.reply_subject(dispatch_id),
             batch_reply_subject=self.dispatcher.batch_reply_subject, deadline_unix_s=deadline,
             dispatched_unix_s=time.time(), generated_offset=offset)
-        queue = self.dispatcher.open(dispatch_id)
+        queue = self.dispatcher.open(
+            dispatch_id, req.timeout_s - (time.monotonic() - started) if req.timeout_s else None)
         route.policy.on_dispatch(route.request, replica)
         finished = ok = False
         try:
             await self.dispatcher.send(replica.replica_id, message, obs.context())
             held: bus_pb2.ReplicaEvent | None = None
             while True:
-                event, held = held or await self._next_event(queue, replica, started, req.timeout_s), None
+                event, held = await self._next_event(queue, replica, started, req.timeout_s, held), None
                 kind = event.WhichOneof("event")
                 if kind == "tokens":
                     progress.first_token_at = progress.first_token_at or time.monotonic()
@@ -581,8 +582,8 @@ class RequestPipeline:
                     # load the router sends fewer, larger chunks instead of falling behind.
                     while not queue.empty():
                         held = queue.get_nowait()
-                        if held.WhichOneof("event") != "tokens":
-                            break
+                        if held is POKE or held.WhichOneof("event") != "tokens":
+                            break  # handled by the next _next_event
                         ids += held.tokens.token_ids
                         held = None
                     index = len(progress.generated)
@@ -625,31 +626,32 @@ class RequestPipeline:
             log.warning("cancel of %s on %s not sent: %s", dispatch_id, replica_id, exc)
 
     async def _next_event(self, queue: asyncio.Queue[bus_pb2.ReplicaEvent], replica: ReplicaState,
-                          started: float, timeout_s: float | None) -> bus_pb2.ReplicaEvent:
-        """The dispatch's next event; ReplicaFailure when its replica leaves the fleet, or says
-        it cannot serve (worker down, draining) and has sent nothing for `stall_timeout_s`."""
+                          started: float, timeout_s: float | None,
+                          held: bus_pb2.ReplicaEvent | None = None) -> bus_pb2.ReplicaEvent:
+        """The dispatch's next event (`held` first: one taken while coalescing); ReplicaFailure
+        when its replica leaves the fleet, or says it cannot serve (worker down, draining) and
+        has sent nothing for `stall_timeout_s`. The dispatcher's POKEs wake a waiting reader for
+        these checks (every poke interval, and at the deadline): no timer per event."""
         last_event = time.monotonic()
         while True:
-            wait = min(1.0, self.stall_timeout_s / 2)
-            if timeout_s is not None:
-                left = timeout_s - (time.monotonic() - started)
-                if left <= 0:
-                    raise RequestError(ErrorKind.DEADLINE_EXCEEDED,
-                                       f"deadline of {timeout_s:.3f}s exceeded before generation finished")
-                wait = min(wait, left)
-            if not queue.empty():  # already here (a busy stream): no timer to arm and cancel
-                return queue.get_nowait()
-            try:
-                async with asyncio.timeout(wait):  # unlike wait_for, never swallows a client's cancel
-                    return await queue.get()
-            except TimeoutError:
-                if not self.fleet.is_live(replica.replica_id):
-                    raise ReplicaFailure(replica.replica_id, "left the fleet", departed=True) from None
-                state = self.fleet.get(replica.replica_id)
-                silent = time.monotonic() - last_event
-                if state is not None and state.draining and silent >= self.stall_timeout_s:
-                    raise ReplicaFailure(replica.replica_id, f"stalled: no progress for {silent:.1f}s while "
-                                         "it reports it cannot serve", departed=True) from None
+            if held is not None:
+                event, held = held, None
+            else:
+                event = queue.get_nowait() if not queue.empty() else await queue.get()
+            now = time.monotonic()
+            # Within a millisecond: the deadline's POKE is timed by the event loop's clock.
+            if timeout_s is not None and now - started >= timeout_s - 0.001:
+                raise RequestError(ErrorKind.DEADLINE_EXCEEDED,
+                                   f"deadline of {timeout_s:.3f}s exceeded before generation finished")
+            if event is not POKE:
+                return event
+            if not self.fleet.is_live(replica.replica_id):
+                raise ReplicaFailure(replica.replica_id, "left the fleet", departed=True)
+            state = self.fleet.get(replica.replica_id)
+            silent = now - last_event
+            if state is not None and state.draining and silent >= self.stall_timeout_s:
+                raise ReplicaFailure(replica.replica_id, f"stalled: no progress for {silent:.1f}s while "
+                                     "it reports it cannot serve", departed=True)
 
     @staticmethod
     def _completion(reason: int, prepared: PreparedRequest, completion_tokens: int, started: float,

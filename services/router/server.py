@@ -96,7 +96,9 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await ensure_request_stream(js)
     fleet = FleetView(misses=config.heartbeat_misses)
     await fleet.subscribe(nc)
-    dispatcher = Dispatcher(nc, js, router_id, max_buffered_events=config.max_buffered_events)
+    # A waiting stream checks its replica's health at least this often (and at half the stall timeout).
+    dispatcher = Dispatcher(nc, js, router_id, max_buffered_events=config.max_buffered_events,
+                            poke_interval_s=min(1.0, config.stall_timeout_s / 2))
     await dispatcher.start()
     routing = RoutingTable(fleet, config.balancing, parse_overrides(config.routing_policies))
     tenants = TenantDirectory.load(config.tenants_file) if config.tenants_file else TenantDirectory.disabled()
@@ -160,6 +162,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await server.stop(config.grace_s)
     await demand.stop()
     await rollouts.stop()
+    await dispatcher.stop()
     await nc.drain()
     if writer is not None:
         for usage in fleet.usage():
