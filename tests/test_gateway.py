@@ -18,7 +18,7 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.router.dispatch import POKE, Dispatcher
-from services.router.grpc_api import WriteCutoff
+from services.router.cutoff import WriteCutoff
 from services.router.http_api import SSEResponse
 from services.router.tenants import write_tenant
 from switchyard.bus import subjects
@@ -234,12 +234,13 @@ def test_deadline_shorter_than_generation_ends_with_deadline_exceeded_and_frees_
                                        stop=generate_pb2.StopConditions(ignore_eos=True))
     with grpc.insecure_channel(gateway.router_address) as ch:
         with pytest.raises(grpc.RpcError) as err:
-            list(generate_pb2_grpc.GenerationStub(ch).Generate(req, timeout=0.15, metadata=gateway.auth_metadata()))
+            # 250 tokens take the tiny model ≥ 0.2 s (one pipelined stream: ~1,000-1,250 tokens/s)
+            list(generate_pb2_grpc.GenerationStub(ch).Generate(req, timeout=0.05, metadata=gateway.auth_metadata()))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_idle(gateway) == 0
     resp = httpx.post(f"{gateway.http_url}/v1/completions", timeout=10,
                       json={"model": TINY, "prompt": "a long one", "max_tokens": 250, "ignore_eos": True},
-                      headers={"Authorization": f"Bearer {BETA_KEY}", "x-request-timeout": "0.1"})
+                      headers={"Authorization": f"Bearer {BETA_KEY}", "x-request-timeout": "0.05"})
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "deadline_exceeded"
     assert wait_idle(gateway) == 0
 
@@ -311,7 +312,7 @@ async def test_dispatcher_wakes_waiting_readers_by_sweep_and_at_their_deadline_w
 
 
 @pytest.mark.unit
-async def test_grpc_write_cutoff_times_out_a_blocked_write_and_lets_a_client_cancel_through() -> None:
+async def test_write_cutoff_times_out_a_blocked_write_and_lets_a_client_cancel_through() -> None:
     class Context:  # a stream whose writes block after the first two (flow control full)
         def __init__(self) -> None:
             self.written: list[int] = []
@@ -325,7 +326,7 @@ async def test_grpc_write_cutoff_times_out_a_blocked_write_and_lets_a_client_can
         cutoff = WriteCutoff(timeout_s)
         try:
             for i in range(5):
-                await cutoff.write(context, generate_pb2.GenerateResponse(tokens=generate_pb2.TokenChunk(index=i)))
+                await cutoff.bound(context.write(generate_pb2.GenerateResponse(tokens=generate_pb2.TokenChunk(index=i))))
         except asyncio.TimeoutError:
             return "cut off"
         return "done"
@@ -459,8 +460,10 @@ async def test_sse_response_stops_generating_when_the_client_disconnects() -> No
 def test_non_streamed_request_is_cancelled_when_its_client_gives_up(gateway: LocalStack) -> None:
     body = {"model": TINY, "prompt": "impatient", "max_tokens": 250, "ignore_eos": True}
     before = cancelled_requests(gateway)
-    with pytest.raises(httpx.TimeoutException):  # the client hangs up after 0.2 s
-        httpx.post(f"{gateway.http_url}/v1/completions", json=body, timeout=0.2,
+    # The client hangs up after 0.05 s; 250 tokens take the tiny model ≥ 0.2 s even with the
+    # batcher's steps pipelined (~1,000-1,250 tokens/s for one stream), 0.2 s was no longer enough.
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{gateway.http_url}/v1/completions", json=body, timeout=0.05,
                    headers={"Authorization": f"Bearer {BETA_KEY}"})
     deadline = time.monotonic() + 5
     while cancelled_requests(gateway) == before and time.monotonic() < deadline:

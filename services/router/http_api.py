@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from switchyard.telemetry.asgi_context import TraceContextMiddleware
 from switchyard.v1 import generate_pb2
 
+from .cutoff import WriteCutoff
 from .errors import ErrorKind, RequestError, invalid
 from .pipeline import Completion, GenerationRequest, RequestPipeline, TokenDelta
 
@@ -268,13 +269,13 @@ class SSEResponse(Response):
     async def _stream(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+        # Not wait_for: 3.11's wait_for can swallow a cancel that arrives as the send
+        # completes, and the stream would outlive its client.
+        cutoff = WriteCutoff(self.write_timeout_s)
         try:
             async for payload in self.events:
                 data = b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
-                # arrives as the send completes, and the stream would outlive its client.
-                async with asyncio.timeout(self.write_timeout_s):
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                await cutoff.bound(send({"type": "http.response.body", "body": data, "more_body": True}))
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
         except (asyncio.TimeoutError, OSError):
             pass  # client gone or not reading; closing the generator cancels the replica's work
