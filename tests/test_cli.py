@@ -45,13 +45,15 @@ def alive(pid: int) -> bool:
 def test_up_serves_generate_streams_and_ctrl_c_leaves_no_orphans(tiny_models_dir: Path, tmp_path: Path) -> None:
     up, output = start_switchyard_up(tmp_path, [
         "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=2", "--grpc-port", "0",
-        "--http-port", "0", "--nats-port", "0", "--log-dir", "runs/logs", "--run-dir", "runs/run"])
+        "--http-port", "0", "--nats-port", "0", "--log-dir", "runs/logs", "--run-dir", "runs/run",
+        "--routers", "2"])
     try:
         assert "Switchyard is up" in output, output
         grpc_address = up_grpc_address(output)
         assert "development API key: sy-" in output
+        assert " router :" in output and " router-2 :" in output  # both routers' /metrics listed
         started = children_of(up.pid)
-        assert len(started) >= 6  # nats-server, 2 workers, 2 batchers, router
+        assert len(started) >= 7  # nats-server, 2 workers, 2 batchers, 2 routers
 
         generate = subprocess.run(
             [sys.executable, "-m", "switchyard.cli", "generate", "--address", grpc_address,
