@@ -64,7 +64,9 @@ class Dispatcher:
         key = msg.subject.rsplit(".", 1)[-1]
         if key == subjects.BATCH_TOKEN:  # one step's events for several of our requests
             for event in bus_pb2.ReplicaEventBatch.FromString(msg.data).events:
-                key = subjects.token(event.request_id)
+                key = event.request_id  # our dispatch ids are hex: already subject tokens
+                if key not in self._streams:
+                    key = subjects.token(key)
                 queue = self._streams.get(key)
                 if queue is not None:  # else ended already: dropped like a late single event
                     await self._deliver(key, queue, event)
