@@ -98,6 +98,8 @@ class Scheduler:
         self.nc = nc
         self.js = js
         self.worker = worker
+        # The worker's token on the StepStream (the channel's interceptor adds it to unary calls).
+        self._step_metadata = (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else None
         self.max_batch = min(config.max_batch_size, info.max_sequences)
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}
@@ -266,7 +268,7 @@ class Scheduler:
                     # restarted) would fail the next batch's first step.
                     if call is not None:
                         call.cancel()
-                    call = self.worker.StepStream()
+                    call = self.worker.StepStream(metadata=self._step_metadata)
                 while len(self._in_flight) < self.config.pipeline_depth:
                     request = self._next_request()
                     if request is None:

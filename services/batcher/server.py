@@ -66,26 +66,16 @@ class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(_with_token(details, self._header), request)
 
 
-class BearerTokenStream(grpc.aio.StreamStreamClientInterceptor):
-    """The same for the StepStream (grpc.aio files an interceptor under one call kind only)."""
-
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
-
-    async def intercept_stream_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
-                                      request_iterator: Any) -> Any:
-        return await continuation(_with_token(details, self._header), request_iterator)
-
-
 async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM (or until `stop` is set, when given — tests run services
     in-process that way), then drain."""
     stop = stop or stop_event()
     setup_tracing("switchyard-batcher")
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
-    # The worker's token rides on every call (health checks need none).
-    interceptors = ([BearerToken(config.worker_token), BearerTokenStream(config.worker_token)]
-                    if config.worker_token else None)
+    # The worker's token rides on every unary call (health checks need none); the StepStream
+    # carries it as call metadata (Scheduler): an intercepted stream call would put every step
+    # through an extra queue and task.
+    interceptors = [BearerToken(config.worker_token)] if config.worker_token else None
     if config.tls_ca:  # mTLS: the worker checks our certificate, we check its
         channel = grpc.aio.secure_channel(config.worker, grpc_channel_credentials(
             config.tls_ca, config.tls_client_cert, config.tls_client_key), interceptors=interceptors,
