@@ -289,12 +289,19 @@ async def test_dispatcher_wakes_waiting_readers_by_sweep_and_at_their_deadline_w
         dispatcher = Dispatcher(nc, nc.jetstream(), "router-p", poke_interval_s=0.5)
         await dispatcher.start()
         loop = asyncio.get_running_loop()
-        idle, busy, closed = dispatcher.open("idle"), dispatcher.open("busy"), dispatcher.open("closed", 0.05)
+        idle, busy = dispatcher.open("idle"), dispatcher.open("busy")
+        closed = dispatcher.open("closed", time.monotonic() + 0.05)
         dispatcher.close("closed")
         started = loop.time()
-        timed = dispatcher.open("timed", 0.1)
+        timed = dispatcher.open("timed", time.monotonic() + 0.1)
         assert await asyncio.wait_for(timed.get(), 1) is POKE
         assert 0.09 <= loop.time() - started < 0.45  # the deadline's POKE, not the sweep's (at 0.5 s)
+        # A deadline timer that fires early (the loop's clock is coarse) waits out the rest.
+        early = dispatcher.open("early")
+        dispatcher._deadline_due("early", early, time.monotonic() + 0.1)
+        assert early.empty()
+        assert await asyncio.wait_for(early.get(), 1) is POKE and time.monotonic() - started >= 0.19
+        dispatcher.close("early")
         batch = bus_pb2.ReplicaEventBatch(events=[
             bus_pb2.ReplicaEvent(request_id="busy", replica_id="r", tokens=bus_pb2.TokenStep(token_ids=[7], index=0)),
             bus_pb2.ReplicaEvent(request_id="gone", replica_id="r", tokens=bus_pb2.TokenStep(token_ids=[8], index=0)),

@@ -89,7 +89,8 @@ class Scheduler:
 
     def __init__(self, config: BatcherConfig, replica_id: str, info: worker_pb2.InfoResponse,
                  nc: Client, js: JetStreamContext, worker: worker_pb2_grpc.WorkerStub,
-                 worker_health: health_pb2_grpc.HealthStub | None = None) -> None:
+                 worker_health: health_pb2_grpc.HealthStub | None = None,
+                 step_metadata: tuple[tuple[str, str], ...] | None = None) -> None:
         self.config = config
         self.worker_health = worker_health
         self.worker_ok = True  # from the worker's gRPC health, checked every heartbeat
@@ -98,8 +99,7 @@ class Scheduler:
         self.nc = nc
         self.js = js
         self.worker = worker
-        # The worker's token on the StepStream (the channel's interceptor adds it to unary calls).
-        self._step_metadata = (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else None
+        self._step_metadata = step_metadata  # the worker's token on the StepStream (unary calls: the channel's)
         self.max_batch = min(config.max_batch_size, info.max_sequences)
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}

@@ -57,10 +57,10 @@ def _with_token(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) ->
 
 
 class BearerToken(grpc.aio.UnaryUnaryClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every unary call on the channel."""
+    """Adds the `authorization: Bearer <token>` header to every unary call on the channel."""
 
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
+    def __init__(self, header: tuple[str, str]) -> None:
+        self._header = header
 
     async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
         return await continuation(_with_token(details, self._header), request)
@@ -73,9 +73,10 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     setup_tracing("switchyard-batcher")
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
     # The worker's token rides on every unary call (health checks need none); the StepStream
-    # carries it as call metadata (Scheduler): an intercepted stream call would put every step
-    # through an extra queue and task.
-    interceptors = [BearerToken(config.worker_token)] if config.worker_token else None
+    # carries the same header as call metadata (Scheduler): an intercepted stream call would
+    # put every step through an extra queue and task.
+    worker_auth = (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else None
+    interceptors = [BearerToken(worker_auth[0])] if worker_auth else None
     if config.tls_ca:  # mTLS: the worker checks our certificate, we check its
         channel = grpc.aio.secure_channel(config.worker, grpc_channel_credentials(
             config.tls_ca, config.tls_client_cert, config.tls_client_key), interceptors=interceptors,
@@ -101,7 +102,8 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
                        if config.tls_ca else None)
     js = nc.jetstream()
     await ensure_request_stream(js)
-    scheduler = Scheduler(config, replica_id, info, nc, js, worker, health_pb2_grpc.HealthStub(channel))
+    scheduler = Scheduler(config, replica_id, info, nc, js, worker, health_pb2_grpc.HealthStub(channel),
+                          step_metadata=worker_auth)
     await scheduler.start()
     if config.port_file:
         config.port_file.write_text(json.dumps({"metrics": metrics_port}))

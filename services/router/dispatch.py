@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -91,15 +92,28 @@ class Dispatcher:
                                                   code=generate_pb2.ERROR_CODE_RESOURCE_EXHAUSTED,
                                                   message="client stopped reading the stream; cut off")))
 
-    def open(self, dispatch_id: str, deadline_in_s: float | None = None) -> asyncio.Queue[bus_pb2.ReplicaEvent]:
-        """The dispatch's event queue; POKE lands in it after `deadline_in_s` (when given)."""
+    def open(self, dispatch_id: str, deadline: float | None = None) -> asyncio.Queue[bus_pb2.ReplicaEvent]:
+        """The dispatch's event queue; POKE lands in it at `deadline` (time.monotonic(), when given)."""
         key = subjects.token(dispatch_id)
         queue: asyncio.Queue[bus_pb2.ReplicaEvent] = asyncio.Queue()
         self._streams[key] = queue
-        if deadline_in_s is not None:
-            self._deadlines[key] = asyncio.get_running_loop().call_later(max(deadline_in_s, 0.0),
-                                                                         queue.put_nowait, POKE)
+        if deadline is not None:
+            self._arm_deadline(key, queue, deadline)
         return queue
+
+    def _arm_deadline(self, key: str, queue: asyncio.Queue[bus_pb2.ReplicaEvent], deadline: float) -> None:
+        self._deadlines[key] = asyncio.get_running_loop().call_later(
+            max(deadline - time.monotonic(), 0.0), self._deadline_due, key, queue, deadline)
+
+    def _deadline_due(self, key: str, queue: asyncio.Queue[bus_pb2.ReplicaEvent], deadline: float) -> None:
+        # The loop's timers may fire a little early (millisecond clock, cached at the start of
+        # an iteration): a reader woken before its deadline would not see it pass until the
+        # next sweep, so wait out the rest.
+        if time.monotonic() < deadline:
+            self._arm_deadline(key, queue, deadline)
+        else:
+            self._deadlines.pop(key, None)
+            queue.put_nowait(POKE)
 
     def close(self, dispatch_id: str) -> None:
         key = subjects.token(dispatch_id)

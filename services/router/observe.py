@@ -36,7 +36,6 @@ MODEL_ROUTED = Counter("switchyard_model_routed", "Requests for a virtual model,
                        ["route", "model"])
 
 
-
 class ServedModelsCollector(Collector):
     """Live replicas per served model as this router sees them, read at scrape time: with
     several routers each holds its own fleet view, and a stack waits until all of them see

@@ -565,8 +565,7 @@ class RequestPipeline:
             reply_subject=self.dispatcher.reply_subject(dispatch_id),
             batch_reply_subject=self.dispatcher.batch_reply_subject, deadline_unix_s=deadline,
             dispatched_unix_s=time.time(), generated_offset=offset)
-        queue = self.dispatcher.open(
-            dispatch_id, req.timeout_s - (time.monotonic() - started) if req.timeout_s else None)
+        queue = self.dispatcher.open(dispatch_id, started + req.timeout_s if req.timeout_s else None)
         route.policy.on_dispatch(route.request, replica)
         finished = ok = False
         try:
@@ -639,8 +638,7 @@ class RequestPipeline:
             else:
                 event = queue.get_nowait() if not queue.empty() else await queue.get()
             now = time.monotonic()
-            # Within a millisecond: the deadline's POKE is timed by the event loop's clock.
-            if timeout_s is not None and now - started >= timeout_s - 0.001:
+            if timeout_s is not None and now - started >= timeout_s:
                 raise RequestError(ErrorKind.DEADLINE_EXCEEDED,
                                    f"deadline of {timeout_s:.3f}s exceeded before generation finished")
             if event is not POKE:

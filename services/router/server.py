@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import grpc
 import uvicorn
-from prometheus_client import REGISTRY
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from switchyard.bus.queue import connect, ensure_request_stream
 from switchyard.config import load_config
@@ -113,7 +113,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
                                                            stall_timeout_s=config.stall_timeout_s,
                                                            retry_budget_ratio=config.retry_budget_ratio,
                                                            replica_wait_s=config.replica_wait_s))
-    REGISTRY.register(ServedModelsCollector(pipeline.served_models))
+    served_models = ServedModelsCollector(pipeline.served_models)
+    REGISTRY.register(served_models)  # unregistered at stop: a process may run serve() again (tests)
     demand = DemandPublisher(nc, pipeline.demand, router_id, config.demand_interval_s)
     pipeline.demand_wake = demand.wake
     demand.start()
@@ -163,6 +164,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     await demand.stop()
     await rollouts.stop()
     await dispatcher.stop()
+    REGISTRY.unregister(served_models)
     await nc.drain()
     if writer is not None:
         for usage in fleet.usage():
