@@ -117,9 +117,11 @@ def test_batcher_cannot_forge_another_replicas_heartbeat_nor_dispatch(server: Na
         async def publish_dispatch() -> None:
             await nc.publish(subjects.request_subject(OTHER), bus_pb2.DispatchRequest(request_id="x").SerializeToString())
             await nc.publish(subjects.cancel_subject(OTHER), bus_pb2.CancelRequest(request_id="x").SerializeToString())
+            # nor a router's usage report, which would charge tenants on every router
+            await nc.publish(subjects.peers_subject("router-x"), bus_pb2.RouterUsage(router_id="router-x").SerializeToString())
             await flushed(nc)
         assert await _heard(server, users, "switchyard.>", publish_dispatch) == []  # observer hears only load
-        assert len(batcher.violations()) >= 4
+        assert len(batcher.violations()) >= 5
         await nc.close()
 
         # Nor did anything reach the request stream: the router sees it empty.
@@ -142,7 +144,8 @@ def test_batcher_cannot_subscribe_beyond_its_own_subjects(server: NatsServer, us
         await router.publish(subjects.cancel_subject(MINE), b"c")
         await flushed(router)
         assert (await sub.next_msg(timeout=5)).data == b"c"
-        for subject in (">", "switchyard.>", "switchyard.reply.>", "switchyard.load.>", subjects.cancel_subject(OTHER),
+        for subject in (">", "switchyard.>", "switchyard.reply.>", "switchyard.load.>", subjects.PEERS_ALL,
+                        subjects.cancel_subject(OTHER),
                         f"_INBOX.{users[OTHER].user}.>", f"_INBOX.{users['router'].user}.>", "_INBOX.>", "$JS.>"):
             sub = await nc.subscribe(subject)
             await flushed(nc)
@@ -150,9 +153,24 @@ def test_batcher_cannot_subscribe_beyond_its_own_subjects(server: NatsServer, us
             await flushed(router)
             with pytest.raises(nats.errors.TimeoutError):
                 await sub.next_msg(timeout=0.2)
-        assert sum("subscription" in v for v in batcher.violations()) == 9
+        assert sum("subscription" in v for v in batcher.violations()) == 10
         await nc.close()
         await router.close()
+    asyncio.run(main())
+
+
+def test_routers_hear_each_others_usage_reports(server: NatsServer, users: dict[str, NatsUser]) -> None:
+    async def main() -> None:
+        one, other = await Session().open(server.url, users["router"]), await Session().open(server.url, users["router"])
+        sub = await other.subscribe(subjects.PEERS_ALL)
+        await flushed(other)
+        report = bus_pb2.RouterUsage(router_id="router-a", epoch=7).SerializeToString()
+        await one.publish(subjects.peers_subject("router-a"), report)
+        await flushed(one)
+        msg = await sub.next_msg(timeout=5)
+        assert (msg.subject, msg.data) == ("switchyard.peers.router-a", report)
+        await one.close()
+        await other.close()
     asyncio.run(main())
 
 

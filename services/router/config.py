@@ -61,6 +61,9 @@ class RouterConfig:
         "help": "a request for a model with no live replica waits up to this long (and its deadline) for one to "
                 "join instead of failing at once: scale from zero (0: fail at once)"})
     demand_interval_s: float = field(default=1.0, metadata={"help": "seconds between per-model demand reports for the autoscaler"})
+    peer_sync_interval_s: float = field(default=0.1, metadata={
+        "help": "seconds between usage reports to the other routers behind the same address, which count them "
+                "against tenant limits and admission (0: this router counts only its own; services/router/peers.py)"})
     rollout_interval_s: float = field(default=1.0, metadata={
         "help": "seconds between canary analyses (a breach rolls back within one); docs/rollouts.md"})
     shadow_max_inflight: int = field(default=4, metadata={
@@ -94,5 +97,7 @@ class RouterConfig:
             raise ConfigError("max_failovers ≥ 0, stall_timeout_s > 0 and retry_budget_ratio in [0, 1] are required")
         if self.replica_wait_s < 0 or self.demand_interval_s <= 0:
             raise ConfigError("replica_wait_s ≥ 0 and demand_interval_s > 0 are required")
+        if self.peer_sync_interval_s < 0:
+            raise ConfigError("peer_sync_interval_s must be ≥ 0 (0 turns sharing usage between routers off)")
         if self.request_timeout_s <= 0 or self.write_timeout_s <= 0:
             raise ConfigError("timeouts must be positive")

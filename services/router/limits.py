@@ -16,6 +16,12 @@ when others have filled the model (its requests queue, they are not shed), while
 it is shed at the limit; an idle system still lets one tenant use everything. So a tenant
 flooding a model cannot lock out a second one; the price is that in-flight work may exceed the
 limit by the newcomers' shares until the flood's requests finish.
+
+Several routers: each keeps these counts for its own connections, and `services/router/peers.py`
+shares them. A router's tenant buckets are also charged what the other routers charged
+(`charge`, from the net charges each drains with `drain_charges`), and its admission counts the
+other routers' requests in flight (`AdmissionControl.set_peer`) — so the limits hold for the
+fleet, not per router.
 """
 
 from __future__ import annotations
@@ -80,6 +86,32 @@ class RateLimiter:
     def __init__(self) -> None:
         self._requests: dict[str, TokenBucket] = {}
         self._tokens: dict[str, TokenBucket] = {}
+        self._charged: dict[str, list[float]] = {}  # tenant → net [requests, tokens] since drain_charges
+
+    def _note(self, tenant: Tenant, requests: float, tokens: float) -> None:
+        charged = self._charged.setdefault(tenant.name, [0.0, 0.0])
+        charged[0] += requests
+        charged[1] += tokens
+
+    def drain_charges(self) -> dict[str, tuple[float, float]]:
+        """Net (requests, tokens) charged to each tenant's buckets here since the last call:
+        what the other routers must charge too."""
+        charged, self._charged = self._charged, {}
+        return {name: (r, t) for name, (r, t) in charged.items() if r or t}
+
+    def charge(self, tenant: Tenant, requests: float, tokens: float) -> None:
+        """Apply what another router charged `tenant` (negative: gave back). Unconditional —
+        the other router admitted it already — so the buckets may go below zero, and this
+        router then refuses the tenant until the refill repays it."""
+        if tenant.requests_per_minute == float("inf") and tenant.tokens_per_minute == float("inf"):
+            return
+        bucket_requests, bucket_tokens = self._buckets(tenant)
+        for bucket, amount in ((bucket_requests, requests), (bucket_tokens, tokens)):
+            bucket.wait_for(0)  # refill up to now first, so the charge lands on the current level
+            if amount > 0:
+                bucket.take(amount)
+            elif amount < 0:
+                bucket.give_back(-amount)
 
     def _buckets(self, tenant: Tenant) -> tuple[TokenBucket, TokenBucket]:
         if tenant.name not in self._requests:
@@ -100,6 +132,7 @@ class RateLimiter:
         _refuse_if_over(tenant, requests, budget, tokens)
         requests.take(1)
         budget.take(tokens)
+        self._note(tenant, 1, tokens)
         return Reservation(tenant, tokens)
 
     def take_request(self, tenant: Tenant, min_tokens: int = 0) -> Reservation:
@@ -112,6 +145,7 @@ class RateLimiter:
         requests, budget = self._buckets(tenant)
         _refuse_if_over(tenant, requests, budget, min(min_tokens, budget.capacity))
         requests.take(1)
+        self._note(tenant, 1, 0)
         return Reservation(tenant, 0, request_taken=True)
 
     def reserve_tokens(self, reservation: Reservation, tokens: int) -> None:
@@ -133,12 +167,14 @@ class RateLimiter:
                                f"tenant {tenant.name} is over its tokens-per-minute limit; retry in {wait:.1f}s",
                                retry_after_s=wait)
         budget.take(tokens)
+        self._note(tenant, 0, tokens)
         reservation.tokens = tokens
 
     def settle(self, reservation: Reservation, used_tokens: int) -> None:
         """Give back what the request reserved but did not use."""
         if reservation.tokens and used_tokens < reservation.tokens:
             self._buckets(reservation.tenant)[1].give_back(reservation.tokens - used_tokens)
+            self._note(reservation.tenant, 0, used_tokens - reservation.tokens)
 
     def refund(self, reservation: Reservation) -> None:
         """The request was shed before any work (the model is full): it costs the tenant
@@ -148,7 +184,19 @@ class RateLimiter:
         requests, budget = self._buckets(reservation.tenant)
         requests.give_back(1)
         budget.give_back(reservation.tokens)
+        self._note(reservation.tenant, -1, -reservation.tokens)
         reservation.tokens, reservation.request_taken = 0, False
+
+
+@dataclass
+class PeerModelLoad:
+    """Another router's requests in flight for one model, from its last usage report."""
+
+    requests: int = 0
+    tokens: int = 0
+    tenants: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # tenant → (requests, tokens, weight)
+    completed_requests_per_s: float = 0.0
+    completed_tokens_per_s: float = 0.0
 
 
 class AdmissionControl:
@@ -169,9 +217,52 @@ class AdmissionControl:
         # model → tenant → [requests, tokens, weight] in flight (fair share between tenants)
         self.by_tenant: dict[str, dict[str, list[float]]] = {}
         self._done: dict[str, deque[tuple[float, int]]] = {}  # model → (finish time, tokens) of recent completions
+        self._peers: dict[str, tuple[float, dict[str, PeerModelLoad]]] = {}  # router → (expires at, model → load)
+
+    # ---- other routers ------------------------------------------------------------------
+    def set_peer(self, router_id: str, models: dict[str, PeerModelLoad], expires_at: float) -> None:
+        """Another router's load, counted until `expires_at` (monotonic) unless it reports again."""
+        self._peers[router_id] = (expires_at, models)
+
+    def drop_peer(self, router_id: str) -> None:
+        self._peers.pop(router_id, None)
+
+    def peers(self, now: float | None = None) -> list[str]:
+        """Routers whose load counts now (expired ones are forgotten)."""
+        now = time.monotonic() if now is None else now
+        for router_id in [r for r, (expires, _) in self._peers.items() if expires < now]:
+            del self._peers[router_id]
+        return sorted(self._peers)
+
+    def _peer_loads(self, model: str) -> list[PeerModelLoad]:
+        if not self._peers:
+            return []
+        now = time.monotonic()
+        return [models[model] for expires, models in self._peers.values() if expires >= now and model in models]
+
+    def own_load(self) -> dict[str, PeerModelLoad]:
+        """This router's own requests in flight per model (what it reports to the others)."""
+        now = time.monotonic()
+        out = {}
+        for model in sorted(set(self.inflight) | set(self._done)):
+            requests_per_s, tokens_per_s = self._own_rates(model, now)
+            if not self.inflight.get(model) and not requests_per_s:
+                continue
+            out[model] = PeerModelLoad(self.inflight.get(model, 0), self.inflight_tokens.get(model, 0),
+                                       {t: (int(n), int(held), w) for t, (n, held, w) in self.by_tenant.get(model, {}).items()},
+                                       requests_per_s, tokens_per_s)
+        return out
 
     def _rates(self, model: str, now: float) -> tuple[float, float]:
-        """(requests/s, tokens/s) completed over the window (0 when nothing finished yet)."""
+        """(requests/s, tokens/s) completed over the window, by this router and the others."""
+        requests_per_s, tokens_per_s = self._own_rates(model, now)
+        for peer in self._peer_loads(model):
+            requests_per_s += peer.completed_requests_per_s
+            tokens_per_s += peer.completed_tokens_per_s
+        return requests_per_s, tokens_per_s
+
+    def _own_rates(self, model: str, now: float) -> tuple[float, float]:
+        """(requests/s, tokens/s) completed here over the window (0 when nothing finished yet)."""
         done = self._done.get(model)
         if not done:
             return 0.0, 0.0
@@ -196,6 +287,8 @@ class AdmissionControl:
         """`tenant`'s fraction of `model`'s capacity: its weight over the weights of every tenant
         with requests in flight there, itself included (1.0 when it is alone)."""
         active = {t: w for t, (n, _, w) in self.by_tenant.get(model, {}).items() if n > 0}
+        for peer in self._peer_loads(model):
+            active.update((t, w) for t, (n, _, w) in peer.tenants.items() if n > 0 and t not in active)
         active[tenant] = weight
         return weight / sum(active.values())
 
@@ -204,6 +297,9 @@ class AdmissionControl:
         """Whether one more request of `tokens` keeps `tenant` within its fair share of the
         model's request and token limits (always room for one request of its own)."""
         n, held, _ = self.by_tenant.get(model, {}).get(tenant, (0, 0, weight))
+        for peer in self._peer_loads(model):
+            peer_n, peer_held, _ = peer.tenants.get(tenant, (0, 0, weight))
+            n, held = n + peer_n, held + peer_held
         share = self.share(model, tenant, weight)
         if n + 1 > max(1, int(share * limit)):
             return False
@@ -217,6 +313,8 @@ class AdmissionControl:
         within its fair share passes the model's limits (see the module docstring)."""
         current = self.inflight.get(model, 0)
         held = self.inflight_tokens.get(model, 0)
+        for peer in self._peer_loads(model):  # the other routers' requests use the same replicas
+            current, held = current + peer.requests, held + peer.tokens
         limit = capacity + self.queue_limit
         token_limit = int(token_capacity * (1 + self.token_queue_factor))
         fair = current > 0 and self.within_share(model, tenant, tokens, limit, token_limit, weight)
@@ -244,8 +342,8 @@ class AdmissionControl:
                                    f"model {model} would not start this request before its deadline "
                                    f"(queue drains in ~{wait:.1f}s, deadline {timeout_s:.1f}s); retry in {wait:.1f}s",
                                    retry_after_s=min(wait, 60.0))
-        self.inflight[model] = current + 1
-        self.inflight_tokens[model] = held + tokens
+        self.inflight[model] = self.inflight.get(model, 0) + 1
+        self.inflight_tokens[model] = self.inflight_tokens.get(model, 0) + tokens
         mine = self.by_tenant.setdefault(model, {}).setdefault(tenant, [0, 0, weight])
         mine[0], mine[1], mine[2] = mine[0] + 1, mine[1] + tokens, weight
 

@@ -38,6 +38,7 @@ from .dispatch import Dispatcher
 from .grpc_api import GenerationServicer, add_generation_servicer, enable_reflection
 from .http_api import create_http_app
 from .limits import AdmissionControl, RateLimiter
+from .peers import PeerSync, PeerUsage
 from .pipeline import RequestPipeline, ResilienceConfig
 from .rollouts import RolloutManager, add_rollout_routes
 from .observe import RequestObserver, ServedModelsCollector
@@ -105,8 +106,9 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     catalog = ModelCatalog(config.models_dir)
     rollouts = RolloutManager(router_id, catalog, config.rollout_interval_s, config.shadow_max_inflight,
                               config.records_dir)
+    limiter, admission = RateLimiter(), AdmissionControl(config.queue_limit, config.token_queue_factor)
     pipeline = RequestPipeline(catalog, fleet, dispatcher, routing, rollouts=rollouts,
-                               tenants=tenants, limiter=RateLimiter(), admission=AdmissionControl(config.queue_limit, config.token_queue_factor),
+                               tenants=tenants, limiter=limiter, admission=admission,
                                observer=RequestObserver(writer),
                                model_router=ModelRouter.from_config(config.model_routes),
                                resilience=ResilienceConfig(max_failovers=config.max_failovers,
@@ -118,6 +120,10 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
     demand = DemandPublisher(nc, pipeline.demand, router_id, config.demand_interval_s)
     pipeline.demand_wake = demand.wake
     demand.start()
+    peers = None
+    if config.peer_sync_interval_s > 0:  # the other routers behind this address count this one's usage
+        peers = PeerSync(nc, PeerUsage(router_id, limiter, admission, tenants.find, config.peer_sync_interval_s))
+        await peers.start()
     await rollouts.start(js, pipeline)  # rollout state read before serving, then watched
 
     server = grpc.aio.server(interceptors=[TraceContextInterceptor()], options=grpc_server_options(config.share_port))
@@ -162,6 +168,8 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         await http.stop()
     await server.stop(config.grace_s)
     await demand.stop()
+    if peers is not None:
+        await peers.stop()
     await rollouts.stop()
     await dispatcher.stop()
     REGISTRY.unregister(served_models)

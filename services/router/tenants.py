@@ -108,6 +108,10 @@ class TenantDirectory:
                 digests[digest.lower()] = name
         return cls(tenants, digests, required=True, path=Path(path))
 
+    def find(self, name: str) -> Tenant | None:
+        """The tenant called `name` (another router's usage report names tenants), if known here."""
+        return self.tenants.get(name)
+
     def authenticate(self, key: str | None) -> Tenant | None:
         """The tenant owning `key`; None when the key is missing or unknown."""
         if not self.required:

@@ -6,6 +6,7 @@ may publish and subscribe only where its role needs. Anything not allowed is den
 
     role      publish                                        subscribe
     router    switchyard.req.>  switchyard.cancel.>          switchyard.reply.>  switchyard.load.>
+              switchyard.peers.>                             switchyard.peers.>
               JetStream: create/update/info of the two streams
     batcher   switchyard.reply.>                             switchyard.cancel.<own replica>
               switchyard.load.<own model>.<own replica>
@@ -28,8 +29,8 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .subjects import (CANCEL_PREFIX, CANCEL_STREAM, LOAD_ALL, LOAD_PREFIX, REPLY_PREFIX, REQUEST_PREFIX,
-                       REQUEST_STREAM, cancel_subject, load_subject, request_subject, token)
+from .subjects import (CANCEL_PREFIX, CANCEL_STREAM, LOAD_ALL, LOAD_PREFIX, PEERS_ALL, REPLY_PREFIX,
+                       REQUEST_PREFIX, REQUEST_STREAM, cancel_subject, load_subject, request_subject, token)
 
 JS_API = "$JS.API"
 INBOX = "_INBOX"
@@ -85,13 +86,13 @@ def kv_access(bucket: str) -> tuple[str, ...]:
 
 
 def router_user(password: str | None = None, user: str = "router") -> NatsUser:
-    """Publishes requests, cancels and demand reports, reads replies and heartbeats, uses its
-    KV buckets."""
+    """Publishes requests, cancels and demand reports, reads replies and heartbeats, shares
+    its usage with the other routers, uses its KV buckets."""
     return NatsUser(user, password or new_secret(),
-                    publish=(f"{REQUEST_PREFIX}.>", f"{CANCEL_PREFIX}.>", DEMAND_ALL,
+                    publish=(f"{REQUEST_PREFIX}.>", f"{CANCEL_PREFIX}.>", DEMAND_ALL, PEERS_ALL,
                              *_stream_admin("CREATE", "UPDATE", "INFO"),
                              *(s for bucket in ROUTER_KV_BUCKETS for s in kv_access(bucket))),
-                    subscribe=(f"{REPLY_PREFIX}.>", LOAD_ALL))
+                    subscribe=(f"{REPLY_PREFIX}.>", LOAD_ALL, PEERS_ALL))
 
 
 def batcher_user(replica_id: str, model: str, password: str | None = None) -> NatsUser:

@@ -5,6 +5,7 @@
     switchyard.reply.<router>._batch  ReplicaEventBatch core NATS, batcher → router (a step's events, one message)
     switchyard.cancel.<replica>       CancelRequest    core NATS, router → batcher (also kept 2 min in a stream)
     switchyard.load.<model>.<replica> LoadReport       core NATS heartbeats
+    switchyard.peers.<router>         RouterUsage      core NATS, router → the other routers
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ REPLY_PREFIX = "switchyard.reply"
 CANCEL_PREFIX = "switchyard.cancel"
 LOAD_PREFIX = "switchyard.load"
 LOAD_ALL = f"{LOAD_PREFIX}.>"
+PEERS_PREFIX = "switchyard.peers"
+PEERS_ALL = f"{PEERS_PREFIX}.>"
 BATCH_TOKEN = "_batch"
 
 _TOKEN_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -52,3 +55,7 @@ def cancel_subject(replica_id: str) -> str:
 
 def load_subject(model: str, replica_id: str) -> str:
     return f"{LOAD_PREFIX}.{token(model)}.{token(replica_id)}"
+
+
+def peers_subject(router_id: str) -> str:
+    return f"{PEERS_PREFIX}.{token(router_id)}"
