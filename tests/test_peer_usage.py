@@ -6,6 +6,8 @@ port, where a tenant's requests-per-minute limit holds across both."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +188,14 @@ def peer_reports(router: Service) -> float:
     return router_metric(router, "switchyard_router_peer_reports", "switchyard_router_peer_reports_total")
 
 
+def peers(router: Service) -> float:
+    """Other routers counted by this one (-1 while it is not answering: restarting)."""
+    try:
+        return router_metric(router, "switchyard_router_peers", "switchyard_router_peers")
+    except (httpx.HTTPError, OSError, ValueError):
+        return -1
+
+
 def handled(router: Service) -> float:
     return router_metric(router, "switchyard_requests", "switchyard_requests_total")
 
@@ -236,3 +246,38 @@ def test_two_routers_on_one_port_enforce_one_limit(two_routers_with_a_limited_te
     assert set(outcomes) <= {"", "RESOURCE_EXHAUSTED"}, outcomes
     # The tenant's 4 (readiness lists models, which charges nothing), plus what refilled.
     assert LIMIT_PER_MINUTE <= outcomes.count("") <= LIMIT_PER_MINUTE + int(refilled), (outcomes, per_router)
+
+
+@pytest.mark.integration
+@pytest.mark.chaos
+def test_peers_fall_silent_and_return_through_sigstop_nats_restart_and_kill(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """A router whose peer is stopped, killed or cut off by a NATS restart stops counting the
+    peer's load after the expiry (≥ 1 s) — it never holds a dead router's requests against the
+    fleet — and counts it again once its reports return."""
+    stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path, routers=2)
+    try:
+        first, second = stack.routers
+        wait_until(lambda: peers(first) == 1 and peers(second) == 1, 10, "each router to hear the other")
+
+        os.kill(second.process.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: peers(first) == 0, 10, "the stopped router to expire")
+        finally:
+            os.kill(second.process.pid, signal.SIGCONT)
+        wait_until(lambda: peers(first) == 1 and peers(second) == 1, 10, "the continued router to count again")
+
+        os.kill(second.process.pid, signal.SIGKILL)  # no supervisor yet: it stays dead until we look
+        wait_until(lambda: peers(first) == 0, 10, "the killed router to expire")
+        stack.start_supervisor()
+        wait_until(lambda: second.restarts >= 1, 10, "the supervisor to restart the killed router")
+        second.wait_port(20)  # its new metrics port
+        wait_until(lambda: peers(second) == 1 and peers(first) == 1, 10, "the restarted router to hear and be heard")
+
+        assert stack.nats is not None and stack.nats.process is not None
+        reports = peer_reports(first)
+        stack.nats.process.kill()  # the supervisor restarts it on the same port; clients reconnect
+        wait_until(lambda: peer_reports(first) > reports + 5, 30, "reports to flow again after the NATS restart")
+        assert peers(first) == 1 and peers(second) == 1
+        assert asyncio.run(one_request(stack.router_address, "")) == ""  # the stack still serves
+    finally:
+        stack.stop()

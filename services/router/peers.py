@@ -26,11 +26,13 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from prometheus_client import Counter
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from switchyard.bus.subjects import PEERS_ALL, peers_subject
 from switchyard.v1 import bus_pb2
@@ -115,6 +117,18 @@ def _model_load_from_proto(load: bus_pb2.ModelLoad) -> PeerModelLoad:
                          load.completed_requests_per_s, load.completed_tokens_per_s)
 
 
+class PeersCollector(Collector):
+    """How many other routers' usage counts here now, read at scrape time (0 with one router,
+    or when the others fell silent: then this router's limits are its own connections')."""
+
+    def __init__(self, admission: AdmissionControl) -> None:
+        self._admission = admission
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("switchyard_router_peers", "Other routers whose usage reports count here now",
+                                value=len(self._admission.peers()))
+
+
 class PeerSync:
     """Publishes this router's usage every `interval_s` and applies the others'."""
 
@@ -123,6 +137,7 @@ class PeerSync:
         self.usage = usage
         self._task: asyncio.Task[None] | None = None
         self._subscription = None
+        self._collector = PeersCollector(usage.admission)
 
     async def _on_report(self, msg: Msg) -> None:
         try:
@@ -147,6 +162,7 @@ class PeerSync:
 
     async def start(self) -> None:
         self._subscription = await self.nc.subscribe(PEERS_ALL, cb=self._on_report)
+        REGISTRY.register(self._collector)  # unregistered at stop: a process may run serve() again (tests)
         self._task = asyncio.create_task(self._loop(), name="peer-usage")
 
     async def stop(self) -> None:
@@ -156,6 +172,7 @@ class PeerSync:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._subscription is not None:
             await self._subscription.unsubscribe()
+            REGISTRY.unregister(self._collector)
         try:
             await self._publish(leaving=True)
         except Exception as exc:
