@@ -3,6 +3,7 @@ detokenization (fleet view and routing policies: tests/test_routing.py)."""
 
 from __future__ import annotations
 
+import random
 import time
 from collections import deque
 from pathlib import Path
@@ -13,7 +14,7 @@ from services.router.errors import ErrorKind, RequestError
 from services.router.limits import AdmissionControl, RateLimiter, TokenBucket
 from services.router.pipeline import StopStringMatcher
 from services.router.tenants import Tenant, TenantDirectory, hash_key, write_tenant
-from switchyard.model.catalog import IncrementalDetokenizer, ModelCatalog
+from switchyard.model.catalog import IncrementalDetokenizer, ModelCatalog, ModelEntry
 
 from conftest import TINY
 
@@ -134,6 +135,52 @@ def test_detokenizer_emits_only_complete_utf8_characters(tiny_models_dir: Path) 
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert len(ids) > len(text.encode()) / 2  # byte-level tokens: multi-byte characters span tokens
+
+
+def _detokenize(entry: ModelEntry, ids: list[int], chunks: list[int], table: bool) -> list[str]:
+    detok = IncrementalDetokenizer(entry)
+    if not table:  # the general path: windows of tokenizer.decode
+        detok._table = detok._utf8 = None
+    pieces, at = [], 0
+    for size in chunks:
+        pieces.append(detok.push(ids[at:at + size]))
+        at += size
+    return pieces + [detok.flush()]
+
+
+def _equal_to_decoding_windows(entry: ModelEntry, seed: int, streams: int) -> None:
+    """Byte-level table lookups make the same text as the tokenizer's own decode, never later
+    than the decoding windows did: on random ids (special tokens, characters split across tokens, invalid bytes among
+    them) and on real text."""
+    assert entry.token_bytes is not None
+    rng = random.Random(seed)
+    vocab = entry.tokenizer.get_vocab_size(with_added_tokens=True)
+    text_ids = entry.encode("naïve café 日本語 🙂 <|im_start|> done\n\tx" * 3)
+    cases = [text_ids] + [[rng.randrange(vocab) for _ in range(rng.randrange(1, 40))] for _ in range(streams)]
+    for ids in cases:
+        chunks, left = [], len(ids)
+        while left:
+            chunks.append(min(left, rng.choice([1, 1, 1, 2, 3])))
+            left -= chunks[-1]
+        fast, general = _detokenize(entry, ids, chunks, True), _detokenize(entry, ids, chunks, False)
+        assert "".join(fast) == entry.decode(ids), ids
+        assert "".join(general) == entry.decode(ids), ids
+        if "\ufffd" not in "".join(general):  # valid UTF-8: each character as soon as the general path, or sooner
+            for k in range(1, len(fast) + 1):
+                assert len("".join(fast[:k])) >= len("".join(general[:k])), (ids, k)
+
+
+def test_byte_level_detokenizer_matches_the_tokenizer(tiny_models_dir: Path) -> None:
+    entry = ModelCatalog(tiny_models_dir).get(TINY)
+    assert entry is not None
+    _equal_to_decoding_windows(entry, seed=1, streams=300)
+
+
+@pytest.mark.slow
+def test_byte_level_detokenizer_matches_the_real_tokenizer(real_models_dir: Path) -> None:
+    entry = ModelCatalog(real_models_dir).get("smollm2-135m-instruct-int4")
+    assert entry is not None
+    _equal_to_decoding_windows(entry, seed=2, streams=300)
 
 
 def test_a_request_shed_by_admission_costs_the_tenant_nothing() -> None:

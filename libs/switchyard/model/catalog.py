@@ -3,6 +3,7 @@ once). The router tokenizes and renders chat with these; nothing here touches ON
 
 from __future__ import annotations
 
+import codecs
 import re
 import threading
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Sequence
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from .config import MANIFEST_FILE, ModelManifest
 
@@ -29,6 +30,8 @@ class ModelEntry:
     _literal: Tokenizer | None = field(default=None, repr=False)
     _specials: dict[str, int] | None = field(default=None, repr=False)
     _max_token_bytes: int | None = field(default=None, repr=False)
+    _token_bytes: list[bytes] | None = field(default=None, repr=False)
+    _token_bytes_built: bool = field(default=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -92,6 +95,47 @@ class ModelEntry:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    @property
+    def token_bytes(self) -> list[bytes] | None:
+        """Each token id's bytes as `decode` joins them (special tokens: none), when the
+        tokenizer's decoder is plain byte-level BPE — there decoding is concatenation, so a
+        stream is detokenized by table lookups instead of two `decode` calls per token. None for
+        any other decoder (SentencePiece-style ones strip or add spaces by position)."""
+        if not self._token_bytes_built:
+            self._token_bytes = _byte_level_table(self.tokenizer)
+            self._token_bytes_built = True
+        return self._token_bytes
+
+
+def _bytes_of_unicode() -> dict[str, int]:
+    """The byte-level BPE alphabet: each byte's printable stand-in character (GPT-2's table)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _byte_level_table(tokenizer: Tokenizer) -> list[bytes] | None:
+    if type(tokenizer.decoder) is not decoders.ByteLevel:  # a Sequence or anything else: decode() decides
+        return None
+    to_byte = _bytes_of_unicode()
+    to_latin1 = str.maketrans({c: chr(b) for c, b in to_byte.items()})
+    table = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
+    for piece, i in tokenizer.get_vocab(with_added_tokens=True).items():
+        try:
+            table[i] = piece.translate(to_latin1).encode("latin-1")
+        except UnicodeEncodeError:  # a character outside the alphabet (an added token's text) stands for itself
+            table[i] = b"".join(bytes([to_byte[c]]) if c in to_byte else c.encode() for c in piece)
+    for i, added in tokenizer.get_added_tokens_decoder().items():
+        if added.special:
+            table[i] = b""
+    return table
+
 
 class ModelCatalog:
     """Model folders under `models_dir`, by name."""
@@ -127,16 +171,28 @@ class ModelCatalog:
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas that are always valid UTF-8.
 
-    Decodes a short window of ids around the new ones and holds text back while it ends in a
-    replacement character (bytes of a character split across tokens)."""
+    Byte-level BPE: the tokens' bytes go through an incremental UTF-8 decoder, which holds a
+    character's bytes until the token that completes it arrives. Other tokenizers: decodes a
+    short window of ids around the new ones and holds text back while it ends in a replacement
+    character (bytes of a character split across tokens)."""
 
     def __init__(self, entry: ModelEntry) -> None:
         self._entry = entry
         self.ids: list[int] = []
         self._prefix = 0
         self._read = 0
+        self._table = entry.token_bytes
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._table is not None else None
 
     def push(self, new_ids: Sequence[int]) -> str:
+        if self._utf8 is not None and self._table is not None:
+            self.ids.extend(new_ids)
+            table = self._table
+            try:
+                data = b"".join([table[i] for i in new_ids])
+            except IndexError:  # an id beyond the vocabulary: what decode makes of it
+                return self._utf8.decode(self._entry.decode(new_ids).encode())
+            return self._utf8.decode(data)
         self.ids.extend(new_ids)
         before = self._entry.decode(self.ids[self._prefix:self._read])
         after = self._entry.decode(self.ids[self._prefix:])
@@ -147,6 +203,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is held at the end (invalid trailing bytes come out as U+FFFD)."""
+        if self._utf8 is not None:
+            return self._utf8.decode(b"", final=True)
         before = self._entry.decode(self.ids[self._prefix:self._read])
         after = self._entry.decode(self.ids[self._prefix:])
         self._prefix = self._read = len(self.ids)
