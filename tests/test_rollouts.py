@@ -144,6 +144,65 @@ def test_resync_applies_changes_without_the_watch(tiny_models_dir: Path) -> None
         assert asyncio.run(run(server.url)) == (V1, V2)
 
 
+@pytest.mark.unit
+def test_pooled_canary_windows_keep_only_the_current_steps_samples() -> None:
+    from services.router.rollouts import ArmWindow, pool_windows, samples_from_json, samples_to_json
+    from switchyard.rollouts.analysis import ArmSamples
+
+    def window(key: tuple[int, float, str], errors: int, ok: int) -> ArmWindow:
+        candidate = ArmSamples()
+        for i in range(errors + ok):
+            candidate.add(error=i < errors, ttft_s=0.01 * i, itl_s=[0.001, 0.002], e2e_s=0.1)
+        return ArmWindow(key, ArmSamples(), candidate)
+    step1, step0 = (1, 100.0, "v2"), (0, 50.0, "v2")
+    other = window(step1, errors=2, ok=1)
+    shared = ArmWindow(step1, samples_from_json(json.loads(json.dumps(samples_to_json(other.baseline)))),
+                       samples_from_json(json.loads(json.dumps(samples_to_json(other.candidate)))))
+    pooled = pool_windows(window(step1, errors=1, ok=3), [shared, window(step0, errors=9, ok=0)])
+    assert (pooled.key, pooled.candidate.requests, pooled.candidate.errors) == (step1, 7, 3)
+    assert len(pooled.candidate.itl_s) == 2 * (3 + 1)  # only successful requests' latencies
+
+
+@pytest.mark.integration
+def test_routers_judge_a_canary_on_every_routers_samples(tiny_models_dir: Path) -> None:
+    """Two routers each saw 5 requests per arm, fewer than min_requests (8): alone neither can
+    judge; with the samples shared through NATS KV, either one rolls the bad canary back."""
+    from services.router.rollouts import RolloutManager
+    from switchyard.model.catalog import ModelCatalog
+    from switchyard.rollouts.state import CANARY_SAMPLES_BUCKET, open_bucket
+
+    async def run(url: str) -> tuple[Any, Any, int]:
+        import nats
+        nc = await nats.connect(url)
+        try:
+            js = nc.jetstream()
+            routers = [RolloutManager(name, ModelCatalog(tiny_models_dir)) for name in ("router-a", "router-b")]
+            for router in routers:  # what start() opens, without its loop: the test drives the ticks
+                router.store = await RolloutStore.open(js)
+                router.canary_kv = await open_bucket(js, CANARY_SAMPLES_BUCKET)
+            await routers[0].store.put_new(new_rollout(TINY, "v1", "v2", "canary", steps=[0.5, 1.0],  # type: ignore[union-attr]
+                                                       step_duration_s=600, thresholds={"min_requests": 8}))
+            for router in routers:
+                await router.resync()
+                window = router._window(router.states[TINY])
+                for _ in range(5):
+                    window.baseline.add(error=False, ttft_s=0.01, itl_s=[0.001], e2e_s=0.05)
+                    window.candidate.add(error=True, ttft_s=None)
+                router._canary_dirty.add(TINY)
+            alone = await routers[1].tick(TINY, time.time())
+            for router in routers:
+                await router.publish_canary_samples()
+            shared = await routers[1].tick(TINY, time.time())
+            return alone, shared, routers[1].pooled[TINY].candidate.requests
+        finally:
+            await nc.close()
+    with NatsServer() as server:
+        alone, shared, pooled_requests = asyncio.run(run(server.url))
+    assert alone is None  # 5 < 8 requests per arm: hold
+    assert shared is not None and shared.kind == "rollback" and "error rate" in shared.reason, shared
+    assert pooled_requests == 10
+
+
 # ---- the real stack ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:

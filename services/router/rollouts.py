@@ -7,9 +7,10 @@ experiments); this module only does the I/O around them:
 
 - state: every router watches the rollout KV bucket (switchyard.rollouts.state) and keeps the
   latest state per model in memory, so resolving a version costs a dict lookup and a hash.
-- canary: every `interval_s` each router ticks `CanaryController` on the samples it saw in the
-  current step's window; an action is written with compare-and-set on the revision it read,
-  so with several routers one decision wins per step (the losers re-read it from the watch).
+- canary: every `interval_s` each router shares its samples of the current step (KV bucket
+  switchyard_canary_samples) and ticks `CanaryController` on every router's samples of that
+  step; an action is written with compare-and-set on the revision it read, so with several
+  routers one decision wins per step (the losers re-read it from the watch).
 - shadow: a copy of the request goes to the candidate in a task nobody awaits, bounded by a
   semaphore; it bypasses the tenant's rate limits and admission (the platform's cost, not the
   tenant's) and is dropped when the bound is hit or the candidate's replicas are full.
@@ -40,8 +41,9 @@ from switchyard.model.catalog import ModelCatalog, ModelEntry
 from switchyard.rollouts.analysis import ArmSamples, Thresholds, compare
 from switchyard.rollouts.canary import CanaryController, CanaryPlan
 from switchyard.rollouts.experiments import assign_arm
-from switchyard.rollouts.state import (ACTIONS, FEEDBACK_BUCKET, SAMPLES_BUCKET, Decision, RolloutState, RolloutStore,
-                                       StaleRevision, describe, kv_key, new_rollout, open_bucket, operate, versioned)
+from switchyard.rollouts.state import (ACTIONS, CANARY_SAMPLES_BUCKET, CANARY_SAMPLES_TTL_S, FEEDBACK_BUCKET,
+                                       SAMPLES_BUCKET, Decision, RolloutState, RolloutStore, StaleRevision, describe,
+                                       kv_key, new_rollout, open_bucket, operate, versioned)
 
 from .errors import ErrorKind, RequestError, invalid
 
@@ -61,6 +63,7 @@ SHADOW = Counter("switchyard_shadow_requests", "Shadow copies by outcome (mirror
 REASON_LABELS = ("error_rate", "ttft_p99", "itl_p99", "healthy", "operator", "significant", "not_significant", "other")
 RESYNC_S = 5.0  # re-read every rollout this often besides the watch
 MAX_SAMPLES = 2000  # per arm, for the experiment report (newest kept)
+MAX_SHARED_LATENCIES = 5000  # per list and router when shared (newest kept): enough for a p99
 
 
 def reason_label(reason: str, kind: str = "") -> str:
@@ -89,6 +92,28 @@ class ArmWindow:
     key: tuple[int, float, str]
     baseline: Any
     candidate: Any
+
+
+def pool_windows(own: ArmWindow, others: list[ArmWindow]) -> ArmWindow:
+    """Own samples plus the other routers' of the same step (same step number, start and
+    candidate); another step's are left out."""
+    pooled = ArmWindow(own.key, ArmSamples(), ArmSamples())
+    for window in [own, *others]:
+        if tuple(window.key) == tuple(own.key):
+            pooled.baseline.merge(window.baseline)
+            pooled.candidate.merge(window.candidate)
+    return pooled
+
+
+def samples_to_json(samples: ArmSamples) -> dict[str, Any]:
+    return {"requests": samples.requests, "errors": samples.errors, "ttft_s": samples.ttft_s[-MAX_SHARED_LATENCIES:],
+            "itl_s": samples.itl_s[-MAX_SHARED_LATENCIES:], "e2e_s": samples.e2e_s[-MAX_SHARED_LATENCIES:]}
+
+
+def samples_from_json(data: dict[str, Any]) -> ArmSamples:
+    return ArmSamples(requests=int(data["requests"]), errors=int(data["errors"]),
+                      ttft_s=[float(x) for x in data["ttft_s"]], itl_s=[float(x) for x in data["itl_s"]],
+                      e2e_s=[float(x) for x in data["e2e_s"]])
 
 
 @dataclass
@@ -164,6 +189,9 @@ class RolloutManager:
         self.records_path = records_dir / "rollouts.jsonl" if records_dir else None
         self._tasks: list[asyncio.Task[Any]] = []
         self._samples_dirty: set[str] = set()
+        self.canary_kv: Any = None
+        self._canary_dirty: set[str] = set()
+        self.pooled: dict[str, ArmWindow] = {}  # model → the last analysis' window, every router's samples
         self.started_unix = time.time()
 
     # ---- lifecycle ----------------------------------------------------------------------
@@ -172,6 +200,7 @@ class RolloutManager:
         self.store = await RolloutStore.open(js)
         self.feedback_kv = await open_bucket(js, FEEDBACK_BUCKET, ttl=7 * 86400)
         self.samples_kv = await open_bucket(js, SAMPLES_BUCKET)
+        self.canary_kv = await open_bucket(js, CANARY_SAMPLES_BUCKET, ttl=CANARY_SAMPLES_TTL_S)
         for state, revision in await self.store.all():  # before serving: the first request already sees them
             self._apply(state, revision)
         self._tasks.append(await self.store.watch(self._on_change))
@@ -283,6 +312,7 @@ class RolloutManager:
             window = self._window(state)
             samples = window.candidate if arm == "candidate" else window.baseline
             samples.add(error=error, ttft_s=ttft if done else None, itl_s=tap.itl_s, e2e_s=e2e if done else None)
+            self._canary_dirty.add(state.model)
         elif state.mode == "ab":
             version = state.candidate if arm == "candidate" else state.baseline
             dq = self.ab_samples.setdefault((state.model, version), collections.deque(maxlen=MAX_SAMPLES))
@@ -297,10 +327,14 @@ class RolloutManager:
         return window
 
     def analysis(self, model: str) -> dict[str, Any] | None:
-        """This router's view of the running canary step: the verdict on its window so far."""
+        """The running canary step's verdict so far, on every router's samples as of the last
+        analysis (this router's alone before the first one)."""
         state, window = self.states.get(model), self.windows.get(model)
         if state is None or window is None or not state.running or state.mode != "canary":
             return None
+        pooled = self.pooled.get(model)
+        if pooled is not None and pooled.key == window.key:
+            window = pooled
         verdict = compare(window.baseline, window.candidate, Thresholds(**state.thresholds))
         return {"outcome": verdict.outcome, "reasons": verdict.reasons,
                 "figures": {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None)
@@ -326,6 +360,7 @@ class RolloutManager:
                 except Exception:
                     log.exception("rollout %s: canary tick failed", model)
             try:
+                await self.publish_canary_samples()
                 await self._publish_samples()
             except Exception as exc:  # the bus may be down; the samples stay in memory
                 log.warning("rollout samples not published: %s", exc)
@@ -340,7 +375,7 @@ class RolloutManager:
     async def tick(self, model: str, now: float) -> Decision | None:
         """One analysis of `model`'s canary; applies the action with compare-and-set."""
         state, revision = self.states[model], self.revisions.get(model, 0)
-        window = self._window(state)
+        window = self.pooled[model] = pool_windows(self._window(state), await self._other_routers_windows(model))
         plan = CanaryPlan(steps=tuple(state.steps), step_duration_s=state.step_duration_s,
                           thresholds=Thresholds(**state.thresholds))
         controller = CanaryController(plan, step=state.step, step_started_at=state.step_started_at or now)
@@ -371,6 +406,46 @@ class RolloutManager:
                       figures={"baseline_requests": window.baseline.requests, "candidate_requests": window.candidate.requests,
                                "baseline_errors": window.baseline.errors, "candidate_errors": window.candidate.errors}
                       if window else None)
+
+    # ---- canary samples shared between routers -------------------------------------------
+    async def publish_canary_samples(self) -> None:
+        """This router's samples of each running canary step, for the other routers' analyses:
+        with N routers each sees 1/N of the traffic, and alone would need N× as long to judge."""
+        if self.canary_kv is None:
+            return
+        for model in list(self._canary_dirty):
+            self._canary_dirty.discard(model)
+            window = self.windows.get(model)
+            if window is None:
+                continue
+            payload = {"router": self.router_id, "key": list(window.key), "at": time.time(),
+                       "baseline": samples_to_json(window.baseline), "candidate": samples_to_json(window.candidate)}
+            await self.canary_kv.put(f"{kv_key(model)}.{kv_key(self.router_id)}", json.dumps(payload).encode())
+
+    async def _other_routers_windows(self, model: str) -> list[ArmWindow]:
+        """The other routers' samples of `model`'s canary (any step: pool_windows keeps the
+        current one's). Unreadable ones are skipped: the analysis then judges on fewer."""
+        if self.canary_kv is None:
+            return []
+        from nats.js.errors import KeyNotFoundError, NoKeysError
+        prefix, own = f"{kv_key(model)}.", f"{kv_key(model)}.{kv_key(self.router_id)}"
+        try:
+            keys = [k for k in await self.canary_kv.keys() if k.startswith(prefix) and k != own]
+        except NoKeysError:
+            return []
+        except Exception as exc:  # the bus is down: judge on this router's samples until it is back
+            log.warning("rollout %s: other routers' canary samples not read: %s", model, exc)
+            return []
+        windows = []
+        for key in keys:
+            try:
+                payload = json.loads((await self.canary_kv.get(key)).value)
+                windows.append(ArmWindow(tuple(payload["key"]), samples_from_json(payload["baseline"]),
+                                         samples_from_json(payload["candidate"])))
+            except Exception as exc:  # deleted since listed, malformed, or the bus went down
+                if not isinstance(exc, KeyNotFoundError):
+                    log.warning("rollout %s: canary samples %s not read: %s", model, key, exc)
+        return windows
 
     # ---- shadow -------------------------------------------------------------------------
     def _maybe_mirror(self, tap: RequestTap, state: RolloutState) -> None:

@@ -71,7 +71,8 @@ def _stream_admin(*verbs: str) -> tuple[str, ...]:
 
 DEMAND_ALL = "switchyard.demand.>"  # per-model demand, router → autoscaler (services/router/demand.py)
 # JetStream key-value buckets the router reads and writes (rollout state, feedback, samples).
-ROUTER_KV_BUCKETS = ("switchyard_rollouts", "switchyard_feedback", "switchyard_rollout_samples")
+ROUTER_KV_BUCKETS = ("switchyard_rollouts", "switchyard_feedback", "switchyard_rollout_samples",
+                     "switchyard_canary_samples")
 
 
 def kv_access(bucket: str) -> tuple[str, ...]:

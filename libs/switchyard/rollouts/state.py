@@ -7,6 +7,7 @@ routers run the canary loop, exactly one decision per step wins and the others r
 
     bucket  switchyard_rollouts    key <model>   RolloutState JSON
     bucket  switchyard_feedback    key <request> {"score": float, "tenant": str, "at": unix s}
+    bucket  switchyard_canary_samples  key <model>.<router>  that router's samples of the canary step
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 ROLLOUT_BUCKET = "switchyard_rollouts"
 FEEDBACK_BUCKET = "switchyard_feedback"
 SAMPLES_BUCKET = "switchyard_rollout_samples"  # per router and model: the arms' recent samples
+CANARY_SAMPLES_BUCKET = "switchyard_canary_samples"  # key <model>.<router>: its samples of the current canary step
+CANARY_SAMPLES_TTL_S = 86_400.0
 MODES = ("canary", "bluegreen", "shadow", "ab")
 STATUSES = ("running", "promoted", "rolled_back", "aborted")
 DECISION_KINDS = ("start", "advance", "promote", "rollback", "abort", "switch", "verdict")
