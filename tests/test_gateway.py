@@ -477,3 +477,31 @@ def test_non_streamed_request_is_cancelled_when_its_client_gives_up(gateway: Loc
         time.sleep(0.05)
     assert cancelled_requests(gateway) == before + 1
     assert wait_idle(gateway) == 0
+
+
+@pytest.mark.unit
+def test_http_impl_is_validated() -> None:
+    from services.router.config import RouterConfig
+    from switchyard.config import ConfigError, load_config
+    assert load_config(RouterConfig, ["--http-impl", "h11"]).http_impl == "h11"
+    assert load_config(RouterConfig, []).http_impl == "httptools"
+    with pytest.raises(ConfigError, match="httptools or h11"):
+        load_config(RouterConfig, ["--http-impl", "tornado"])
+
+
+@pytest.mark.integration
+def test_the_pure_python_http_impl_streams_the_same_completion(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """`--http-impl h11` (the fallback to the default httptools) serves the OpenAI SDK's stream
+    with the same text as the default router does."""
+    body = {"model": TINY, "prompt": "hello", "max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    texts = []
+    for impl in ("h11", "httptools"):
+        stack = start_stack(tiny_models_dir, {TINY: 1}, tmp_path / impl, router_args=("--http-impl", impl))
+        try:
+            client = openai.OpenAI(base_url=stack.http_url + "/v1", api_key="unused", max_retries=0)
+            chunks = list(client.completions.create(**body, stream=True))  # type: ignore[call-overload]
+            texts.append("".join(c.choices[0].text for c in chunks if c.choices))
+            assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+        finally:
+            stack.stop()
+    assert texts[0] == texts[1] and texts[0]

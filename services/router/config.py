@@ -38,8 +38,12 @@ class RouterConfig:
     router_id: str = field(default="", metadata={"help": "router id on the bus (default: random)"})
     share_port: bool = field(default=False, metadata={
         "help": "let several routers listen on the same gRPC and HTTP ports (SO_REUSEPORT): the kernel spreads "
-                "client connections across them; tenant rate limits are then enforced by each router on its own"})
+                "client connections across them; they share tenant limits and admission over NATS "
+                "(--peer-sync-interval-s)"})
     http_port: int = field(default=8000, metadata={"help": "OpenAI-compatible HTTP port (0 picks a free one, -1 disables)"})
+    http_impl: str = field(default="httptools", metadata={
+        "help": "HTTP/1.1 protocol of the HTTP API: httptools (C parser, ~15% less router CPU per streamed chunk) "
+                "or h11 (pure Python)"})
     tenants_file: Path | None = field(default=None, metadata={"help": "TOML file of tenants and hashed API keys (unset: no auth)"})
     queue_limit: int = field(default=64, metadata={"help": "requests a model may queue beyond its replicas' batch capacity"})
     token_queue_factor: float = field(default=0.5, metadata={
@@ -97,6 +101,8 @@ class RouterConfig:
             raise ConfigError("max_failovers ≥ 0, stall_timeout_s > 0 and retry_budget_ratio in [0, 1] are required")
         if self.replica_wait_s < 0 or self.demand_interval_s <= 0:
             raise ConfigError("replica_wait_s ≥ 0 and demand_interval_s > 0 are required")
+        if self.http_impl not in ("httptools", "h11"):
+            raise ConfigError(f"http_impl must be httptools or h11, not {self.http_impl!r}")
         if self.peer_sync_interval_s < 0:
             raise ConfigError("peer_sync_interval_s must be ≥ 0 (0 turns sharing usage between routers off)")
         if self.request_timeout_s <= 0 or self.write_timeout_s <= 0:

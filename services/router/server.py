@@ -52,12 +52,13 @@ class HttpFrontEnd:
     """uvicorn serving the HTTP app inside the router's event loop (signals stay ours)."""
 
     def __init__(self, app: Callable[..., Any], host: str, port: int, grace_s: float = 5.0,
-                 tls: tuple[Path, Path] | None = None, share_port: bool = False) -> None:
+                 tls: tuple[Path, Path] | None = None, share_port: bool = False, http_impl: str = "httptools") -> None:
         self.sock = listening_socket(host, port, share_port)
         self.port = self.sock.getsockname()[1]
         # A hard limit on the drain: streams still open `grace_s` after SIGTERM are cut, so a
         # router stop never waits on a slow or endless stream.
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                                    http=http_impl,
                                                     timeout_graceful_shutdown=grace_s,
                                                     ssl_certfile=tls[0] if tls else None,
                                                     ssl_keyfile=tls[1] if tls else None))
@@ -147,7 +148,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         add_rollout_routes(app, rollouts, pipeline, config.admin_key)
         try:
             http = HttpFrontEnd(app, config.host, config.http_port, grace_s=config.grace_s, tls=gateway_tls,
-                                share_port=config.share_port)
+                                share_port=config.share_port, http_impl=config.http_impl)
         except OSError as exc:
             raise SystemExit(f"router: cannot listen for HTTP on {config.host}:{config.http_port} ({exc}); "
                              "choose another --http-port (-1 turns the HTTP API off)") from exc

@@ -383,6 +383,7 @@ class LocalStack:
     def _start(self, timeout_s: float) -> None:
         spec = self.spec
         tls = self.tls.check() if self.tls else None  # a missing file stops us here, not in a child
+        self.log_dir.mkdir(parents=True, exist_ok=True)  # a log folder that does not exist yet is made
         self.nats = NatsServer(port=spec.nats_port, host=spec.internal_host, log_path=self.log_dir / "nats.log",
                                users=self._nats_users() if spec.internal_auth else None, tls=tls).start()
         total = sum(spec.replicas.values())
