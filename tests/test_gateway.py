@@ -484,8 +484,9 @@ def test_http_impl_is_validated() -> None:
     from services.router.config import RouterConfig
     from switchyard.config import ConfigError, load_config
     assert load_config(RouterConfig, ["--http-impl", "h11"]).http_impl == "h11"
-    assert load_config(RouterConfig, []).http_impl == "httptools"
-    with pytest.raises(ConfigError, match="httptools or h11"):
+    assert load_config(RouterConfig, ["--http-impl", "httptools"]).http_impl == "httptools"  # installed here
+    assert load_config(RouterConfig, []).http_impl == "auto"
+    with pytest.raises(ConfigError, match="auto, httptools or h11"):
         load_config(RouterConfig, ["--http-impl", "tornado"])
 
 

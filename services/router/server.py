@@ -4,6 +4,7 @@ the fleet view is fed from NATS heartbeats and routing policies choose among its
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import sys
@@ -52,9 +53,12 @@ class HttpFrontEnd:
     """uvicorn serving the HTTP app inside the router's event loop (signals stay ours)."""
 
     def __init__(self, app: Callable[..., Any], host: str, port: int, grace_s: float = 5.0,
-                 tls: tuple[Path, Path] | None = None, share_port: bool = False, http_impl: str = "httptools") -> None:
+                 tls: tuple[Path, Path] | None = None, share_port: bool = False, http_impl: str = "auto") -> None:
         self.sock = listening_socket(host, port, share_port)
         self.port = self.sock.getsockname()[1]
+        if http_impl == "auto":  # httptools (C) is a dependency; a machine without it still serves
+            http_impl = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+        self.http_impl = http_impl
         # A hard limit on the drain: streams still open `grace_s` after SIGTERM are cut, so a
         # router stop never waits on a slow or endless stream.
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
@@ -159,7 +163,7 @@ async def serve(config: RouterConfig, stop: asyncio.Event | None = None) -> None
         config.port_file.write_text(json.dumps({"grpc": grpc_port, "http": http.port if http else None,
                                                 "metrics": metrics_port}))
     log.info("router %s: gRPC %s:%d, HTTP %s, routing %s%s, auth %s", router_id, config.host, grpc_port,
-             f"{config.host}:{http.port}" if http else "off", config.balancing,
+             f"{config.host}:{http.port} ({http.http_impl})" if http else "off", config.balancing,
              "".join(f", {m}={p}" for m, p in routing.overrides.items()),
              "on" if tenants.required else "off")
     await stop.wait()
