@@ -25,9 +25,9 @@ from switchyard.runtime.stack import LocalStack, Service
 from switchyard.v1 import bus_pb2, generate_pb2, generate_pb2_grpc
 
 from conftest import TINY, start_stack
+from test_fair_share import M, shed
 from test_supervision import wait_until
 
-M = "model"
 LIMITED = Tenant("acme", requests_per_minute=10, tokens_per_minute=1_000)
 TENANTS = {t.name: t for t in (LIMITED, Tenant("other", 10, 1_000))}
 
@@ -49,12 +49,7 @@ class Router:
             return False
 
     def enters(self, tenant: str, capacity: int = 4, tokens: int = 10) -> bool:
-        try:
-            self.admission.enter(M, capacity, tokens, tenant=tenant)
-            return True
-        except RequestError as exc:
-            assert exc.kind is ErrorKind.RESOURCE_EXHAUSTED
-            return False
+        return not shed(self.admission, tenant, tokens=tokens, capacity=capacity)
 
 
 # ---- tenant rate limits ------------------------------------------------------------------------
