@@ -111,6 +111,18 @@ def test_a_restarted_router_is_counted_again_and_its_own_report_never() -> None:
 
 
 @pytest.mark.unit
+def test_routers_gone_for_good_are_forgotten() -> None:
+    """Each restart brings a new router id: the ones silent for 10 minutes are dropped."""
+    b = Router("b")
+    long_ago = time.monotonic() - 700
+    for i in range(20):
+        b.usage.apply(Router(f"old-{i}").usage.report(), now=long_ago)
+    b.usage.apply(Router("live").usage.report())
+    assert sorted(b.usage._applied) == ["live"]
+    assert b.admission.peers() == ["live"]
+
+
+@pytest.mark.unit
 def test_unknown_and_unlimited_tenants_in_a_report_change_nothing() -> None:
     b = Router("b")
     report = bus_pb2.RouterUsage(router_id="a", epoch=1, interval_s=0.1, recent=[bus_pb2.IntervalCharges(

@@ -42,6 +42,7 @@ from .tenants import Tenant
 
 log = logging.getLogger(__name__)
 
+FORGET_AFTER_S = 600.0  # a router silent this long is forgotten (its charges were counted long ago)
 PEER_REPORTS = Counter("switchyard_router_peer_reports", "Usage reports applied from the other routers behind the same address")
 
 
@@ -60,7 +61,7 @@ class PeerUsage:
         self.expiry_s = max(expiry_intervals * interval_s, 1.0)
         self._sequence = 0
         self._recent: deque[bus_pb2.IntervalCharges] = deque(maxlen=history)
-        self._applied: dict[str, tuple[int, int]] = {}  # router → (epoch, last sequence charged here)
+        self._applied: dict[str, tuple[int, int, float]] = {}  # router → (epoch, last sequence charged, heard at)
 
     # ---- this router's report -----------------------------------------------------------------
     def report(self, leaving: bool = False) -> bus_pb2.RouterUsage:
@@ -80,7 +81,7 @@ class PeerUsage:
         if usage.router_id == self.router_id:
             return False
         now = time.monotonic() if now is None else now
-        epoch, last = self._applied.get(usage.router_id, (usage.epoch, 0))
+        epoch, last, _ = self._applied.get(usage.router_id, (usage.epoch, 0, now))
         if epoch != usage.epoch:  # restarted: its sequence numbers start again
             last = 0
         new = [interval for interval in usage.recent if interval.sequence > last]
@@ -93,7 +94,10 @@ class PeerUsage:
                 if tenant is not None:
                     self.limiter.charge(tenant, charge.requests, charge.tokens)
             last = interval.sequence
-        self._applied[usage.router_id] = (usage.epoch, last)
+        self._applied[usage.router_id] = (usage.epoch, last, now)
+        if len(self._applied) > 2 * len(self.admission.peers(now)) + 8:  # routers gone for good (restarts get new ids)
+            for router_id in [r for r, (_, _, heard) in self._applied.items() if now - heard > FORGET_AFTER_S]:
+                del self._applied[router_id]
         if usage.leaving:
             self.admission.drop_peer(usage.router_id)
         else:
