@@ -145,6 +145,30 @@ def test_resync_applies_changes_without_the_watch(tiny_models_dir: Path) -> None
 
 
 @pytest.mark.unit
+def test_a_request_from_an_ended_step_leaves_the_current_window_alone(tiny_models_dir: Path) -> None:
+    """A request that began before the canary advanced finishes after it: its sample is
+    dropped, and the new step's samples (shared with the other routers) stay."""
+    from types import SimpleNamespace
+
+    from services.router.rollouts import RequestTap, Resolution, RolloutManager
+    from switchyard.model.catalog import ModelCatalog
+    manager = RolloutManager("r", ModelCatalog(tiny_models_dir))
+    old = new_rollout(TINY, "v1", "v2", "canary", steps=[0.25, 1.0])
+    new = RolloutState.from_json(old.to_json())
+    new.step, new.step_started_at = 1, old.step_started_at + 60
+
+    def finish(state: RolloutState) -> None:
+        tap = RequestTap(manager, Resolution(V2, "candidate", state), SimpleNamespace())  # type: ignore[arg-type]
+        tap.finish("OK", SimpleNamespace(time_to_first_token_s=0.01, end_to_end_s=0.1))  # type: ignore[arg-type]
+    manager.states[TINY] = new  # the canary advanced after a request had been resolved against `old`
+    finish(new)
+    finish(new)
+    finish(old)  # began in step 0, finished in step 1
+    window = manager.windows[TINY]
+    assert window.key == (1, new.step_started_at, "v2") and window.candidate.requests == 2
+
+
+@pytest.mark.unit
 def test_pooled_canary_windows_keep_only_the_current_steps_samples() -> None:
     from services.router.rollouts import ArmWindow, pool_windows, samples_from_json, samples_to_json
     from switchyard.rollouts.analysis import ArmSamples

@@ -176,6 +176,23 @@ def test_byte_level_detokenizer_matches_the_tokenizer(tiny_models_dir: Path) -> 
     _equal_to_decoding_windows(entry, seed=1, streams=300)
 
 
+def test_byte_level_detokenizer_matches_the_tokenizer_on_added_tokens(tiny_models_dir: Path) -> None:
+    """Added tokens whose text is not all in the byte alphabet (a space, U+00A0, accents, CJK)
+    are their own UTF-8, whole — as the ByteLevel decoder has them."""
+    from tokenizers import AddedToken, Tokenizer
+    entry = ModelCatalog(tiny_models_dir).get(TINY)
+    assert entry is not None
+    tokenizer = Tokenizer.from_str(entry.tokenizer.to_str())
+    pieces = ["Ġfoo bar", "x\xa0y", "a\xady", "naïve 世", "<think>", "Ġplain"]
+    tokenizer.add_tokens([AddedToken(p, special=False) for p in pieces])
+    added = ModelEntry(entry.manifest, tokenizer, None)
+    ids = [tokenizer.token_to_id(p) for p in pieces]
+    assert None not in ids
+    for i in ids:
+        assert _detokenize(added, [i], [1], True) and "".join(_detokenize(added, [i], [1], True)) == added.decode([i])
+    _equal_to_decoding_windows(added, seed=3, streams=300)
+
+
 @pytest.mark.slow
 def test_byte_level_detokenizer_matches_the_real_tokenizer(real_models_dir: Path) -> None:
     entry = ModelCatalog(real_models_dir).get("smollm2-135m-instruct-int4")

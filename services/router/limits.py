@@ -228,17 +228,22 @@ class AdmissionControl:
         self._peers.pop(router_id, None)
 
     def peers(self, now: float | None = None) -> list[str]:
-        """Routers whose load counts now (expired ones are forgotten)."""
+        """Routers whose load counts now (expired ones are forgotten). Event loop only."""
         now = time.monotonic() if now is None else now
-        for router_id in [r for r, (expires, _) in self._peers.items() if expires < now]:
+        for router_id in [r for r, (expires, _) in list(self._peers.items()) if expires < now]:
             del self._peers[router_id]
         return sorted(self._peers)
+
+    def live_peers(self) -> int:
+        """How many routers' load counts now, changing nothing: the metrics thread calls it."""
+        now = time.monotonic()
+        return sum(1 for expires, _ in list(self._peers.values()) if expires >= now)
 
     def _peer_loads(self, model: str) -> list[PeerModelLoad]:
         if not self._peers:
             return []
         now = time.monotonic()
-        return [models[model] for expires, models in self._peers.values() if expires >= now and model in models]
+        return [models[model] for expires, models in list(self._peers.values()) if expires >= now and model in models]
 
     def own_load(self) -> dict[str, PeerModelLoad]:
         """This router's own requests in flight per model (what it reports to the others)."""

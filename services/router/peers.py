@@ -130,7 +130,7 @@ class PeersCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("switchyard_router_peers", "Other routers whose usage reports count here now",
-                                value=len(self._admission.peers()))
+                                value=self._admission.live_peers())
 
 
 class PeerSync:

@@ -94,6 +94,11 @@ class ArmWindow:
     candidate: Any
 
 
+def _window_key(state: RolloutState) -> tuple[int, float, str]:
+    """A canary step's identity: its number, when it started, and the candidate."""
+    return (state.step, state.step_started_at, state.candidate)
+
+
 def pool_windows(own: ArmWindow, others: list[ArmWindow]) -> ArmWindow:
     """Own samples plus the other routers' of the same step (same step number, start and
     candidate); another step's are left out."""
@@ -309,6 +314,9 @@ class RolloutManager:
         ttft = done.time_to_first_token_s if done else 0.0
         e2e = done.end_to_end_s if done else 0.0
         if state.mode == "canary" and state.running:
+            current = self.states.get(state.model, state)
+            if _window_key(current) != _window_key(state):
+                return  # began in a step that has ended: its sample belongs to no window now
             window = self._window(state)
             samples = window.candidate if arm == "candidate" else window.baseline
             samples.add(error=error, ttft_s=ttft if done else None, itl_s=tap.itl_s, e2e_s=e2e if done else None)
@@ -320,7 +328,7 @@ class RolloutManager:
             self._samples_dirty.add(state.model)
 
     def _window(self, state: RolloutState) -> ArmWindow:
-        key = (state.step, state.step_started_at, state.candidate)
+        key = _window_key(state)
         window = self.windows.get(state.model)
         if window is None or window.key != key:
             window = self.windows[state.model] = ArmWindow(key, ArmSamples(), ArmSamples())
@@ -359,11 +367,11 @@ class RolloutManager:
                         await self.tick(model, time.time())
                 except Exception:
                     log.exception("rollout %s: canary tick failed", model)
-            try:
-                await self.publish_canary_samples()
-                await self._publish_samples()
-            except Exception as exc:  # the bus may be down; the samples stay in memory
-                log.warning("rollout samples not published: %s", exc)
+            for publish in (self.publish_canary_samples, self._publish_samples):
+                try:
+                    await publish()
+                except Exception as exc:  # the bus may be down; the samples stay in memory
+                    log.warning("rollout samples not published (%s): %s", publish.__name__, exc)
 
     async def resync(self) -> None:
         """Apply every rollout newer than what this router holds (read from the bucket)."""
@@ -375,7 +383,12 @@ class RolloutManager:
     async def tick(self, model: str, now: float) -> Decision | None:
         """One analysis of `model`'s canary; applies the action with compare-and-set."""
         state, revision = self.states[model], self.revisions.get(model, 0)
-        window = self.pooled[model] = pool_windows(self._window(state), await self._other_routers_windows(model))
+        try:  # bounded: nats-py's kv.keys() has no timeout of its own, and the loop must keep ticking
+            others = await asyncio.wait_for(self._other_routers_windows(model), timeout=max(self.interval_s, 1.0))
+        except TimeoutError:
+            log.warning("rollout %s: other routers' canary samples not read in time; judging on this router's", model)
+            others = []
+        window = self.pooled[model] = pool_windows(self._window(state), others)
         plan = CanaryPlan(steps=tuple(state.steps), step_duration_s=state.step_duration_s,
                           thresholds=Thresholds(**state.thresholds))
         controller = CanaryController(plan, step=state.step, step_started_at=state.step_started_at or now)
@@ -414,13 +427,12 @@ class RolloutManager:
         if self.canary_kv is None:
             return
         for model in list(self._canary_dirty):
-            self._canary_dirty.discard(model)
             window = self.windows.get(model)
-            if window is None:
-                continue
-            payload = {"router": self.router_id, "key": list(window.key), "at": time.time(),
-                       "baseline": samples_to_json(window.baseline), "candidate": samples_to_json(window.candidate)}
-            await self.canary_kv.put(f"{kv_key(model)}.{kv_key(self.router_id)}", json.dumps(payload).encode())
+            if window is not None:
+                payload = {"router": self.router_id, "key": list(window.key), "at": time.time(),
+                           "baseline": samples_to_json(window.baseline), "candidate": samples_to_json(window.candidate)}
+                await self.canary_kv.put(f"{kv_key(model)}.{kv_key(self.router_id)}", json.dumps(payload).encode())
+            self._canary_dirty.discard(model)  # only once sent: a failed put is retried next interval
 
     async def _other_routers_windows(self, model: str) -> list[ArmWindow]:
         """The other routers' samples of `model`'s canary (any step: pool_windows keeps the

@@ -4,6 +4,7 @@ once). The router tokenizes and renders chat with these; nothing here touches ON
 from __future__ import annotations
 
 import codecs
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from tokenizers import Tokenizer, decoders
 
 from .config import MANIFEST_FILE, ModelManifest
 
+log = logging.getLogger(__name__)
 CHAT_ROLES = ("system", "user", "assistant")
 # A model name is a folder name of the models folder: no separators, no "..", no control
 # characters or surrogates (names come from clients).
@@ -102,8 +104,12 @@ class ModelEntry:
         stream is detokenized by table lookups instead of two `decode` calls per token. None for
         any other decoder (SentencePiece-style ones strip or add spaces by position)."""
         if not self._token_bytes_built:
-            self._token_bytes = _byte_level_table(self.tokenizer)
-            self._token_bytes_built = True
+            self._token_bytes_built = True  # once, whatever happens: a table that cannot be built means decode()
+            try:
+                self._token_bytes = _byte_level_table(self.tokenizer)
+            except Exception:
+                log.exception("model %s: no byte-level token table; streams decode through the tokenizer", self.name)
+                self._token_bytes = None
         return self._token_bytes
 
 
@@ -125,12 +131,12 @@ def _byte_level_table(tokenizer: Tokenizer) -> list[bytes] | None:
         return None
     to_byte = _bytes_of_unicode()
     to_latin1 = str.maketrans({c: chr(b) for c, b in to_byte.items()})
-    table = [b""] * tokenizer.get_vocab_size(with_added_tokens=True)
-    for piece, i in tokenizer.get_vocab(with_added_tokens=True).items():
-        try:
-            table[i] = piece.translate(to_latin1).encode("latin-1")
-        except UnicodeEncodeError:  # a character outside the alphabet (an added token's text) stands for itself
-            table[i] = b"".join(bytes([to_byte[c]]) if c in to_byte else c.encode() for c in piece)
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    table = [b""] * (max(vocab.values(), default=-1) + 1)  # ids may have gaps: an unused id decodes to nothing
+    for piece, i in vocab.items():
+        # As the ByteLevel decoder does: a token all of whose characters are in the alphabet is
+        # those bytes; any other (an added token's literal text) is its own UTF-8, whole.
+        table[i] = piece.translate(to_latin1).encode("latin-1") if all(c in to_byte for c in piece) else piece.encode()
     for i, added in tokenizer.get_added_tokens_decoder().items():
         if added.special:
             table[i] = b""
@@ -190,8 +196,8 @@ class IncrementalDetokenizer:
             table = self._table
             try:
                 data = b"".join([table[i] for i in new_ids])
-            except IndexError:  # an id beyond the vocabulary: what decode makes of it
-                return self._utf8.decode(self._entry.decode(new_ids).encode())
+            except IndexError:  # an id beyond the vocabulary decodes to nothing, as in decode()
+                data = b"".join([table[i] if 0 <= i < len(table) else b"" for i in new_ids])
             return self._utf8.decode(data)
         self.ids.extend(new_ids)
         before = self._entry.decode(self.ids[self._prefix:self._read])
