@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +11,15 @@ from switchyard.config import ConfigError
 from switchyard.routing import policy_names
 from switchyard.routing.model_routes import ModelRouter
 from switchyard.routing.table import parse_overrides
+
+
+def httptools_importable() -> bool:
+    """Whether uvicorn's httptools protocol can run here (installed and loadable)."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,7 @@ class RouterConfig:
             raise ConfigError("replica_wait_s ≥ 0 and demand_interval_s > 0 are required")
         if self.http_impl not in ("auto", "httptools", "h11"):
             raise ConfigError(f"http_impl must be auto, httptools or h11, not {self.http_impl!r}")
-        if self.http_impl == "httptools" and importlib.util.find_spec("httptools") is None:
+        if self.http_impl == "httptools" and not httptools_importable():
             raise ConfigError("http_impl httptools: the httptools package is not installed; "
                               "install it (a project dependency) or pass --http-impl h11")
         if self.peer_sync_interval_s < 0:

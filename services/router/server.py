@@ -4,7 +4,6 @@ the fleet view is fed from NATS heartbeats and routing policies choose among its
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import sys
@@ -33,7 +32,7 @@ from switchyard.telemetry.tracing import setup_tracing, shutdown_tracing
 from switchyard.tls import client_context, grpc_server_credentials
 from switchyard.v1 import generate_pb2
 
-from .config import RouterConfig
+from .config import RouterConfig, httptools_importable
 from .demand import DemandPublisher
 from .dispatch import Dispatcher
 from .grpc_api import GenerationServicer, add_generation_servicer, enable_reflection
@@ -57,7 +56,7 @@ class HttpFrontEnd:
         self.sock = listening_socket(host, port, share_port)
         self.port = self.sock.getsockname()[1]
         if http_impl == "auto":  # httptools (C) is a dependency; a machine without it still serves
-            http_impl = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+            http_impl = "httptools" if httptools_importable() else "h11"
         self.http_impl = http_impl
         # A hard limit on the drain: streams still open `grace_s` after SIGTERM are cut, so a
         # router stop never waits on a slow or endless stream.
