@@ -227,6 +227,46 @@ def test_routers_judge_a_canary_on_every_routers_samples(tiny_models_dir: Path) 
     assert pooled_requests == 10
 
 
+@pytest.mark.integration
+@pytest.mark.chaos
+def test_a_canary_tick_with_nats_down_judges_on_its_own_samples_in_bounded_time(tiny_models_dir: Path) -> None:
+    """nats-server stopped: reading the other routers' samples would wait out nats-py's own
+    timeouts (5 s here; kv.keys() has none of its own). The tick returns within its bound, on
+    this router's own samples, so the canary loop goes on."""
+    from services.router.rollouts import RolloutManager
+    from switchyard.model.catalog import ModelCatalog
+    from switchyard.rollouts.state import CANARY_SAMPLES_BUCKET, open_bucket
+
+    async def run(server: NatsServer) -> tuple[Any, float, int]:
+        import nats
+        nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        try:
+            js = nc.jetstream()
+            router = RolloutManager("router-a", ModelCatalog(tiny_models_dir), interval_s=0.25)
+            router.store = await RolloutStore.open(js)
+            router.canary_kv = await open_bucket(js, CANARY_SAMPLES_BUCKET)
+            await router.store.put_new(new_rollout(TINY, "v1", "v2", "canary", steps=[0.5, 1.0],
+                                                   step_duration_s=600, thresholds={"min_requests": 8}))
+            await router.resync()
+            window = router._window(router.states[TINY])
+            for _ in range(3):
+                window.candidate.add(error=True, ttft_s=None)
+            server.stop()  # the bus goes away
+            began = time.monotonic()
+            decision = await router.tick(TINY, time.time())
+            return decision, time.monotonic() - began, router.pooled[TINY].candidate.requests
+        finally:
+            await nc.close()
+    server = NatsServer().start()
+    try:
+        decision, took_s, pooled = asyncio.run(run(server))
+    finally:
+        server.stop()
+    assert decision is None and pooled == 3  # 3 < 8: hold, on its own samples
+    # bounded by max(interval, 1 s); unbounded, nats-py's own request timeout takes 5 s
+    assert took_s < 3.0, took_s
+
+
 # ---- the real stack ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:

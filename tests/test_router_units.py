@@ -140,7 +140,7 @@ def test_detokenizer_emits_only_complete_utf8_characters(tiny_models_dir: Path) 
 def _detokenize(entry: ModelEntry, ids: list[int], chunks: list[int], table: bool) -> list[str]:
     detok = IncrementalDetokenizer(entry)
     if not table:  # the general path: windows of tokenizer.decode
-        detok._table = detok._utf8 = None
+        detok._table = None
     pieces, at = [], 0
     for size in chunks:
         pieces.append(detok.push(ids[at:at + size]))

@@ -77,7 +77,7 @@ def up(
     nats_port: int = typer.Option(4222, help="nats-server port"),
     max_batch_size: int = typer.Option(32, help="batch-size cap per replica"),
     routers: int = typer.Option(1, min=1, help="router processes sharing the gRPC and HTTP ports (the kernel "
-                                "spreads client connections; each enforces tenant rate limits on its own)"),
+                                "spreads client connections; they share tenant limits and admission over NATS)"),
     balancing: str = typer.Option("prefix_aware", help="routing policy: prefix_aware, least_loaded, "
                                   "power_of_two or round_robin"),
     model_routes: str = typer.Option("", help="virtual models routed by difficulty, name=small:large:threshold "

@@ -58,7 +58,7 @@ class PeerUsage:
         self.admission = admission
         self.tenant = tenant  # name → Tenant (the routers share one tenants file); None if unknown here
         self.interval_s = interval_s
-        self.expiry_s = max(expiry_intervals * interval_s, 1.0)
+        self.expiry_intervals = expiry_intervals
         self._sequence = 0
         self._recent: deque[bus_pb2.IntervalCharges] = deque(maxlen=history)
         self._applied: dict[str, tuple[int, int, float]] = {}  # router → (epoch, last sequence charged, heard at)
@@ -95,13 +95,12 @@ class PeerUsage:
                     self.limiter.charge(tenant, charge.requests, charge.tokens)
             last = interval.sequence
         self._applied[usage.router_id] = (usage.epoch, last, now)
-        if len(self._applied) > 2 * len(self.admission.peers(now)) + 8:  # routers gone for good (restarts get new ids)
-            for router_id in [r for r, (_, _, heard) in self._applied.items() if now - heard > FORGET_AFTER_S]:
-                del self._applied[router_id]
+        for router_id in [r for r, (_, _, heard) in self._applied.items() if now - heard > FORGET_AFTER_S]:
+            del self._applied[router_id]  # gone for good (a restarted router has a new id)
         if usage.leaving:
             self.admission.drop_peer(usage.router_id)
-        else:
-            expiry_s = max(self.expiry_s, 5 * usage.interval_s)
+        else:  # silent for `expiry_intervals` of the slower of the two intervals (at least 1 s): not counted
+            expiry_s = max(self.expiry_intervals * max(self.interval_s, usage.interval_s), 1.0)
             self.admission.set_peer(usage.router_id, {m.model: _model_load_from_proto(m) for m in usage.models},
                                     now + expiry_s)
         return True

@@ -4,6 +4,7 @@ once). The router tokenizes and renders chat with these; nothing here touches ON
 from __future__ import annotations
 
 import codecs
+import functools
 import logging
 import re
 import threading
@@ -32,8 +33,6 @@ class ModelEntry:
     _literal: Tokenizer | None = field(default=None, repr=False)
     _specials: dict[str, int] | None = field(default=None, repr=False)
     _max_token_bytes: int | None = field(default=None, repr=False)
-    _token_bytes: list[bytes] | None = field(default=None, repr=False)
-    _token_bytes_built: bool = field(default=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -97,20 +96,17 @@ class ModelEntry:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    @property
+    @functools.cached_property
     def token_bytes(self) -> list[bytes] | None:
         """Each token id's bytes as `decode` joins them (special tokens: none), when the
         tokenizer's decoder is plain byte-level BPE — there decoding is concatenation, so a
         stream is detokenized by table lookups instead of two `decode` calls per token. None for
         any other decoder (SentencePiece-style ones strip or add spaces by position)."""
-        if not self._token_bytes_built:
-            self._token_bytes_built = True  # once, whatever happens: a table that cannot be built means decode()
-            try:
-                self._token_bytes = _byte_level_table(self.tokenizer)
-            except Exception:
-                log.exception("model %s: no byte-level token table; streams decode through the tokenizer", self.name)
-                self._token_bytes = None
-        return self._token_bytes
+        try:  # built once, whatever happens: a table that cannot be built means decode()
+            return _byte_level_table(self.tokenizer)
+        except Exception:
+            log.exception("model %s: no byte-level token table; streams decode through the tokenizer", self.name)
+            return None
 
 
 def _bytes_of_unicode() -> dict[str, int]:
@@ -187,19 +183,18 @@ class IncrementalDetokenizer:
         self.ids: list[int] = []
         self._prefix = 0
         self._read = 0
-        self._table = entry.token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._table is not None else None
+        self._table = entry.token_bytes  # None: the window path
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def push(self, new_ids: Sequence[int]) -> str:
-        if self._utf8 is not None and self._table is not None:
-            self.ids.extend(new_ids)
-            table = self._table
+        self.ids.extend(new_ids)
+        table = self._table
+        if table is not None:
             try:
                 data = b"".join([table[i] for i in new_ids])
             except IndexError:  # an id beyond the vocabulary decodes to nothing, as in decode()
                 data = b"".join([table[i] if 0 <= i < len(table) else b"" for i in new_ids])
             return self._utf8.decode(data)
-        self.ids.extend(new_ids)
         before = self._entry.decode(self.ids[self._prefix:self._read])
         after = self._entry.decode(self.ids[self._prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
@@ -209,7 +204,7 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Whatever is held at the end (invalid trailing bytes come out as U+FFFD)."""
-        if self._utf8 is not None:
+        if self._table is not None:
             return self._utf8.decode(b"", final=True)
         before = self._entry.decode(self.ids[self._prefix:self._read])
         after = self._entry.decode(self.ids[self._prefix:])

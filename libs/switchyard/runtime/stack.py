@@ -125,8 +125,8 @@ class StackSpec:
     balancing: str = "prefix_aware"
     # Router processes sharing the public ports (SO_REUSEPORT: the kernel spreads client
     # connections across them). One Python router forwards every token of its streams; more
-    # of them carry more tokens/s on a machine with the cores (docs/benchmarks.md). Tenant
-    # rate limits are then enforced by each router on its own connections.
+    # of them carry more tokens/s on a machine with the cores (docs/benchmarks.md). They share
+    # tenant limits and admission over NATS (services/router/peers.py).
     routers: int = 1
     heartbeat_s: float = 0.5
     log_dir: Path | None = None
