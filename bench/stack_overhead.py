@@ -6,6 +6,7 @@ stack carries next to the in-process engine's own rate; with several `--pipeline
 values, one stack per depth, side by side.
 
     .venv/bin/python bench/stack_overhead.py [--requests 200] [--max-tokens 64] [--pipeline-depth 1 2]
+        [--placement separate colocated]
     .venv/bin/python bench/stack_overhead.py --model models/smollm2-135m-instruct-int4 \
         --concurrency 1 8 --requests 16 --pipeline-depth 1 2
 """
@@ -117,6 +118,9 @@ def main() -> None:
                         help="batcher decode steps per worker call at batch ≥ 8 (multi-step decode)")
     parser.add_argument("--pipeline-depth", type=int, nargs="+", default=[2],
                         help="batcher steps in flight; several values run one stack each, side by side")
+    parser.add_argument("--placement", nargs="+", default=["separate"], choices=["separate", "colocated"],
+                        help="batcher and worker as two processes over gRPC (separate), or the engine inside "
+                             "the batcher's process (colocated, `--worker local`); several run side by side")
     parser.add_argument("--model", type=Path, help="a model folder to serve instead of the tiny model")
     args = parser.parse_args()
     if args.model:
@@ -132,25 +136,26 @@ def main() -> None:
     inprocess(engine, prompt_ids, 1, 3, 4)  # warm-up
     for c in args.concurrency:
         base[c] = inprocess(engine, prompt_ids, c, max(args.requests // c, 1), args.max_tokens)
-    for depth in args.pipeline_depth:
+    configs = [(placement, depth) for placement in args.placement for depth in args.pipeline_depth]
+    for placement, depth in configs:
         spec = StackSpec(models_dir=models, replicas={model: 1}, max_batch_size=64, worker_threads=1,
-                         log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-")),
+                         log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-")), colocate=placement == "colocated",
                          batcher_args=("--decode-steps", str(args.decode_steps), "--pipeline-depth", str(depth)))
         with LocalStack(spec) as stack, Progress(console=console, transient=True) as progress:
             asyncio.run(through_stack(stack.router_address, prompt, 1, 5, 4, progress, "warm-up", model))
             for c in args.concurrency:
-                ttft, tps = asyncio.run(through_stack(stack.router_address, prompt, c, args.requests,
-                                                      args.max_tokens, progress, f"depth {depth} c={c}", model))
-                rows.append((depth, c, *base[c][:1], ttft, base[c][1], tps))
+                ttft, tps = asyncio.run(through_stack(stack.router_address, prompt, c, args.requests, args.max_tokens,
+                                                      progress, f"{placement} depth {depth} c={c}", model))
+                rows.append((placement, depth, c, *base[c][:1], ttft, base[c][1], tps))
     table = Table(title=f"Stack overhead, {model}, {args.max_tokens} tokens/request, decode steps "
                         f"{args.decode_steps} ({platform.node()}, {os.cpu_count()} cores)")
-    for col in ("pipeline depth", "concurrency", "in-process TTFT p50/p99 ms", "stack TTFT p50/p99 ms",
+    for col in ("placement", "pipeline depth", "concurrency", "in-process TTFT p50/p99 ms", "stack TTFT p50/p99 ms",
                 "added TTFT p50 ms", "added TTFT p99 ms", "in-process tok/s", "stack tok/s", "stack/in-process",
-                f"stack vs depth {args.pipeline_depth[0]}"):
+                f"stack vs {configs[0][0]} depth {configs[0][1]}"):
         table.add_column(col, justify="right")
-    first = {c: tps for depth, c, *_, tps in rows if depth == args.pipeline_depth[0]}
-    for depth, c, base_ttft, ttft, base_tps, tps in rows:
-        table.add_row(str(depth), str(c), f"{pct(base_ttft, 50)*1e3:.2f} / {pct(base_ttft, 99)*1e3:.2f}",
+    first = {c: tps for placement, depth, c, *_, tps in rows if (placement, depth) == configs[0]}
+    for placement, depth, c, base_ttft, ttft, base_tps, tps in rows:
+        table.add_row(placement, str(depth), str(c), f"{pct(base_ttft, 50)*1e3:.2f} / {pct(base_ttft, 99)*1e3:.2f}",
                       f"{pct(ttft, 50)*1e3:.2f} / {pct(ttft, 99)*1e3:.2f}",
                       f"{(pct(ttft, 50) - pct(base_ttft, 50))*1e3:.2f}",
                       f"{(pct(ttft, 99) - pct(base_ttft, 99))*1e3:.2f}",

@@ -14,7 +14,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Mapping, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -59,8 +59,11 @@ def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def load_config(cls: type[T], argv: Sequence[str] | None = None, **overrides: Any) -> T:
-    """Build `cls` from flags (argv), env vars and keyword overrides, then validate it."""
+def load_config(cls: type[T], argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                **overrides: Any) -> T:
+    """Build `cls` from flags (argv), env vars (`environ`, default os.environ) and keyword
+    overrides, then validate it."""
+    environ = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
     parser = argparse.ArgumentParser(prog=cls.__name__, description=cls.__doc__)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -75,7 +78,7 @@ def load_config(cls: type[T], argv: Sequence[str] | None = None, **overrides: An
             continue
         raw = getattr(args, f.name)
         if raw is None:
-            raw = os.environ.get(env_name(f.name))
+            raw = environ.get(env_name(f.name))
         if raw is not None:
             values[f.name] = _coerce(raw, kind, f.name)
     config = cls(**values)

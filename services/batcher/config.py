@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from switchyard.config import ConfigError
+
+if TYPE_CHECKING:  # the worker's packages (ONNX Runtime) load only for `--worker local`
+    from services.worker.config import WorkerConfig
+
+LOCAL_WORKER = "local"
+
+# Worker flags that describe its own gRPC server or process: with the engine inside the
+# batcher there is no worker port, token, certificate or lease, and the batcher's own
+# metrics endpoint, port file and grace period serve the one process.
+_SERVER_ONLY_WORKER_FIELDS = ("host", "port", "auth_token", "tls_cert", "tls_key", "tls_ca", "port_file",
+                              "metrics_port", "metrics_host", "grace_s", "lease_s")
 
 
 @dataclass(frozen=True)
 class BatcherConfig:
     """One batcher per worker: its queue and continuous-batching scheduler."""
 
-    worker: str = field(default="127.0.0.1:50061", metadata={"help": "worker gRPC address"})
+    worker: str = field(default="127.0.0.1:50061", metadata={
+        "help": "worker gRPC address, or 'local': run the worker's engine in this process (co-located: "
+                "a step is a function call, not a gRPC round trip; its flags in worker_flags)"})
+    worker_flags: str = field(default="", metadata={
+        "help": "with worker 'local': the worker's engine flags as one string, e.g. "
+                "'--model-dir models/smollm2-135m-instruct-int4 --max-sequences 64' (see `switchyard worker --help`)"})
     worker_token: str = field(default="", repr=False, metadata={
         "help": "bearer token the worker requires (its auth_token); set it in the environment"})
     nats_url: str = field(default="nats://127.0.0.1:4222", metadata={"help": "NATS server URL"})
@@ -44,9 +63,36 @@ class BatcherConfig:
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
     grace_s: float = field(default=10.0, metadata={"help": "seconds to finish running requests on SIGTERM"})
 
+    @property
+    def local_worker(self) -> bool:
+        return self.worker == LOCAL_WORKER
+
+    def local_worker_config(self) -> "WorkerConfig":
+        """The co-located engine's settings, read from worker_flags alone (not from the
+        environment, whose SWITCHYARD_* names this batcher's own settings share)."""
+        from services.worker.config import WorkerConfig
+        from switchyard.config import load_config
+        try:
+            config = load_config(WorkerConfig, shlex.split(self.worker_flags), environ={})
+        except SystemExit as exc:  # argparse: an unknown or malformed flag (its message went to stderr)
+            raise ConfigError(f"worker_flags: cannot read {self.worker_flags!r} as worker flags "
+                              "(see `switchyard worker --help`)") from exc
+        defaults = WorkerConfig()
+        given = [f for f in _SERVER_ONLY_WORKER_FIELDS if getattr(config, f) != getattr(defaults, f)]
+        if given:
+            raise ConfigError(f"worker_flags: {', '.join('--' + f.replace('_', '-') for f in given)} "
+                              "describe a worker's own server; with --worker local there is none (the "
+                              "batcher's --metrics-port, --port-file and --grace-s serve the process)")
+        return config
+
     def validate(self) -> None:
         from switchyard.tls import check_pair
         check_pair("batcher client", self.tls_client_cert, self.tls_client_key, self.tls_ca)
+        if self.local_worker:
+            self.local_worker_config()
+        elif self.worker_flags:
+            raise ConfigError("worker_flags apply only with --worker local (this batcher drives a worker "
+                              f"at {self.worker})")
         if self.max_batch_size < 1:
             raise ConfigError("max_batch_size must be at least 1")
         if self.token_budget < 2:

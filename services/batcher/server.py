@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -72,19 +73,40 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     stop = stop or stop_event()
     setup_tracing("switchyard-batcher")
     metrics_port = serve_metrics(config.metrics_host, config.metrics_port)
-    # The worker's token rides on every unary call (health checks need none); the StepStream
-    # carries the same header as call metadata (Scheduler): an intercepted stream call would
-    # put every step through an extra queue and task.
-    worker_auth = (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else None
-    interceptors = [BearerToken(worker_auth[0])] if worker_auth else None
-    if config.tls_ca:  # mTLS: the worker checks our certificate, we check its
-        channel = grpc.aio.secure_channel(config.worker, grpc_channel_credentials(
-            config.tls_ca, config.tls_client_cert, config.tls_client_key), interceptors=interceptors,
-            options=WORKER_CHANNEL_OPTIONS)
+    channel: grpc.aio.Channel | None = None
+    engine_thread: ThreadPoolExecutor | None = None
+    worker_health: health_pb2_grpc.HealthStub | None = None
+    worker_auth: tuple[tuple[str, str], ...] | None = None
+    if config.local_worker:  # co-located: the engine in this process (services/batcher/local_worker.py)
+        from services.worker.server import WorkerServicer, load_engine
+        from .local_worker import LocalWorker
+        worker_config = config.local_worker_config()
+        engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        try:  # ProviderError (CUDA asked for, cannot serve) ends the process before it takes requests
+            engine = await load_engine(worker_config, engine_thread)
+        except BaseException:
+            engine_thread.shutdown(wait=False)
+            raise
+        worker: Any = LocalWorker(WorkerServicer(
+            engine_thread, engine, fault_delay_per_token_s=worker_config.fault_delay_per_token_ms / 1000,
+            fault_fail_fraction=worker_config.fault_fail_fraction))
+        log.info("engine %s in this process on %s", engine.manifest.name, engine.provider)
     else:
-        channel = grpc.aio.insecure_channel(config.worker, interceptors=interceptors, options=WORKER_CHANNEL_OPTIONS)
-    await wait_for_serving(channel)
-    worker = worker_pb2_grpc.WorkerStub(channel)
+        # The worker's token rides on every unary call (health checks need none); the StepStream
+        # carries the same header as call metadata (Scheduler): an intercepted stream call would
+        # put every step through an extra queue and task.
+        worker_auth = (("authorization", f"Bearer {config.worker_token}"),) if config.worker_token else None
+        interceptors = [BearerToken(worker_auth[0])] if worker_auth else None
+        if config.tls_ca:  # mTLS: the worker checks our certificate, we check its
+            channel = grpc.aio.secure_channel(config.worker, grpc_channel_credentials(
+                config.tls_ca, config.tls_client_cert, config.tls_client_key), interceptors=interceptors,
+                options=WORKER_CHANNEL_OPTIONS)
+        else:
+            channel = grpc.aio.insecure_channel(config.worker, interceptors=interceptors,
+                                                options=WORKER_CHANNEL_OPTIONS)
+        await wait_for_serving(channel)
+        worker = worker_pb2_grpc.WorkerStub(channel)
+        worker_health = health_pb2_grpc.HealthStub(channel)
     info = await worker.Info(worker_pb2.InfoRequest())
     # A batcher owns its worker alone: what a predecessor (crashed, killed) left there is abandoned.
     await worker.RemoveSequences(worker_pb2.RemoveSequencesRequest(all=True))
@@ -102,8 +124,7 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
                        if config.tls_ca else None)
     js = nc.jetstream()
     await ensure_request_stream(js)
-    scheduler = Scheduler(config, replica_id, info, nc, js, worker, health_pb2_grpc.HealthStub(channel),
-                          step_metadata=worker_auth)
+    scheduler = Scheduler(config, replica_id, info, nc, js, worker, worker_health, step_metadata=worker_auth)
     await scheduler.start()
     if config.port_file:
         config.port_file.write_text(json.dumps({"metrics": metrics_port}))
@@ -115,9 +136,19 @@ async def serve(config: BatcherConfig, stop: asyncio.Event | None = None) -> Non
     await nc.drain()
     shutdown_tracing()
     log.info("batcher %s stopped", replica_id)
-    await channel.close()
+    if channel is not None:
+        await channel.close()
+    if engine_thread is not None:
+        engine_thread.shutdown(wait=True)  # no step is left: let the engine's thread end cleanly
 
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging("batcher")
-    run_loop(serve(load_config(BatcherConfig, sys.argv[1:] if argv is None else argv)))
+    try:
+        run_loop(serve(load_config(BatcherConfig, sys.argv[1:] if argv is None else argv)))
+    except Exception as exc:
+        from services.worker.providers import ProviderError  # only a co-located engine raises it
+        if isinstance(exc, ProviderError):  # logged with its reason; exit as a refusing worker does
+            log.error("batcher refuses to start: %s", exc)
+            sys.exit(3)
+        raise

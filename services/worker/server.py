@@ -95,15 +95,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.last_call = time.monotonic()
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    @_needs_engine
-    async def Info(self, request: worker_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
+    def info(self) -> worker_pb2.InfoResponse:
+        """What the batcher learns of its worker: limits, tokens, load and the prefix cache."""
         e = self._engine
         info = worker_pb2.InfoResponse(
             model=e.manifest.name, context_length=e.context_length, max_sequences=e.max_sequences,
             vocab_size=e.config.vocab_size, eos_token_ids=list(e.manifest.eos_token_ids),
             max_output_tokens=e.manifest.max_output_tokens,
             execution_provider=e.provider, active_sequences=len(e.sequences), kv_tokens=e.kv_tokens)
-        if e.prefix_cache is not None:  # read from this thread: the cache locks its table
+        if e.prefix_cache is not None:  # read from the event loop's thread: the cache locks its table
             s = e.prefix_cache.stats()
             info.cached_blocks.extend(e.prefix_cache.held())
             info.block_size = s.block_size
@@ -112,6 +112,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 query_tokens=s.query_tokens, hit_tokens=s.hit_tokens,
                 blocks_stored=s.stored_blocks, blocks_evicted=s.evicted_blocks))
         return info
+
+    @_needs_engine
+    async def Info(self, request: worker_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> worker_pb2.InfoResponse:
+        return self.info()
 
     def _planted_failure(self, sequence_id: str) -> bool:
         """Test-only: the same sequence always fails (the batcher's one-by-one retry of a refused
@@ -138,7 +142,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return worker_pb2.AddSequencesResponse(active_sequences=active)
 
-    async def _run_step(self, request: worker_pb2.StepRequest, singly: bool = False) -> worker_pb2.StepResponse:
+    async def run_step(self, request: worker_pb2.StepRequest, singly: bool = False) -> worker_pb2.StepResponse:
         """One iteration. Unary Step (``singly`` False): all or none, EngineError when an add or
         chunk is refused. StepStream (``singly``): refused adds and chunks are answered per
         sequence in ``refused_sequences`` and the rest of the step runs, so a bad newcomer never
@@ -187,7 +191,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     @_needs_engine
     async def Step(self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StepResponse:
         try:
-            return await self._run_step(request)
+            return await self.run_step(request)
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             raise  # abort raises; this keeps type checkers honest
@@ -200,12 +204,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "model is not loaded")
         async for request in requests:
             try:
-                yield await self._run_step(request, singly=True)
+                yield await self.run_step(request, singly=True)
             except EngineError as exc:
                 yield worker_pb2.StepResponse(refused=str(exc))
 
-    @_needs_engine
-    async def RemoveSequences(self, request: worker_pb2.RemoveSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.RemoveSequencesResponse:
+    async def remove(self, request: worker_pb2.RemoveSequencesRequest) -> worker_pb2.RemoveSequencesResponse:
+        """Frees the given sequences (or all: what a previous batcher left)."""
         ids = list(self._engine.sequences) if request.all else list(request.sequence_ids)
         removed = await self._call(self._engine.remove, ids)
         if request.all and removed:
@@ -213,6 +217,10 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         record_sequence_spans(removed, self._engine.manifest.name)
         record_prefix_cache(self._engine.manifest.name, self._engine.prefix_cache)
         return worker_pb2.RemoveSequencesResponse(active_sequences=len(self._engine.sequences))
+
+    @_needs_engine
+    async def RemoveSequences(self, request: worker_pb2.RemoveSequencesRequest, context: grpc.aio.ServicerContext) -> worker_pb2.RemoveSequencesResponse:
+        return await self.remove(request)
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -237,6 +245,32 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return self._deny_stream if handler is not None and handler.request_streaming else self._deny
 
 
+async def load_engine(config: WorkerConfig, executor: ThreadPoolExecutor) -> Engine:
+    """The model on its provider, built on the engine's thread ("auto" resolved and logged).
+    Raises ProviderError when CUDA is asked for and cannot serve (not loadable, no session, or
+    a session that fell back to the CPU): the process must refuse to start rather than run
+    silently on the CPU. The worker's server and a batcher hosting its engine share this."""
+    provider = config.provider
+    try:
+        provider = resolve_provider(config.provider)
+        engine = await asyncio.get_running_loop().run_in_executor(
+            executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
+                                     threads=config.threads, provider=provider, spin=config.spin,
+                                     cuda_graph=config.cuda_graph, device_sampling=config.device_sampling,
+                                     device_prefix_cache=config.device_prefix_cache,
+                                     prefix_cache_bytes=config.prefix_cache_mib << 20))
+        assert_provider([engine.provider], provider)
+    except ProviderError:
+        raise
+    except Exception as exc:
+        if provider == "cuda":
+            raise ProviderError(f"the engine could not start on CUDA: {type(exc).__name__}: {exc}") from exc
+        raise
+    if config.served_name:  # heartbeats, metrics and prefix-cache hashes under name@version
+        engine.manifest = dataclasses.replace(engine.manifest, name=config.served_name)
+    return engine
+
+
 async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM (or until `stop` is set, when given — tests run services
     in-process that way), then drain."""
@@ -256,32 +290,18 @@ async def serve(config: WorkerConfig, stop: asyncio.Event | None = None) -> None
                               fault_fail_fraction=config.fault_fail_fraction)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
     await server.start()
-    provider = config.provider
     try:
-        # "auto" resolved here (logged: which and why); CUDA asked for and not loadable, a CUDA
-        # session that cannot be made, or one that fell back to the CPU: the worker refuses to start.
-        provider = resolve_provider(config.provider)
-        engine = await asyncio.get_running_loop().run_in_executor(
-            executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
-                                     threads=config.threads, provider=provider, spin=config.spin,
-                                     cuda_graph=config.cuda_graph, device_sampling=config.device_sampling,
-                                     device_prefix_cache=config.device_prefix_cache,
-                                     prefix_cache_bytes=config.prefix_cache_mib << 20))
-        assert_provider([engine.provider], provider)
-    except Exception as exc:
-        if isinstance(exc, ProviderError) or provider == "cuda":
-            refusal = exc if isinstance(exc, ProviderError) else ProviderError(
-                f"the engine could not start on CUDA: {type(exc).__name__}: {exc}")
-            log.error("worker refuses to start: %s", refusal)
-            await server.stop(0)
-            executor.shutdown(wait=False)
-            raise refusal from None if refusal is exc else exc
+        engine = await load_engine(config, executor)
+    except ProviderError as refusal:
+        log.error("worker refuses to start: %s", refusal)
+        await server.stop(0)
+        executor.shutdown(wait=False)
+        raise
+    except Exception:
         log.exception("model %s cannot run; health stays NOT_SERVING", config.model_dir)
         await stop.wait()
         await server.stop(config.grace_s)
         return
-    if config.served_name:  # heartbeats, metrics and prefix-cache hashes under name@version
-        engine.manifest = dataclasses.replace(engine.manifest, name=config.served_name)
     if config.fault_delay_per_token_ms or config.fault_fail_fraction:
         log.warning("TEST-ONLY faults on: %.1f ms per token, %.0f%% of sequences refused",
                     config.fault_delay_per_token_ms, 100 * config.fault_fail_fraction)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import ssl
 import subprocess
@@ -139,6 +140,9 @@ class StackSpec:
     # A `switchyard certs` folder: TLS on every hop (gateway HTTP and gRPC, NATS with client
     # certificates, worker gRPC with the batcher's client certificate). None: plaintext.
     tls: Path | None = None
+    # Each replica's engine inside its batcher's process (`--worker local`): no worker process,
+    # no worker gRPC hop (services/batcher/local_worker.py, docs/decisions/colocated-replica.md).
+    colocate: bool = False
     # Extra worker flags per `replicas` key (rollout tests plant faults in one version this way).
     # A key `name@version` serves the folder `name` under that versioned name (docs/rollouts.md).
     worker_args: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -388,25 +392,34 @@ class LocalStack:
                                users=self._nats_users() if spec.internal_auth else None, tls=tls).start()
         total = sum(spec.replicas.values())
         threads = spec.worker_threads or max(1, (os.cpu_count() or 1) // max(total, 1))
+        replica_args = []  # (replica, the worker's flags)
         for model, count in spec.replicas.items():
             for i in range(count):
+                versioned = ["--served-name", model] if "@" in model else []
+                replica_args.append((f"{model}-{i}", [
+                    "--model-dir", str(spec.models_dir / model_folder(model)), "--threads", str(threads),
+                    "--max-sequences", str(spec.max_batch_size), *versioned, *spec.worker_args.get(model, ())]))
+        batcher_args = ["--nats-url", self.nats.url, "--max-batch-size", str(spec.max_batch_size),
+                        "--heartbeat-s", str(spec.heartbeat_s), *self._metrics_args(), *spec.batcher_args]
+        if spec.colocate:
+            for replica, worker_args in replica_args:  # NATS users: made with the server (_nats_users)
+                self.batchers.append(self._spawn(f"batcher-{replica}", "services.batcher", [
+                    "--worker", "local", "--worker-flags", shlex.join(worker_args), "--replica-id", replica,
+                    *batcher_args]))
+        else:
+            for replica, worker_args in replica_args:
                 if spec.internal_auth:  # a token per replica: only its batcher may call the worker
                     token = new_secret()
-                    self._secret_env.setdefault(f"worker-{model}-{i}", {})["SWITCHYARD_AUTH_TOKEN"] = token
-                    self._secret_env.setdefault(f"batcher-{model}-{i}", {})["SWITCHYARD_WORKER_TOKEN"] = token
-                versioned = ["--served-name", model] if "@" in model else []
-                self.workers.append(self._spawn(f"worker-{model}-{i}", "services.worker", [
-                    "--model-dir", str(spec.models_dir / model_folder(model)), "--host", spec.internal_host, "--port", "0",
-                    "--threads", str(threads), "--max-sequences", str(spec.max_batch_size), *self._metrics_args(),
-                    *versioned, *spec.worker_args.get(model, ())]))
-        for worker in self.workers:
-            worker.wait_port(timeout_s)
-        for worker in self.workers:
-            replica = worker.name.replace("worker-", "", 1)
-            self.batchers.append(self._spawn(f"batcher-{replica}", "services.batcher", [
-                "--worker", f"{spec.internal_host}:{worker.port}", "--nats-url", self.nats.url,
-                "--replica-id", replica, "--max-batch-size", str(spec.max_batch_size),
-                "--heartbeat-s", str(spec.heartbeat_s), *self._metrics_args(), *spec.batcher_args]))
+                    self._secret_env.setdefault(f"worker-{replica}", {})["SWITCHYARD_AUTH_TOKEN"] = token
+                    self._secret_env.setdefault(f"batcher-{replica}", {})["SWITCHYARD_WORKER_TOKEN"] = token
+                self.workers.append(self._spawn(f"worker-{replica}", "services.worker", [
+                    *worker_args, "--host", spec.internal_host, "--port", "0", *self._metrics_args()]))
+            for worker in self.workers:
+                worker.wait_port(timeout_s)
+            for worker in self.workers:
+                replica = worker.name.replace("worker-", "", 1)
+                self.batchers.append(self._spawn(f"batcher-{replica}", "services.batcher", [
+                    "--worker", f"{spec.internal_host}:{worker.port}", "--replica-id", replica, *batcher_args]))
         router_args = ["--nats-url", self.nats.url, "--host", spec.host, "--grpc-port", str(spec.grpc_port),
                        "--http-port", str(spec.http_port), "--models-dir", str(spec.models_dir),
                        "--balancing", spec.balancing, "--heartbeat-misses", "3", *self._metrics_args(),
