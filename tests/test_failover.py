@@ -20,7 +20,7 @@ from services.worker.engine import Engine
 from services.worker.sampling import SamplingParams
 from switchyard.resilience.outliers import OutlierDetector
 from switchyard.resilience.retry import RetryBudget, backoff_s
-from switchyard.runtime.stack import LocalStack
+from switchyard.runtime.stack import LocalStack, Service
 from switchyard.v1 import generate_pb2, generate_pb2_grpc
 
 from conftest import TINY, start_stack, wait_for_replicas
@@ -88,14 +88,21 @@ def test_a_continuation_samples_exactly_what_the_original_would_have(tiny_models
 
 
 # ---- the real stack ----------------------------------------------------------------------------
-@pytest.fixture
-def two_replicas(tiny_models_dir: Path, tmp_path: Path) -> Iterator[LocalStack]:
-    stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path, router_args=("--stall-timeout-s", "1.0"))
+@pytest.fixture(params=["separate", "colocated"])
+def two_replicas(request: pytest.FixtureRequest, tiny_models_dir: Path, tmp_path: Path) -> Iterator[LocalStack]:
+    """Two replicas: each a worker and its batcher, or (colocated) one process holding both."""
+    stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path, router_args=("--stall-timeout-s", "1.0"),
+                        colocate=request.param == "colocated")
     yield stack
-    for worker in stack.workers:  # a test may leave one stopped
-        if worker.process.poll() is None:
-            os.kill(worker.process.pid, signal.SIGCONT)
+    for svc in stack.services():  # a test may leave one stopped
+        if svc.process.poll() is None:
+            os.kill(svc.process.pid, signal.SIGCONT)
     stack.stop()
+
+
+def engine_process(stack: LocalStack, i: int) -> Service:
+    """The process running replica i's model: its worker, or its batcher when co-located."""
+    return (stack.workers or stack.batchers)[i]
 
 
 def requests(n: int, max_tokens: int) -> list[generate_pb2.GenerateRequest]:
@@ -182,7 +189,7 @@ def test_streams_survive_kill_9_of_a_worker_with_identical_output(two_replicas: 
     undisturbed = asyncio.run(stream_all(stack.router_address, reqs))
     assert all(final is not None for _, final, _ in undisturbed)
     assert len({final.replica_id for _, final, _ in undisturbed if final is not None}) == 2  # both served
-    victim = stack.workers[0]
+    victim = engine_process(stack, 0)
     at_kill: list[tuple[bool, int]] = []
     moved_before = mid_stream_failovers(stack)
     results = disturbed_run(stack, reqs, lambda: os.kill(victim.process.pid, signal.SIGKILL), at_kill)
@@ -207,7 +214,7 @@ def test_streams_move_off_a_stopped_worker_within_the_stall_timeout(two_replicas
     wait_for_replicas(stack, 2)
     reqs = requests(10, max_tokens=120)
     undisturbed = asyncio.run(stream_all(stack.router_address, reqs))
-    victim = stack.workers[0]
+    victim = engine_process(stack, 0)
     t0 = time.monotonic()
     results = disturbed_run(stack, reqs, lambda: os.kill(victim.process.pid, signal.SIGSTOP))
     elapsed = time.monotonic() - t0

@@ -142,6 +142,22 @@ def test_worker_asked_for_cuda_refuses_to_start(tiny_models_dir: Path, tmp_path:
 
 
 @pytest.mark.integration
+@no_cuda_here
+def test_colocated_replica_asked_for_cuda_refuses_to_start(tiny_models_dir: Path) -> None:
+    """The engine inside a batcher (`--worker local`): it exits 3 with the reason before it
+    connects anywhere (its NATS URL leads nowhere), never serving on the CPU instead."""
+    import shlex
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.batcher", "--worker", "local", "--nats-url", "nats://127.0.0.1:1",
+         "--worker-flags", f"--model-dir {shlex.quote(str(tiny_models_dir / TINY))} --provider cuda"],
+        cwd=REPO, env=_worker_env(), capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 3, log[-3000:]
+    assert "batcher refuses to start: --provider cuda cannot run: " in log
+    assert REASON.split(";")[0] in log, log[-3000:]
+
+
+@pytest.mark.integration
 def test_worker_on_auto_serves_on_what_it_says(tiny_models_dir: Path, tmp_path: Path) -> None:
     """auto: SERVING, Info names the provider the session really has, the log says which and why."""
     from switchyard.v1 import worker_pb2, worker_pb2_grpc
