@@ -86,3 +86,36 @@ def test_up_refuses_a_port_in_use_before_starting_anything(tiny_models_dir: Path
     assert f"ports already in use: --http-port {port} (127.0.0.1)" in up.stderr
     assert not (tmp_path / "runs" / "logs").exists()  # refused before any process or log
 
+
+
+def test_up_colocate_runs_one_process_per_replica_and_serves(tiny_models_dir: Path, tmp_path: Path) -> None:
+    up, output = start_switchyard_up(tmp_path, [
+        "--models-dir", str(tiny_models_dir), "--serve", f"{TINY}=2", "--grpc-port", "0", "--http-port", "-1",
+        "--nats-port", "0", "--log-dir", "runs/logs", "--run-dir", "runs/run", "--colocate"])
+    try:
+        assert "Switchyard is up" in output, output
+        started = children_of(up.pid)
+        modules = sorted(m for pid in started for m in ("services.worker", "services.batcher", "services.router")
+                         if m in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+        assert modules == ["services.batcher", "services.batcher", "services.router"]  # no worker process
+        generate = subprocess.run(
+            [sys.executable, "-m", "switchyard.cli", "generate", "--address", up_grpc_address(output),
+             "--model", TINY, "--max-tokens", "9", "--no-chat", "hello"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert generate.returncode == 0, generate.stderr
+        assert "9 completion tokens" in generate.stderr
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_up_refuses_colocate_with_autoscale(tiny_models_dir: Path, tmp_path: Path) -> None:
+    up = subprocess.run([sys.executable, "-m", "switchyard.cli", "up", "--models-dir", str(tiny_models_dir),
+                         "--serve", f"{TINY}=1", "--colocate", "--autoscale", f"{TINY}=1:2", "--grpc-port", "0",
+                         "--http-port", "0", "--nats-port", "0", "--log-dir", "runs/logs", "--run-dir", "runs/run"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert up.returncode == 2, up.stdout + up.stderr
+    assert "--colocate with --autoscale" in up.stdout + up.stderr
+    assert not (tmp_path / "runs" / "logs").exists()

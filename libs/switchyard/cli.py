@@ -95,6 +95,10 @@ def up(
     autoscale_options: str = typer.Option("", help="policy options key=value,... (e.g. scale_down_window_s=60)"),
     worker_args: str = typer.Option("", help="extra flags for every worker, e.g. \"--provider cuda --cuda-graph\" "
                                     "(`python -m services.worker --help` lists them)"),
+    colocate: bool = typer.Option(False, "--colocate/--separate",
+                                  help="run each replica's engine inside its batcher's process (no worker process, "
+                                  "no gRPC step round trip; docs/decisions/colocated-replica.md) instead of a "
+                                  "worker process beside each batcher"),
 ) -> None:
     """Run the local stack in the foreground: nats-server, replicas, router. Ctrl-C stops all."""
     from switchyard.bus.server import port_is_free
@@ -115,6 +119,10 @@ def up(
         console.print(f"[red]ports already in use: {', '.join(taken)}[/red] (another Switchyard running?); "
                       "pass other ports, or 0 to pick free ones")
         raise typer.Exit(2)
+    if colocate and autoscale:
+        console.print("[red]--colocate with --autoscale:[/red] the autoscaler's local backend starts replicas as a "
+                      "worker and a batcher process; run one or the other")
+        raise typer.Exit(2)
     log_dir.mkdir(parents=True, exist_ok=True)
     dev_key, dev_key_created = None, False
     if tenants_file is None:
@@ -133,7 +141,7 @@ def up(
     spec = StackSpec(models_dir=models_dir, replicas=wanted, host=host, internal_host=internal_host, tls=tls,
                      internal_auth=internal_auth, grpc_port=grpc_port, http_port=http_port,
                      nats_port=nats_port, max_batch_size=max_batch_size, balancing=balancing, log_dir=log_dir,
-                     routers=routers,
+                     routers=routers, colocate=colocate,
                      router_args=(("--model-routes", model_routes) if model_routes else ())
                      # with autoscaling a model may have no replica yet: its requests wait for one
                      + (("--replica-wait-s", "120") if autoscale else ()),
