@@ -17,7 +17,8 @@ engine's internals change:
   concurrent gRPC streams from 4 client processes: tokens/s, TTFT p50/p99, errors, CPU µs per
   token of each kind of process — next to the engine's own rate at that batch size — with 4
   routers sharing the port and the batcher's steps pipelined (depth 2, the default); at 256
-  streams also one router, one step at a time (depth 1), and four decode steps per call;
+  streams also the engine inside the batcher's process (co-located replica, `--worker local`),
+  one router, one step at a time (depth 1), and four decode steps per call;
 - GPU memory (nvidia-smi: the device and this process), process RSS, machine and versions.
 
 On the GPU machine (through ../shared/gpu's kit, a few minutes; `--profile` adds ORT's node
@@ -70,10 +71,10 @@ from gpu_check import PROMPTS as CHAT_PROMPTS  # noqa: E402  (the prompts gpu_ch
 from stack_overhead import separate_channels  # noqa: E402
 FULL = {"batches": [1, 16, 64, 256], "ttft_prompts": [128, 1024], "streams": [64, 256],
         "decode_steps": 32, "prompt_tokens": 32, "stream_tokens": 128, "correct_tokens": 32,
-        "stack_configs": "2/1/4,2/1/1,1/1/4,2/4/4", "stack_clients": 4}
+        "stack_configs": "2/1/4,2/1/4/colocated,2/1/1,1/1/4,2/4/4", "stack_clients": 4}
 QUICK = {"batches": [1, 2, 4], "ttft_prompts": [16, 64], "streams": [2, 4],
          "decode_steps": 8, "prompt_tokens": 16, "stream_tokens": 16, "correct_tokens": 8,
-         "stack_configs": "2/1/2,2/1/1,1/1/2,2/4/2", "stack_clients": 2}
+         "stack_configs": "2/1/2,2/1/2/colocated,2/1/1,1/1/2,2/4/2", "stack_clients": 2}
 
 
 def model_folder(models_dir: Path, variant: str) -> Path:
@@ -423,10 +424,11 @@ def drive_stack_processes(address: str, metadata: tuple, model: str, streams: in
 
 def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: int, max_tokens: int,
                 replicas: int, vocab: int, pipeline_depth: int = 2, decode_steps: int = 1, routers: int = 1,
-                client_processes: int = 1) -> dict[str, Any]:
+                placement: str = "separate", client_processes: int = 1) -> dict[str, Any]:
     """The whole stack (router → NATS → batcher → worker on `provider`), one model folder, the
     batcher keeping `pipeline_depth` worker steps in flight, `decode_steps` per call, `routers`
-    routers sharing the port; the CPU each kind of process spent per token, from /proc."""
+    routers sharing the port, the engine in a worker process or (`placement` "colocated") in the
+    batcher's; the CPU each kind of process spent per token, from /proc."""
     from switchyard.runtime.children import cpu_seconds
     from switchyard.runtime.stack import LocalStack, StackSpec
     log_dir = Path(tempfile.mkdtemp(prefix="gpu-bench-logs-"))
@@ -436,11 +438,12 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
     budget = max(streams) * (prompt_tokens + max_tokens)
     spec = StackSpec(models_dir=folder.parent, replicas={name: replicas}, max_batch_size=max(streams),
                      worker_args={name: ("--provider", provider)}, log_dir=log_dir, routers=routers,
+                     colocate=placement == "colocated",
                      batcher_args=("--token-budget", str(max(budget, 16384)),
                                    "--pipeline-depth", str(pipeline_depth), "--decode-steps", str(decode_steps)))
     out: dict[str, Any] = {"model": name, "replicas": replicas, "provider": provider, "log_dir": str(log_dir),
                            "pipeline_depth": pipeline_depth, "decode_steps": decode_steps, "routers": routers,
-                           "runs": []}
+                           "placement": placement, "runs": []}
     with LocalStack(spec) as stack:
         assert stack.nats is not None and stack.nats.process is not None
         kinds = {"router": stack.routers, "batcher": stack.batchers, "worker": stack.workers}
@@ -454,11 +457,19 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
             after = {kind: sum(cpu_seconds(pid) for pid in ps) for kind, ps in pids.items()}
             run["cpu_us_per_token"] = {kind: round(1e6 * (after[kind] - before[kind]) / max(run["tokens"], 1), 1)
                                        for kind in pids}
-            print(f"   stack ({routers} routers, depth {pipeline_depth}, {decode_steps} steps/call) {n} streams: "
+            print(f"   stack ({placement}, {routers} routers, depth {pipeline_depth}, {decode_steps} steps/call) {n} streams: "
                   f"{run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, errors {run['errors']}, "
                   f"CPU µs/token {run['cpu_us_per_token']}", flush=True)
             out["runs"].append(run)
     return out
+
+
+def stack_config(text: str) -> tuple[int, int, int, str]:
+    """"2/1/4" or "2/1/4/colocated": pipeline depth, decode steps per call, routers, placement."""
+    depth, steps, routers, *placement = text.split("/")
+    if placement not in ([], ["separate"], ["colocated"]):
+        raise SystemExit(f"--stack-configs: {text!r}: the placement after the third '/' is separate or colocated")
+    return int(depth), int(steps), int(routers), (placement or ["separate"])[0]
 
 
 def main() -> int:
@@ -477,7 +488,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all): correctness, "
                     "decode, sampled, cuda_graph, ttft, prefix_hit, profile, stack")
     ap.add_argument("--stack-configs", default=None, help="stack settings to run, as pipeline-depth/decode-steps/"
-                    "routers (default 2/1/4,2/1/1,1/1/4,2/4/4; --quick 2/1/2,2/1/1,1/1/2,2/4/2): the first is reported as `stack` "
+                    "routers[/colocated] (default 2/1/4,2/1/4/colocated,2/1/1,1/1/4,2/4/4; --quick the same with 2 "
+                    "routers for 4): the first is reported as `stack` "
                     "(every stream count), the rest under `stack_other_configs` (the largest stream count only)")
     ap.add_argument("--stack-clients", type=int, default=None, help="client processes driving the stack "
                     "(default 4; --quick 2)")
@@ -597,7 +609,7 @@ def main() -> int:
             folder = model_folder(args.models_dir, stack_variant)
             from switchyard.model.config import ModelManifest
             vocab = ModelManifest.load(folder).config.vocab_size
-            configs = [tuple(int(v) for v in c.split("/")) for c in (args.stack_configs or cfg["stack_configs"]).split(",") if c]
+            configs = [stack_config(c) for c in (args.stack_configs or cfg["stack_configs"]).split(",") if c]
             clients = args.stack_clients or cfg["stack_clients"]
             report["stack"] = bench_stack(folder, provider, cfg["streams"], cfg["prompt_tokens"],
                                           cfg["stream_tokens"], args.replicas, vocab, *configs[0],

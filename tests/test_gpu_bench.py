@@ -72,13 +72,17 @@ def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tm
         assert set(cpu) == {"router", "batcher", "worker", "nats-server"}
         assert cpu["worker"] > cpu["router"] > 0  # on the CPU provider the model is the cost
 
-    assert (stack["pipeline_depth"], stack["decode_steps"], stack["routers"]) == (2, 1, 2)
-    # at the largest stream count: one router, one step at a time, 4 steps per call
+    assert (stack["pipeline_depth"], stack["decode_steps"], stack["routers"], stack["placement"]) == (2, 1, 2, "separate")
+    # at the largest stream count: the engine in the batcher's process, one router, one step at
+    # a time, 4 steps per call
     others = r["stack_other_configs"]
-    assert [(o["pipeline_depth"], o["decode_steps"], o["routers"]) for o in others] == [(2, 1, 1), (1, 1, 2), (2, 4, 2)]
+    assert [(o["pipeline_depth"], o["decode_steps"], o["routers"], o["placement"]) for o in others] == [
+        (2, 1, 2, "colocated"), (2, 1, 1, "separate"), (1, 1, 2, "separate"), (2, 4, 2, "separate")]
     for other in others:
         assert [run["streams"] for run in other["runs"]] == [max(cfg["streams"])]
         assert other["runs"][0]["tokens"] == other["runs"][0]["expected_tokens"]
+    colocated = others[0]["runs"][0]["cpu_us_per_token"]
+    assert colocated["worker"] == 0 and colocated["batcher"] > colocated["router"] > 0  # no worker process: the batcher runs the model
 
     sampled = r["sampled_decode"]["int4"]
     assert [row["batch"] for row in sampled] == sorted({1, 2, max(cfg["batches"])})
@@ -120,7 +124,8 @@ def test_gpu_bench_full_sizes_on_the_tiny_model(tiny_models_dir: Path, tmp_path:
     assert all(run["errors"] == 0 and run["tokens"] == run["streams"] * 128 for run in runs)
     assert all(run["client_processes"] == 4 and run["connections"] == 4 * 8 for run in runs)
     others = r["stack_other_configs"]
-    assert [(o["routers"], o["pipeline_depth"], o["decode_steps"]) for o in others] == [(1, 2, 1), (4, 1, 1), (4, 2, 4)]
+    assert [(o["routers"], o["pipeline_depth"], o["decode_steps"], o["placement"]) for o in others] == [
+        (4, 2, 1, "colocated"), (1, 2, 1, "separate"), (4, 1, 1, "separate"), (4, 2, 4, "separate")]
     assert all(o["runs"][0]["errors"] == 0 and o["runs"][0]["tokens"] == 256 * 128 for o in others)
 
 
