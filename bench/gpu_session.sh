@@ -1,0 +1,54 @@
+#!/bin/bash
+# One GPU session's checks (issue 13 §6) through ../shared/gpu's kit, in priority order, each
+# bounded so that all of them fit the device time; a step cut short still leaves its log.
+#     bash .gpuN/recv.sh && source /tmp/gpukit/env.sh && bash bench/gpu_session.sh [measure|diagnose]
+# measure (default): int4.json, stack.json, fp32.json (bench/gpu_bench.py), anchor.log
+# (transformers on the same GGUF), profile.json; diagnose: replay.json (bench/engine_replay.py)
+# and stack-profile/ (bench/stack_profile.py, py-spy: stage the kit with GPU_EXTRA_PACKAGES
+# naming py-spy). Each step's log and steps.log (times, exit codes) too; all under $OUT, which
+# brings back at most 8 files: keep what a plan writes under that.
+set -u
+: "${OUT:?set OUT to the folder that comes back}"
+BUDGET=${GPU_SESSION_S:-470}  # seconds for all steps together
+T0=$SECONDS
+
+step() {  # NAME CAP_S COMMAND...: run for at most CAP_S (less when the budget is nearly spent)
+  local name=$1 cap=$2 t rc s
+  shift 2
+  t=$((BUDGET - (SECONDS - T0)))
+  ((t > cap)) && t=$cap
+  if ((t < 20)); then echo "skip $name: out of time" | tee -a "$OUT/steps.log"; return; fi
+  echo "== $name (at most ${t} s) $(date -u +%T)" | tee -a "$OUT/steps.log"
+  s=$SECONDS
+  timeout -k 5 "$t" "$@" >"$OUT/$name.log" 2>&1
+  rc=$?
+  # a stack cut short leaves its processes behind: they hold ports and device memory
+  pkill -9 -f "services\.(router|batcher|worker)" 2>/dev/null
+  pkill -9 -x nats-server 2>/dev/null
+  echo "   $name: exit $rc after $((SECONDS - s)) s" | tee -a "$OUT/steps.log"
+}
+
+PLAN=${1:-measure}
+if [ "$PLAN" = diagnose ]; then
+  step replay 90 python3 bench/engine_replay.py --provider cuda \
+    --configs plain,prefix-device,graph+plain,graph+prefix-device --out "$OUT/replay.json"
+  step stack-profile 150 python3 bench/stack_profile.py --provider cuda --placement colocated separate \
+    --out /tmp/stack-profile
+  cp /tmp/stack-profile/stack_profile.json "$OUT/" 2>/dev/null
+  step graph-stack 80 python3 bench/stack_profile.py --provider cuda --placement colocated \
+    --worker-args=--cuda-graph --out /tmp/graph-stack
+  cp /tmp/graph-stack/stack_profile.json "$OUT/graph_stack_profile.json" 2>/dev/null
+  echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/steps.log"
+  exit 0
+fi
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+step int4 170 python3 bench/gpu_bench.py --provider cuda --variants int4 --skip-stack --out "$OUT/int4.json"
+step stack 210 python3 bench/gpu_bench.py --provider cuda --variants int4 --only decode,stack \
+  --stack-configs 2/1/4/colocated,2/1/4,2/4/4/colocated,2/1/1 --out "$OUT/stack.json"
+step fp32 100 python3 bench/gpu_bench.py --provider cuda --variants fp32 --skip-stack \
+  --only correctness,decode,cuda_graph,ttft --out "$OUT/fp32.json"
+step anchor 90 env PYTHONPATH=/tmp/gpukit/gguf-only python3 /tmp/gpukit/kit/hf_anchor.py \
+  /tmp/gpukit/kit/model.gguf models/smollm2-135m-instruct/tokenizer.json
+step profile 60 bash -c "python3 bench/gpu_bench.py --provider cuda --variants int4 --only profile --profile \
+  --out /tmp/gpuprof/profile.json; rc=\$?; cp /tmp/gpuprof/profile.json '$OUT/'; exit \$rc"
+echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/steps.log"
