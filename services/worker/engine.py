@@ -257,7 +257,8 @@ class Engine:
         """The same with the blocks cut on the device from KV at (address, shape) per past name."""
         blocks = self._device_blocks
         if self.prefix_cache is not None and hashes and blocks is not None:
-            self.prefix_cache.insert_blocks(hashes, lambda i: blocks.cut(sources, i), blocks.block_bytes)
+            self.prefix_cache.insert_blocks(hashes, lambda positions: blocks.cut(sources, positions),
+                                            blocks.block_bytes)
 
     def _keep_private(self, seq: Sequence, hashes: list[int]) -> None:
         """Cache the blocks of a prompt prefilled in its own buffer (chunks or a cached start)."""

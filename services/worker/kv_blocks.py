@@ -44,19 +44,23 @@ class DeviceBlocks:
         return ort.InferenceSession(model.SerializeToString(), providers=self.providers)
 
     def _cut_graph(self) -> onnx.GraphProto:
-        """kv_i [1, h, t, d] (t may differ per buffer) and start [1] → block [n_buffers, h, bs, d]."""
-        nodes = [helper.make_node("Constant", [], ["size"], value=helper.make_tensor(
-                     "size", TensorProto.INT64, [1], [self.block_size])),
-                 helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [1], [2])),
-                 helper.make_node("Add", ["start", "size"], ["end"])]
-        inputs = [helper.make_tensor_value_info("start", TensorProto.INT64, [1])]
-        for i in range(self.n_buffers):
-            inputs.append(helper.make_tensor_value_info(f"kv_{i}", self._elem, [1, self.kv_heads, f"t{i}", self.head_dim]))
+        """kv_i [1, h, t, d] (t may differ per buffer), start and end [1] (positions, whole
+        blocks) → blocks [k, n_buffers, h, bs, d]: every block of the range in one run, whatever
+        k — a run's cost on CUDA is its kernel launches, not the bytes it moves."""
+        m, h, bs, d = self.n_buffers, self.kv_heads, self.block_size, self.head_dim
+        nodes = [helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [1], [2])),
+                 helper.make_node("Constant", [], ["shape"], value=helper.make_tensor(
+                     "shape", TensorProto.INT64, [5], [m, h, -1, bs, d]))]
+        inputs = [helper.make_tensor_value_info("start", TensorProto.INT64, [1]),
+                  helper.make_tensor_value_info("end", TensorProto.INT64, [1])]
+        for i in range(m):
+            inputs.append(helper.make_tensor_value_info(f"kv_{i}", self._elem, [1, h, f"t{i}", d]))
             nodes.append(helper.make_node("Slice", [f"kv_{i}", "start", "end", "axis"], [f"cut_{i}"]))
-        nodes.append(helper.make_node("Concat", [f"cut_{i}" for i in range(self.n_buffers)], ["block"], axis=0))
-        block = helper.make_tensor_value_info("block", self._elem, [self.n_buffers, self.kv_heads, self.block_size,
-                                                                    self.head_dim])
-        return helper.make_graph(nodes, "kv_block_cut", inputs, [block])
+        nodes += [helper.make_node("Concat", [f"cut_{i}" for i in range(m)], ["by_buffer"], axis=0),  # [m, h, k·bs, d]
+                  helper.make_node("Reshape", ["by_buffer", "shape"], ["split"]),  # [m, h, k, bs, d]
+                  helper.make_node("Transpose", ["split"], ["blocks"], perm=[2, 0, 1, 3, 4])]
+        blocks = helper.make_tensor_value_info("blocks", self._elem, ["k", m, h, bs, d])
+        return helper.make_graph(nodes, "kv_block_cut", inputs, [blocks])
 
     def _assemble_graph(self) -> onnx.GraphProto:
         """blocks [n, n_buffers, h, bs, d] (n blocks side by side) → out_i [1, h, n·bs, d] per buffer."""
@@ -70,16 +74,30 @@ class DeviceBlocks:
                  helper.make_node("Split", ["prefix"], [f"out_{i}" for i in range(m)], axis=0)]
         return helper.make_graph(nodes, "kv_block_assemble", inputs, outputs)
 
-    def cut(self, sources: list[tuple[int, list[int]]], index: int) -> ort.OrtValue:
-        """Block `index` (positions index·bs ..) of the buffers at (address, [1, h, t, d]), a new
-        OrtValue on the device."""
+    def cut(self, sources: list[tuple[int, list[int]]], indices: list[int]) -> list[ort.OrtValue]:
+        """Blocks ``indices`` (block i: positions i·bs ..) of the buffers at (address, [1, h, t,
+        d]), each a new OrtValue [n_buffers, h, bs, d] on the device: the range they span cut
+        in one run, then each block copied out of it (one copy each)."""
+        if not indices:
+            return []
+        first, last = min(indices), max(indices)
         binding = self._cut.io_binding()
-        binding.bind_cpu_input("start", np.array([index * self.block_size], dtype=np.int64))
+        binding.bind_cpu_input("start", np.array([first * self.block_size], dtype=np.int64))
+        binding.bind_cpu_input("end", np.array([(last + 1) * self.block_size], dtype=np.int64))
         for i, (address, shape) in enumerate(sources):
             binding.bind_input(f"kv_{i}", self.device, 0, self.dtype, shape, address)
-        binding.bind_output("block", self.device)
+        binding.bind_output("blocks", self.device)
         self._cut.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
+        span = binding.get_outputs()[0]
+        shape = [self.n_buffers, self.kv_heads, self.block_size, self.head_dim]
+        if len(indices) == 1:
+            return [span]  # [1, n_buffers, h, bs, d]: the block's bytes, nothing to copy out
+        out = []
+        for i in indices:
+            block = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
+            self.copier.copy(span.data_ptr() + (i - first) * self.block_bytes, block.data_ptr(), shape)
+            out.append(block)
+        return out
 
     def assemble(self, blocks: list[ort.OrtValue]) -> list[ort.OrtValue]:
         """The prefix the blocks make, one OrtValue [1, h, n·bs, d] per buffer, on the device:

@@ -127,28 +127,37 @@ class PrefixCache:
         if hashes and kv[0].shape[1] < len(hashes) * bs:
             raise ValueError(f"{len(hashes)} blocks need {len(hashes) * bs} tokens of KV, got {kv[0].shape[1]}")
         nbytes = len(kv) * kv[0].shape[0] * bs * kv[0].shape[2] * kv[0].dtype.itemsize if hashes else 0
-        return self.insert_blocks(hashes, lambda i: np.stack([a[:, i * bs:(i + 1) * bs, :] for a in kv]), nbytes)
+        return self.insert_blocks(
+            hashes, lambda positions: [np.stack([a[:, i * bs:(i + 1) * bs, :] for a in kv]) for i in positions], nbytes)
 
-    def insert_blocks(self, hashes: Sequence[int], make_block: Callable[[int], Any], block_bytes: int) -> int:
-        """`insert` for blocks made by the caller: `make_block(i)` returns block i of the chain
-        (called only for blocks not held yet), each `block_bytes` big."""
+    def insert_blocks(self, hashes: Sequence[int], make_blocks: Callable[[list[int]], list[Any]],
+                      block_bytes: int) -> int:
+        """`insert` for blocks made by the caller: `make_blocks(positions)` returns the chain's
+        blocks at those positions (called once, for the blocks not held yet that fit), each
+        `block_bytes` big. One call for all of them: on a device, cutting blocks costs per call."""
         with self._lock:
             chain = set(hashes)
             self._touch_chain([h for h in hashes if h in self._blocks])  # protect them from eviction below
-            stored = 0
+            new: list[int] = []  # chain positions to store, their bytes already counted
             kept = 0  # leading blocks of the chain held after this call
             for i, h in enumerate(hashes):
                 if h not in self._blocks:
                     if not self._make_room(block_bytes, chain):
                         break
-                    self._blocks[h] = make_block(i)
-                    self._block_bytes[h] = block_bytes
                     self._bytes += block_bytes
-                    stored += 1
+                    new.append(i)
                 kept = i + 1
+            try:
+                blocks = make_blocks(new) if new else []
+            except BaseException:
+                self._bytes -= block_bytes * len(new)
+                raise
+            for i, block in zip(new, blocks, strict=True):
+                self._blocks[hashes[i]] = block
+                self._block_bytes[hashes[i]] = block_bytes
             self._touch_chain(hashes[:kept])
-            self._stored += stored
-            return stored
+            self._stored += len(new)
+            return len(new)
 
     def clear(self) -> None:
         with self._lock:
