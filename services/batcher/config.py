@@ -14,6 +14,9 @@ if TYPE_CHECKING:  # the worker's packages (ONNX Runtime) load only for `--worke
     from services.worker.config import WorkerConfig
 
 LOCAL_WORKER = "local"
+# Prompt tokens per step while others decode, on a CPU worker (prefill_chunk_decoding 0): a
+# CPU step's time grows with its tokens, and this bounds a newcomer's stall on the others.
+CPU_PREFILL_CHUNK_DECODING = 128
 
 # Worker flags that describe its own gRPC server or process: with the engine inside the
 # batcher there is no worker port, token, certificate or lease, and the batcher's own
@@ -47,9 +50,11 @@ class BatcherConfig:
     max_batch_size: int = field(default=32, metadata={"help": "most sequences in the batch"})
     token_budget: int = field(default=16384, metadata={"help": "most KV tokens reserved (prompt + max tokens) across the batch"})
     prefill_chunk: int = field(default=512, metadata={"help": "most prompt tokens processed per step (chunked prefill)"})
-    prefill_chunk_decoding: int = field(default=128, metadata={
+    prefill_chunk_decoding: int = field(default=0, metadata={
         "help": "most prompt tokens per step while other sequences are decoding: bounds the stall a "
-                "newcomer's prefill puts on everyone's next token (inter-token latency)"})
+                "newcomer's prefill puts on everyone's next token (inter-token latency); 0 (auto): "
+                f"{CPU_PREFILL_CHUNK_DECODING} on a CPU worker, prefill_chunk on a GPU, where a step "
+                "costs its kernel launches more than its tokens"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON"})
     decode_steps: int = field(default=1, metadata={"help": "decode steps per worker call once the batch holds "
                                                    "multi_step_min_batch sequences (amortizes the round trip)"})
@@ -62,6 +67,17 @@ class BatcherConfig:
     metrics_port: int = field(default=-1, metadata={"help": "Prometheus /metrics port (0 picks a free one, -1 disables)"})
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
     grace_s: float = field(default=10.0, metadata={"help": "seconds to finish running requests on SIGTERM"})
+
+    def decoding_prefill_chunk(self, execution_provider: str) -> int:
+        """Prompt tokens per step while others decode, for a worker on `execution_provider`:
+        the setting, or with 0 (auto) prefill_chunk on a GPU — there a step costs its kernel
+        launches, not its tokens (H200: a 1,024-token prefill ~6 ms, a decode step ~4 ms), so
+        small chunks only stretch admission of a burst over many steps — and
+        CPU_PREFILL_CHUNK_DECODING on the CPU."""
+        if self.prefill_chunk_decoding > 0:
+            return self.prefill_chunk_decoding
+        on_cpu = execution_provider in ("", "CPUExecutionProvider")
+        return min(CPU_PREFILL_CHUNK_DECODING, self.prefill_chunk) if on_cpu else self.prefill_chunk
 
     @property
     def local_worker(self) -> bool:
@@ -97,8 +113,8 @@ class BatcherConfig:
             raise ConfigError("max_batch_size must be at least 1")
         if self.token_budget < 2:
             raise ConfigError("token_budget must be at least 2")
-        if self.prefill_chunk < 1 or self.prefill_chunk_decoding < 1:
-            raise ConfigError("prefill_chunk and prefill_chunk_decoding must be at least 1")
+        if self.prefill_chunk < 1 or self.prefill_chunk_decoding < 0:
+            raise ConfigError("prefill_chunk must be at least 1 and prefill_chunk_decoding at least 0 (0: auto)")
         if self.decode_steps < 1 or self.multi_step_min_batch < 1:
             raise ConfigError("decode_steps and multi_step_min_batch must be at least 1")
         if not 1 <= self.pipeline_depth <= 4:

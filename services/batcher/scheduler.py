@@ -101,6 +101,7 @@ class Scheduler:
         self.worker = worker
         self._step_metadata = step_metadata  # the worker's token on the StepStream (unary calls: the channel's)
         self.max_batch = min(config.max_batch_size, info.max_sequences)
+        self.decoding_prefill_chunk = config.decoding_prefill_chunk(info.execution_provider)
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}
         # A step's events per router that takes them batched (DispatchRequest.batch_reply_subject),
@@ -311,7 +312,7 @@ class Scheduler:
         chunks = []
         # Fairness between waiting and running: while sequences decode, a newcomer's prompt is
         # fed in smaller chunks so it never stalls their next token for a whole long prefill.
-        budget = self.config.prefill_chunk_decoding if decoding else self.config.prefill_chunk
+        budget = self.decoding_prefill_chunk if decoding else self.config.prefill_chunk
         firsts: list[Active] = []
         for rid, a in self.active.items():
             if a.prefill_left and not a.chunk_in_flight and budget > 0:
