@@ -15,10 +15,12 @@ engine's internals change:
   cache's blocks on the host vs on the device (the worker's default on CUDA);
 - the whole stack (LocalStack: router → NATS → batcher → worker on `--provider`) at 64 and 256
   concurrent gRPC streams from 4 client processes: tokens/s, TTFT p50/p99, errors, CPU µs per
-  token of each kind of process — next to the engine's own rate at that batch size — with 4
-  routers sharing the port and the batcher's steps pipelined (depth 2, the default); at 256
-  streams also the engine inside the batcher's process (co-located replica, `--worker local`),
-  one router, one step at a time (depth 1), and four decode steps per call;
+  token of each kind of process — next to the engine's own rate at that batch size (eager, or
+  from CUDA graphs when the stack's worker uses them) — with 4 routers sharing the port and the
+  batcher's steps pipelined (depth 2, the default): first the engine inside the batcher's process
+  (co-located replica, `--worker local`) replaying decode from CUDA graphs, then at 256 streams
+  the same without graphs, a separate worker process with and without them, one router, and
+  four decode steps per call (graph configurations only on CUDA);
 - GPU memory (nvidia-smi: the device and this process), process RSS, machine and versions.
 
 On the GPU machine (through ../shared/gpu's kit, a few minutes; `--profile` adds ORT's node
@@ -71,7 +73,8 @@ from gpu_check import PROMPTS as CHAT_PROMPTS  # noqa: E402  (the prompts gpu_ch
 from stack_overhead import separate_channels  # noqa: E402
 FULL = {"batches": [1, 16, 64, 256], "ttft_prompts": [128, 1024], "streams": [64, 256],
         "decode_steps": 32, "prompt_tokens": 32, "stream_tokens": 128, "correct_tokens": 32,
-        "stack_configs": "2/1/4,2/1/4/colocated,2/1/1,1/1/4,2/4/4", "stack_clients": 4}
+        "stack_configs": "2/1/4/colocated/graph,2/1/4/colocated,2/1/4/graph,2/1/4,2/1/1/colocated/graph,2/4/4/colocated",
+        "stack_clients": 4}
 QUICK = {"batches": [1, 2, 4], "ttft_prompts": [16, 64], "streams": [2, 4],
          "decode_steps": 8, "prompt_tokens": 16, "stream_tokens": 16, "correct_tokens": 8,
          "stack_configs": "2/1/2,2/1/2/colocated,2/1/1,1/1/2,2/4/2", "stack_clients": 2}
@@ -424,7 +427,7 @@ def drive_stack_processes(address: str, metadata: tuple, model: str, streams: in
 
 def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: int, max_tokens: int,
                 replicas: int, vocab: int, pipeline_depth: int = 2, decode_steps: int = 1, routers: int = 1,
-                placement: str = "separate", client_processes: int = 1) -> dict[str, Any]:
+                placement: str = "separate", cuda_graph: bool = False, client_processes: int = 1) -> dict[str, Any]:
     """The whole stack (router → NATS → batcher → worker on `provider`), one model folder, the
     batcher keeping `pipeline_depth` worker steps in flight, `decode_steps` per call, `routers`
     routers sharing the port, the engine in a worker process or (`placement` "colocated") in the
@@ -437,13 +440,14 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
     # max_tokens per stream; its default 16,384 admits ~100 such streams, the router sheds the rest).
     budget = max(streams) * (prompt_tokens + max_tokens)
     spec = StackSpec(models_dir=folder.parent, replicas={name: replicas}, max_batch_size=max(streams),
-                     worker_args={name: ("--provider", provider)}, log_dir=log_dir, routers=routers,
+                     worker_args={name: ("--provider", provider, *(("--cuda-graph", "true") if cuda_graph else ()))},
+                     log_dir=log_dir, routers=routers,
                      colocate=placement == "colocated",
                      batcher_args=("--token-budget", str(max(budget, 16384)),
                                    "--pipeline-depth", str(pipeline_depth), "--decode-steps", str(decode_steps)))
     out: dict[str, Any] = {"model": name, "replicas": replicas, "provider": provider, "log_dir": str(log_dir),
                            "pipeline_depth": pipeline_depth, "decode_steps": decode_steps, "routers": routers,
-                           "placement": placement, "runs": []}
+                           "placement": placement, "cuda_graph": cuda_graph, "runs": []}
     with LocalStack(spec) as stack:
         assert stack.nats is not None and stack.nats.process is not None
         kinds = {"router": stack.routers, "batcher": stack.batchers, "worker": stack.workers}
@@ -457,19 +461,22 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
             after = {kind: sum(cpu_seconds(pid) for pid in ps) for kind, ps in pids.items()}
             run["cpu_us_per_token"] = {kind: round(1e6 * (after[kind] - before[kind]) / max(run["tokens"], 1), 1)
                                        for kind in pids}
-            print(f"   stack ({placement}, {routers} routers, depth {pipeline_depth}, {decode_steps} steps/call) {n} streams: "
+            print(f"   stack ({placement}{', CUDA graphs' if cuda_graph else ''}, {routers} routers, depth {pipeline_depth}, "
+                  f"{decode_steps} steps/call) {n} streams: "
                   f"{run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, errors {run['errors']}, "
                   f"CPU µs/token {run['cpu_us_per_token']}", flush=True)
             out["runs"].append(run)
     return out
 
 
-def stack_config(text: str) -> tuple[int, int, int, str]:
-    """"2/1/4" or "2/1/4/colocated": pipeline depth, decode steps per call, routers, placement."""
-    depth, steps, routers, *placement = text.split("/")
-    if placement not in ([], ["separate"], ["colocated"]):
-        raise SystemExit(f"--stack-configs: {text!r}: the placement after the third '/' is separate or colocated")
-    return int(depth), int(steps), int(routers), (placement or ["separate"])[0]
+def stack_config(text: str) -> tuple[int, int, int, str, bool]:
+    """"2/1/4", "2/1/4/colocated", "2/1/4/colocated/graph": pipeline depth, decode steps per call,
+    routers, then the placement (separate unless colocated) and CUDA-graph decode ("graph")."""
+    depth, steps, routers, *rest = text.split("/")
+    if not set(rest) <= {"separate", "colocated", "graph"} or len(set(rest)) != len(rest) or \
+            {"separate", "colocated"} <= set(rest):
+        raise SystemExit(f"--stack-configs: {text!r}: after the third '/' come separate or colocated, and graph")
+    return int(depth), int(steps), int(routers), "colocated" if "colocated" in rest else "separate", "graph" in rest
 
 
 def main() -> int:
@@ -488,9 +495,10 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated sections to run (default: all): correctness, "
                     "decode, sampled, cuda_graph, ttft, prefix_hit, profile, stack")
     ap.add_argument("--stack-configs", default=None, help="stack settings to run, as pipeline-depth/decode-steps/"
-                    "routers[/colocated] (default 2/1/4,2/1/4/colocated,2/1/1,1/1/4,2/4/4; --quick the same with 2 "
-                    "routers for 4): the first is reported as `stack` "
-                    "(every stream count), the rest under `stack_other_configs` (the largest stream count only)")
+                    "routers[/colocated][/graph] (default " + FULL["stack_configs"] + "; --quick "
+                    + QUICK["stack_configs"] + "; graph: the worker replays decode from CUDA graphs, CUDA only, "
+                    "skipped otherwise): the first is reported as `stack` (every stream count), the rest under "
+                    "`stack_other_configs` (the largest stream count only)")
     ap.add_argument("--stack-clients", type=int, default=None, help="client processes driving the stack "
                     "(default 4; --quick 2)")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
@@ -610,6 +618,12 @@ def main() -> int:
             from switchyard.model.config import ModelManifest
             vocab = ModelManifest.load(folder).config.vocab_size
             configs = [stack_config(c) for c in (args.stack_configs or cfg["stack_configs"]).split(",") if c]
+            if provider != "cuda":  # CUDA graphs need the CUDA provider: said, not run
+                report["stack_skipped_configs"] = [
+                    {"config": list(c), "reason": "CUDA graphs need the CUDA provider"} for c in configs if c[4]]
+                configs = [c for c in configs if not c[4]]
+            if not configs:
+                raise RuntimeError("no stack configuration runs on this provider")
             clients = args.stack_clients or cfg["stack_clients"]
             report["stack"] = bench_stack(folder, provider, cfg["streams"], cfg["prompt_tokens"],
                                           cfg["stream_tokens"], args.replicas, vocab, *configs[0],
@@ -619,9 +633,11 @@ def main() -> int:
                     folder, provider, [max(cfg["streams"])], cfg["prompt_tokens"], cfg["stream_tokens"],
                     args.replicas, vocab, *config, client_processes=clients))
             engine_rates = {r["batch"]: r["tokens_per_s"] for r in report["decode"].get(stack_variant, [])}
+            graph_rates = {r["batch"]: r["tokens_per_s"]  # a graph stack next to the graph engine
+                           for r in report.get("cuda_graph", {}).get(stack_variant, {}).get("decode", [])}
             for stack_run in [report["stack"], *report["stack_other_configs"]]:
                 for run in stack_run["runs"]:
-                    base = engine_rates.get(run["streams"])
+                    base = (graph_rates if stack_run["cuda_graph"] else engine_rates).get(run["streams"])
                     run["engine_tokens_per_s_same_batch"] = base
                     run["stack_over_engine"] = run["tokens_per_s"] / base if base else None
             report["gpu_memory"]["device_after_stack"] = gpu_memory()

@@ -120,12 +120,16 @@ def test_gpu_bench_full_sizes_on_the_tiny_model(tiny_models_dir: Path, tmp_path:
     assert short["prompt_tokens"] == 128 and short["ttft_ms_p50"] > 0
     assert long == {"prompt_tokens": 1024, "skipped": "context is 512 tokens"}
     runs = r["stack"]["runs"]
-    assert r["stack"]["routers"] == 4 and [run["streams"] for run in runs] == [64, 256]
+    # no CUDA here: the graph configurations are said to be skipped, the first other one is `stack`
+    assert [s["config"] for s in r["stack_skipped_configs"]] == [
+        [2, 1, 4, "colocated", True], [2, 1, 4, "separate", True], [2, 1, 1, "colocated", True]]
+    assert (r["stack"]["routers"], r["stack"]["placement"], r["stack"]["cuda_graph"]) == (4, "colocated", False)
+    assert [run["streams"] for run in runs] == [64, 256]
     assert all(run["errors"] == 0 and run["tokens"] == run["streams"] * 128 for run in runs)
     assert all(run["client_processes"] == 4 and run["connections"] == 4 * 8 for run in runs)
     others = r["stack_other_configs"]
     assert [(o["routers"], o["pipeline_depth"], o["decode_steps"], o["placement"]) for o in others] == [
-        (4, 2, 1, "colocated"), (1, 2, 1, "separate"), (4, 1, 1, "separate"), (4, 2, 4, "separate")]
+        (4, 2, 1, "separate"), (4, 2, 4, "colocated")]
     assert all(o["runs"][0]["errors"] == 0 and o["runs"][0]["tokens"] == 256 * 128 for o in others)
 
 
@@ -141,3 +145,16 @@ def test_gpu_bench_on_cuda_without_cuda_says_why(tmp_path: Path) -> None:
     assert r["errors"] == [{"section": "provider",
                             "error": f"--provider cuda cannot run: {providers.cuda_unavailable_reason()}"}]
     assert "cuda cannot run" in proc.stderr
+
+
+@pytest.mark.unit
+def test_stack_configs_name_depth_steps_routers_placement_and_graphs() -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    from gpu_bench import stack_config
+    assert stack_config("2/1/4") == (2, 1, 4, "separate", False)
+    assert stack_config("1/4/2/colocated") == (1, 4, 2, "colocated", False)
+    assert stack_config("2/1/4/graph") == (2, 1, 4, "separate", True)
+    assert stack_config("2/1/4/colocated/graph") == stack_config("2/1/4/graph/colocated") == (2, 1, 4, "colocated", True)
+    for bad in ("2/1/4/colocated/separate", "2/1/4/graph/graph", "2/1/4/fast"):
+        with pytest.raises(SystemExit, match="after the third"):
+            stack_config(bad)
