@@ -58,6 +58,8 @@ class KvCopier:
             return ort.InferenceSession(model.SerializeToString(), providers=providers)
 
         self._copy = session([helper.make_node("Identity", ["x"], ["y"])], [x])
+        self._providers = providers
+        self._copy_many: dict[int, ort.InferenceSession] = {}  # by copies per run
         self._pad = session([helper.make_node("Pad", ["x", "pads"], ["y"], mode="constant")], [x, pads])
         zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
         axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
@@ -71,6 +73,27 @@ class KvCopier:
         b.bind_input("x", self.device, 0, self.dtype, shape, src)
         b.bind_output("y", self.device, 0, self.dtype, shape, dst)
         run_bound(self._copy, b)
+
+    def copy_many(self, pairs: list[tuple[int, int]], shape: list[int]) -> None:
+        """dst[shape] = src[shape] for every (src, dst) pair, in one run: a row moved in every
+        past name's buffer costs one ORT call, not one per buffer (on CUDA a call costs more
+        than its copy)."""
+        n = len(pairs)
+        if n not in self._copy_many:
+            elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
+            graph = helper.make_graph(
+                [helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(n)], "kv_copy_many",
+                [helper.make_tensor_value_info(f"x{i}", elem, ["b", "h", "t", "d"]) for i in range(n)],
+                [helper.make_tensor_value_info(f"y{i}", elem, ["b", "h", "t", "d"]) for i in range(n)])
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+            model.ir_version = 8
+            self._copy_many[n] = ort.InferenceSession(model.SerializeToString(), providers=self._providers)
+        session = self._copy_many[n]
+        b = session.io_binding()
+        for i, (src, dst) in enumerate(pairs):
+            b.bind_input(f"x{i}", self.device, 0, self.dtype, shape, src)
+            b.bind_output(f"y{i}", self.device, 0, self.dtype, shape, dst)
+        run_bound(session, b)
 
     def widen(self, src: int, shape: list[int], dst: int, length: int) -> None:
         """Copy [b, h, t, d] at src into [b, h, length, d] at dst (positions t.. are zero)."""
@@ -339,8 +362,8 @@ class FusedBatch:
         for row in sorted((r for r, sid in enumerate(self.ids) if sid in sequence_ids), reverse=True):
             last = len(self.ids) - 1
             if row != last:
-                for k in range(len(self._past_names)):
-                    self.copier.copy(self.pool.address(k, last), self.pool.address(k, row), self.pool.row_shape())
+                self.copier.copy_many([(self.pool.address(k, last), self.pool.address(k, row))
+                                       for k in range(len(self._past_names))], self.pool.row_shape())
                 self.ids[row], self.lengths[row] = self.ids[last], self.lengths[last]
             self.ids.pop()
             self.lengths.pop()
