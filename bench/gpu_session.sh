@@ -1,12 +1,12 @@
 #!/bin/bash
 # One GPU session's checks (issue 13 §6) through ../shared/gpu's kit, in priority order, each
 # bounded so that all of them fit the device time; a step cut short still leaves its log.
-#     bash .gpuN/recv.sh && source /tmp/gpukit/env.sh && bash bench/gpu_session.sh [measure|diagnose]
-# measure (default): int4.json, stack.json, fp32.json (bench/gpu_bench.py), anchor.log
+#     bash .gpuN/recv.sh && source /tmp/gpukit/env.sh && bash bench/gpu_session.sh [measure|diagnose|stack]
+# measure (default): int4.json, stack.json, fp32.json (bench/gpu_bench.py), the anchor
 # (transformers on the same GGUF), profile.json; diagnose: replay.json (bench/engine_replay.py)
-# and stack-profile/ (bench/stack_profile.py, py-spy: stage the kit with GPU_EXTRA_PACKAGES
-# naming py-spy). Each step's log and steps.log (times, exit codes) too; all under $OUT, which
-# brings back at most 8 files: keep what a plan writes under that.
+# and *profile.json (bench/stack_profile.py with py-spy: stage the kit with GPU_EXTRA_PACKAGES
+# naming py-spy); stack: stack.json and replay.json after a change to the stack. Every step's output, time and exit code go to steps.log; all under $OUT,
+# which brings back at most 8 files.
 set -u
 : "${OUT:?set OUT to the folder that comes back}"
 BUDGET=${GPU_SESSION_S:-470}  # seconds for all steps together
@@ -20,7 +20,7 @@ step() {  # NAME CAP_S COMMAND...: run for at most CAP_S (less when the budget i
   if ((t < 20)); then echo "skip $name: out of time" | tee -a "$OUT/steps.log"; return; fi
   echo "== $name (at most ${t} s) $(date -u +%T)" | tee -a "$OUT/steps.log"
   s=$SECONDS
-  timeout -k 5 "$t" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 5 "$t" "$@" >>"$OUT/steps.log" 2>&1  # one log: $OUT brings back at most 8 files
   rc=$?
   # a stack cut short leaves its processes behind: they hold ports and device memory
   pkill -9 -f "services\.(router|batcher|worker)" 2>/dev/null
@@ -29,15 +29,26 @@ step() {  # NAME CAP_S COMMAND...: run for at most CAP_S (less when the budget i
 }
 
 PLAN=${1:-measure}
+if [ "$PLAN" = stack ]; then  # the stack's configurations next to the engine, then the replay
+  step stack 150 python3 bench/gpu_bench.py --provider cuda --variants int4 --only decode,cuda_graph,stack \
+    --stack-configs 2/1/4/colocated/graph,2/1/4/colocated,2/1/4/graph,2/1/4 --out "$OUT/stack.json"
+  step replay 45 python3 bench/engine_replay.py --provider cuda \
+    --configs plain,prefix-device,graph+prefix-device --out "$OUT/replay.json"
+  echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/steps.log"
+  exit 0
+fi
 if [ "$PLAN" = diagnose ]; then
-  step replay 90 python3 bench/engine_replay.py --provider cuda \
-    --configs plain,prefix-device,graph+plain,graph+prefix-device --out "$OUT/replay.json"
-  step stack-profile 150 python3 bench/stack_profile.py --provider cuda --placement colocated separate \
+  step stack-profile 65 python3 bench/stack_profile.py --provider cuda --placement colocated \
     --out /tmp/stack-profile
   cp /tmp/stack-profile/stack_profile.json "$OUT/" 2>/dev/null
-  step graph-stack 80 python3 bench/stack_profile.py --provider cuda --placement colocated \
-    --worker-args=--cuda-graph --out /tmp/graph-stack
+  step replay 70 python3 bench/engine_replay.py --provider cuda \
+    --configs plain,prefix-device,graph+prefix-device --out "$OUT/replay.json"
+  step graph-stack 55 python3 bench/stack_profile.py --provider cuda --placement colocated \
+    --worker-args="--cuda-graph true" --out /tmp/graph-stack
   cp /tmp/graph-stack/stack_profile.json "$OUT/graph_stack_profile.json" 2>/dev/null
+  step graph-stack-noprefix 50 python3 bench/stack_profile.py --provider cuda --placement colocated \
+    --worker-args="--cuda-graph true --prefix-cache-mib 0" --out /tmp/graph-noprefix
+  cp /tmp/graph-noprefix/stack_profile.json "$OUT/graph_noprefix_profile.json" 2>/dev/null
   echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/steps.log"
   exit 0
 fi
