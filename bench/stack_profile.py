@@ -70,7 +70,7 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=256)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--worker-args", default="", help="extra worker flags, e.g. '--cuda-graph'")
+    ap.add_argument("--worker-args", default="", help="extra worker flags, e.g. '--cuda-graph true'")
     ap.add_argument("--clients", type=int, default=4, help="client processes")
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--out", type=Path, required=True)

@@ -396,8 +396,8 @@ class CudaGraphDecoder:
     lengths go to the device and the argmax ids come back. A capture or replay that fails turns
     the decoder off (logged) and the step runs eagerly instead, so a worker never stops on it.
 
-    Not yet run on a GPU (none was lent to the session that wrote it): bench/gpu_bench.py
-    measures it with ``--cuda-graph``.
+    Measured on an H200 (docs/benchmarks.md, "GPU on the H200"): tokens equal to eager decode,
+    1.44 ms per step at batch 1 and 2.64 ms at 256 (int4), against 5.4 and 6.6 ms eager.
     """
 
     def __init__(self, batch: FusedBatch) -> None:
