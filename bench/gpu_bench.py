@@ -9,7 +9,8 @@ engine's internals change:
 - decode: aggregate tokens/s and step time at batch 1/16/64/256 (same-length prompts, all
   prefilled first, then timed decode steps);
 - sampled decode: top-p 0.9 / temperature 0.8 at batch 1/16/256, sampled by the sampler graph
-  where the logits are (the worker's default on CUDA) vs numpy on the host;
+  where the logits are (the worker's default on CUDA) vs numpy on the host, on chat prompts and
+  on random-token prompts (flat distributions: the whole vocabulary sorted every step);
 - TTFT: one prompt of 128 and of 1,024 tokens, from `add` to its first token (prefill);
 - prefix cache hit: TTFT of the 1,024-token prompt when all but its last block is cached, the
   cache's blocks on the host vs on the device (the worker's default on CUDA);
@@ -235,13 +236,15 @@ def correctness(engine: Any, reference: Any, prompts: list[list[int]], max_token
 
 
 def decode_rate(engine: Any, batch: int, prompt_tokens: int, steps: int, rng: np.random.Generator,
-                params: Any = None) -> dict[str, Any]:
+                params: Any = None, prompts: list[list[int]] | None = None) -> dict[str, Any]:
     """`batch` sequences prefilled, then `steps` timed decode steps (warm-up steps excluded);
-    greedy unless `params` (SamplingParams) says otherwise."""
+    greedy unless `params` (SamplingParams) says otherwise; random `prompt_tokens`-token prompts
+    unless `prompts` (used in turn)."""
     from services.worker.sampling import SamplingParams
     ids = [f"bench-dec-{i}" for i in range(batch)]
     for i, sid in enumerate(ids):
-        engine.add(sid, random_prompt(rng, engine.config.vocab_size, prompt_tokens), params or SamplingParams(), i)
+        prompt = prompts[i % len(prompts)] if prompts else random_prompt(rng, engine.config.vocab_size, prompt_tokens)
+        engine.add(sid, prompt, params or SamplingParams(), i)
     try:
         t0 = time.perf_counter()
         first = engine.step([(sid, 0) for sid in ids], decode=False)
@@ -265,9 +268,12 @@ def decode_rate(engine: Any, batch: int, prompt_tokens: int, steps: int, rng: np
 
 
 def sampled_decode(engine: Any, batches: list[int], prompt_tokens: int, steps: int,
-                   rng: np.random.Generator) -> list[dict[str, Any]]:
+                   rng: np.random.Generator, chat: list[list[int]]) -> list[dict[str, Any]]:
     """Decode with top-p 0.9 / temperature 0.8 sampling: the sampler graph where the logits are
-    (the worker's default on CUDA) vs numpy on the host (logits copied back every step)."""
+    (the worker's default on CUDA) vs numpy on the host (logits copied back every step), on chat
+    prompts and on random-token prompts. Random prompts make flat next-token distributions whose
+    top-p nucleus is wider than the sampler's candidates, so both samplers sort the whole
+    vocabulary (`device_full_vocab_runs_per_step`: the sampler graph's second run)."""
     from services.worker.device_sampler import DeviceSampler
     from services.worker.providers import choose_providers
     from services.worker.sampling import SamplingParams
@@ -276,14 +282,19 @@ def sampled_decode(engine: Any, batches: list[int], prompt_tokens: int, steps: i
     device = chosen or DeviceSampler(choose_providers("cuda" if engine.device == "cuda" else "cpu"))
     rows = []
     try:
-        for batch in batches:
-            row: dict[str, Any] = {"batch": batch}
-            for mode, sampler in (("device", device), ("host", None)):
-                engine.sampler = sampler
-                r = decode_rate(engine, batch, prompt_tokens, steps, rng, params)
-                row[f"{mode}_step_ms_p50"], row[f"{mode}_tokens_per_s"] = r["step_ms_p50"], r["tokens_per_s"]
-            row["device_over_host_tokens_per_s"] = row["device_tokens_per_s"] / row["host_tokens_per_s"]
-            rows.append(row)
+        for prompts in ("chat", "random"):
+            for batch in batches:
+                row: dict[str, Any] = {"prompts": prompts, "batch": batch}
+                for mode, sampler in (("device", device), ("host", None)):
+                    engine.sampler = sampler
+                    reruns = device.full_vocab_runs
+                    r = decode_rate(engine, batch, prompt_tokens, steps, rng, params,
+                                    chat if prompts == "chat" else None)
+                    row[f"{mode}_step_ms_p50"], row[f"{mode}_tokens_per_s"] = r["step_ms_p50"], r["tokens_per_s"]
+                    if mode == "device":  # decode_rate's 2 warm-up and its timed steps (first tokens: host)
+                        row["device_full_vocab_runs_per_step"] = (device.full_vocab_runs - reruns) / (steps + 2)
+                row["device_over_host_tokens_per_s"] = row["device_tokens_per_s"] / row["host_tokens_per_s"]
+                rows.append(row)
     finally:
         engine.sampler = chosen
     return rows
@@ -565,11 +576,13 @@ def main() -> int:
         if want("sampled"):
             with section(report, f"{variant}: sampled decode"):
                 batches = sorted({1, 16 if not args.quick else 2, max(cfg["batches"])})
-                rows = sampled_decode(engine, batches, cfg["prompt_tokens"], cfg["decode_steps"], rng)
+                rows = sampled_decode(engine, batches, cfg["prompt_tokens"], cfg["decode_steps"], rng,
+                                      chat_prompts(folder))
                 report["sampled_decode"][variant] = rows
                 for row in rows:
-                    print(f"   top-p, batch {row['batch']:4d}: device {row['device_step_ms_p50']:.2f} ms/step, "
-                          f"host {row['host_step_ms_p50']:.2f} ms/step", flush=True)
+                    print(f"   top-p, {row['prompts']} prompts, batch {row['batch']:4d}: device "
+                          f"{row['device_step_ms_p50']:.2f} ms/step ({row['device_full_vocab_runs_per_step']:.2f} "
+                          f"full-vocabulary reruns per step), host {row['host_step_ms_p50']:.2f} ms/step", flush=True)
         if provider == "cuda" and args.cuda_graph and want("cuda_graph"):
             with section(report, f"{variant}: decode with CUDA graphs"):
                 graphed = Engine(folder, provider=provider, max_sequences=max_seq, threads=args.threads,

@@ -85,10 +85,17 @@ def test_gpu_bench_quick_on_cpu_writes_a_complete_json(real_models_dir: Path, tm
     assert colocated["worker"] == 0 and colocated["batcher"] > colocated["router"] > 0  # no worker process: the batcher runs the model
 
     sampled = r["sampled_decode"]["int4"]
-    assert [row["batch"] for row in sampled] == sorted({1, 2, max(cfg["batches"])})
+    batches = sorted({1, 2, max(cfg["batches"])})
+    assert [(row["prompts"], row["batch"]) for row in sampled] == [("chat", b) for b in batches] + [
+        ("random", b) for b in batches]
     for row in sampled:
         assert row["device_step_ms_p50"] > 0 and row["host_step_ms_p50"] > 0
+        assert 0.0 <= row["device_full_vocab_runs_per_step"] <= 1.0
         assert row["device_over_host_tokens_per_s"] == pytest.approx(row["device_tokens_per_s"] / row["host_tokens_per_s"])
+    # random prompts: flat distributions, a nucleus wider than the candidates far more often
+    reruns = {kind: sum(row["device_full_vocab_runs_per_step"] for row in sampled if row["prompts"] == kind)
+              for kind in ("chat", "random")}
+    assert reruns["random"] > reruns["chat"], reruns
 
     hit = r["prefix_hit"]["int4"]
     for mode in ("host", "device"):  # all but the last 16-token block of the 64-token prompt cached
