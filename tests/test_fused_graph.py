@@ -409,3 +409,39 @@ def test_cuda_graph_decoder_logic_on_the_cpu_provider(tiny_models_dir: Path) -> 
     assert graphs is not None and graphs.enabled  # never fell back to eager
     assert {key[0] for key in graphs._graphs} >= {4, 8}  # buckets used
     assert outs[0] == outs[1]
+    by_bucket: dict[int, list[dict]] = {}  # a bucket met again after the pool grew: a new graph...
+    for (bucket, _, _), (_, values, _) in graphs._graphs.items():
+        by_bucket.setdefault(bucket, []).append(values)
+    assert any(len(values) > 1 for values in by_bucket.values())
+    assert all(v is values[0] for values in by_bucket.values() for v in values)  # ...on the same buffers
+
+
+@pytest.mark.unit
+def test_cuda_graph_decoder_stops_capturing_at_its_bound_and_decodes_the_rest_eagerly(tiny_models_dir: Path) -> None:
+    """ONNX Runtime keeps every captured graph, so the decoder captures at most max_graphs; a
+    shape met after that decodes eagerly (same tokens)."""
+    eager = Engine(tiny_models_dir / TINY, max_sequences=16)
+    graphed = Engine(tiny_models_dir / TINY, max_sequences=16)
+    c = graphed.config
+    graphed.batch = FusedBatch(graphed.session, ["CPUExecutionProvider"], "cpu", c.num_hidden_layers,
+                               c.num_key_value_heads, c.head_dim, max_rows=16, max_length=graphed.context_length,
+                               cuda_graph=True)
+    graphs = graphed.batch.graphs
+    assert graphs is not None
+    graphs.max_graphs = 3
+    outs = []
+    for engine in (eager, graphed):
+        got: dict[str, list[int]] = {}
+        # rows 1 → 2 → 5 → 9: buckets 1, 2, 8, 16 and the pool growing 4 → 8 → 16 rows
+        plan = {0: ["a"], 3: ["b"], 6: ["c", "d", "e"], 9: list("fghi")}
+        for step in range(16):
+            joining = plan.get(step, [])
+            for sid in joining:
+                engine.add(sid, _prompt(ord(sid), 5), SamplingParams(), seed=3)
+            result = engine.step([(sid, 0) for sid in joining], decode=bool(engine.batch.ids))
+            for sid, token, _ in result.tokens:
+                got.setdefault(sid, []).append(token)
+        engine.remove(list(engine.sequences))
+        outs.append(got)
+    assert outs[0] == outs[1]
+    assert len(graphs._graphs) == 3 and graphs.enabled and graphs.eager_steps > 0

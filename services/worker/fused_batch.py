@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 _INITIAL_ROWS = 4
 _INITIAL_LENGTH = 256
+# Captured CUDA graphs a decoder keeps at most: one per (batch bucket, pool state) it met. The
+# pool doubles from 4 rows and 256 positions, so a worker growing to 256 rows × 8,192 positions
+# meets ~13 pool states × a few buckets each; shrinking after bursts adds states, hence a bound.
+MAX_CUDA_GRAPHS = 64
 
 
 class KvCopier:
@@ -388,11 +392,12 @@ class CudaGraphDecoder:
     ``enable_cuda_graph``), one graph per (batch bucket, pool length, pool address).
 
     A captured graph replays with the same device addresses, so every input and output lives in
-    a fixed device buffer per graph: ids, lengths and the flat logits index are copied in
+    a fixed device buffer per bucket: ids, lengths and the flat logits index are copied in
     (``update_inplace``), the KV is the pool's leading ``bucket`` rows by address, and
     ``total_sequence_length`` is the pool's length (GroupQueryAttention then reads each row's
     own length from ``seqlens_k``; the same results as the exact total, checked on the CPU).
-    Rows past the live ones decode a dummy token into free pool rows. Per step only the ids and
+    At most ``max_graphs`` are captured; steps of a shape met after that run eagerly. Rows past
+    the live ones decode a dummy token into free pool rows. Per step only the ids and
     lengths go to the device and the argmax ids come back. A capture or replay that fails turns
     the decoder off (logged) and the step runs eagerly instead, so a worker never stops on it.
 
@@ -400,24 +405,43 @@ class CudaGraphDecoder:
     1.44 ms per step at batch 1 and 2.64 ms at 256 (int4), against 5.4 and 6.6 ms eager.
     """
 
-    def __init__(self, batch: FusedBatch) -> None:
+    def __init__(self, batch: FusedBatch, max_graphs: int = MAX_CUDA_GRAPHS) -> None:
         self.batch = batch
         self.enabled = True
+        self.max_graphs = max_graphs
         self._graphs: dict[tuple, tuple[ort.RunOptions, dict[str, ort.OrtValue], ort.IOBinding]] = {}
+        # Input and output buffers per bucket, shared by that bucket's graphs of every pool state
+        # (one graph replays at a time): a new pool state costs a capture, not new buffers.
+        self._buffers: dict[int, dict[str, ort.OrtValue]] = {}
+        self.eager_steps = 0  # steps decoded eagerly because max_graphs were captured already
         vocab = next(o.shape[-1] for o in batch.session.get_outputs() if o.name == "logits")
         self._vocab = int(vocab)
 
-    def _graph(self, bucket: int) -> tuple[ort.RunOptions, dict[str, ort.OrtValue], ort.IOBinding]:
-        pool, device = self.batch.pool, self.batch.device
-        key = (bucket, pool.length, pool.buffers[0].data_ptr())
-        if key not in self._graphs:
-            values = {
+    def _values(self, bucket: int) -> dict[str, ort.OrtValue]:
+        device = self.batch.device
+        if bucket not in self._buffers:
+            self._buffers[bucket] = {
                 "input_ids": ort.OrtValue.ortvalue_from_numpy(np.zeros((bucket, 1), np.int64), device, 0),
                 "last_token_index": ort.OrtValue.ortvalue_from_numpy(np.arange(bucket, dtype=np.int64), device, 0),
                 "seqlens_k": ort.OrtValue.ortvalue_from_numpy(np.zeros(bucket, np.int32), device, 0),
                 "logits": ort.OrtValue.ortvalue_from_shape_and_type([bucket, 1, self._vocab], np.float32, device, 0),
                 "next_token": ort.OrtValue.ortvalue_from_shape_and_type([bucket], np.int64, device, 0),
             }
+        return self._buffers[bucket]
+
+    def _graph(self, bucket: int) -> tuple[ort.RunOptions, dict[str, ort.OrtValue], ort.IOBinding] | None:
+        """The graph for this bucket and the pool as it is now; None when it is not captured
+        and max_graphs are (ONNX Runtime keeps every captured graph for the session's life, so
+        their number is what bounds the device memory they hold)."""
+        pool = self.batch.pool
+        key = (bucket, pool.length, pool.buffers[0].data_ptr())
+        if key not in self._graphs:
+            if len(self._graphs) >= self.max_graphs:
+                if self.eager_steps == 0:
+                    log.warning("%d CUDA graphs captured: new batch or pool shapes decode eagerly from now on",
+                                len(self._graphs))
+                return None
+            values = self._values(bucket)
             binding = self.batch.session.io_binding()
             binding.bind_ortvalue_output("logits", values["logits"])
             binding.bind_ortvalue_output("next_token", values["next_token"])
@@ -431,12 +455,17 @@ class CudaGraphDecoder:
         return self._graphs[key]
 
     def decode(self, seqs: list["Sequence"], logits_on_host: bool) -> tuple[np.ndarray | None, np.ndarray] | None:
-        """One step, or None when the decoder is off (the caller then runs it eagerly)."""
+        """One step, or None when the decoder is off or has no graph for this shape and may
+        capture no more (the caller then runs it eagerly)."""
         rows, pool = len(seqs), self.batch.pool
         try:
             bucket = decode_bucket(rows, pool.max_rows)
             pool.ensure(bucket, max(self.batch.lengths) + 1, rows)
-            options, values, binding = self._graph(bucket)
+            graph = self._graph(bucket)
+            if graph is None:
+                self.eager_steps += 1
+                return None
+            options, values, binding = graph
             ids = np.zeros((bucket, 1), np.int64)
             ids[:rows, 0] = [s.generated[-1] for s in seqs]
             seqlens = np.zeros(bucket, np.int32)
