@@ -451,7 +451,7 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
     # max_tokens per stream; its default 16,384 admits ~100 such streams, the router sheds the rest).
     budget = max(streams) * (prompt_tokens + max_tokens)
     spec = StackSpec(models_dir=folder.parent, replicas={name: replicas}, max_batch_size=max(streams),
-                     worker_args={name: ("--provider", provider, *(("--cuda-graph", "true") if cuda_graph else ()))},
+                     worker_args={name: ("--provider", provider, "--cuda-graph", "on" if cuda_graph else "off")},
                      log_dir=log_dir, routers=routers,
                      colocate=placement == "colocated",
                      batcher_args=("--token-budget", str(max(budget, 16384)),

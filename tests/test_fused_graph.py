@@ -354,8 +354,26 @@ def test_decode_buckets_are_powers_of_two_up_to_the_pool() -> None:
 def test_cuda_graphs_are_refused_without_cuda(tiny_models_dir: Path) -> None:
     with pytest.raises(EngineError, match="CUDA graphs need the CUDA provider"):
         Engine(tiny_models_dir / TINY, provider="cpu", cuda_graph=True)
-    with pytest.raises(ConfigError, match="cuda_graph needs provider cuda"):
-        WorkerConfig(model_dir=tiny_models_dir / TINY, cuda_graph=True).validate()
+    for setting in ("on", "true"):
+        with pytest.raises(ConfigError, match="cuda_graph needs provider cuda"):
+            WorkerConfig(model_dir=tiny_models_dir / TINY, cuda_graph=setting).validate()
+    with pytest.raises(ConfigError, match="cuda_graph must be auto, on or off"):
+        WorkerConfig(model_dir=tiny_models_dir / TINY, cuda_graph="yes").validate()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("setting, provider, graph, expected", [
+    ("auto", "cuda", "fused", True),  # the fast path wherever it can run
+    ("auto", "cuda", "plain", False),
+    ("auto", "cpu", "fused", False),
+    ("on", "cuda", "fused", True), ("true", "cuda", "fused", True),
+    ("off", "cuda", "fused", False), ("false", "cuda", "fused", False),
+])
+def test_cuda_graphs_by_setting_provider_and_graph(tiny_models_dir: Path, setting: str, provider: str, graph: str,
+                                                   expected: bool) -> None:
+    config = WorkerConfig(model_dir=tiny_models_dir / TINY, provider="cuda", cuda_graph=setting)
+    config.validate()
+    assert config.use_cuda_graph(provider, graph) is expected
 
 
 @pytest.mark.unit

@@ -93,7 +93,7 @@ def up(
                                   "(policy: reactive or predictive; the autoscaler runs in this process with the local "
                                   "backend, docs/autoscaling.md)"),
     autoscale_options: str = typer.Option("", help="policy options key=value,... (e.g. scale_down_window_s=60)"),
-    worker_args: str = typer.Option("", help="extra flags for every worker, e.g. \"--provider cuda --cuda-graph\" "
+    worker_args: str = typer.Option("", help="extra flags for every worker, e.g. \"--provider cuda --cuda-graph off\" "
                                     "(`python -m services.worker --help` lists them)"),
     colocate: bool = typer.Option(False, "--colocate/--separate",
                                   help="run each replica's engine inside its batcher's process (no worker process, "

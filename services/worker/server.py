@@ -17,6 +17,8 @@ from typing import Any, Callable, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from switchyard.model.config import ModelManifest
+from switchyard.model.folder import graph_kind
 from switchyard.runtime.lifecycle import setup_logging, stop_event
 from switchyard.runtime.listen import grpc_server_options
 from switchyard.runtime.loop import run as run_loop
@@ -253,10 +255,11 @@ async def load_engine(config: WorkerConfig, executor: ThreadPoolExecutor) -> Eng
     provider = config.provider
     try:
         provider = resolve_provider(config.provider)
+        cuda_graph = config.use_cuda_graph(provider, graph_kind(ModelManifest.load(config.model_dir)))
         engine = await asyncio.get_running_loop().run_in_executor(
             executor, lambda: Engine(config.model_dir, max_sequences=config.max_sequences,
                                      threads=config.threads, provider=provider, spin=config.spin,
-                                     cuda_graph=config.cuda_graph, device_sampling=config.device_sampling,
+                                     cuda_graph=cuda_graph, device_sampling=config.device_sampling,
                                      device_prefix_cache=config.device_prefix_cache,
                                      prefix_cache_bytes=config.prefix_cache_mib << 20))
         assert_provider([engine.provider], provider)
