@@ -393,6 +393,17 @@ def test_cuda_sessions_load_the_float16_twin_when_there_is_one() -> None:
         model_file(with_twin, "bf16", cuda)
 
 
+def eager_and_graphed(models: Path, rows: int) -> tuple[Engine, Engine]:
+    """Two tiny engines, the second decoding through the CUDA-graph path on the CPU provider."""
+    eager = Engine(models / TINY, max_sequences=rows)
+    graphed = Engine(models / TINY, max_sequences=rows)
+    c = graphed.config
+    graphed.batch = FusedBatch(graphed.session, ["CPUExecutionProvider"], "cpu", c.num_hidden_layers,
+                               c.num_key_value_heads, c.head_dim, max_rows=rows, max_length=graphed.context_length,
+                               cuda_graph=True)
+    return eager, graphed
+
+
 @pytest.mark.unit
 def test_cuda_graph_decoder_logic_on_the_cpu_provider(tiny_models_dir: Path) -> None:
     """Everything of the CUDA-graph decode path but the capture itself, run on the CPU provider
@@ -400,12 +411,7 @@ def test_cuda_graph_decoder_logic_on_the_cpu_provider(tiny_models_dir: Path) -> 
     pool rows, fixed input/output buffers updated in place, total_sequence_length fixed at the
     pool length, a new graph per bucket and per pool reallocation — same tokens as eager decode,
     for greedy and sampled rows, while rows join and leave."""
-    eager = Engine(tiny_models_dir / TINY, max_sequences=8)
-    graphed = Engine(tiny_models_dir / TINY, max_sequences=8)
-    c = graphed.config
-    graphed.batch = FusedBatch(graphed.session, ["CPUExecutionProvider"], "cpu", c.num_hidden_layers,
-                               c.num_key_value_heads, c.head_dim, max_rows=8, max_length=graphed.context_length,
-                               cuda_graph=True)
+    eager, graphed = eager_and_graphed(tiny_models_dir, rows=8)
     sampled = SamplingParams(temperature=0.9, top_k=20)
     outs = []
     for engine in (eager, graphed):
@@ -438,12 +444,7 @@ def test_cuda_graph_decoder_logic_on_the_cpu_provider(tiny_models_dir: Path) -> 
 def test_cuda_graph_decoder_stops_capturing_at_its_bound_and_decodes_the_rest_eagerly(tiny_models_dir: Path) -> None:
     """ONNX Runtime keeps every captured graph, so the decoder captures at most max_graphs; a
     shape met after that decodes eagerly (same tokens)."""
-    eager = Engine(tiny_models_dir / TINY, max_sequences=16)
-    graphed = Engine(tiny_models_dir / TINY, max_sequences=16)
-    c = graphed.config
-    graphed.batch = FusedBatch(graphed.session, ["CPUExecutionProvider"], "cpu", c.num_hidden_layers,
-                               c.num_key_value_heads, c.head_dim, max_rows=16, max_length=graphed.context_length,
-                               cuda_graph=True)
+    eager, graphed = eager_and_graphed(tiny_models_dir, rows=16)
     graphs = graphed.batch.graphs
     assert graphs is not None
     graphs.max_graphs = 3
