@@ -168,6 +168,24 @@ def test_tiny_eviction_under_a_small_budget_keeps_results_correct(request: pytes
 
 
 @pytest.mark.unit
+def test_tiny_prompts_prefilled_together_each_cache_their_own_blocks(tiny: Engine) -> None:
+    """Three prompts prefilled in one step sit in consecutive rows (on the device: one cut for
+    the group); each later prompt extending one of them hits its blocks, not a neighbour's, and
+    decodes what the cache-off engine decodes."""
+    assert tiny.prefix_cache is not None
+    tiny.prefix_cache.clear()
+    v = tiny.config.vocab_size
+    prompts = [tiny_tokens(20 + i, 40 + i, v) for i in range(3)]  # 2 full blocks each, lengths close
+    run_jobs(tiny, {f"group{i}": (p, 0) for i, p in enumerate(prompts)}, 2)
+    for i, p in enumerate(prompts):
+        extended = p + tiny_tokens(30 + i, 5, v)
+        with cache_off(tiny):
+            ref = tiny.generate(extended, 6)
+        out, cached = run_jobs(tiny, {"ext": (extended, 0)}, 6)
+        assert cached["ext"] >= 32 and out["ext"] == ref, i
+
+
+@pytest.mark.unit
 def test_tiny_disabled_cache_is_absent(tiny_models_dir: Path) -> None:
     engine = Engine(tiny_models_dir / TINY, max_sequences=4)
     assert engine.prefix_cache is None

@@ -59,3 +59,20 @@ def test_blocks_assemble_into_the_prefix_they_came_from(blocks: DeviceBlocks) ->
 @pytest.mark.unit
 def test_cutting_no_blocks_runs_nothing(blocks: DeviceBlocks) -> None:
     assert blocks.cut([], []) == []
+
+
+@pytest.mark.unit
+def test_one_cut_serves_rows_side_by_side(blocks: DeviceBlocks) -> None:
+    """A group of prompts prefilled together sits in consecutive pool rows: one cut_span over
+    them, then each row's blocks copied out, equal to cutting each row alone."""
+    rows, length = 3, 5 * BS
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal((rows, HEADS, length, DIM)).astype(np.float32) for _ in range(BUFFERS)]
+    values = [ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0) for a in arrays]
+    span = blocks.cut_span([(v.data_ptr(), v.shape()) for v in values], 1, 3)  # blocks 1..3
+    assert span.shape() == [rows, 3, BUFFERS, HEADS, BS, DIM]
+    for row in range(rows):
+        got = blocks.copy_out(span, row, [0, 2])  # blocks 1 and 3 of this row
+        for block, i in zip(got, (1, 3)):
+            want = np.stack([a[row, :, i * BS:(i + 1) * BS, :] for a in arrays])
+            np.testing.assert_array_equal(block.numpy(), want)

@@ -366,9 +366,32 @@ class Engine:
             seq.processed = len(seq.prompt)
             self._first_token(seq, logits[row], result, None if best is None else int(best[row]))
         if self.prefix_cache is not None:
+            self._keep_group_prefix(seqs)
+
+    def _keep_group_prefix(self, seqs: list[Sequence]) -> None:
+        """Cache the prompt blocks of sequences just prefilled together. Their rows are side by
+        side, so on the device one cut serves the whole group (made only once a block is new:
+        a shared system prompt is usually held already), then one copy per new block."""
+        batch, blocks = self._block_batch, self._device_blocks
+        sources = batch.rows_sources([seq.sequence_id for seq in seqs]) if batch is not None else None
+        count = max(len(seq.prompt_hashes) for seq in seqs)
+        if blocks is None or sources is None or count == 0:
             for seq in seqs:
                 if seq.prompt_hashes:
                     self._keep_row_prefix(seq.sequence_id, len(seq.prompt), seq.prompt_hashes)
+            return
+        assert self.prefix_cache is not None
+        span: list[ort.OrtValue] = []  # [rows, count, ...] blocks, cut at the first new one
+
+        def make(row: int, positions: list[int]) -> list[ort.OrtValue]:
+            if not span:
+                span.append(blocks.cut_span(sources, 0, count))
+            return blocks.copy_out(span[0], row, positions)
+
+        for row, seq in enumerate(seqs):
+            if seq.prompt_hashes:
+                self.prefix_cache.insert_blocks(seq.prompt_hashes, lambda positions, row=row: make(row, positions),
+                                                blocks.block_bytes)
 
     def _decode(self, result: StepResult) -> None:
         """One batched ONNX Runtime call over every sequence in the batch."""

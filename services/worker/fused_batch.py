@@ -301,6 +301,15 @@ class FusedBatch:
             return None
         return [(self.pool.address(k, row), self.pool.row_shape()) for k in range(len(self._past_names))]
 
+    def rows_sources(self, sequence_ids: list[str]) -> list[tuple[int, list[int]]] | None:
+        """Where the KV of consecutive rows holding these sequences, in this order, is (address
+        of the first row, [rows, h, length, d] per past name); None when they are not side by side."""
+        first = self.ids.index(sequence_ids[0])
+        if self.ids[first:first + len(sequence_ids)] != sequence_ids:
+            return None
+        shape = self.pool.row_shape(len(sequence_ids))
+        return [(self.pool.address(k, first), shape) for k in range(len(self._past_names))]
+
     def private_sources(self, seq: "Sequence") -> list[tuple[int, list[int]]]:
         """Where a prefilling sequence's own KV is (address, shape per past name)."""
         return [(v.data_ptr(), v.shape()) for v in seq.private_kv or []]
