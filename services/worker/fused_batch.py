@@ -48,28 +48,30 @@ class KvCopier:
     """Device-side copies between KV regions given by address and shape."""
 
     def __init__(self, providers: list[str], device: str, dtype: type = np.float32) -> None:
-        self.device, self.dtype = device, dtype
-        elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
-        x = helper.make_tensor_value_info("x", elem, ["b", "h", "t", "d"])
-        y = helper.make_tensor_value_info("y", elem, ["b", "h", "u", "d"])
+        self.device, self.dtype, self._providers = device, dtype, providers
+        x, y = self._kv("x"), self._kv("y", "u")
         pads = helper.make_tensor_value_info("pads", TensorProto.INT64, [8])
         ends = helper.make_tensor_value_info("ends", TensorProto.INT64, [1])
-
-        def session(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto]) -> ort.InferenceSession:
-            graph = helper.make_graph(nodes, "kv_copy", inputs, [y])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 8
-            return ort.InferenceSession(model.SerializeToString(), providers=providers)
-
-        self._copy = session([helper.make_node("Identity", ["x"], ["y"])], [x])
-        self._providers = providers
+        self._copy = self._session([helper.make_node("Identity", ["x"], ["y"])], [x], [y])
         self._copy_many: dict[int, ort.InferenceSession] = {}  # by copies per run
-        self._pad = session([helper.make_node("Pad", ["x", "pads"], ["y"], mode="constant")], [x, pads])
+        self._pad = self._session([helper.make_node("Pad", ["x", "pads"], ["y"], mode="constant")], [x, pads], [y])
         zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
         axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
-        self._slice = session([helper.make_node("Constant", [], ["starts"], value=zero),
-                               helper.make_node("Constant", [], ["axes"], value=axis),
-                               helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"])], [x, ends])
+        self._slice = self._session([helper.make_node("Constant", [], ["starts"], value=zero),
+                                     helper.make_node("Constant", [], ["axes"], value=axis),
+                                     helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"])], [x, ends], [y])
+
+    def _kv(self, name: str, length: str = "t") -> onnx.ValueInfoProto:
+        """A [b, h, length, d] KV tensor of this copier's dtype."""
+        return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype)),
+                                             ["b", "h", length, "d"])
+
+    def _session(self, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+                 outputs: list[onnx.ValueInfoProto]) -> ort.InferenceSession:
+        graph = helper.make_graph(nodes, "kv_copy", inputs, outputs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return ort.InferenceSession(model.SerializeToString(), providers=self._providers)
 
     def copy(self, src: int, dst: int, shape: list[int]) -> None:
         """dst[shape] = src[shape] (same layout)."""
@@ -84,14 +86,9 @@ class KvCopier:
         than its copy)."""
         n = len(pairs)
         if n not in self._copy_many:
-            elem = helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype))
-            graph = helper.make_graph(
-                [helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(n)], "kv_copy_many",
-                [helper.make_tensor_value_info(f"x{i}", elem, ["b", "h", "t", "d"]) for i in range(n)],
-                [helper.make_tensor_value_info(f"y{i}", elem, ["b", "h", "t", "d"]) for i in range(n)])
-            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-            model.ir_version = 8
-            self._copy_many[n] = ort.InferenceSession(model.SerializeToString(), providers=self._providers)
+            self._copy_many[n] = self._session([helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(n)],
+                                               [self._kv(f"x{i}") for i in range(n)],
+                                               [self._kv(f"y{i}") for i in range(n)])
         session = self._copy_many[n]
         b = session.io_binding()
         for i, (src, dst) in enumerate(pairs):
