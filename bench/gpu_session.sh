@@ -43,12 +43,12 @@ if [ "$PLAN" = diagnose ]; then
   cp /tmp/stack-profile/stack_profile.json "$OUT/" 2>/dev/null
   step replay 70 python3 bench/engine_replay.py --provider cuda \
     --configs plain,prefix-device,graph+prefix-device --out "$OUT/replay.json"
-  step graph-stack 55 python3 bench/stack_profile.py --provider cuda --placement colocated \
-    --worker-args="--cuda-graph true" --out /tmp/graph-stack
-  cp /tmp/graph-stack/stack_profile.json "$OUT/graph_stack_profile.json" 2>/dev/null
-  step graph-stack-noprefix 50 python3 bench/stack_profile.py --provider cuda --placement colocated \
-    --worker-args="--cuda-graph true --prefix-cache-mib 0" --out /tmp/graph-noprefix
-  cp /tmp/graph-noprefix/stack_profile.json "$OUT/graph_noprefix_profile.json" 2>/dev/null
+  step eager-stack 55 python3 bench/stack_profile.py --provider cuda --placement colocated \
+    --worker-args="--cuda-graph off" --out /tmp/eager-stack
+  cp /tmp/eager-stack/stack_profile.json "$OUT/eager_stack_profile.json" 2>/dev/null
+  step noprefix-stack 50 python3 bench/stack_profile.py --provider cuda --placement colocated \
+    --worker-args="--prefix-cache-mib 0" --out /tmp/noprefix-stack
+  cp /tmp/noprefix-stack/stack_profile.json "$OUT/noprefix_stack_profile.json" 2>/dev/null
   echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/steps.log"
   exit 0
 fi
