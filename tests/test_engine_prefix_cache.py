@@ -186,6 +186,40 @@ def test_tiny_prompts_prefilled_together_each_cache_their_own_blocks(tiny: Engin
 
 
 @pytest.mark.unit
+def test_tiny_leavers_of_one_step_cache_their_answers_and_the_rest_decode_on(tiny: Engine) -> None:
+    """Rows leaving together from the middle of the batch (one remove: on the device one cut
+    for all their blocks, one run moving the rows that stay): each leaver's next turn hits its
+    own prompt and answer, the rows that stayed decode what they would have alone."""
+    assert tiny.prefix_cache is not None
+    tiny.prefix_cache.clear()
+    v = tiny.config.vocab_size
+    prompts = {f"r{i}": tiny_tokens(50 + i, 30 + 2 * i, v) for i in range(6)}
+    with cache_off(tiny):
+        refs = {sid: tiny.generate(p, 14) for sid, p in prompts.items()}
+    for sid, p in prompts.items():
+        tiny.add(sid, p, SamplingParams(), 0)
+    out: dict[str, list[int]] = {sid: [] for sid in prompts}
+    leavers = ["r1", "r3", "r4"]
+    for step in range(14):
+        result = tiny.step([(sid, 0) for sid in prompts] if step == 0 else [], decode=step > 0)
+        for sid, token, _ in result.tokens:
+            out[sid].append(token)
+        if step == 7:
+            tiny.remove(leavers)
+    tiny.remove(list(prompts))
+    for sid in prompts:
+        want = refs[sid][:8] if sid in leavers else refs[sid]
+        assert out[sid] == want, sid
+    for sid in leavers:
+        follow = prompts[sid] + out[sid] + tiny_tokens(70, 4, v)
+        with cache_off(tiny):
+            ref = tiny.generate(follow, 5)
+        got, cached = run_jobs(tiny, {"follow": (follow, 0)}, 5)
+        assert cached["follow"] == (len(prompts[sid]) + 8 - 1) // BLOCK_SIZE * BLOCK_SIZE, sid
+        assert got["follow"] == ref, sid
+
+
+@pytest.mark.unit
 def test_tiny_disabled_cache_is_absent(tiny_models_dir: Path) -> None:
     engine = Engine(tiny_models_dir / TINY, max_sequences=4)
     assert engine.prefix_cache is None

@@ -409,8 +409,8 @@ def test_cuda_graph_decoder_logic_on_the_cpu_provider(tiny_models_dir: Path) -> 
     """Everything of the CUDA-graph decode path but the capture itself, run on the CPU provider
     (which ignores gpu_graph_id): batches padded to power-of-two buckets with dummy rows in free
     pool rows, fixed input/output buffers updated in place, total_sequence_length fixed at the
-    pool length, a new graph per bucket and per pool reallocation — same tokens as eager decode,
-    for greedy and sampled rows, while rows join and leave."""
+    pool length, a new graph per bucket and per pool reallocation (a long prompt doubling the
+    length) — same tokens as eager decode, for greedy and sampled rows, while rows join and leave."""
     eager, graphed = eager_and_graphed(tiny_models_dir, rows=8)
     sampled = SamplingParams(temperature=0.9, top_k=20)
     outs = []
@@ -419,9 +419,9 @@ def test_cuda_graph_decoder_logic_on_the_cpu_provider(tiny_models_dir: Path) -> 
         plan = {0: ["a", "b", "c"], 5: ["d", "e"], 9: ["f"]}  # 3 rows (bucket 4), 5 (8), then leaves
         for step in range(40):
             joining = plan.get(step, [])
-            for sid in joining:
-                engine.add(sid, _prompt(ord(sid), 4 + len(got)), sampled if sid in "be" else SamplingParams(),
-                           seed=7)
+            for sid in joining:  # "f" is longer than the pool's 256 positions
+                engine.add(sid, _prompt(ord(sid), 300 if sid == "f" else 4 + len(got)),
+                           sampled if sid in "be" else SamplingParams(), seed=7)
             result = engine.step([(sid, 0) for sid in joining], decode=bool(engine.batch.ids))
             for sid, token, _ in result.tokens:
                 got.setdefault(sid, []).append(token)
@@ -441,6 +441,29 @@ def test_cuda_graph_decoder_logic_on_the_cpu_provider(tiny_models_dir: Path) -> 
 
 
 @pytest.mark.unit
+def test_cuda_graph_pool_stays_put_so_bursts_replay_the_graphs_they_captured(tiny_models_dir: Path) -> None:
+    """With CUDA graphs the pool holds every row from the start and never halves: a burst that
+    leaves and comes back decodes on the graphs the first one captured (a pool that shrank and
+    grew again would sit at new addresses, needing new captures until the bound turned them off)."""
+    _, graphed = eager_and_graphed(tiny_models_dir, rows=8)
+    pool, graphs = graphed.batch.pool, graphed.batch.graphs  # type: ignore[attr-defined]
+    assert graphs is not None and (pool.rows, pool.length) == (8, 256)
+    captured = []
+    for burst in range(3):
+        sids = [f"{burst}-{i}" for i in range(6)]
+        for i, sid in enumerate(sids):
+            graphed.add(sid, _prompt(40 + i, 5), SamplingParams(), seed=0)
+        graphed.step([(sid, 0) for sid in sids], decode=False)
+        for left in range(6, 0, -1):  # decode at 6, 5, ... 1 rows (buckets 8, 4, 2, 1)
+            graphed.step([], decode=True)
+            graphed.remove([sids[left - 1]])
+        captured.append(set(graphs._graphs))
+        assert (pool.rows, pool.length) == (8, 256)
+    assert captured[0] == captured[1] == captured[2]
+    assert {key[0] for key in captured[0]} == {1, 2, 4, 8}
+
+
+@pytest.mark.unit
 def test_cuda_graph_decoder_stops_capturing_at_its_bound_and_decodes_the_rest_eagerly(tiny_models_dir: Path) -> None:
     """ONNX Runtime keeps every captured graph, so the decoder captures at most max_graphs; a
     shape met after that decodes eagerly (same tokens)."""
@@ -451,7 +474,7 @@ def test_cuda_graph_decoder_stops_capturing_at_its_bound_and_decodes_the_rest_ea
     outs = []
     for engine in (eager, graphed):
         got: dict[str, list[int]] = {}
-        # rows 1 → 2 → 5 → 9: buckets 1, 2, 8, 16 and the pool growing 4 → 8 → 16 rows
+        # rows 1 → 2 → 5 → 9: buckets 1, 2, 8, 16
         plan = {0: ["a"], 3: ["b"], 6: ["c", "d", "e"], 9: list("fghi")}
         for step in range(16):
             joining = plan.get(step, [])

@@ -1,6 +1,7 @@
-"""Prefix-cache blocks cut from KV buffers on the device (DeviceBlocks, issue 13 §3): a range of
-blocks cut in one run and copied out block by block holds exactly the positions each block
-names, in the cache's layout, and assembling blocks gives back the prefix they came from."""
+"""Prefix-cache blocks cut from KV buffers on the device (DeviceBlocks, issue 13 §3): blocks of
+any rows cut in one run and copied apart hold exactly the positions each block names, in the
+cache's layout, and assembling blocks gives back the prefix they came from. KvCopier's batched
+copies and row moves (one run for a step's leavers) move exactly the rows they name."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def expected_block(arrays: list[np.ndarray], i: int) -> np.ndarray:
 def test_cut_blocks_hold_the_positions_they_name(blocks: DeviceBlocks, indices: list[int]) -> None:
     arrays, values = kv_buffers(length=7 * BS + 5)  # a row longer than the blocks cut from it
     sources = [(v.data_ptr(), v.shape()) for v in values]
-    out = blocks.cut(sources, indices)
+    out = blocks.cut(sources, [(0, i) for i in indices])
     assert len(out) == len(indices)
     for i, block in zip(indices, out):
         got = block.numpy().reshape(BUFFERS, HEADS, BS, DIM)
@@ -49,7 +50,7 @@ def test_cut_blocks_hold_the_positions_they_name(blocks: DeviceBlocks, indices: 
 def test_blocks_assemble_into_the_prefix_they_came_from(blocks: DeviceBlocks) -> None:
     arrays, values = kv_buffers(length=4 * BS)
     sources = [(v.data_ptr(), v.shape()) for v in values]
-    cut = blocks.cut(sources, [0, 1, 2])
+    cut = blocks.cut(sources, [(0, 0), (0, 1), (0, 2)])
     prefix = blocks.assemble(cut)
     assert len(prefix) == BUFFERS
     for a, p in zip(arrays, prefix):
@@ -62,17 +63,51 @@ def test_cutting_no_blocks_runs_nothing(blocks: DeviceBlocks) -> None:
 
 
 @pytest.mark.unit
-def test_one_cut_serves_rows_side_by_side(blocks: DeviceBlocks) -> None:
-    """A group of prompts prefilled together sits in consecutive pool rows: one cut_span over
-    them, then each row's blocks copied out, equal to cutting each row alone."""
-    rows, length = 3, 5 * BS
+def test_one_cut_serves_blocks_of_many_rows(blocks: DeviceBlocks) -> None:
+    """A step's leavers sit in any rows of the pool: one cut takes any blocks of any of them,
+    equal to the positions each (row, block) names."""
+    rows, length = 5, 6 * BS
     rng = np.random.default_rng(1)
     arrays = [rng.standard_normal((rows, HEADS, length, DIM)).astype(np.float32) for _ in range(BUFFERS)]
     values = [ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0) for a in arrays]
-    span = blocks.cut_span([(v.data_ptr(), v.shape()) for v in values], 1, 3)  # blocks 1..3
-    assert span.shape() == [rows, 3, BUFFERS, HEADS, BS, DIM]
-    for row in range(rows):
-        got = blocks.copy_out(span, row, [0, 2])  # blocks 1 and 3 of this row
-        for block, i in zip(got, (1, 3)):
-            want = np.stack([a[row, :, i * BS:(i + 1) * BS, :] for a in arrays])
-            np.testing.assert_array_equal(block.numpy(), want)
+    picks = [(4, 0), (1, 3), (4, 5), (0, 2), (1, 0)]
+    got = blocks.cut([(v.data_ptr(), v.shape()) for v in values], picks)
+    assert len(got) == len(picks)
+    assert len({block.data_ptr() for block in got}) == len(picks)  # each its own memory
+    for block, (row, i) in zip(got, picks):
+        want = np.stack([a[row, :, i * BS:(i + 1) * BS, :] for a in arrays])
+        np.testing.assert_array_equal(block.numpy().reshape(want.shape), want)
+
+
+def pool_rows(rows: int, length: int = 3) -> tuple[list[np.ndarray], list[ort.OrtValue]]:
+    """BUFFERS buffers [rows, HEADS, length, DIM] whose every row is distinct, and their OrtValues."""
+    arrays = [np.arange(rows * HEADS * length * DIM, dtype=np.float32).reshape(rows, HEADS, length, DIM) + 1000 * k
+              for k in range(BUFFERS)]
+    return arrays, [ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0) for a in arrays]
+
+
+@pytest.mark.unit
+def test_move_rows_moves_only_the_rows_named_in_one_run() -> None:
+    copier = KvCopier(["CPUExecutionProvider"], "cpu", np.float32)
+    arrays, values = pool_rows(rows=8)
+    before = [a.copy() for a in arrays]
+    copier.move_rows([v.data_ptr() for v in values], [6, HEADS, 3, DIM], src=[5, 4], dst=[1, 3])  # rows 6, 7 not bound
+    for a, b in zip(values, before):
+        want = b.copy()
+        want[1], want[3] = b[5], b[4]
+        np.testing.assert_array_equal(a.numpy(), want)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("count", [1, 3, 64, 100])
+def test_copy_many_copies_every_pair_whatever_their_number(count: int) -> None:
+    """Split into power-of-two runs of at most 64 copies: every pair copied, nothing else written."""
+    copier = KvCopier(["CPUExecutionProvider"], "cpu", np.float32)
+    shape = [1, HEADS, 3, DIM]
+    rng = np.random.default_rng(count)
+    src = [ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(shape).astype(np.float32), "cpu", 0) for _ in range(count)]
+    dst = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), "cpu", 0) for _ in range(count + 1)]
+    copier.copy_many([(s.data_ptr(), d.data_ptr()) for s, d in zip(src, dst)], shape)
+    for s, d in zip(src, dst):
+        np.testing.assert_array_equal(d.numpy(), s.numpy())
+    assert not dst[-1].numpy().any()

@@ -253,59 +253,70 @@ class Engine:
         if self.prefix_cache is not None and hashes:
             self.prefix_cache.insert(hashes, kv)
 
-    def _keep_device_prefix(self, hashes: list[int], sources: list[tuple[int, list[int]]]) -> None:
-        """The same with the blocks cut on the device from KV at (address, shape) per past name."""
-        blocks = self._device_blocks
-        if self.prefix_cache is not None and hashes and blocks is not None:
-            self.prefix_cache.insert_blocks(hashes, lambda positions: blocks.cut(sources, positions),
-                                            blocks.block_bytes)
+    def _keep_device_chains(self, sources: list[tuple[int, list[int]]], chains: list[tuple[list[int], int]]) -> None:
+        """Cache blocks cut on the device from rows of KV at (address, shape) per past name:
+        each chain is (hashes of a row's first blocks, row). Every block not held yet, of all
+        the chains, is cut in one run (on CUDA a run costs its launches, and a step's leavers
+        or a prefilled group come together); the cache then takes what its budget allows."""
+        blocks, cache = self._device_blocks, self.prefix_cache
+        if blocks is None or cache is None or not chains:
+            return
+        wanted: dict[int, tuple[int, int]] = {}  # block hash → (row, block index), first chain naming it
+        for hashes, row in chains:
+            for i, h in enumerate(hashes):
+                if h not in cache and h not in wanted:
+                    wanted[h] = (row, i)
+        cut = dict(zip(wanted, blocks.cut(sources, list(wanted.values())), strict=True))
+
+        def make(hashes: list[int], row: int, positions: list[int]) -> list[ort.OrtValue]:
+            # a block evicted by an earlier chain of this call was not cut above: cut it now
+            return [cut[hashes[i]] if hashes[i] in cut else blocks.cut(sources, [(row, i)])[0] for i in positions]
+
+        for hashes, row in chains:
+            cache.insert_blocks(hashes, lambda positions, hashes=hashes, row=row: make(hashes, row, positions),
+                                blocks.block_bytes)
 
     def _keep_private(self, seq: Sequence, hashes: list[int]) -> None:
         """Cache the blocks of a prompt prefilled in its own buffer (chunks or a cached start)."""
         if self._block_batch is not None:
-            self._keep_device_prefix(hashes, self._block_batch.private_sources(seq))
+            self._keep_device_chains(self._block_batch.private_sources(seq), [(hashes, 0)])
         else:
             self._keep_prefix(hashes, self.batch.private_kv(seq))
 
-    def _keep_row_prefix(self, sequence_id: str, n: int, hashes: list[int]) -> bool:
-        """Cache the blocks of a decode-batch row's first n positions; False if it holds other than n."""
-        if self._block_batch is not None:
-            sources = self._block_batch.row_sources(sequence_id, n)
-            if sources is None:
-                return False
-            self._keep_device_prefix(hashes, sources)
-            return True
-        kv = self.batch.row_kv(sequence_id, n)
-        if kv is None:
-            return False
-        self._keep_prefix(hashes, kv)
-        return True
+    def _keep_rows(self, rows: list[tuple[str, int, list[int]]]) -> None:
+        """Cache the blocks of decode-batch rows, each (sequence id, the KV positions its row
+        holds, hashes of its first blocks); on the device all in one cut."""
+        batch = self._block_batch
+        chains: list[tuple[list[int], int]] = []
+        for sequence_id, n, hashes in rows:
+            row = batch.row_holding(sequence_id, n) if batch is not None else None
+            kv = self.batch.row_kv(sequence_id, n) if batch is None else None
+            if row is None and kv is None:  # never expected; a wrong block would corrupt later outputs
+                log.warning("not caching %s: its row does not hold %d KV positions", sequence_id, n)
+            elif kv is not None:
+                self._keep_prefix(hashes, kv)
+            else:
+                chains.append((hashes, row))
+        if batch is not None:
+            self._keep_device_chains(batch.pool_sources(), chains)
 
     def remove(self, sequence_ids: list[str]) -> list[Sequence]:
         """Free sequences (unknown ids are ignored); returns the removed ones. Their KV (prompt
-        and generated tokens) goes to the prefix cache first: a chat's next turn repeats this
-        prompt and answer."""
+        and generated tokens but the last) goes to the prefix cache first: a chat's next turn
+        repeats this prompt and answer."""
         gone = [seq for sid in sequence_ids if (seq := self.sequences.pop(sid, None)) is not None]
         in_batch = set(self.batch.ids)
         if self.prefix_cache is not None:
+            rows: list[tuple[str, int, list[int]]] = []
             for seq in gone:
                 if seq.private_kv is not None and seq.processed >= BLOCK_SIZE:  # left mid-prefill
                     self._keep_private(seq, self._hashes(seq.prompt[:seq.processed]))
-                elif seq.sequence_id in in_batch:
-                    self._keep_row(seq)
+                elif seq.sequence_id in in_batch and (n := seq.cache_length) >= BLOCK_SIZE:
+                    tokens = np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)])[:n]
+                    rows.append((seq.sequence_id, n, self._hashes(tokens)))
+            self._keep_rows(rows)
         self.batch.drop({seq.sequence_id for seq in gone})
         return gone
-
-    def _keep_row(self, seq: Sequence) -> None:
-        """Cache the blocks of a decode-batch row: the KV of its prompt and generated tokens but
-        the last (cache_length positions)."""
-        n = seq.cache_length
-        if n < BLOCK_SIZE:
-            return
-        tokens = np.concatenate([seq.prompt, np.asarray(seq.generated, dtype=np.int64)])[:n]
-        if not self._keep_row_prefix(seq.sequence_id, n, self._hashes(tokens)):
-            # never expected; a wrong block would corrupt later outputs
-            log.warning("not caching %s: its row does not hold %d KV positions", seq.sequence_id, n)
 
     # ---- one iteration -----------------------------------------------------------------
     def step(self, prefill: list[tuple[str, int]], decode: bool, decode_steps: int = 1) -> StepResult:
@@ -369,29 +380,9 @@ class Engine:
             self._keep_group_prefix(seqs)
 
     def _keep_group_prefix(self, seqs: list[Sequence]) -> None:
-        """Cache the prompt blocks of sequences just prefilled together. Their rows are side by
-        side, so on the device one cut serves the whole group (made only once a block is new:
-        a shared system prompt is usually held already), then one copy per new block."""
-        batch, blocks = self._block_batch, self._device_blocks
-        sources = batch.rows_sources([seq.sequence_id for seq in seqs]) if batch is not None else None
-        count = max(len(seq.prompt_hashes) for seq in seqs)
-        if blocks is None or sources is None or count == 0:
-            for seq in seqs:
-                if seq.prompt_hashes:
-                    self._keep_row_prefix(seq.sequence_id, len(seq.prompt), seq.prompt_hashes)
-            return
-        assert self.prefix_cache is not None
-        span: list[ort.OrtValue] = []  # [rows, count, ...] blocks, cut at the first new one
-
-        def make(row: int, positions: list[int]) -> list[ort.OrtValue]:
-            if not span:
-                span.append(blocks.cut_span(sources, 0, count))
-            return blocks.copy_out(span[0], row, positions)
-
-        for row, seq in enumerate(seqs):
-            if seq.prompt_hashes:
-                self.prefix_cache.insert_blocks(seq.prompt_hashes, lambda positions, row=row: make(row, positions),
-                                                blocks.block_bytes)
+        """Cache the prompt blocks of sequences just prefilled together (one cut on the device;
+        a shared system prompt's blocks are usually held already and not cut again)."""
+        self._keep_rows([(seq.sequence_id, len(seq.prompt), seq.prompt_hashes) for seq in seqs if seq.prompt_hashes])
 
     def _decode(self, result: StepResult) -> None:
         """One batched ONNX Runtime call over every sequence in the batch."""

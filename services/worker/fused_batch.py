@@ -42,6 +42,8 @@ _INITIAL_LENGTH = 256
 # pool doubles from 4 rows and 256 positions, so a worker growing to 256 rows × 8,192 positions
 # meets ~13 pool states × a few buckets each; shrinking after bursts adds states, hence a bound.
 MAX_CUDA_GRAPHS = 64
+# Most copies in one KvCopier run (copy_many splits larger sets): prefix blocks stored per step.
+COPIES_PER_RUN = 64
 
 
 class KvCopier:
@@ -54,6 +56,7 @@ class KvCopier:
         ends = helper.make_tensor_value_info("ends", TensorProto.INT64, [1])
         self._copy = self._session([helper.make_node("Identity", ["x"], ["y"])], [x], [y])
         self._copy_many: dict[int, ort.InferenceSession] = {}  # by copies per run
+        self._move_rows: dict[int, ort.InferenceSession] = {}  # by buffers
         self._pad = self._session([helper.make_node("Pad", ["x", "pads"], ["y"], mode="constant")], [x, pads], [y])
         zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
         axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
@@ -81,9 +84,15 @@ class KvCopier:
         run_bound(self._copy, b)
 
     def copy_many(self, pairs: list[tuple[int, int]], shape: list[int]) -> None:
-        """dst[shape] = src[shape] for every (src, dst) pair, in one run: a row moved in every
-        past name's buffer costs one ORT call, not one per buffer (on CUDA a call costs more
-        than its copy)."""
+        """dst[shape] = src[shape] for every (src, dst) pair, in as few runs as the power-of-two
+        split of their number (at most COPIES_PER_RUN each): on CUDA a call costs more than its
+        copy, and a few graph sizes serve every count."""
+        while pairs:
+            n = min(COPIES_PER_RUN, 1 << (len(pairs).bit_length() - 1))
+            self._copy_run(pairs[:n], shape)
+            pairs = pairs[n:]
+
+    def _copy_run(self, pairs: list[tuple[int, int]], shape: list[int]) -> None:
         n = len(pairs)
         if n not in self._copy_many:
             self._copy_many[n] = self._session([helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(n)],
@@ -94,6 +103,28 @@ class KvCopier:
         for i, (src, dst) in enumerate(pairs):
             b.bind_input(f"x{i}", self.device, 0, self.dtype, shape, src)
             b.bind_output(f"y{i}", self.device, 0, self.dtype, shape, dst)
+        run_bound(session, b)
+
+    def move_rows(self, addresses: list[int], shape: list[int], src: list[int], dst: list[int]) -> None:
+        """In every buffer [B, h, t, d] at ``addresses``: row dst[j] = row src[j], all in one run
+        (Gather, then ScatterND written in place). Rows in src and dst must be disjoint."""
+        n = len(addresses)
+        if n not in self._move_rows:
+            index = [helper.make_tensor_value_info("src", TensorProto.INT64, ["k"]),
+                     helper.make_tensor_value_info("dst", TensorProto.INT64, ["k", 1])]
+            nodes = []
+            for i in range(n):
+                nodes += [helper.make_node("Gather", [f"x{i}", "src"], [f"rows{i}"], axis=0),
+                          helper.make_node("ScatterND", [f"x{i}", "dst", f"rows{i}"], [f"y{i}"])]
+            self._move_rows[n] = self._session(nodes, [self._kv(f"x{i}") for i in range(n)] + index,
+                                               [self._kv(f"y{i}") for i in range(n)])
+        session = self._move_rows[n]
+        b = session.io_binding()
+        b.bind_cpu_input("src", np.asarray(src, dtype=np.int64))
+        b.bind_cpu_input("dst", np.asarray(dst, dtype=np.int64)[:, None])
+        for i, address in enumerate(addresses):
+            b.bind_input(f"x{i}", self.device, 0, self.dtype, shape, address)
+            b.bind_output(f"y{i}", self.device, 0, self.dtype, shape, address)
         run_bound(session, b)
 
     def widen(self, src: int, shape: list[int], dst: int, length: int) -> None:
@@ -123,14 +154,20 @@ class KvCopier:
 
 class KvPool:
     """One [rows, kv_heads, length, head_dim] buffer per past name, grown by doubling and halved
-    again when mostly idle (a burst does not hold its peak memory forever)."""
+    again when mostly idle (a burst does not hold its peak memory forever).
+
+    ``settled``: all max_rows rows from the start, and never halved — the buffers then move only
+    when a longer sequence doubles the length. Captured CUDA graphs name the buffers by address,
+    so every move costs a capture per batch bucket; a pool that came and went with each burst
+    used up the decoder's bound of graphs and left a long-running worker decoding eagerly."""
 
     def __init__(self, copier: KvCopier, n_buffers: int, kv_heads: int, head_dim: int, *,
-                 max_rows: int, max_length: int) -> None:
+                 max_rows: int, max_length: int, settled: bool = False) -> None:
         self.copier = copier
         self.n_buffers, self.kv_heads, self.head_dim = n_buffers, kv_heads, head_dim
         self.max_rows, self.max_length = max_rows, max_length
-        self.rows = min(_INITIAL_ROWS, max_rows)
+        self.settled = settled
+        self.rows = max_rows if settled else min(_INITIAL_ROWS, max_rows)
         self.length = min(_INITIAL_LENGTH, max_length)
         self.buffers = self._allocate(self.rows, self.length)
 
@@ -170,7 +207,10 @@ class KvPool:
     def fit(self, live_rows: int, length: int) -> None:
         """Halve rows or length while the half still leaves four times what is used
         (``live_rows`` rows holding at most ``length`` positions). The wide band (shrink below
-        1/8 use, grow when full) keeps a batch that comes and goes from copying back and forth."""
+        1/8 use, grow when full) keeps a batch that comes and goes from copying back and forth.
+        A settled pool keeps its size."""
+        if self.settled:
+            return
         new_rows, new_length = self.rows, self.length
         while new_rows // 2 >= max(min(_INITIAL_ROWS, self.max_rows), 4 * live_rows):
             new_rows //= 2
@@ -205,7 +245,7 @@ class FusedBatch:
         self.blocks = (DeviceBlocks(self.copier, providers, len(self._past_names), kv_heads, head_dim, block_size)
                        if block_size > 0 else None)
         self.pool = KvPool(self.copier, len(self._past_names), kv_heads, head_dim,
-                           max_rows=max_rows, max_length=max_length)
+                           max_rows=max_rows, max_length=max_length, settled=cuda_graph)
         self.ids: list[str] = []
         self.lengths: list[int] = []  # KV positions held per row
         self._decode_binding: tuple[tuple, ort.IOBinding] | None = None  # (shape key, binding)
@@ -291,21 +331,15 @@ class FusedBatch:
             values.append(own)
         seq.private_kv = values
 
-    def row_sources(self, sequence_id: str, n: int) -> list[tuple[int, list[int]]] | None:
-        """Where a row's KV is (address, shape per past name), None if it does not hold n tokens."""
+    def row_holding(self, sequence_id: str, n: int) -> int | None:
+        """The pool row of a sequence in the batch, None unless it holds exactly n KV positions."""
         row = self.ids.index(sequence_id)
-        if self.lengths[row] != n:
-            return None
-        return [(self.pool.address(k, row), self.pool.row_shape()) for k in range(len(self._past_names))]
+        return row if self.lengths[row] == n else None
 
-    def rows_sources(self, sequence_ids: list[str]) -> list[tuple[int, list[int]]] | None:
-        """Where the KV of consecutive rows holding these sequences, in this order, is (address
-        of the first row, [rows, h, length, d] per past name); None when they are not side by side."""
-        first = self.ids.index(sequence_ids[0])
-        if self.ids[first:first + len(sequence_ids)] != sequence_ids:
-            return None
-        shape = self.pool.row_shape(len(sequence_ids))
-        return [(self.pool.address(k, first), shape) for k in range(len(self._past_names))]
+    def pool_sources(self) -> list[tuple[int, list[int]]]:
+        """Where the batch's rows are (address of row 0, [rows, h, length, d]) per past name."""
+        shape = self.pool.row_shape(len(self.ids))
+        return [(self.pool.address(k, 0), shape) for k in range(len(self._past_names))]
 
     def private_sources(self, seq: "Sequence") -> list[tuple[int, list[int]]]:
         """Where a prefilling sequence's own KV is (address, shape per past name)."""
@@ -368,15 +402,21 @@ class FusedBatch:
                 for k in range(len(self._past_names))]
 
     def drop(self, sequence_ids: set[str]) -> None:
-        """Each leaving row takes the last row's KV (one row copy), highest rows first."""
-        for row in sorted((r for r, sid in enumerate(self.ids) if sid in sequence_ids), reverse=True):
-            last = len(self.ids) - 1
-            if row != last:
-                self.copier.copy_many([(self.pool.address(k, last), self.pool.address(k, row))
-                                       for k in range(len(self._past_names))], self.pool.row_shape())
-                self.ids[row], self.lengths[row] = self.ids[last], self.lengths[last]
-            self.ids.pop()
-            self.lengths.pop()
+        """Compact the batch: the rows staying past the new end move into the leavers' places,
+        every move of every buffer in one run however many leave (on CUDA a run costs its
+        launches, and a step's leavers come together)."""
+        leaving = {r for r, sid in enumerate(self.ids) if sid in sequence_ids}
+        if not leaving:
+            return
+        keep = len(self.ids) - len(leaving)
+        holes = sorted(r for r in leaving if r < keep)
+        movers = [r for r in range(keep, len(self.ids)) if r not in leaving]
+        if holes:
+            self.copier.move_rows([self.pool.address(k, 0) for k in range(len(self._past_names))],
+                                  self.pool.row_shape(len(self.ids)), movers, holes)
+            for hole, mover in zip(holes, movers, strict=True):
+                self.ids[hole], self.lengths[hole] = self.ids[mover], self.lengths[mover]
+        del self.ids[keep:], self.lengths[keep:]
         self.pool.fit(len(self.ids), max(self.lengths, default=0) + 1)
 
     def kv_device(self) -> str:

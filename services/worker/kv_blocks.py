@@ -44,22 +44,20 @@ class DeviceBlocks:
         return ort.InferenceSession(model.SerializeToString(), providers=self.providers)
 
     def _cut_graph(self) -> onnx.GraphProto:
-        """kv_i [R, h, t, d] (R rows side by side; t may differ per buffer), start and end [1]
-        (positions, whole blocks) → blocks [R, k, n_buffers, h, bs, d]: every block of the range,
-        of every row, in one run — a run's cost on CUDA is its kernel launches, not its bytes."""
+        """kv_i [R, h, t, d] (R rows side by side; t may differ per buffer) and index [n, h, bs, 3]
+        ((row, head, position) of every element of n blocks) → blocks [n, n_buffers, h, bs, d]:
+        any blocks of any rows in one run — a run's cost on CUDA is its launches, not its bytes —
+        reading only the blocks' own positions."""
         m, h, bs, d = self.n_buffers, self.kv_heads, self.block_size, self.head_dim
-        nodes = [helper.make_node("Constant", [], ["axis"], value=helper.make_tensor("axis", TensorProto.INT64, [1], [2])),
-                 helper.make_node("Constant", [], ["shape"], value=helper.make_tensor(
-                     "shape", TensorProto.INT64, [6], [0, m, h, -1, bs, d]))]
-        inputs = [helper.make_tensor_value_info("start", TensorProto.INT64, [1]),
-                  helper.make_tensor_value_info("end", TensorProto.INT64, [1])]
+        nodes = [helper.make_node("Constant", [], ["shape"], value=helper.make_tensor(
+            "shape", TensorProto.INT64, [5], [0, m, h, bs, d]))]
+        inputs = [helper.make_tensor_value_info("index", TensorProto.INT64, ["n", h, bs, 3])]
         for i in range(m):
             inputs.append(helper.make_tensor_value_info(f"kv_{i}", self._elem, ["rows", h, f"t{i}", d]))
-            nodes.append(helper.make_node("Slice", [f"kv_{i}", "start", "end", "axis"], [f"cut_{i}"]))
-        nodes += [helper.make_node("Concat", [f"cut_{i}" for i in range(m)], ["by_buffer"], axis=1),  # [R, m·h, k·bs, d]
-                  helper.make_node("Reshape", ["by_buffer", "shape"], ["split"]),  # [R, m, h, k, bs, d]
-                  helper.make_node("Transpose", ["split"], ["blocks"], perm=[0, 3, 1, 2, 4, 5])]
-        blocks = helper.make_tensor_value_info("blocks", self._elem, ["rows", "k", m, h, bs, d])
+            nodes.append(helper.make_node("GatherND", [f"kv_{i}", "index"], [f"cut_{i}"]))  # [n, h, bs, d]
+        nodes += [helper.make_node("Concat", [f"cut_{i}" for i in range(m)], ["by_buffer"], axis=1),  # [n, m·h, bs, d]
+                  helper.make_node("Reshape", ["by_buffer", "shape"], ["blocks"])]
+        blocks = helper.make_tensor_value_info("blocks", self._elem, ["n", m, h, bs, d])
         return helper.make_graph(nodes, "kv_block_cut", inputs, [blocks])
 
     def _assemble_graph(self) -> onnx.GraphProto:
@@ -74,40 +72,32 @@ class DeviceBlocks:
                  helper.make_node("Split", ["prefix"], [f"out_{i}" for i in range(m)], axis=0)]
         return helper.make_graph(nodes, "kv_block_assemble", inputs, outputs)
 
-    def cut(self, sources: list[tuple[int, list[int]]], indices: list[int]) -> list[ort.OrtValue]:
-        """Blocks ``indices`` (block i: positions i·bs ..) of one row's buffers at (address,
-        [1, h, t, d]), each a new OrtValue [n_buffers, h, bs, d] on the device: the range they
-        span cut in one run, then each block copied out of it (one copy each)."""
-        if not indices:
+    def cut(self, sources: list[tuple[int, list[int]]], picks: list[tuple[int, int]]) -> list[ort.OrtValue]:
+        """Blocks (row, block index) of the rows whose buffers are at (address, [R, h, t, d]) per
+        past name — block i holds positions i·bs .. (i+1)·bs — each a new OrtValue [n_buffers,
+        h, bs, d] on the device: all cut in one run, then copied apart in a few (KvCopier.copy_many)."""
+        if not picks:
             return []
-        first = min(indices)
-        span = self.cut_span(sources, first, max(indices) + 1 - first)
-        if len(indices) == 1:
-            return [span]  # [1, 1, n_buffers, h, bs, d]: the block's bytes, nothing to copy out
-        return self.copy_out(span, 0, [i - first for i in indices])
-
-    def cut_span(self, sources: list[tuple[int, list[int]]], first: int, count: int) -> ort.OrtValue:
-        """Blocks first .. first+count-1 of R contiguous rows, whose buffers are at (address,
-        [R, h, t, d]): one run, one OrtValue [R, count, n_buffers, h, bs, d]."""
+        bs = self.block_size
+        rows = np.array([row for row, _ in picks], dtype=np.int64)[:, None, None]
+        starts = np.array([block * bs for _, block in picks], dtype=np.int64)[:, None, None]
+        index = np.empty((len(picks), self.kv_heads, bs, 3), dtype=np.int64)
+        index[..., 0] = rows
+        index[..., 1] = np.arange(self.kv_heads, dtype=np.int64)[None, :, None]
+        index[..., 2] = starts + np.arange(bs, dtype=np.int64)[None, None, :]
         binding = self._cut.io_binding()
-        binding.bind_cpu_input("start", np.array([first * self.block_size], dtype=np.int64))
-        binding.bind_cpu_input("end", np.array([(first + count) * self.block_size], dtype=np.int64))
+        binding.bind_cpu_input("index", index)
         for i, (address, shape) in enumerate(sources):
             binding.bind_input(f"kv_{i}", self.device, 0, self.dtype, shape, address)
         binding.bind_output("blocks", self.device)
         self._cut.run_with_iobinding(binding)
-        return binding.get_outputs()[0]
-
-    def copy_out(self, span: ort.OrtValue, row: int, positions: list[int]) -> list[ort.OrtValue]:
-        """Blocks of `span` (from cut_span) for one row, at positions within the span, each
-        copied into an OrtValue [n_buffers, h, bs, d] of its own (one copy each)."""
-        count = span.shape()[1]
-        shape = [self.n_buffers, self.kv_heads, self.block_size, self.head_dim]
-        out = []
-        for j in positions:
-            block = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
-            self.copier.copy(span.data_ptr() + (row * count + j) * self.block_bytes, block.data_ptr(), shape)
-            out.append(block)
+        span = binding.get_outputs()[0]
+        if len(picks) == 1:
+            return [span]  # [1, n_buffers, h, bs, d]: the block's bytes, nothing to copy apart
+        shape = [self.n_buffers, self.kv_heads, bs, self.head_dim]
+        out = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0) for _ in picks]
+        self.copier.copy_many([(span.data_ptr() + j * self.block_bytes, block.data_ptr())
+                               for j, block in enumerate(out)], shape)
         return out
 
     def assemble(self, blocks: list[ort.OrtValue]) -> list[ort.OrtValue]:
