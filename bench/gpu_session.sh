@@ -35,7 +35,7 @@ if [ "$PLAN" = stack ]; then  # the engine under the stack's pattern, the stack 
   step replay-64 40 python3 bench/engine_replay.py --provider cuda --configs graph+prefix-device --arrivals 64 \
     --out "$OUT/replay64.json"
   step stack 130 python3 bench/gpu_bench.py --provider cuda --variants int4 --only decode,cuda_graph,stack \
-    --stack-configs 2/1/4/colocated/graph,2/1/4/graph --out "$OUT/stack.json"
+    --stack-configs 2/1/4/colocated/graph,2/1/4/colocated/graph/p2048,2/1/4/graph --out "$OUT/stack.json"
   step stack-profile 65 python3 bench/stack_profile.py --provider cuda --placement colocated \
     --out /tmp/stack-profile
   cp /tmp/stack-profile/stack_profile.json "$OUT/" 2>/dev/null

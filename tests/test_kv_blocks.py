@@ -1,7 +1,7 @@
 """Prefix-cache blocks cut from KV buffers on the device (DeviceBlocks, issue 13 §3): blocks of
 any rows cut in one run and copied apart hold exactly the positions each block names, in the
 cache's layout, and assembling blocks gives back the prefix they came from. KvCopier's batched
-copies and row moves (one run for a step's leavers) move exactly the rows they name."""
+copies (one run for a step's leavers' rows) move exactly the rows they name."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from services.worker.fused_batch import KvCopier
+from services.worker.fused_batch import KvCopier, row_moves
 from services.worker.kv_blocks import DeviceBlocks
 
 BUFFERS, HEADS, BS, DIM = 4, 2, 16, 8
@@ -87,15 +87,33 @@ def pool_rows(rows: int, length: int = 3) -> tuple[list[np.ndarray], list[ort.Or
 
 
 @pytest.mark.unit
-def test_move_rows_moves_only_the_rows_named_in_one_run() -> None:
+def test_copy_regions_copies_row_ranges_of_any_size_in_one_run() -> None:
+    """A batch's rows moving as runs of consecutive rows: each (src, dst, shape) copies exactly
+    that many rows, whatever the others' sizes."""
     copier = KvCopier(["CPUExecutionProvider"], "cpu", np.float32)
     arrays, values = pool_rows(rows=8)
     before = [a.copy() for a in arrays]
-    copier.move_rows([v.data_ptr() for v in values], [6, HEADS, 3, DIM], src=[5, 4], dst=[1, 3])  # rows 6, 7 not bound
-    for a, b in zip(values, before):
+    row_bytes = HEADS * 3 * DIM * 4
+    copies = [(v.data_ptr() + src * row_bytes, v.data_ptr() + dst * row_bytes, [rows, HEADS, 3, DIM])
+              for v in values for src, dst, rows in ((5, 0, 3), (4, 3, 1))]  # rows 5..7 → 0..2, row 4 → 3
+    copier.copy_regions(copies)
+    for v, b in zip(values, before):
         want = b.copy()
-        want[1], want[3] = b[5], b[4]
-        np.testing.assert_array_equal(a.numpy(), want)
+        want[0:3], want[3] = b[5:8], b[4]
+        np.testing.assert_array_equal(v.numpy(), want)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("holes, movers, runs", [
+    ([], [], []),
+    ([2, 3, 4], [7, 8, 9], [(2, 7, 3)]),  # a group leaving together: one run
+    ([1, 3], [6, 7], [(1, 6, 1), (3, 7, 1)]),
+    ([1, 2, 5], [6, 8, 9], [(1, 6, 1), (2, 8, 1), (5, 9, 1)]),
+    ([0, 1, 4, 5], [6, 7, 8, 9], [(0, 6, 2), (4, 8, 2)]),
+])
+def test_row_moves_join_consecutive_rows_into_runs(holes: list[int], movers: list[int],
+                                                   runs: list[tuple[int, int, int]]) -> None:
+    assert row_moves(holes, movers) == runs
 
 
 @pytest.mark.unit

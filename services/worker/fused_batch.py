@@ -56,7 +56,6 @@ class KvCopier:
         ends = helper.make_tensor_value_info("ends", TensorProto.INT64, [1])
         self._copy = self._session([helper.make_node("Identity", ["x"], ["y"])], [x], [y])
         self._copy_many: dict[int, ort.InferenceSession] = {}  # by copies per run
-        self._move_rows: dict[int, ort.InferenceSession] = {}  # by buffers
         self._pad = self._session([helper.make_node("Pad", ["x", "pads"], ["y"], mode="constant")], [x, pads], [y])
         zero = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
         axis = helper.make_tensor("axis", TensorProto.INT64, [1], [2])
@@ -64,10 +63,10 @@ class KvCopier:
                                      helper.make_node("Constant", [], ["axes"], value=axis),
                                      helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"])], [x, ends], [y])
 
-    def _kv(self, name: str, length: str = "t") -> onnx.ValueInfoProto:
-        """A [b, h, length, d] KV tensor of this copier's dtype."""
+    def _kv(self, name: str, length: str = "t", rows: str = "b") -> onnx.ValueInfoProto:
+        """A [rows, h, length, d] KV tensor of this copier's dtype."""
         return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(self.dtype)),
-                                             ["b", "h", length, "d"])
+                                             [rows, "h", length, "d"])
 
     def _session(self, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
                  outputs: list[onnx.ValueInfoProto]) -> ort.InferenceSession:
@@ -84,47 +83,29 @@ class KvCopier:
         run_bound(self._copy, b)
 
     def copy_many(self, pairs: list[tuple[int, int]], shape: list[int]) -> None:
-        """dst[shape] = src[shape] for every (src, dst) pair, in as few runs as the power-of-two
-        split of their number (at most COPIES_PER_RUN each): on CUDA a call costs more than its
-        copy, and a few graph sizes serve every count."""
-        while pairs:
-            n = min(COPIES_PER_RUN, 1 << (len(pairs).bit_length() - 1))
-            self._copy_run(pairs[:n], shape)
-            pairs = pairs[n:]
+        """dst[shape] = src[shape] for every (src, dst) pair; see copy_regions."""
+        self.copy_regions([(src, dst, shape) for src, dst in pairs])
 
-    def _copy_run(self, pairs: list[tuple[int, int]], shape: list[int]) -> None:
-        n = len(pairs)
-        if n not in self._copy_many:
+    def copy_regions(self, copies: list[tuple[int, int, list[int]]]) -> None:
+        """dst[shape] = src[shape] for every (src, dst, shape), in as few runs as the
+        power-of-two split of their number (at most COPIES_PER_RUN each): on CUDA a run costs
+        its kernel launches, not its bytes, and a few graph sizes serve every count."""
+        while copies:
+            n = min(COPIES_PER_RUN, 1 << (len(copies).bit_length() - 1))
+            self._copy_run(copies[:n])
+            copies = copies[n:]
+
+    def _copy_run(self, copies: list[tuple[int, int, list[int]]]) -> None:
+        n = len(copies)
+        if n not in self._copy_many:  # each input its own leading dim: copies of different rows
             self._copy_many[n] = self._session([helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(n)],
-                                               [self._kv(f"x{i}") for i in range(n)],
-                                               [self._kv(f"y{i}") for i in range(n)])
+                                               [self._kv(f"x{i}", rows=f"b{i}") for i in range(n)],
+                                               [self._kv(f"y{i}", rows=f"b{i}") for i in range(n)])
         session = self._copy_many[n]
         b = session.io_binding()
-        for i, (src, dst) in enumerate(pairs):
+        for i, (src, dst, shape) in enumerate(copies):
             b.bind_input(f"x{i}", self.device, 0, self.dtype, shape, src)
             b.bind_output(f"y{i}", self.device, 0, self.dtype, shape, dst)
-        run_bound(session, b)
-
-    def move_rows(self, addresses: list[int], shape: list[int], src: list[int], dst: list[int]) -> None:
-        """In every buffer [B, h, t, d] at ``addresses``: row dst[j] = row src[j], all in one run
-        (Gather, then ScatterND written in place). Rows in src and dst must be disjoint."""
-        n = len(addresses)
-        if n not in self._move_rows:
-            index = [helper.make_tensor_value_info("src", TensorProto.INT64, ["k"]),
-                     helper.make_tensor_value_info("dst", TensorProto.INT64, ["k", 1])]
-            nodes = []
-            for i in range(n):
-                nodes += [helper.make_node("Gather", [f"x{i}", "src"], [f"rows{i}"], axis=0),
-                          helper.make_node("ScatterND", [f"x{i}", "dst", f"rows{i}"], [f"y{i}"])]
-            self._move_rows[n] = self._session(nodes, [self._kv(f"x{i}") for i in range(n)] + index,
-                                               [self._kv(f"y{i}") for i in range(n)])
-        session = self._move_rows[n]
-        b = session.io_binding()
-        b.bind_cpu_input("src", np.asarray(src, dtype=np.int64))
-        b.bind_cpu_input("dst", np.asarray(dst, dtype=np.int64)[:, None])
-        for i, address in enumerate(addresses):
-            b.bind_input(f"x{i}", self.device, 0, self.dtype, shape, address)
-            b.bind_output(f"y{i}", self.device, 0, self.dtype, shape, address)
         run_bound(session, b)
 
     def widen(self, src: int, shape: list[int], dst: int, length: int) -> None:
@@ -402,25 +383,41 @@ class FusedBatch:
                 for k in range(len(self._past_names))]
 
     def drop(self, sequence_ids: set[str]) -> None:
-        """Compact the batch: the rows staying past the new end move into the leavers' places,
-        every move of every buffer in one run however many leave (on CUDA a run costs its
-        launches, and a step's leavers come together)."""
+        """Compact the batch: the rows staying past the new end move, in order, into the
+        leavers' places. Consecutive rows moving into consecutive places are one copy per
+        buffer, all in one run: a step's leavers are usually prompts that joined together
+        (side by side), so a step costs one run of a copy per buffer, however many leave."""
         leaving = {r for r, sid in enumerate(self.ids) if sid in sequence_ids}
         if not leaving:
             return
         keep = len(self.ids) - len(leaving)
         holes = sorted(r for r in leaving if r < keep)
         movers = [r for r in range(keep, len(self.ids)) if r not in leaving]
-        if holes:
-            self.copier.move_rows([self.pool.address(k, 0) for k in range(len(self._past_names))],
-                                  self.pool.row_shape(len(self.ids)), movers, holes)
-            for hole, mover in zip(holes, movers, strict=True):
-                self.ids[hole], self.lengths[hole] = self.ids[mover], self.lengths[mover]
+        copies = []
+        for hole, mover, rows in row_moves(holes, movers):
+            shape = self.pool.row_shape(rows)
+            copies += [(self.pool.address(k, mover), self.pool.address(k, hole), shape)
+                       for k in range(len(self._past_names))]
+        self.copier.copy_regions(copies)
+        for hole, mover in zip(holes, movers, strict=True):
+            self.ids[hole], self.lengths[hole] = self.ids[mover], self.lengths[mover]
         del self.ids[keep:], self.lengths[keep:]
         self.pool.fit(len(self.ids), max(self.lengths, default=0) + 1)
 
     def kv_device(self) -> str:
         return self.pool.buffers[0].device_name().lower() if self.ids else ""
+
+
+def row_moves(holes: list[int], movers: list[int]) -> list[tuple[int, int, int]]:
+    """The i-th mover goes to the i-th hole, as (first hole, first mover, rows) runs where both
+    are consecutive."""
+    runs: list[tuple[int, int, int]] = []
+    for hole, mover in zip(holes, movers, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == hole and runs[-1][1] + runs[-1][2] == mover:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((hole, mover, 1))
+    return runs
 
 
 def decode_bucket(rows: int, max_rows: int) -> int:
