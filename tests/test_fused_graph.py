@@ -464,6 +464,34 @@ def test_cuda_graph_pool_stays_put_so_bursts_replay_the_graphs_they_captured(tin
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("rows, buckets", [(8, [1, 2, 4, 8]), (6, [1, 2, 4, 6])])
+def test_cuda_graphs_captured_before_serving_are_the_ones_decode_replays(tiny_models_dir: Path, rows: int,
+                                                                          buckets: list[int]) -> None:
+    """capture_all takes every bucket's graph at start (dummy tokens in free rows); decoding
+    afterwards at any batch size captures nothing new and gives the eager engine's tokens."""
+    eager, graphed = eager_and_graphed(tiny_models_dir, rows=rows)
+    graphs = graphed.batch.graphs  # type: ignore[attr-defined]
+    assert graphs is not None
+    assert graphs.capture_all() == buckets
+    captured = set(graphs._graphs)
+    assert {key[0] for key in captured} == set(buckets)
+    outs = []
+    for engine in (eager, graphed):
+        got: dict[str, list[int]] = {}
+        sids = [f"s{i}" for i in range(rows)]
+        for i, sid in enumerate(sids):
+            engine.add(sid, _prompt(20 + i, 3 + i), SamplingParams(), seed=0)
+        engine.step([(sid, 0) for sid in sids], decode=False)
+        for left in range(rows, 0, -1):
+            for sid, token, _ in engine.step([], decode=True).tokens:
+                got.setdefault(sid, []).append(token)
+            engine.remove([sids[left - 1]])
+        outs.append(got)
+    assert outs[0] == outs[1]
+    assert set(graphs._graphs) == captured and graphs.enabled
+
+
+@pytest.mark.unit
 def test_cuda_graph_decoder_stops_capturing_at_its_bound_and_decodes_the_rest_eagerly(tiny_models_dir: Path) -> None:
     """ONNX Runtime keeps every captured graph, so the decoder captures at most max_graphs; a
     shape met after that decodes eagerly (same tokens)."""

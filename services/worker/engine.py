@@ -171,8 +171,10 @@ class Engine:
         # KV of finished and prefilled prefixes, named by chained block hashes in the model's
         # namespace (the router computes the same hashes to find the replica holding a prefix).
         self.prefix_cache = PrefixCache(prefix_cache_bytes, BLOCK_SIZE) if prefix_cache_bytes > 0 else None
+        graphs = self.batch.graphs if isinstance(self.batch, FusedBatch) else None
+        captured = graphs.capture_all() if graphs is not None else []
         log.info("engine ready: model=%s graph=%s provider=%s layers=%d cuda_graphs=%s", self.manifest.name,
-                 self.graph, self.provider, n, "on" if cuda_graph else "off")
+                 self.graph, self.provider, n, f"on, buckets {captured} captured" if captured else "off")
 
     def end_profiling(self) -> str:
         """Stop ONNX Runtime's profiler (``profile_prefix``) and return its JSON file's path."""

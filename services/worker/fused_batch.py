@@ -42,6 +42,9 @@ _INITIAL_LENGTH = 256
 # pool doubles from 4 rows and 256 positions, so a worker growing to 256 rows × 8,192 positions
 # meets ~13 pool states × a few buckets each; shrinking after bursts adds states, hence a bound.
 MAX_CUDA_GRAPHS = 64
+# Runs of a decode graph id before it is ready to replay (ONNX Runtime's CUDA provider runs a
+# graph id normally twice, then captures it).
+CAPTURE_RUNS = 3
 # Most copies in one KvCopier run (copy_many splits larger sets): prefix blocks stored per step.
 COPIES_PER_RUN = 64
 
@@ -496,6 +499,33 @@ class CudaGraphDecoder:
             options.add_run_config_entry("gpu_graph_id", str(len(self._graphs) + 1))
             self._graphs[key] = (options, values, binding)
         return self._graphs[key]
+
+    def capture_all(self) -> list[int]:
+        """Capture every batch bucket's graph for the pool as it is, before serving: the first
+        steps at a new batch size then replay instead of capturing (tens of ms each, on the
+        critical path of whoever decodes then). Dummy tokens decode into the free rows, warmed
+        CAPTURE_RUNS times (ONNX Runtime runs a graph id normally before capturing it). Returns
+        the buckets captured; a failure turns the decoder off, as in decode()."""
+        pool, done = self.batch.pool, []
+        bucket = 1
+        try:
+            while True:
+                graph = self._graph(bucket)
+                if graph is None:
+                    break
+                options, values, binding = graph
+                values["input_ids"].update_inplace(np.zeros((bucket, 1), np.int64))
+                values["seqlens_k"].update_inplace(np.zeros(bucket, np.int32))
+                for _ in range(CAPTURE_RUNS):
+                    self.batch.session.run_with_iobinding(binding, options)
+                done.append(bucket)
+                if bucket >= pool.max_rows:
+                    break
+                bucket = min(2 * bucket, pool.max_rows)
+        except Exception:  # noqa: BLE001 — as in decode: serve eagerly rather than not at all
+            log.exception("CUDA graph capture failed; decoding without CUDA graphs")
+            self.enabled = False
+        return done
 
     def decode(self, seqs: list["Sequence"], logits_on_host: bool) -> tuple[np.ndarray | None, np.ndarray] | None:
         """One step, or None when the decoder is off or has no graph for this shape and may
