@@ -58,6 +58,9 @@ def replay(engine: Any, sequences: int, arrivals: int, prompt_tokens: int, max_t
     vocab = engine.config.vocab_size
     waiting = [f"{tag}-{i}" for i in range(sequences)]
     produced: dict[str, int] = {}
+    prompts: dict[str, list[int]] = {}
+    generated: dict[str, list[int]] = {}
+    left: list[str] = []  # in the order they left
     phases = dict.fromkeys(("add", "prefill", "decode", "remove", "other"), 0.0)
     steps, batch_sum, tokens = 0, 0, 0
     t_all = time.perf_counter()
@@ -65,12 +68,14 @@ def replay(engine: Any, sequences: int, arrivals: int, prompt_tokens: int, max_t
         now, waiting = waiting[:arrivals], waiting[arrivals:]
         t0 = time.perf_counter()
         for sid in now:
-            engine.add(sid, rng.integers(10, vocab - 1, prompt_tokens).tolist(), SamplingParams(), steps)
+            prompts[sid] = rng.integers(10, vocab - 1, prompt_tokens).tolist()
+            engine.add(sid, prompts[sid], SamplingParams(), steps)
         t1 = time.perf_counter()
         result = engine.step([(sid, 0) for sid in now], decode=bool(produced))
         t2 = time.perf_counter()
-        for sid, _, _ in result.tokens:
+        for sid, token, _ in result.tokens:
             produced[sid] = produced.get(sid, 0) + 1
+            generated.setdefault(sid, []).append(token)
         tokens += len(result.tokens)
         done = [sid for sid, n in produced.items() if n >= max_tokens]
         t3 = time.perf_counter()
@@ -78,6 +83,7 @@ def replay(engine: Any, sequences: int, arrivals: int, prompt_tokens: int, max_t
         t4 = time.perf_counter()
         for sid in done:
             del produced[sid]
+        left += done
         phases["add"] += t1 - t0
         phases["prefill"] += result.prefill_s
         phases["decode"] += result.decode_s
@@ -87,7 +93,38 @@ def replay(engine: Any, sequences: int, arrivals: int, prompt_tokens: int, max_t
         batch_sum += result.decode_batch_size
     wall = time.perf_counter() - t_all
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "steps": steps,
-            "mean_decode_batch": batch_sum / steps, "phase_s": {k: round(v, 4) for k, v in phases.items()}}
+            "mean_decode_batch": batch_sum / steps, "phase_s": {k: round(v, 4) for k, v in phases.items()},
+            "_finished": [(prompts[sid], generated[sid]) for sid in left]}
+
+
+def check_hits(engine: Any, finished: list[tuple[list[int], list[int]]], rng: np.random.Generator) -> dict[str, Any]:
+    """Next turns of sequences that left (prompt + answer + 4 new tokens): each must find the
+    blocks its sequence left behind in the prefix cache (all full blocks of its prompt and answer
+    but the last token) and take the first token the same engine takes without the cache. The
+    last leavers are checked: a full cache has evicted the first ones. Shows that the blocks a
+    step's leavers stored (cut together from their rows) are theirs."""
+    from services.worker.engine import BLOCK_SIZE
+    from services.worker.sampling import SamplingParams
+    out = {"checked": 0, "cached_as_expected": 0, "first_token_equal": 0}
+    for i, (prompt, answer) in enumerate(finished):
+        follow = prompt + answer + rng.integers(10, engine.config.vocab_size - 1, 4).tolist()
+        firsts = []
+        for cache_on in (True, False):
+            saved = engine.prefix_cache
+            engine.prefix_cache = saved if cache_on else None
+            try:
+                sid = f"check-{i}-{cache_on}"
+                engine.add(sid, follow, SamplingParams(), 0)
+                result = engine.step([(sid, 0)], decode=False)
+                firsts.append(result.tokens[0][1])
+                cached = result.cached_prompt_tokens.get(sid, 0) if cache_on else cached
+                engine.remove([sid])
+            finally:
+                engine.prefix_cache = saved
+        out["checked"] += 1
+        out["cached_as_expected"] += cached == (len(prompt) + len(answer) - 1) // BLOCK_SIZE * BLOCK_SIZE
+        out["first_token_equal"] += firsts[0] == firsts[1]
+    return out
 
 
 def main() -> int:
@@ -101,6 +138,9 @@ def main() -> int:
     ap.add_argument("--configs", default="plain,prefix-host,prefix-device",
                     help="comma-separated: plain, prefix-host, prefix-device, each optionally as graph+...")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--check-hits", type=int, default=8,
+                    help="with a prefix cache: next turns of this many of the last sequences to leave, checked "
+                         "against the cache's blocks and the cache-off engine (0: none)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     args = ap.parse_args()
 
@@ -121,6 +161,12 @@ def main() -> int:
         engine = Engine(args.model, provider=provider, max_sequences=args.sequences, threads=args.threads, **kwargs)
         replay(engine, min(args.sequences, 2 * args.arrivals), args.arrivals, args.prompt_tokens, 4, rng, "warm")
         row = replay(engine, args.sequences, args.arrivals, args.prompt_tokens, args.max_tokens, rng, "run")
+        finished = row.pop("_finished")
+        if args.check_hits and engine.prefix_cache is not None:
+            row["hit_check"] = check_hits(engine, finished[-args.check_hits:], rng)
+            print(f"{config}: next turns of the last {row['hit_check']['checked']} leavers: "
+                  f"{row['hit_check']['cached_as_expected']} found their blocks, "
+                  f"{row['hit_check']['first_token_equal']} took the cache-off first token", flush=True)
         steady = decode_rate(engine, args.sequences, args.prompt_tokens, 16, rng)
         row.update(config=config, steady_tokens_per_s=steady["tokens_per_s"], steady_step_ms=steady["step_ms_p50"],
                    replay_over_steady=row["tokens_per_s"] / steady["tokens_per_s"])

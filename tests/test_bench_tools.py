@@ -1,6 +1,6 @@
 """The diagnosis scripts behind the GPU stack figures (docs/benchmarks.md, "GPU on the H200"):
-engine_replay's pattern produces every token it promises and splits its wall time into phases
-that add up; stack_profile's summary of py-spy's raw stacks counts per thread and per function."""
+engine_replay's pattern produces every token it promises, splits its wall time into phases
+that add up and finds the leavers' blocks in the prefix cache; stack_profile's summary of py-spy's raw stacks counts per thread and per function."""
 
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ def test_engine_replay_produces_every_token_and_phases_add_up(tiny_models_dir: P
         assert r["steps"] == 4 + 9
         assert 0 < sum(r["phase_s"].values()) <= r["wall_s"] + 5 * 0.5e-4  # phases rounded to 0.1 ms
         assert r["replay_over_steady"] == pytest.approx(r["tokens_per_s"] / r["steady_tokens_per_s"])
+    # the last 8 leavers' next turns find the blocks they left and decode as without the cache
+    assert "hit_check" not in rows[0]
+    assert rows[1]["hit_check"] == {"checked": 8, "cached_as_expected": 8, "first_token_equal": 8}
 
 
 @pytest.mark.unit
