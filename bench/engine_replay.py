@@ -108,7 +108,7 @@ def check_hits(engine: Any, finished: list[tuple[list[int], list[int]]], rng: np
     out = {"checked": 0, "cached_as_expected": 0, "first_token_equal": 0}
     for i, (prompt, answer) in enumerate(finished):
         follow = prompt + answer + rng.integers(10, engine.config.vocab_size - 1, 4).tolist()
-        firsts = []
+        firsts, cached = [], 0
         for cache_on in (True, False):
             saved = engine.prefix_cache
             engine.prefix_cache = saved if cache_on else None
@@ -117,7 +117,8 @@ def check_hits(engine: Any, finished: list[tuple[list[int], list[int]]], rng: np
                 engine.add(sid, follow, SamplingParams(), 0)
                 result = engine.step([(sid, 0)], decode=False)
                 firsts.append(result.tokens[0][1])
-                cached = result.cached_prompt_tokens.get(sid, 0) if cache_on else cached
+                if cache_on:
+                    cached = result.cached_prompt_tokens.get(sid, 0)
                 engine.remove([sid])
             finally:
                 engine.prefix_cache = saved
