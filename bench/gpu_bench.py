@@ -439,7 +439,7 @@ def drive_stack_processes(address: str, metadata: tuple, model: str, streams: in
 def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: int, max_tokens: int,
                 replicas: int, vocab: int, pipeline_depth: int = 2, decode_steps: int = 1, routers: int = 1,
                 placement: str = "separate", cuda_graph: bool = False, prefill_chunk: int = 0,
-                client_processes: int = 1) -> dict[str, Any]:
+                prefill_wait: int = -1, client_processes: int = 1) -> dict[str, Any]:
     """The whole stack (router → NATS → batcher → worker on `provider`), one model folder, the
     batcher keeping `pipeline_depth` worker steps in flight, `decode_steps` per call, `routers`
     routers sharing the port, the engine in a worker process or (`placement` "colocated") in the
@@ -458,11 +458,12 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
                      batcher_args=("--token-budget", str(max(budget, 16384)),
                                    "--pipeline-depth", str(pipeline_depth), "--decode-steps", str(decode_steps),
                                    *(("--prefill-chunk", str(prefill_chunk), "--prefill-chunk-decoding", str(prefill_chunk))
-                                     if prefill_chunk else ())))
+                                     if prefill_chunk else ()),
+                                   *(("--prefill-wait-steps", str(prefill_wait)) if prefill_wait >= 0 else ())))
     out: dict[str, Any] = {"model": name, "replicas": replicas, "provider": provider, "log_dir": str(log_dir),
                            "pipeline_depth": pipeline_depth, "decode_steps": decode_steps, "routers": routers,
                            "placement": placement, "cuda_graph": cuda_graph, "prefill_chunk": prefill_chunk or None,
-                           "runs": []}
+                           "prefill_wait_steps": None if prefill_wait < 0 else prefill_wait, "runs": []}
     with LocalStack(spec) as stack:
         assert stack.nats is not None and stack.nats.process is not None
         kinds = {"router": stack.routers, "batcher": stack.batchers, "worker": stack.workers}
@@ -477,7 +478,9 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
             run["cpu_us_per_token"] = {kind: round(1e6 * (after[kind] - before[kind]) / max(run["tokens"], 1), 1)
                                        for kind in pids}
             print(f"   stack ({placement}{', CUDA graphs' if cuda_graph else ''}"
-                  f"{f', {prefill_chunk} prompt tokens/step' if prefill_chunk else ''}, {routers} routers, depth {pipeline_depth}, "
+                  f"{f', {prefill_chunk} prompt tokens/step' if prefill_chunk else ''}"
+                  f"{f', prompts wait ≤ {prefill_wait} steps' if prefill_wait >= 0 else ''}, {routers} routers, "
+                  f"depth {pipeline_depth}, "
                   f"{decode_steps} steps/call) {n} streams: "
                   f"{run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, errors {run['errors']}, "
                   f"CPU µs/token {run['cpu_us_per_token']}", flush=True)
@@ -485,20 +488,22 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
     return out
 
 
-def stack_config(text: str) -> tuple[int, int, int, str, bool, int]:
-    """"2/1/4", "2/1/4/colocated", "2/1/4/colocated/graph/p2048": pipeline depth, decode steps per
-    call, routers, then the placement (separate unless colocated), CUDA-graph decode ("graph") and
+def stack_config(text: str) -> tuple[int, int, int, str, bool, int, int]:
+    """"2/1/4", "2/1/4/colocated", "2/1/4/colocated/graph/p2048/w0": pipeline depth, decode steps
+    per call, routers, then the placement (separate unless colocated), CUDA-graph decode ("graph"),
     the batcher's prompt tokens per step ("p" and a number: --prefill-chunk and
-    --prefill-chunk-decoding; 0, the batcher's own default, without one)."""
+    --prefill-chunk-decoding; 0, the batcher's own default, without one) and how many steps new
+    prompts may wait for each other ("w" and a number: --prefill-wait-steps; -1, auto, without)."""
     depth, steps, routers, *rest = text.split("/")
     chunks = [r for r in rest if r[:1] == "p" and r[1:].isdigit() and int(r[1:]) > 0]
-    words = [r for r in rest if r not in chunks]
+    waits = [r for r in rest if r[:1] == "w" and r[1:].isdigit()]
+    words = [r for r in rest if r not in chunks and r not in waits]
     if not set(words) <= {"separate", "colocated", "graph"} or len(set(words)) != len(words) or \
-            {"separate", "colocated"} <= set(words) or len(chunks) > 1:
+            {"separate", "colocated"} <= set(words) or len(chunks) > 1 or len(waits) > 1:
         raise SystemExit(f"--stack-configs: {text!r}: after the third '/' come separate or colocated, graph, "
-                         "and p<prompt tokens per step>")
+                         "p<prompt tokens per step> and w<steps a prompt may wait>")
     return (int(depth), int(steps), int(routers), "colocated" if "colocated" in words else "separate",
-            "graph" in words, int(chunks[0][1:]) if chunks else 0)
+            "graph" in words, int(chunks[0][1:]) if chunks else 0, int(waits[0][1:]) if waits else -1)
 
 
 def main() -> int:

@@ -5,7 +5,8 @@
 # measure (default): int4.json, stack.json, fp32.json (bench/gpu_bench.py), the anchor
 # (transformers on the same GGUF), profile.json; diagnose: replay.json (bench/engine_replay.py)
 # and *profile.json (bench/stack_profile.py with py-spy: stage the kit with GPU_EXTRA_PACKAGES
-# naming py-spy); stack: replay.json, replay512.json, stack.json, stack_profile.json, sampled.json after a change to the stack. Every step's output, time and exit code go to steps.log; all under $OUT,
+# naming py-spy); stack: replay.json, stack.json (prompts waiting for each other, auto vs w0, twice each),
+# stack_profile.json after a change to the stack. Every step's output, time and exit code go to steps.log; all under $OUT,
 # which brings back at most 8 files.
 set -u
 : "${OUT:?set OUT to the folder that comes back}"
@@ -30,16 +31,13 @@ step() {  # NAME CAP_S COMMAND...: run for at most CAP_S (less when the budget i
 
 PLAN=${1:-measure}
 if [ "$PLAN" = stack ]; then  # the engine under the stack's pattern, the stack with CUDA graphs, its profile
-  step replay 60 python3 bench/engine_replay.py --provider cuda --configs prefix-device,graph+prefix-device \
-    --out "$OUT/replay.json"
-  step replay-512 40 python3 bench/engine_replay.py --provider cuda --configs graph+prefix-device --max-tokens 512 \
-    --out "$OUT/replay512.json"
-  step stack 130 python3 bench/gpu_bench.py --provider cuda --variants int4 --only decode,cuda_graph,stack \
-    --stack-configs 2/1/4/colocated/graph,2/1/4/colocated/graph,2/1/4/graph --out "$OUT/stack.json"
-  step stack-profile 65 python3 bench/stack_profile.py --provider cuda --placement colocated \
+  step replay 40 python3 bench/engine_replay.py --provider cuda --configs graph+prefix-device --out "$OUT/replay.json"
+  step stack 150 python3 bench/gpu_bench.py --provider cuda --variants int4 --only decode,cuda_graph,stack \
+    --stack-configs 2/1/4/colocated/graph,2/1/4/colocated/graph/w0,2/1/4/colocated/graph,2/1/4/colocated/graph/w0,2/1/4/graph \
+    --out "$OUT/stack.json"
+  step stack-profile 50 python3 bench/stack_profile.py --provider cuda --placement colocated \
     --out /tmp/stack-profile
   cp /tmp/stack-profile/stack_profile.json "$OUT/" 2>/dev/null
-  step sampled 60 python3 bench/gpu_bench.py --provider cuda --variants int4 --only sampled --out "$OUT/sampled.json"
   nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
   echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/steps.log"
   exit 0

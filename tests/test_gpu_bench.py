@@ -129,7 +129,7 @@ def test_gpu_bench_full_sizes_on_the_tiny_model(tiny_models_dir: Path, tmp_path:
     runs = r["stack"]["runs"]
     # no CUDA here: the graph configurations are said to be skipped, the first other one is `stack`
     assert [s["config"] for s in r["stack_skipped_configs"]] == [
-        [2, 1, 4, "colocated", True, 0], [2, 1, 4, "separate", True, 0], [2, 1, 1, "colocated", True, 0]]
+        [2, 1, 4, "colocated", True, 0, -1], [2, 1, 4, "separate", True, 0, -1], [2, 1, 1, "colocated", True, 0, -1]]
     assert (r["stack"]["routers"], r["stack"]["placement"], r["stack"]["cuda_graph"]) == (4, "colocated", False)
     assert [run["streams"] for run in runs] == [64, 256]
     assert all(run["errors"] == 0 and run["tokens"] == run["streams"] * 128 for run in runs)
@@ -158,11 +158,13 @@ def test_gpu_bench_on_cuda_without_cuda_says_why(tmp_path: Path) -> None:
 def test_stack_configs_name_depth_steps_routers_placement_and_graphs() -> None:
     sys.path.insert(0, str(SCRIPT.parent))
     from gpu_bench import stack_config
-    assert stack_config("2/1/4") == (2, 1, 4, "separate", False, 0)
-    assert stack_config("1/4/2/colocated") == (1, 4, 2, "colocated", False, 0)
-    assert stack_config("2/1/4/graph") == (2, 1, 4, "separate", True, 0)
-    assert stack_config("2/1/4/colocated/graph") == stack_config("2/1/4/graph/colocated") == (2, 1, 4, "colocated", True, 0)
-    assert stack_config("2/1/4/colocated/graph/p2048") == (2, 1, 4, "colocated", True, 2048)
-    for bad in ("2/1/4/colocated/separate", "2/1/4/graph/graph", "2/1/4/fast", "2/1/4/p0", "2/1/4/p512/p1024"):
+    assert stack_config("2/1/4") == (2, 1, 4, "separate", False, 0, -1)
+    assert stack_config("1/4/2/colocated") == (1, 4, 2, "colocated", False, 0, -1)
+    assert stack_config("2/1/4/graph") == (2, 1, 4, "separate", True, 0, -1)
+    assert stack_config("2/1/4/colocated/graph") == stack_config("2/1/4/graph/colocated") == (
+        2, 1, 4, "colocated", True, 0, -1)
+    assert stack_config("2/1/4/colocated/graph/p2048") == (2, 1, 4, "colocated", True, 2048, -1)
+    assert stack_config("2/1/4/colocated/graph/w0") == (2, 1, 4, "colocated", True, 0, 0)
+    for bad in ("2/1/4/colocated/separate", "2/1/4/graph/graph", "2/1/4/fast", "2/1/4/p0", "2/1/4/p512/p1024", "2/1/4/w1/w2"):
         with pytest.raises(SystemExit, match="after the third"):
             stack_config(bad)

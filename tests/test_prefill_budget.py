@@ -1,6 +1,9 @@
 """How many prompt tokens a step takes while others decode (`--prefill-chunk-decoding`): small
 chunks on a CPU worker, where a step's time grows with its tokens; prefill_chunk on a GPU,
-where a 256-stream burst otherwise took 64 steps to admit (measured on an H200, 2026-12-04)."""
+where a 256-stream burst otherwise took 64 steps to admit (measured on an H200, 2026-12-04).
+And when new prompts wait for each other (`--prefill-wait-steps`, prefill_coalescing.py): on a
+GPU worker with a big batch decoding, a trickle of newcomers waits a few steps to share one
+prefill run; never on a CPU, never with a small batch, never past the bound."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import time
 import pytest
 
 from services.batcher.config import CPU_PREFILL_CHUNK_DECODING, BatcherConfig
+from services.batcher.prefill_coalescing import GPU_MAX_WAIT_STEPS, PrefillCoalescing
 from services.batcher.scheduler import Active, Scheduler
 from switchyard.config import ConfigError
 from switchyard.v1 import bus_pb2, worker_pb2
@@ -60,3 +64,75 @@ def test_a_step_during_decode_prefills_as_many_prompts_as_the_budget_holds(provi
     assert request is not None and request.decode
     assert len(request.prefill) == prompts_in_step
     assert sum(c.max_tokens for c in request.prefill) == 32 * prompts_in_step
+
+
+@pytest.mark.parametrize("decoding, waiting, tokens, oldest, hold", [
+    (256, 3, 96, 0, True),  # a trickle next to a big batch waits
+    (256, 15, 480, 7, True),
+    (256, 16, 512, 0, False),  # a group of 256 // 16 goes
+    (256, 3, 96, 8, False),  # the oldest waited its 8 steps
+    (256, 3, 600, 0, False),  # their tokens fill the step's budget
+    (31, 1, 32, 0, False),  # a small batch: groups of one, nobody waits
+    (64, 3, 96, 0, True),  # 64 decoding: groups of 4
+    (0, 3, 96, 0, False),  # nothing decodes: nobody to stall
+    (256, 0, 0, 0, False),
+])
+def test_coalescing_holds_a_trickle_next_to_a_big_batch(decoding: int, waiting: int, tokens: int, oldest: int,
+                                                         hold: bool) -> None:
+    assert PrefillCoalescing(max_wait_steps=8).hold(decoding, waiting, tokens, 512, oldest) is hold
+    assert PrefillCoalescing(max_wait_steps=0).hold(decoding, waiting, tokens, 512, oldest) is False
+
+
+@pytest.mark.parametrize("setting, provider, wait", [
+    (-1, "CUDAExecutionProvider", GPU_MAX_WAIT_STEPS), (-1, "CPUExecutionProvider", 0), (-1, "", 0),
+    (3, "CPUExecutionProvider", 3), (0, "CUDAExecutionProvider", 0)])
+def test_prefill_wait_steps_follows_the_setting_or_the_workers_device(setting: int, provider: str, wait: int) -> None:
+    assert BatcherConfig(prefill_wait_steps=setting).prefill_coalescing(provider).max_wait_steps == wait
+
+
+def test_a_prefill_wait_below_auto_is_refused() -> None:
+    with pytest.raises(ConfigError, match="prefill_wait_steps"):
+        BatcherConfig(prefill_wait_steps=-2).validate()
+
+
+def big_batch_with_newcomers(provider: str, decoding: int, newcomers: int) -> Scheduler:
+    info = worker_pb2.InfoResponse(model="m", context_length=4096, max_sequences=512, execution_provider=provider)
+    s = Scheduler(BatcherConfig(max_batch_size=512), "r", info, None, None, None)  # type: ignore[arg-type]
+    now = time.time()
+    for i in range(decoding):
+        s.active[f"run-{i}"] = Active(bus_pb2.DispatchRequest(request_id=f"run-{i}", prompt_token_ids=[1] * 32,
+                                                              max_tokens=1000), now, prefill_left=0, generated=3)
+    for i in range(newcomers):
+        add_newcomer(s, f"new-{i}")
+    return s
+
+
+def add_newcomer(s: Scheduler, rid: str) -> None:
+    s.active[rid] = Active(bus_pb2.DispatchRequest(request_id=rid, prompt_token_ids=[1] * 32, max_tokens=64),
+                           time.time(), prefill_left=32)
+
+
+def prefilled_ids(request: worker_pb2.StepRequest | None) -> list[str]:
+    assert request is not None and request.decode
+    return [c.sequence_id for c in request.prefill]
+
+
+def test_a_trickle_of_newcomers_waits_for_its_group_then_for_the_bound() -> None:
+    """256 decoding on a GPU worker: 3 newcomers wait (groups of 16); one more joins them on the
+    way; all 4 go in one step when the oldest has waited GPU_MAX_WAIT_STEPS steps. The decode
+    steps go on meanwhile."""
+    s = big_batch_with_newcomers("CUDAExecutionProvider", decoding=256, newcomers=3)
+    for step in range(GPU_MAX_WAIT_STEPS):
+        if step == 4:
+            add_newcomer(s, "late")
+        assert prefilled_ids(s._next_request()) == []
+    assert sorted(prefilled_ids(s._next_request())) == ["late", "new-0", "new-1", "new-2"]
+
+
+def test_a_full_group_goes_at_once_and_a_cpu_worker_never_waits() -> None:
+    gpu = big_batch_with_newcomers("CUDAExecutionProvider", decoding=256, newcomers=16)
+    assert len(prefilled_ids(gpu._next_request())) == 16
+    cpu = big_batch_with_newcomers("CPUExecutionProvider", decoding=256, newcomers=3)
+    assert len(prefilled_ids(cpu._next_request())) == 3
+    small = big_batch_with_newcomers("CUDAExecutionProvider", decoding=20, newcomers=1)
+    assert prefilled_ids(small._next_request()) == ["new-0"]

@@ -51,6 +51,7 @@ class Active:
     chunk_in_flight: int = 0  # prompt tokens of a sent, unanswered prefill chunk
     tokens_in_flight: int = 0  # decode tokens asked of sent, unanswered steps
     retiring: bool = False  # sure to finish within the steps in flight: freed by the next one
+    held_steps: int = 0  # steps its prompt waited for others to prefill with (prefill coalescing)
 
     def tokens_left(self, context_length: int) -> int:
         """Tokens still to come, the one that ends it by length (max_tokens or context) included."""
@@ -102,6 +103,7 @@ class Scheduler:
         self._step_metadata = step_metadata  # the worker's token on the StepStream (unary calls: the channel's)
         self.max_batch = min(config.max_batch_size, info.max_sequences)
         self.decoding_prefill_chunk = config.decoding_prefill_chunk(info.execution_provider)
+        self.coalescing = config.prefill_coalescing(info.execution_provider)
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}
         # A step's events per router that takes them batched (DispatchRequest.batch_reply_subject),
@@ -313,9 +315,18 @@ class Scheduler:
         # Fairness between waiting and running: while sequences decode, a newcomer's prompt is
         # fed in smaller chunks so it never stalls their next token for a whole long prefill.
         budget = self.decoding_prefill_chunk if decoding else self.config.prefill_chunk
+        # Prompts not started yet may wait a few steps for more, to prefill in one run.
+        fresh = [a for a in self.active.values()
+                 if a.prefill_left == len(a.request.prompt_token_ids) and not a.chunk_in_flight]
+        held: set[str] = set()
+        if fresh and self.coalescing.hold(len(decoding), len(fresh), sum(a.prefill_left for a in fresh), budget,
+                                          max(a.held_steps for a in fresh)):
+            for a in fresh:
+                a.held_steps += 1
+                held.add(a.request.request_id)
         firsts: list[Active] = []
         for rid, a in self.active.items():
-            if a.prefill_left and not a.chunk_in_flight and budget > 0:
+            if a.prefill_left and not a.chunk_in_flight and budget > 0 and rid not in held:
                 n = min(a.prefill_left, budget)
                 chunks.append(worker_pb2.PrefillChunk(sequence_id=rid, max_tokens=n))
                 a.chunk_in_flight = n
