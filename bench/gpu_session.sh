@@ -5,7 +5,7 @@
 # measure (default): int4.json, stack.json, fp32.json (bench/gpu_bench.py), the anchor
 # (transformers on the same GGUF), profile.json; diagnose: replay.json (bench/engine_replay.py)
 # and *profile.json (bench/stack_profile.py with py-spy: stage the kit with GPU_EXTRA_PACKAGES
-# naming py-spy); stack: replay.json, stack.json (prompts waiting for each other, auto vs w0, twice each),
+# naming py-spy); stack: replay.json, stack.json (prompts waiting for each other, off vs w8, twice each),
 # stack_profile.json after a change to the stack. Every step's output, time and exit code go to steps.log; all under $OUT,
 # which brings back at most 8 files.
 set -u
@@ -33,7 +33,7 @@ PLAN=${1:-measure}
 if [ "$PLAN" = stack ]; then  # the engine under the stack's pattern, the stack with CUDA graphs, its profile
   step replay 40 python3 bench/engine_replay.py --provider cuda --configs graph+prefix-device --out "$OUT/replay.json"
   step stack 150 python3 bench/gpu_bench.py --provider cuda --variants int4 --only decode,cuda_graph,stack \
-    --stack-configs 2/1/4/colocated/graph,2/1/4/colocated/graph/w0,2/1/4/colocated/graph,2/1/4/colocated/graph/w0,2/1/4/graph \
+    --stack-configs 2/1/4/colocated/graph,2/1/4/colocated/graph/w8,2/1/4/colocated/graph,2/1/4/colocated/graph/w8,2/1/4/graph \
     --out "$OUT/stack.json"
   step stack-profile 50 python3 bench/stack_profile.py --provider cuda --placement colocated \
     --out /tmp/stack-profile

@@ -1,9 +1,9 @@
 """How many prompt tokens a step takes while others decode (`--prefill-chunk-decoding`): small
 chunks on a CPU worker, where a step's time grows with its tokens; prefill_chunk on a GPU,
 where a 256-stream burst otherwise took 64 steps to admit (measured on an H200, 2026-12-04).
-And when new prompts wait for each other (`--prefill-wait-steps`, prefill_coalescing.py): on a
-GPU worker with a big batch decoding, a trickle of newcomers waits a few steps to share one
-prefill run; never on a CPU, never with a small batch, never past the bound."""
+And when new prompts wait for each other (`--prefill-wait-steps N`, prefill_coalescing.py): with
+a big batch decoding, a trickle of newcomers waits a few steps to share one prefill run; never
+by default, never with a small batch, never past the bound."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 import pytest
 
 from services.batcher.config import CPU_PREFILL_CHUNK_DECODING, BatcherConfig
-from services.batcher.prefill_coalescing import GPU_MAX_WAIT_STEPS, PrefillCoalescing
+from services.batcher.prefill_coalescing import PrefillCoalescing
 from services.batcher.scheduler import Active, Scheduler
 from switchyard.config import ConfigError
 from switchyard.v1 import bus_pb2, worker_pb2
@@ -83,21 +83,24 @@ def test_coalescing_holds_a_trickle_next_to_a_big_batch(decoding: int, waiting: 
     assert PrefillCoalescing(max_wait_steps=0).hold(decoding, waiting, tokens, 512, oldest) is False
 
 
-@pytest.mark.parametrize("setting, provider, wait", [
-    (-1, "CUDAExecutionProvider", GPU_MAX_WAIT_STEPS), (-1, "CPUExecutionProvider", 0), (-1, "", 0),
-    (3, "CPUExecutionProvider", 3), (0, "CUDAExecutionProvider", 0)])
-def test_prefill_wait_steps_follows_the_setting_or_the_workers_device(setting: int, provider: str, wait: int) -> None:
-    assert BatcherConfig(prefill_wait_steps=setting).prefill_coalescing(provider).max_wait_steps == wait
+def test_prompts_never_wait_by_default() -> None:
+    assert BatcherConfig().prefill_coalescing().max_wait_steps == 0
+    assert BatcherConfig(prefill_wait_steps=8).prefill_coalescing().max_wait_steps == 8
 
 
-def test_a_prefill_wait_below_auto_is_refused() -> None:
+def test_a_negative_prefill_wait_is_refused() -> None:
     with pytest.raises(ConfigError, match="prefill_wait_steps"):
-        BatcherConfig(prefill_wait_steps=-2).validate()
+        BatcherConfig(prefill_wait_steps=-1).validate()
 
 
-def big_batch_with_newcomers(provider: str, decoding: int, newcomers: int) -> Scheduler:
-    info = worker_pb2.InfoResponse(model="m", context_length=4096, max_sequences=512, execution_provider=provider)
-    s = Scheduler(BatcherConfig(max_batch_size=512), "r", info, None, None, None)  # type: ignore[arg-type]
+WAIT = 8
+
+
+def big_batch_with_newcomers(decoding: int, newcomers: int, wait: int = WAIT) -> Scheduler:
+    info = worker_pb2.InfoResponse(model="m", context_length=4096, max_sequences=512,
+                                   execution_provider="CUDAExecutionProvider")
+    s = Scheduler(BatcherConfig(max_batch_size=512, prefill_wait_steps=wait), "r", info,
+                  None, None, None)  # type: ignore[arg-type]
     now = time.time()
     for i in range(decoding):
         s.active[f"run-{i}"] = Active(bus_pb2.DispatchRequest(request_id=f"run-{i}", prompt_token_ids=[1] * 32,
@@ -118,21 +121,21 @@ def prefilled_ids(request: worker_pb2.StepRequest | None) -> list[str]:
 
 
 def test_a_trickle_of_newcomers_waits_for_its_group_then_for_the_bound() -> None:
-    """256 decoding on a GPU worker: 3 newcomers wait (groups of 16); one more joins them on the
-    way; all 4 go in one step when the oldest has waited GPU_MAX_WAIT_STEPS steps. The decode
+    """256 decoding, prompts waiting up to 8 steps: 3 newcomers wait (groups of 16); one more
+    joins them on the way; all 4 go in one step when the oldest has waited 8 steps. The decode
     steps go on meanwhile."""
-    s = big_batch_with_newcomers("CUDAExecutionProvider", decoding=256, newcomers=3)
-    for step in range(GPU_MAX_WAIT_STEPS):
+    s = big_batch_with_newcomers(decoding=256, newcomers=3)
+    for step in range(WAIT):
         if step == 4:
             add_newcomer(s, "late")
         assert prefilled_ids(s._next_request()) == []
     assert sorted(prefilled_ids(s._next_request())) == ["late", "new-0", "new-1", "new-2"]
 
 
-def test_a_full_group_goes_at_once_and_a_cpu_worker_never_waits() -> None:
-    gpu = big_batch_with_newcomers("CUDAExecutionProvider", decoding=256, newcomers=16)
-    assert len(prefilled_ids(gpu._next_request())) == 16
-    cpu = big_batch_with_newcomers("CPUExecutionProvider", decoding=256, newcomers=3)
-    assert len(prefilled_ids(cpu._next_request())) == 3
-    small = big_batch_with_newcomers("CUDAExecutionProvider", decoding=20, newcomers=1)
+def test_a_full_group_goes_at_once_and_nobody_waits_by_default_or_beside_a_small_batch() -> None:
+    full = big_batch_with_newcomers(decoding=256, newcomers=16)
+    assert len(prefilled_ids(full._next_request())) == 16
+    default = big_batch_with_newcomers(decoding=256, newcomers=3, wait=0)
+    assert len(prefilled_ids(default._next_request())) == 3
+    small = big_batch_with_newcomers(decoding=20, newcomers=1)
     assert prefilled_ids(small._next_request()) == ["new-0"]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from switchyard.config import ConfigError
 
-from .prefill_coalescing import DECODING_PER_NEWCOMER, GPU_MAX_WAIT_STEPS, PrefillCoalescing
+from .prefill_coalescing import DECODING_PER_NEWCOMER, PrefillCoalescing
 
 if TYPE_CHECKING:  # the worker's packages (ONNX Runtime) load only for `--worker local`
     from services.worker.config import WorkerConfig
@@ -56,12 +56,12 @@ class BatcherConfig:
                 "newcomer's prefill puts on everyone's next token (inter-token latency); 0 (auto): "
                 f"{CPU_PREFILL_CHUNK_DECODING} on a CPU worker, prefill_chunk on a GPU, where a step "
                 "costs its kernel launches more than its tokens"})
-    prefill_wait_steps: int = field(default=-1, metadata={
+    prefill_wait_steps: int = field(default=0, metadata={
         "help": "most decode steps a new prompt waits for others to prefill with it while sequences "
                 "decode (one prefill run for a group: on a GPU a run costs its launches, and the whole "
                 "batch waits for it); the group asked for grows with the batch (1 per "
-                f"{DECODING_PER_NEWCOMER} decoding). -1 (auto): {GPU_MAX_WAIT_STEPS} on a GPU worker, "
-                "0 (never wait) on a CPU"})
+                f"{DECODING_PER_NEWCOMER} decoding). 0: never wait (the default: no gain measured at "
+                "256 streams on an H200, docs/benchmarks.md)"})
     port_file: Path | None = field(default=None, metadata={"help": "write the bound ports here as JSON"})
     decode_steps: int = field(default=1, metadata={"help": "decode steps per worker call once the batch holds "
                                                    "multi_step_min_batch sequences (amortizes the round trip)"})
@@ -75,14 +75,9 @@ class BatcherConfig:
     metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the /metrics endpoint"})
     grace_s: float = field(default=10.0, metadata={"help": "seconds to finish running requests on SIGTERM"})
 
-    def prefill_coalescing(self, execution_provider: str) -> PrefillCoalescing:
-        """How long new prompts wait for each other while others decode, for a worker on
-        `execution_provider` (prefill_coalescing.py): the setting, or with -1 (auto)
-        GPU_MAX_WAIT_STEPS on a GPU and no waiting on the CPU."""
-        if self.prefill_wait_steps >= 0:
-            return PrefillCoalescing(self.prefill_wait_steps)
-        on_cpu = execution_provider in ("", "CPUExecutionProvider")
-        return PrefillCoalescing(0 if on_cpu else GPU_MAX_WAIT_STEPS)
+    def prefill_coalescing(self) -> PrefillCoalescing:
+        """How long new prompts wait for each other while others decode (prefill_coalescing.py)."""
+        return PrefillCoalescing(self.prefill_wait_steps)
 
     def decoding_prefill_chunk(self, execution_provider: str) -> int:
         """Prompt tokens per step while others decode, for a worker on `execution_provider`:
@@ -131,8 +126,8 @@ class BatcherConfig:
             raise ConfigError("token_budget must be at least 2")
         if self.prefill_chunk < 1 or self.prefill_chunk_decoding < 0:
             raise ConfigError("prefill_chunk must be at least 1 and prefill_chunk_decoding at least 0 (0: auto)")
-        if self.prefill_wait_steps < -1:
-            raise ConfigError("prefill_wait_steps must be -1 (auto), 0 (never wait) or more")
+        if self.prefill_wait_steps < 0:
+            raise ConfigError("prefill_wait_steps must be 0 (never wait) or more")
         if self.decode_steps < 1 or self.multi_step_min_batch < 1:
             raise ConfigError("decode_steps and multi_step_min_batch must be at least 1")
         if not 1 <= self.pipeline_depth <= 4:

@@ -103,7 +103,7 @@ class Scheduler:
         self._step_metadata = step_metadata  # the worker's token on the StepStream (unary calls: the channel's)
         self.max_batch = min(config.max_batch_size, info.max_sequences)
         self.decoding_prefill_chunk = config.decoding_prefill_chunk(info.execution_provider)
-        self.coalescing = config.prefill_coalescing(info.execution_provider)
+        self.coalescing = config.prefill_coalescing()
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
         self.active: dict[str, Active] = {}
         # A step's events per router that takes them batched (DispatchRequest.batch_reply_subject),
