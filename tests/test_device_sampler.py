@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from services.worker.device_sampler import DeviceSampler
+from services.worker.device_sampler import DeviceSampler, build_sampler_graph
 from services.worker.engine import Engine
 from services.worker.sampling import NUCLEUS_CANDIDATES, SamplingParams, nucleus, sample_token
 
@@ -135,3 +137,21 @@ def test_host_nucleus_from_candidates_equals_the_full_sort() -> None:
             wide += len(want) >= NUCLEUS_CANDIDATES
             narrow += len(want) < NUCLEUS_CANDIDATES
     assert wide and narrow  # both paths ran
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("vocab", [63, 64, 65, 1000, VOCAB])
+def test_sampler_prefix_sums_in_blocks_equal_a_running_sum(vocab: int) -> None:
+    """The graph's prefix sums run in blocks (ONNX Runtime's CUDA CumSum is quadratic in the row):
+    equal to numpy's running sum whether or not the row fills its last block."""
+    model = build_sampler_graph()
+    model.graph.output.extend([onnx.helper.make_tensor_value_info(name, TensorProto.DOUBLE, None)
+                               for name in ("kept_f64", "cumulative")])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows = 3
+    logits = np.random.default_rng(vocab).standard_normal((rows, 1, vocab)).astype(np.float32) * 4
+    kept, cumulative = session.run(["kept_f64", "cumulative"], dict(
+        logits=logits, temperature=np.ones(rows, np.float32), top_k=np.full(rows, vocab), top_p=np.ones(rows),
+        uniform=np.full(rows, 0.5), k=np.array([vocab])))
+    assert cumulative.shape == (rows, vocab)
+    np.testing.assert_allclose(cumulative, np.cumsum(kept, axis=1), rtol=1e-12, atol=0)
