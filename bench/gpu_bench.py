@@ -469,7 +469,11 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
         kinds = {"router": stack.routers, "batcher": stack.batchers, "worker": stack.workers}
         pids = {kind: [svc.process.pid for svc in services] for kind, services in kinds.items()}
         pids["nats-server"] = [stack.nats.process.pid]
-        asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, 2, prompt_tokens, 4, vocab))
+        # Warm-up at the largest concurrency measured: a replica's first burst pays one-time costs
+        # (ONNX Runtime's arena growing, first shapes) that a serving replica pays once; on the
+        # H200 a fresh stack's 256-stream run carried ~25% less than the same stack's after a 64-stream run.
+        asyncio.run(drive_stack(stack.router_address, stack.auth_metadata(), name, max(streams), prompt_tokens, 8,
+                                vocab))
         for n in streams:
             before = {kind: sum(cpu_seconds(pid) for pid in ps) for kind, ps in pids.items()}
             run = drive_stack_processes(stack.router_address, stack.auth_metadata(), name, n, prompt_tokens,

@@ -65,6 +65,11 @@ class KvCopier:
         self._slice = self._session([helper.make_node("Constant", [], ["starts"], value=zero),
                                      helper.make_node("Constant", [], ["axes"], value=axis),
                                      helper.make_node("Slice", ["x", "starts", "ends", "axes"], ["y"])], [x, ends], [y])
+        if device == "cuda":  # every batched-copy size now, not inside the first burst's steps
+            n = 1
+            while n <= COPIES_PER_RUN:
+                self._copy_session(n)
+                n *= 2
 
     def _kv(self, name: str, length: str = "t", rows: str = "b") -> onnx.ValueInfoProto:
         """A [rows, h, length, d] KV tensor of this copier's dtype."""
@@ -98,13 +103,16 @@ class KvCopier:
             self._copy_run(copies[:n])
             copies = copies[n:]
 
-    def _copy_run(self, copies: list[tuple[int, int, list[int]]]) -> None:
-        n = len(copies)
+    def _copy_session(self, n: int) -> ort.InferenceSession:
+        """The graph of n copies (created once: a session costs tens of ms to create)."""
         if n not in self._copy_many:  # each input its own leading dim: copies of different rows
             self._copy_many[n] = self._session([helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(n)],
                                                [self._kv(f"x{i}", rows=f"b{i}") for i in range(n)],
                                                [self._kv(f"y{i}", rows=f"b{i}") for i in range(n)])
-        session = self._copy_many[n]
+        return self._copy_many[n]
+
+    def _copy_run(self, copies: list[tuple[int, int, list[int]]]) -> None:
+        session = self._copy_session(len(copies))
         b = session.io_binding()
         for i, (src, dst, shape) in enumerate(copies):
             b.bind_input(f"x{i}", self.device, 0, self.dtype, shape, src)
