@@ -16,6 +16,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -53,14 +54,23 @@ class Active:
     retiring: bool = False  # sure to finish within the steps in flight: freed by the next one
     held_steps: int = 0  # steps its prompt waited for others to prefill with (prefill coalescing)
 
+    @cached_property
+    def prompt_length(self) -> int:
+        """Its prompt's tokens (read from the request once: a protobuf field costs per read,
+        and every step reads it for every sequence)."""
+        return len(self.request.prompt_token_ids)
+
+    @cached_property
+    def max_tokens(self) -> int:
+        return self.request.max_tokens
+
     def tokens_left(self, context_length: int) -> int:
         """Tokens still to come, the one that ends it by length (max_tokens or context) included."""
-        return min(self.request.max_tokens - self.generated,
-                   context_length - len(self.request.prompt_token_ids) - self.generated)
+        return min(self.max_tokens - self.generated, context_length - self.prompt_length - self.generated)
 
     @property
     def reserved_tokens(self) -> int:
-        return len(self.request.prompt_token_ids) + self.request.max_tokens
+        return self.prompt_length + self.max_tokens
 
 
 @dataclass
@@ -102,6 +112,7 @@ class Scheduler:
         self.worker = worker
         self._step_metadata = step_metadata  # the worker's token on the StepStream (unary calls: the channel's)
         self.max_batch = min(config.max_batch_size, info.max_sequences)
+        self._context_length = info.context_length
         self.decoding_prefill_chunk = config.decoding_prefill_chunk(info.execution_provider)
         self.coalescing = config.prefill_coalescing()
         self.pending: list[bus_pb2.DispatchRequest] = []  # pulled, not yet admitted (≤ room)
@@ -141,7 +152,7 @@ class Scheduler:
         return max(self.max_batch - len(self.active) - len(self.pending), 0)
 
     def tokens_in_flight(self) -> int:
-        return sum(len(a.request.prompt_token_ids) + a.generated for a in self.active.values())
+        return sum(a.prompt_length + a.generated for a in self.active.values())
 
     def _update_room(self) -> None:
         if self.draining:
@@ -317,7 +328,7 @@ class Scheduler:
         budget = self.decoding_prefill_chunk if decoding else self.config.prefill_chunk
         # Prompts not started yet may wait a few steps for more, to prefill in one run.
         fresh = [a for a in self.active.values()
-                 if a.prefill_left == len(a.request.prompt_token_ids) and not a.chunk_in_flight]
+                 if a.prefill_left == a.prompt_length and not a.chunk_in_flight]
         held: set[str] = set()
         if fresh and self.coalescing.hold(len(decoding), len(fresh), sum(a.prefill_left for a in fresh), budget,
                                           max(a.held_steps for a in fresh)):
@@ -404,8 +415,14 @@ class Scheduler:
                     break
             if ids:
                 generated += len(ids)
-                await self._publish(a.request, batched=True, tokens=bus_pb2.TokenStep(
-                    token_ids=ids, index=start, batch_size=1 if toks[0].first else batch))
+                held = self._hold(a.request)  # the hot path: fields set in place, no message copied
+                if held is not None:
+                    held.tokens.token_ids.extend(ids)
+                    held.tokens.index = start
+                    held.tokens.batch_size = 1 if toks[0].first else batch
+                else:
+                    await self._publish(a.request, tokens=bus_pb2.TokenStep(
+                        token_ids=ids, index=start, batch_size=1 if toks[0].first else batch))
         if generated:
             self._generated_tokens.inc(generated)
         for rid, reason in finished:
@@ -445,9 +462,7 @@ class Scheduler:
     def _finish_reason(self, a: Active, token_id: int) -> int:
         if token_id in a.stop_ids:
             return generate_pb2.FINISH_REASON_EOS
-        if a.generated + 1 >= a.request.max_tokens:
-            return generate_pb2.FINISH_REASON_LENGTH
-        if len(a.request.prompt_token_ids) + a.generated + 1 >= self.info.context_length:
+        if a.generated + 1 >= a.max_tokens or a.prompt_length + a.generated + 1 >= self._context_length:
             return generate_pb2.FINISH_REASON_LENGTH
         return generate_pb2.FINISH_REASON_UNSPECIFIED
 
@@ -534,13 +549,27 @@ class Scheduler:
         """One event of a request's stream. `batched` (a step's tokens and ends): held for the
         step's one message to the request's router when the router takes batches; anything
         else goes out at once, after what is held, so every request's events keep their order."""
-        if batched and request.batch_reply_subject:
-            outbox = self._outbox.setdefault(request.batch_reply_subject, bus_pb2.ReplicaEventBatch())
-            outbox.events.add(request_id=request.request_id, replica_id=self.replica_id, **event)  # type: ignore[arg-type]
+        if batched and (held := self._hold(request)) is not None:
+            for name, value in event.items():
+                getattr(held, name).CopyFrom(value)
             return
         await self._flush_events()
         msg = bus_pb2.ReplicaEvent(request_id=request.request_id, replica_id=self.replica_id, **event)  # type: ignore[arg-type]
         await self.nc.publish(request.reply_subject, msg.SerializeToString())
+
+    def _hold(self, request: bus_pb2.DispatchRequest) -> bus_pb2.ReplicaEvent | None:
+        """A new event of the request, held for the step's one message to its router (the
+        caller fills it in); None when its router takes events one at a time."""
+        subject = request.batch_reply_subject
+        if not subject:
+            return None
+        outbox = self._outbox.get(subject)
+        if outbox is None:
+            outbox = self._outbox[subject] = bus_pb2.ReplicaEventBatch()
+        held = outbox.events.add()
+        held.request_id = request.request_id
+        held.replica_id = self.replica_id
+        return held
 
     async def _flush_events(self) -> None:
         outbox, self._outbox = self._outbox, {}
