@@ -2,11 +2,12 @@
 between two worker steps, without the worker, NATS or the network.
 
 With the engine on a GPU a decode step of 256 sequences takes ~2–3 ms (H200), and the batcher's
-Python — building the next StepRequest, turning the worker's answer into each request's token
-event, and (co-located, `--worker local`) the worker side's StepResponse — runs beside it under
-the same GIL. This times those three parts per step for `--sequences` decoding sequences, one
-token each per step, events batched per router as the stack's routers take them; publishing is
-a no-op, so the figure is the scheduler's own cost.
+Python — building the next StepRequest, taking the worker's answer (co-located, `--worker local`:
+made from the engine's result in the process; a separate worker: the StepResponse built there
+and read here), turning it into each request's token event — runs beside it under the same GIL
+in a co-located replica. This times those parts per step for `--sequences` decoding sequences,
+one token each per step, events batched per router as the stack's routers take them; publishing
+is a no-op, so the figure is the scheduler's own cost.
 
     .venv/bin/python bench/batcher_step_cost.py [--sequences 256] [--steps 300]
 
@@ -31,7 +32,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from services.batcher.config import BatcherConfig  # noqa: E402
+from services.batcher.local_worker import answer_from_result  # noqa: E402
 from services.batcher.scheduler import Active, Scheduler  # noqa: E402
+from services.batcher.step_answer import answer_from_proto  # noqa: E402
 from services.worker.engine import StepResult  # noqa: E402
 from services.worker.server import step_response_to_proto  # noqa: E402
 from switchyard.v1 import bus_pb2, worker_pb2  # noqa: E402
@@ -56,18 +59,21 @@ async def measure(sequences: int, steps: int, routers: int) -> dict[str, list[fl
                                           reply_subject=f"reply.{i}", batch_reply_subject=f"router.{i % routers}")
         scheduler.active[rid] = Active(request, now, prefill_left=0, generated=1)
     ids = list(scheduler.active)
-    times: dict[str, list[float]] = {"next step request": [], "worker's StepResponse": [], "apply the answer": []}
+    times: dict[str, list[float]] = {"next step request": [], "answer, co-located": [], "apply the answer": [],
+                                     "answer over gRPC (not in the total)": []}
     for step in range(steps):
+        result = StepResult(tokens=[(rid, 100 + step % 7, False) for rid in ids], prefill_remaining={},
+                            decode_batch_size=sequences, decode_steps=1)
         t0 = time.perf_counter()
         scheduler._next_request()
         t1 = time.perf_counter()
-        response = step_response_to_proto(StepResult(tokens=[(rid, 100 + step % 7, False) for rid in ids],
-                                                     prefill_remaining={}, decode_batch_size=sequences,
-                                                     decode_steps=1))
+        answer = answer_from_result(result, {})
         t2 = time.perf_counter()
-        await scheduler._apply(scheduler._in_flight.popleft(), response)
+        await scheduler._apply(scheduler._in_flight.popleft(), answer)
         t3 = time.perf_counter()
-        for name, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+        answer_from_proto(step_response_to_proto(result))
+        t4 = time.perf_counter()
+        for name, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[name].append(seconds)
     return times
 
@@ -82,8 +88,8 @@ def main() -> int:
     table = Table(title=f"batcher CPU per step, {args.sequences} sequences decoding, {args.steps} steps")
     for column in ("part", "median ms", "p90 ms", "µs per sequence"):
         table.add_column(column, justify="right" if column != "part" else "left")
-    total = [sum(parts) for parts in zip(*times.values())]
-    for name, values in [*times.items(), ("all three", total)]:
+    total = [sum(parts[:3]) for parts in zip(*times.values())]
+    for name, values in [*times.items(), ("co-located, all", total)]:
         ordered = sorted(values)
         median = statistics.median(values)
         table.add_row(name, f"{1e3 * median:.3f}", f"{1e3 * ordered[int(0.9 * len(ordered))]:.3f}",

@@ -17,10 +17,11 @@ import grpc
 import pytest
 
 from services.batcher.config import BatcherConfig
-from services.batcher.local_worker import LocalWorker
-from services.worker.engine import Engine
+from services.batcher.local_worker import LocalWorker, answer_from_result
+from services.batcher.step_answer import StepToken, answer_from_proto
+from services.worker.engine import Engine, StepResult
 from services.worker.sampling import SamplingParams
-from services.worker.server import WorkerServicer
+from services.worker.server import WorkerServicer, step_response_to_proto
 from switchyard.config import ConfigError, load_config
 from switchyard.runtime.stack import LocalStack
 from switchyard.v1 import generate_pb2, generate_pb2_grpc, worker_pb2
@@ -165,3 +166,17 @@ def test_a_refused_newcomer_fails_alone_in_a_colocated_replica(tiny_models_dir: 
     assert 0 < len(refused) < 16, results
     assert all(why.startswith("INVALID_ARGUMENT: planted fault: sequence ") for why in refused), refused
     assert all(n == 16 for n, why in results if not why), results
+
+
+@pytest.mark.unit
+def test_a_colocated_answer_equals_what_the_wire_carries() -> None:
+    """The co-located replica hands the engine's result to the scheduler without a StepResponse:
+    the same values as a separate worker's answer read off the wire."""
+    result = StepResult(tokens=[("a", 5, False), ("b", 9, True), ("a", 6, False)], prefill_remaining={"c": 40},
+                        decode_batch_size=2, decode_steps=2, cached_prompt_tokens={"b": 32})
+    wire = step_response_to_proto(result)
+    wire.refused_sequences.update({"d": "prompt too long"})
+    local = answer_from_result(result, {"d": "prompt too long"})
+    assert local == answer_from_proto(wire)
+    assert local.tokens == [StepToken("a", 5, False, 0), StepToken("b", 9, True, 32), StepToken("a", 6, False, 0)]
+    assert (local.prefill_remaining, local.decode_batch_size, local.refused) == ({"c": 40}, 2, "")

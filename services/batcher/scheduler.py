@@ -31,6 +31,7 @@ from switchyard.v1 import bus_pb2, generate_pb2, worker_pb2, worker_pb2_grpc
 
 from . import telemetry as tm
 from .config import BatcherConfig
+from .step_answer import StepAnswer, StepToken, answer_from_proto
 
 log = logging.getLogger(__name__)
 CANCEL_MEMORY_S = 120.0
@@ -297,7 +298,9 @@ class Scheduler:
                 response = await call.read()
                 if response is grpc.aio.EOF:
                     raise RuntimeError("the worker ended the step stream")
-                await self._apply(self._in_flight.popleft(), response)
+                # a worker over gRPC answers on the wire; the co-located one with a StepAnswer
+                answer = response if isinstance(response, StepAnswer) else answer_from_proto(response)
+                await self._apply(self._in_flight.popleft(), answer)
         finally:
             if call is not None:
                 call.cancel()
@@ -362,7 +365,7 @@ class Scheduler:
             self.to_remove.extend(sent.removing)
         self._in_flight.clear()
 
-    async def _apply(self, sent: SentStep, response: worker_pb2.StepResponse) -> None:
+    async def _apply(self, sent: SentStep, response: StepAnswer) -> None:
         """A step's answer: chunk progress, then each request's new tokens as one message,
         then finished requests retire."""
         for a in sent.decoding:
@@ -383,14 +386,14 @@ class Scheduler:
                 await self._remove([rid], defer=True)
         self.stats.steps += 1
         self._last_step_done = time.monotonic()
-        batch = response.stats.decode_batch_size
+        batch = response.decode_batch_size
         self.stats.max_decode_batch = max(self.stats.max_decode_batch, batch)
         if batch:
             tm.BATCH_SIZE.labels(*self._labels).observe(batch)
         # One message per request per worker call, with its tokens in order; tokens after a
         # finishing one (multi-step decode, or a step already in flight, runs a little past
         # EOS or max_tokens) are dropped, as are tokens of requests already gone.
-        per_request: dict[str, list[worker_pb2.SequenceToken]] = {}
+        per_request: dict[str, list[StepToken]] = {}
         for tok in response.tokens:
             per_request.setdefault(tok.sequence_id, []).append(tok)
         finished: list[tuple[str, int]] = []
@@ -403,9 +406,10 @@ class Scheduler:
             start = a.generated
             reason = generate_pb2.FINISH_REASON_UNSPECIFIED
             for tok in toks:
-                a.max_batch = max(a.max_batch, batch if not tok.first else 1)
                 if tok.first:
                     a.cached_prompt_tokens = tok.cached_prompt_tokens
+                elif batch > a.max_batch:
+                    a.max_batch = batch
                 reason = self._finish_reason(a, tok.token_id)
                 if reason != generate_pb2.FINISH_REASON_EOS:
                     ids.append(tok.token_id)
@@ -417,9 +421,10 @@ class Scheduler:
                 generated += len(ids)
                 held = self._hold(a.request)  # the hot path: fields set in place, no message copied
                 if held is not None:
-                    held.tokens.token_ids.extend(ids)
-                    held.tokens.index = start
-                    held.tokens.batch_size = 1 if toks[0].first else batch
+                    step = held.tokens
+                    step.token_ids.extend(ids)
+                    step.index = start
+                    step.batch_size = 1 if toks[0].first else batch
                 else:
                     await self._publish(a.request, tokens=bus_pb2.TokenStep(
                         token_ids=ids, index=start, batch_size=1 if toks[0].first else batch))

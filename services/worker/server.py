@@ -28,7 +28,7 @@ from switchyard.tls import grpc_server_credentials
 from switchyard.v1 import generate_pb2, worker_pb2, worker_pb2_grpc
 
 from .config import WorkerConfig
-from .engine import Engine, EngineError
+from .engine import Engine, EngineError, StepResult
 from .providers import ProviderError, assert_provider, resolve_provider
 from .sampling import SamplingParams
 from .telemetry import record_prefix_cache, record_sequence_spans, record_step
@@ -145,16 +145,24 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return worker_pb2.AddSequencesResponse(active_sequences=active)
 
     async def run_step(self, request: worker_pb2.StepRequest, singly: bool = False) -> worker_pb2.StepResponse:
-        """One iteration. Unary Step (``singly`` False): all or none, EngineError when an add or
-        chunk is refused. StepStream (``singly``): refused adds and chunks are answered per
-        sequence in ``refused_sequences`` and the rest of the step runs, so a bad newcomer never
-        costs the batch a step (nor the batcher a round trip per newcomer)."""
+        """One iteration, answered on the wire (see `step`)."""
+        result, refused = await self.step(request, singly)
+        response = step_response_to_proto(result)
+        response.refused_sequences.update(refused)
+        return response
+
+    async def step(self, request: worker_pb2.StepRequest, singly: bool = False) -> tuple[StepResult, dict[str, str]]:
+        """One iteration: the engine's StepResult and the newcomers refused alone (sequence id →
+        why). Unary Step (``singly`` False): all or none, EngineError when an add or chunk is
+        refused. StepStream (``singly``): refused adds and chunks are answered per sequence and
+        the rest of the step runs, so a bad newcomer never costs the batch a step (nor the
+        batcher a round trip per newcomer)."""
         chunks = [(c.sequence_id, c.max_tokens) for c in request.prefill]
         e = self._engine
         removed: list[Any] = []
         refused: dict[str, str] = {}
 
-        def step() -> Any:
+        def run() -> StepResult:
             # Finished sequences leave first: their rows are free before anything joins.
             removed.extend(e.remove(list(request.remove)) if request.remove else ())
             # Atomic for its adds: refused adds leave none behind, and prefill chunks are checked
@@ -178,7 +186,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             refused.update((sid, f"unknown sequence {sid!r} in prefill") for sid in unknown)
             return e.step([c for c in chunks if c[0] not in refused], request.decode, max(request.decode_steps, 1))
         try:
-            result = await self._call(step)
+            result = await self._call(run)
         finally:
             record_sequence_spans(removed, e.manifest.name)
         if self.fault_delay_per_token_s and result.tokens:  # test-only: a planted slow version
@@ -186,9 +194,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         record_step(e.manifest.name, result.prefill_s, result.decode_s, result.decode_batch_size, e.kv_tokens,
                     len(e.sequences), e.max_sequences * e.context_length)
         record_prefix_cache(e.manifest.name, e.prefix_cache)
-        response = step_response_to_proto(result)
-        response.refused_sequences.update(refused)
-        return response
+        return result, refused
 
     @_needs_engine
     async def Step(self, request: worker_pb2.StepRequest, context: grpc.aio.ServicerContext) -> worker_pb2.StepResponse:
