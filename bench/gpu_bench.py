@@ -489,6 +489,10 @@ def bench_stack(folder: Path, provider: str, streams: list[int], prompt_tokens: 
                   f"{run['tokens_per_s']:.0f} tok/s, TTFT p50 {run['ttft_s_p50']}, errors {run['errors']}, "
                   f"CPU µs/token {run['cpu_us_per_token']}", flush=True)
             out["runs"].append(run)
+        # The replicas' device memory while they are up (KV pool, captured CUDA graphs, prefix
+        # cache): nvidia-smi's per-process figures, with the stack's processes named.
+        out["gpu_memory_stack_up"] = gpu_memory()
+        out["pids"] = pids
     return out
 
 

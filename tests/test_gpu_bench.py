@@ -131,6 +131,9 @@ def test_gpu_bench_full_sizes_on_the_tiny_model(tiny_models_dir: Path, tmp_path:
     assert [s["config"] for s in r["stack_skipped_configs"]] == [
         [2, 1, 4, "colocated", True, 0, -1], [2, 1, 4, "separate", True, 0, -1], [2, 1, 1, "colocated", True, 0, -1]]
     assert (r["stack"]["routers"], r["stack"]["placement"], r["stack"]["cuda_graph"]) == (4, "colocated", False)
+    # device memory sampled with the stack up, its processes named (no GPU here: no figure)
+    assert set(r["stack"]["pids"]) == {"router", "batcher", "worker", "nats-server"}
+    assert "method" in r["stack"]["gpu_memory_stack_up"]
     assert [run["streams"] for run in runs] == [64, 256]
     assert all(run["errors"] == 0 and run["tokens"] == run["streams"] * 128 for run in runs)
     assert all(run["client_processes"] == 4 and run["connections"] == 4 * 8 for run in runs)
