@@ -5,8 +5,9 @@
 # measure (default): int4.json, stack.json, fp32.json (bench/gpu_bench.py), the anchor
 # (transformers on the same GGUF), profile.json; diagnose: replay.json (bench/engine_replay.py)
 # and *profile.json (bench/stack_profile.py with py-spy: stage the kit with GPU_EXTRA_PACKAGES
-# naming py-spy); stack: replay.json, stack.json (prompts waiting for each other, off vs w8, twice each),
-# stack_profile.json after a change to the stack. Every step's output, time and exit code go to steps.log; all under $OUT,
+# naming py-spy); stack: replay.json, stack.json (warm default twice, pipeline depth 3, 2 decode steps
+# per call, prompts waiting 8 steps, separate worker; device memory with each stack up),
+# stack_profile.json and sampled.json after a change to the stack. Every step's output, time and exit code go to steps.log; all under $OUT,
 # which brings back at most 8 files.
 set -u
 : "${OUT:?set OUT to the folder that comes back}"
@@ -30,14 +31,15 @@ step() {  # NAME CAP_S COMMAND...: run for at most CAP_S (less when the budget i
 }
 
 PLAN=${1:-measure}
-if [ "$PLAN" = stack ]; then  # the engine under the stack's pattern, the stack with CUDA graphs, its profile
+if [ "$PLAN" = stack ]; then  # the engine under the stack's pattern, the stack's settings, its profile, sampling
   step replay 40 python3 bench/engine_replay.py --provider cuda --configs graph+prefix-device --out "$OUT/replay.json"
-  step stack 150 python3 bench/gpu_bench.py --provider cuda --variants int4 --only decode,cuda_graph,stack \
-    --stack-configs 2/1/4/colocated/graph,2/1/4/colocated/graph/w8,2/1/4/colocated/graph,2/1/4/colocated/graph/w8,2/1/4/graph \
+  step stack 170 python3 bench/gpu_bench.py --provider cuda --variants int4 --only decode,cuda_graph,stack \
+    --stack-configs 2/1/4/colocated/graph,2/1/4/colocated/graph,3/1/4/colocated/graph,2/2/4/colocated/graph,2/1/4/colocated/graph/w8,2/1/4/graph \
     --out "$OUT/stack.json"
   step stack-profile 50 python3 bench/stack_profile.py --provider cuda --placement colocated \
     --out /tmp/stack-profile
   cp /tmp/stack-profile/stack_profile.json "$OUT/" 2>/dev/null
+  step sampled 60 python3 bench/gpu_bench.py --provider cuda --variants int4 --only sampled --out "$OUT/sampled.json"
   nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
   echo "done in $((SECONDS - T0)) s" | tee -a "$OUT/steps.log"
   exit 0
