@@ -92,3 +92,18 @@ def test_bad_sequences_are_refused_with_a_reason(engine: Engine) -> None:
     with pytest.raises(EngineError, match="already exists"):
         engine.add("dup", [1, 2], SamplingParams(), 0)
     engine.remove(["dup"])
+
+
+def test_several_decode_steps_stop_where_the_longest_row_meets_the_context(engine: Engine) -> None:
+    """A call asking 4 steps of a batch whose longest row has room for 3 more runs 3; a single
+    step always runs (the batcher never asks one of a row at its end)."""
+    near_end = [5] * (engine.context_length - 4)  # cache_length after its first token: context - 4
+    engine.add("near-end", near_end, SamplingParams(), 0)
+    engine.add("short", [7] * 6, SamplingParams(), 0)
+    try:
+        engine.step([("near-end", 0), ("short", 0)], decode=False)
+        result = engine.step([], decode=True, decode_steps=4)
+        assert result.decode_steps == 3 and len(result.tokens) == 2 * 3
+        assert engine.step([], decode=True, decode_steps=1).decode_steps == 1
+    finally:
+        engine.remove(["near-end", "short"])

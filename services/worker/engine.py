@@ -327,7 +327,10 @@ class Engine:
         whose prompt completes here joins the batch and decodes from the next step on."""
         result = StepResult(tokens=[], prefill_remaining={})
         if decode and self.batch.ids:
-            room = min(self.context_length - 1 - self.sequences[sid].cache_length for sid in self.batch.ids)
+            # Several steps stop where the longest row would pass the context (one step always
+            # runs: the batcher never asks one of a row at its end).
+            room = 1 if decode_steps <= 1 else min(
+                self.context_length - 1 - self.sequences[sid].cache_length for sid in self.batch.ids)
             for _ in range(max(1, min(decode_steps, room))):
                 self._decode(result)
         t0 = time.perf_counter()
@@ -390,8 +393,9 @@ class Engine:
         """One batched ONNX Runtime call over every sequence in the batch."""
         t0 = time.perf_counter()
         seqs = [self.sequences[sid] for sid in self.batch.ids]
-        greedy_rows = [row for row, s in enumerate(seqs) if s.params.plain_greedy]
-        sampled = [row for row, s in enumerate(seqs) if not s.params.plain_greedy]
+        plain = [s.params.plain_greedy for s in seqs]
+        greedy_rows = [row for row, is_plain in enumerate(plain) if is_plain]
+        sampled = [row for row, is_plain in enumerate(plain) if not is_plain]
         # Sampling where the logits are needs no row's history (repetition penalty: host).
         on_device = bool(sampled) and self.sampler is not None and all(
             s.params.repetition_penalty == 1.0 for s in seqs)
@@ -401,19 +405,28 @@ class Engine:
         result.decode_steps += 1
         t_s = time.perf_counter()
         if best is not None:
-            picked = {row: int(best[row]) for row in greedy_rows}
+            tokens: list[int | None] = best.tolist() if not sampled else [None] * len(seqs)
+            for row in greedy_rows if sampled else ():
+                tokens[row] = int(best[row])
         else:
             assert logits is not None
-            picked = dict(zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist())) if greedy_rows else {}
+            tokens = [None] * len(seqs)
+            if greedy_rows:
+                for row, token in zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist()):
+                    tokens[row] = token
         if on_device:
-            picked.update(self._sample_on_device(seqs, sampled))
+            for row, token in self._sample_on_device(seqs, sampled).items():
+                tokens[row] = token
+        n = len(seqs)
         for row, seq in enumerate(seqs):
-            token = picked[row] if row in picked else sample_token(
-                logits[row], seq.params, seq.seen, seq.token_rng())
+            token = tokens[row]
+            if token is None:
+                token = sample_token(logits[row], seq.params, seq.seen, seq.token_rng())
             seq.generated.append(token)
             seq.seen.add(token)
             seq.decode_steps += 1
-            seq.max_batch = max(seq.max_batch, len(seqs))
+            if n > seq.max_batch:
+                seq.max_batch = n
             result.tokens.append((seq.sequence_id, token, False))
         result.sample_s += time.perf_counter() - t_s
 
