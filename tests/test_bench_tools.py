@@ -5,6 +5,7 @@ that add up and finds the leavers' blocks in the prefix cache; stack_profile's s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,19 @@ def test_stack_profile_summary_counts_threads_and_functions(tmp_path: Path) -> N
     assert engine["DeviceBlocks.cut (services/worker/kv_blocks.py)"] == 20.0
     assert "run (threading.py)" not in engine  # the standard library is not listed
     assert s["self_pct"][0] == ("FusedBatch.decode (services/worker/fused_batch.py:325)", 60.0)
+
+
+@pytest.mark.integration
+def test_step_cost_benches_time_every_part(tiny_models_dir: Path) -> None:
+    """bench/batcher_step_cost.py and bench/engine_host_cost.py run and report each part they time."""
+    batcher = subprocess.run([sys.executable, str(REPO / "bench" / "batcher_step_cost.py"), "--sequences", "16",
+                              "--steps", "20"], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "COLUMNS": "200"})
+    assert batcher.returncode == 0, batcher.stdout + batcher.stderr
+    for part in ("next step request", "answer, co-located", "apply the answer", "answer over gRPC", "co-located, all"):
+        assert part in batcher.stdout, part
+    engine = subprocess.run([sys.executable, str(REPO / "bench" / "engine_host_cost.py"), "--model",
+                             str(tiny_models_dir / TINY), "--rows", "8", "--steps", "5"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert engine.returncode == 0, engine.stdout + engine.stderr
+    assert "eager" in engine.stdout and "CUDA-graph path" in engine.stdout
