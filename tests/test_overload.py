@@ -25,8 +25,12 @@ def test_five_times_capacity_sheds_fast_and_keeps_admitted_ttft_within_slo(tiny_
     # the fleet runs 10 at once and admits 15 (+50% queue). 50 concurrent requests = 5×.
     # One ORT thread per worker: two workers' thread pools on the 2-core box otherwise leave the
     # router (the process under test) queued behind them, and the shed latency measures that.
+    # Each step also takes 2 ms more (the worker's test-only slow version): the probes must all
+    # be shed while every admitted request is still short of its end, and as the tiny model's
+    # steps got faster, a 250-token generation sometimes ended before the burst was decided.
     stack = start_stack(tiny_models_dir, {TINY: 2}, tmp_path, max_batch_size=8,
-                        batcher_args=("--token-budget", "1500"), worker_args={TINY: ("--threads", "1")})
+                        batcher_args=("--token-budget", "1500"),
+                        worker_args={TINY: ("--threads", "1", "--fault-delay-per-token-ms", "2")})
     max_tokens, margin, fleet_slots = 250, 25, 10
     try:
         req = generate_pb2.GenerateRequest(model=TINY, token_ids=generate_pb2.TokenIds(ids=list(range(10, 60))),
