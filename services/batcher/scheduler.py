@@ -329,9 +329,10 @@ class Scheduler:
         # Fairness between waiting and running: while sequences decode, a newcomer's prompt is
         # fed in smaller chunks so it never stalls their next token for a whole long prefill.
         budget = self.decoding_prefill_chunk if decoding else self.config.prefill_chunk
-        # Prompts not started yet may wait a few steps for more, to prefill in one run.
-        fresh = [a for a in self.active.values()
-                 if a.prefill_left == a.prompt_length and not a.chunk_in_flight]
+        # Prompts not started yet may wait a few steps for more, to prefill in one run (when
+        # asked for: off, the scan over every sequence stays off the per-step path).
+        fresh = [a for a in self.active.values() if a.prefill_left == a.prompt_length and not a.chunk_in_flight] \
+            if self.coalescing.max_wait_steps and decoding else []
         held: set[str] = set()
         if fresh and self.coalescing.hold(len(decoding), len(fresh), sum(a.prefill_left for a in fresh), budget,
                                           max(a.held_steps for a in fresh)):
@@ -419,15 +420,15 @@ class Scheduler:
                     break
             if ids:
                 generated += len(ids)
+                batch_size = 1 if toks[0].first else batch
                 held = self._hold(a.request)  # the hot path: fields set in place, no message copied
                 if held is not None:
                     step = held.tokens
                     step.token_ids.extend(ids)
-                    step.index = start
-                    step.batch_size = 1 if toks[0].first else batch
+                    step.index, step.batch_size = start, batch_size
                 else:
-                    await self._publish(a.request, tokens=bus_pb2.TokenStep(
-                        token_ids=ids, index=start, batch_size=1 if toks[0].first else batch))
+                    await self._publish(a.request, tokens=bus_pb2.TokenStep(token_ids=ids, index=start,
+                                                                            batch_size=batch_size))
         if generated:
             self._generated_tokens.inc(generated)
         for rid, reason in finished:

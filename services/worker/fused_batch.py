@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 
 _INITIAL_ROWS = 4
 _INITIAL_LENGTH = 256
-# Captured CUDA graphs a decoder keeps at most: one per (batch bucket, pool state) it met. The
-# pool doubles from 4 rows and 256 positions, so a worker growing to 256 rows × 8,192 positions
-# meets ~13 pool states × a few buckets each; shrinking after bursts adds states, hence a bound.
+# Captured CUDA graphs a decoder keeps at most: one per (batch bucket, pool state) it met. With
+# graphs the pool holds every row from the start and only doubles its length (KvPool settled),
+# so a worker going from 256 to 8,192 positions meets 6 pool states × up to 9 buckets (256 rows).
 MAX_CUDA_GRAPHS = 64
 # Runs of a decode graph id before it is ready to replay (ONNX Runtime's CUDA provider runs a
 # graph id normally twice, then captures it).
